@@ -1,0 +1,172 @@
+//! Admission: from an AdmissionReview body to its response, through the request view.
+//!
+//! [`review`] is the whole pipeline and is pure: AdmissionReview -> [`view::RequestView`] ->
+//! matching policies -> verdicts and patches -> AdmissionResponse.
+
+pub mod objects;
+pub mod patch;
+pub mod review;
+pub mod view;
+
+use base64::Engine as _;
+
+use crate::policy::{Action, Outcome, PolicySet};
+use crate::rules::Facts;
+
+pub use review::{AdmissionResponse, Operation, ReviewError};
+pub use view::{Kind, RequestView};
+
+/// The two webhooks arcguard serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Webhook {
+    /// `/validate`: allows or denies.
+    Validate,
+    /// `/mutate`: patches.
+    Mutate,
+}
+
+impl Webhook {
+    /// `validate` or `mutate`, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validate => "validate",
+            Self::Mutate => "mutate",
+        }
+    }
+}
+
+/// One policy's result, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    /// `name` or `namespace/name`.
+    pub policy: String,
+    /// The rule block.
+    pub rule: &'static str,
+    /// The policy's action.
+    pub action: Action,
+    /// Whether it passed.
+    pub passed: bool,
+}
+
+/// What was decided about a request, besides the response itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// Kind label: an inspected kind, or `other`.
+    pub kind: &'static str,
+    /// Operation.
+    pub operation: Operation,
+    /// `namespace/name` of the object.
+    pub object: String,
+    /// Whether the response allows the request.
+    pub allowed: bool,
+    /// Whether the response carries a patch.
+    pub patched: bool,
+    /// Each applicable policy's result (validation only).
+    pub results: Vec<PolicyOutcome>,
+    /// Violations of Audit policies, to be logged.
+    pub audits: Vec<String>,
+}
+
+/// The response to an AdmissionReview and its summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The response to send.
+    pub response: AdmissionResponse,
+    /// What happened, for logs and metrics.
+    pub summary: Summary,
+}
+
+/// Reviews an AdmissionReview body with the policies in force.
+///
+/// # Errors
+/// [`ReviewError`] when the body is not a valid AdmissionReview; the server answers 400.
+pub fn review(
+    webhook: Webhook,
+    body: &[u8],
+    policies: &PolicySet,
+    facts: &dyn Facts,
+) -> Result<Decision, ReviewError> {
+    let request = review::decode(body)?;
+    let view = RequestView::from_request(&request)?;
+    let mut summary = Summary {
+        kind: view.as_ref().map_or("other", |v| v.kind.as_str()),
+        operation: request.operation,
+        object: match (&request.namespace, &request.name) {
+            (Some(ns), Some(name)) if !ns.is_empty() => format!("{ns}/{name}"),
+            (_, Some(name)) => name.clone(),
+            _ => String::new(),
+        },
+        allowed: true,
+        patched: false,
+        results: Vec::new(),
+        audits: Vec::new(),
+    };
+    let mut response = AdmissionResponse::allow(request.uid.clone());
+    let Some(view) = view else {
+        return Ok(Decision { response, summary });
+    };
+    if summary.object.is_empty() || summary.object.ends_with('/') {
+        summary.object = view.display_name();
+    }
+    match webhook {
+        Webhook::Validate => {
+            let evaluation = policies.validate(&view, facts);
+            summary.results = evaluation
+                .results
+                .iter()
+                .map(|r| PolicyOutcome {
+                    policy: r.policy.id(),
+                    rule: r.policy.rule.name(),
+                    action: r.policy.action,
+                    passed: r.outcome == Outcome::Pass,
+                })
+                .collect();
+            summary.audits = evaluation.audits();
+            response.warnings = evaluation.warnings();
+            if evaluation.is_denied() {
+                response.allowed = false;
+                response.status = Some(review::Status {
+                    code: 403,
+                    message: denial_message(&view, &evaluation.denials()),
+                    reason: "Forbidden",
+                });
+            }
+        }
+        Webhook::Mutate => {
+            let mutations = policies.mutate(&view, facts);
+            if let Some(object) = request.object {
+                let patch = patch::build(object, &mutations).map_err(|source| {
+                    ReviewError::InvalidObject {
+                        field: "object",
+                        kind: request.kind.kind.clone(),
+                        source,
+                    }
+                })?;
+                if let Some(patch) = patch {
+                    // Serialising a JSON Patch of strings and values cannot fail.
+                    let bytes = serde_json::to_vec(&patch).unwrap_or_default();
+                    response.patch_type = Some("JSONPatch");
+                    response.patch = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+                }
+            }
+        }
+    }
+    summary.allowed = response.allowed;
+    summary.patched = response.patch.is_some();
+    Ok(Decision { response, summary })
+}
+
+/// The message a denied user reads: what was denied, then each violation and what to change.
+pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
+    let mut message = format!(
+        "arcguard denied {} {} {}:",
+        view.operation.as_str().to_lowercase(),
+        view.kind.as_str(),
+        view.display_name()
+    );
+    for denial in denials {
+        message.push_str("\n- ");
+        message.push_str(denial);
+    }
+    message
+}

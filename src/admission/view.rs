@@ -1,0 +1,389 @@
+//! The request view: what an AdmissionRequest carries that the rules inspect, across kinds.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+use super::objects::{
+    CalicoPolicySpec, KubeNetworkPolicySpec, LabelSelector, Labels, ObjectMeta, PodSpec,
+    PodTemplateSpec,
+};
+use super::review::{AdmissionRequest, Operation, ReviewError};
+
+/// The kinds arcguard inspects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// v1 Pod (CREATE, UPDATE).
+    Pod,
+    /// The `pods/ephemeralcontainers` subresource (UPDATE of the whole Pod).
+    PodEphemeralContainers,
+    /// apps/v1 Deployment.
+    Deployment,
+    /// apps/v1 ReplicaSet.
+    ReplicaSet,
+    /// apps/v1 StatefulSet.
+    StatefulSet,
+    /// apps/v1 DaemonSet.
+    DaemonSet,
+    /// batch/v1 Job.
+    Job,
+    /// batch/v1 CronJob.
+    CronJob,
+    /// v1 ReplicationController.
+    ReplicationController,
+    /// v1 PodTemplate.
+    PodTemplate,
+    /// networking.k8s.io/v1 NetworkPolicy.
+    NetworkPolicy,
+    /// Calico NetworkPolicy (projectcalico.org/v3 or crd.projectcalico.org/v1).
+    CalicoNetworkPolicy,
+    /// Calico GlobalNetworkPolicy (projectcalico.org/v3 or crd.projectcalico.org/v1).
+    CalicoGlobalNetworkPolicy,
+}
+
+impl Kind {
+    /// Recognises an inspected kind from the request's group, kind and subresource.
+    pub fn recognise(group: &str, kind: &str, sub_resource: Option<&str>) -> Option<Self> {
+        let sub_resource = sub_resource.filter(|s| !s.is_empty());
+        let kind = match (group, kind, sub_resource) {
+            ("", "Pod", None) => Self::Pod,
+            ("", "Pod", Some("ephemeralcontainers")) => Self::PodEphemeralContainers,
+            (_, _, Some(_)) => return None,
+            ("apps", "Deployment", _) => Self::Deployment,
+            ("apps", "ReplicaSet", _) => Self::ReplicaSet,
+            ("apps", "StatefulSet", _) => Self::StatefulSet,
+            ("apps", "DaemonSet", _) => Self::DaemonSet,
+            ("batch", "Job", _) => Self::Job,
+            ("batch", "CronJob", _) => Self::CronJob,
+            ("", "ReplicationController", _) => Self::ReplicationController,
+            ("", "PodTemplate", _) => Self::PodTemplate,
+            ("networking.k8s.io", "NetworkPolicy", _) => Self::NetworkPolicy,
+            ("projectcalico.org" | "crd.projectcalico.org", "NetworkPolicy", _) => {
+                Self::CalicoNetworkPolicy
+            }
+            ("projectcalico.org" | "crd.projectcalico.org", "GlobalNetworkPolicy", _) => {
+                Self::CalicoGlobalNetworkPolicy
+            }
+            _ => return None,
+        };
+        Some(kind)
+    }
+
+    /// The kind's name, for messages, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pod => "Pod",
+            Self::PodEphemeralContainers => "Pod/ephemeralcontainers",
+            Self::Deployment => "Deployment",
+            Self::ReplicaSet => "ReplicaSet",
+            Self::StatefulSet => "StatefulSet",
+            Self::DaemonSet => "DaemonSet",
+            Self::Job => "Job",
+            Self::CronJob => "CronJob",
+            Self::ReplicationController => "ReplicationController",
+            Self::PodTemplate => "PodTemplate",
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::CalicoNetworkPolicy => "CalicoNetworkPolicy",
+            Self::CalicoGlobalNetworkPolicy => "CalicoGlobalNetworkPolicy",
+        }
+    }
+
+    /// JSON pointer of the PodTemplateSpec-shaped part (metadata + spec) of this kind's
+    /// objects, `""` for a Pod; `None` for kinds without a pod spec.
+    pub fn pod_root(self) -> Option<&'static str> {
+        match self {
+            Self::Pod | Self::PodEphemeralContainers => Some(""),
+            Self::Deployment
+            | Self::ReplicaSet
+            | Self::StatefulSet
+            | Self::DaemonSet
+            | Self::Job
+            | Self::ReplicationController => Some("/spec/template"),
+            Self::CronJob => Some("/spec/jobTemplate/spec/template"),
+            Self::PodTemplate => Some("/template"),
+            Self::NetworkPolicy | Self::CalicoNetworkPolicy | Self::CalicoGlobalNetworkPolicy => {
+                None
+            }
+        }
+    }
+
+    /// Whether objects of this kind are live pods (rather than templates for pods).
+    pub fn is_pod(self) -> bool {
+        matches!(self, Self::Pod | Self::PodEphemeralContainers)
+    }
+}
+
+/// A pod spec under review with its labels, where it sits, and its previous state on UPDATE.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodView {
+    /// JSON pointer of the template root (`""` for a Pod): metadata is at `{root}/metadata`,
+    /// the spec at `{root}/spec`.
+    pub root: &'static str,
+    /// Pod labels (the template's labels for workloads).
+    pub labels: Labels,
+    /// The pod spec.
+    pub spec: PodSpec,
+    /// Labels and spec before an UPDATE.
+    pub old: Option<Box<PodTemplateSpec>>,
+}
+
+impl PodView {
+    /// JSON pointer of the pod spec.
+    pub fn spec_pointer(&self) -> String {
+        format!("{}/spec", self.root)
+    }
+
+    /// JSON pointer of the pod labels map.
+    pub fn labels_pointer(&self) -> String {
+        format!("{}/metadata/labels", self.root)
+    }
+}
+
+/// A network policy under review, reduced to what decides which pods it applies to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicySubject {
+    /// A Kubernetes NetworkPolicy and its `spec.podSelector`.
+    Kubernetes {
+        /// `spec.podSelector`; `None` when absent.
+        pod_selector: Option<LabelSelector>,
+    },
+    /// A Calico NetworkPolicy or GlobalNetworkPolicy.
+    Calico {
+        /// Whether it is a GlobalNetworkPolicy.
+        global: bool,
+        /// The fields that decide its subject.
+        spec: CalicoPolicySpec,
+    },
+}
+
+/// What an inspected object carries for the rules.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Subject {
+    /// A pod, or a workload's pod template.
+    Pod(Box<PodView>),
+    /// A network policy.
+    NetworkPolicy(PolicySubject),
+    /// An inspected kind that carries nothing to check (a ReplicationController without a template).
+    Empty,
+}
+
+/// A decoded request: who, what, and the pod specs or network policy it carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestView {
+    /// Operation (CREATE or UPDATE: nothing else is inspected).
+    pub operation: Operation,
+    /// Recognised kind.
+    pub kind: Kind,
+    /// Namespace; `None` for cluster-scoped objects.
+    pub namespace: Option<String>,
+    /// Name, or generateName, or empty.
+    pub name: String,
+    /// The object's own labels (`metadata.labels`), for objectSelector.
+    pub labels: Labels,
+    /// The old object's labels on UPDATE.
+    pub old_labels: Option<Labels>,
+    /// What the rules inspect.
+    pub subject: Subject,
+}
+
+impl RequestView {
+    /// Builds the view of a request, or `None` when arcguard does not inspect it (other kinds,
+    /// other subresources, DELETE, CONNECT).
+    ///
+    /// # Errors
+    /// [`ReviewError`] when the object is missing or does not decode as its kind.
+    pub fn from_request(request: &AdmissionRequest<'_>) -> Result<Option<Self>, ReviewError> {
+        if !matches!(request.operation, Operation::Create | Operation::Update) {
+            return Ok(None);
+        }
+        let Some(kind) = Kind::recognise(
+            &request.kind.group,
+            &request.kind.kind,
+            request.sub_resource.as_deref(),
+        ) else {
+            return Ok(None);
+        };
+        let object = request.object.ok_or_else(|| ReviewError::MissingObject {
+            operation: request.operation,
+            kind: request.kind.kind.clone(),
+        })?;
+        let old_object = match request.operation {
+            Operation::Update => request.old_object,
+            _ => None,
+        };
+        let namespace = request.namespace.clone().filter(|n| !n.is_empty());
+        Self::build(kind, request.operation, namespace, object, old_object).map(Some)
+    }
+
+    /// Builds the view of an object as a request of the given kind would carry it.
+    ///
+    /// # Errors
+    /// [`ReviewError::InvalidObject`] when an object does not decode as the kind.
+    pub fn build(
+        kind: Kind,
+        operation: Operation,
+        namespace: Option<String>,
+        object: &RawValue,
+        old_object: Option<&RawValue>,
+    ) -> Result<Self, ReviewError> {
+        let (metadata, mut subject) = decode_object(kind, object, "object")?;
+        let old = old_object.map(|old| decode_object(kind, old, "oldObject")).transpose()?;
+        let old_labels = old.as_ref().map(|(meta, _)| meta.labels.clone());
+        if let (Subject::Pod(pod), Some((_, Subject::Pod(old_pod)))) = (&mut subject, old) {
+            let old_pod = *old_pod;
+            pod.old = Some(Box::new(PodTemplateSpec {
+                metadata: ObjectMeta { labels: old_pod.labels, ..ObjectMeta::default() },
+                spec: old_pod.spec,
+            }));
+        }
+        Ok(Self::assemble(kind, operation, namespace, metadata, old_labels, subject))
+    }
+
+    fn assemble(
+        kind: Kind,
+        operation: Operation,
+        namespace: Option<String>,
+        metadata: ObjectMeta,
+        old_labels: Option<Labels>,
+        subject: Subject,
+    ) -> Self {
+        let namespace = namespace.or(metadata.namespace).filter(|n| !n.is_empty());
+        let name = metadata.name.or(metadata.generate_name).unwrap_or_default();
+        Self { operation, kind, namespace, name, labels: metadata.labels, old_labels, subject }
+    }
+
+    /// The pod view, if the object carries a pod spec.
+    pub fn pod(&self) -> Option<&PodView> {
+        match &self.subject {
+            Subject::Pod(pod) => Some(pod),
+            _ => None,
+        }
+    }
+
+    /// `namespace/name` (or `name` for cluster-scoped objects), for messages and logs.
+    pub fn display_name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(
+    raw: &RawValue,
+    kind: Kind,
+    field: &'static str,
+) -> Result<T, ReviewError> {
+    serde_json::from_str(raw.get()).map_err(|source| ReviewError::InvalidObject {
+        field,
+        kind: kind.as_str().to_owned(),
+        source,
+    })
+}
+
+fn decode_object(
+    kind: Kind,
+    raw: &RawValue,
+    field: &'static str,
+) -> Result<(ObjectMeta, Subject), ReviewError> {
+    #[derive(Deserialize)]
+    struct Pod {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        #[serde(default)]
+        spec: PodSpec,
+    }
+    #[derive(Deserialize)]
+    struct Workload {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        #[serde(default)]
+        spec: WorkloadSpec,
+    }
+    #[derive(Deserialize, Default)]
+    struct WorkloadSpec {
+        #[serde(default)]
+        template: Option<PodTemplateSpec>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct CronJob {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        #[serde(default)]
+        spec: CronJobSpec,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    struct CronJobSpec {
+        #[serde(default)]
+        job_template: JobTemplate,
+    }
+    #[derive(Deserialize, Default)]
+    struct JobTemplate {
+        #[serde(default)]
+        spec: WorkloadSpec,
+    }
+    #[derive(Deserialize)]
+    struct PodTemplate {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        #[serde(default)]
+        template: Option<PodTemplateSpec>,
+    }
+    #[derive(Deserialize)]
+    struct Policy<S> {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        #[serde(default)]
+        spec: S,
+    }
+
+    let template = |root: &'static str, template: Option<PodTemplateSpec>| match template {
+        Some(t) => Subject::Pod(Box::new(PodView {
+            root,
+            labels: t.metadata.labels,
+            spec: t.spec,
+            old: None,
+        })),
+        None => Subject::Empty,
+    };
+    let root = kind.pod_root().unwrap_or("");
+    Ok(match kind {
+        Kind::Pod | Kind::PodEphemeralContainers => {
+            let pod: Pod = parse(raw, kind, field)?;
+            let labels = pod.metadata.labels.clone();
+            (
+                pod.metadata,
+                Subject::Pod(Box::new(PodView { root, labels, spec: pod.spec, old: None })),
+            )
+        }
+        Kind::Deployment
+        | Kind::ReplicaSet
+        | Kind::StatefulSet
+        | Kind::DaemonSet
+        | Kind::Job
+        | Kind::ReplicationController => {
+            let w: Workload = parse(raw, kind, field)?;
+            (w.metadata, template(root, w.spec.template))
+        }
+        Kind::CronJob => {
+            let c: CronJob = parse(raw, kind, field)?;
+            (c.metadata, template(root, c.spec.job_template.spec.template))
+        }
+        Kind::PodTemplate => {
+            let p: PodTemplate = parse(raw, kind, field)?;
+            (p.metadata, template(root, p.template))
+        }
+        Kind::NetworkPolicy => {
+            let p: Policy<KubeNetworkPolicySpec> = parse(raw, kind, field)?;
+            let subject = PolicySubject::Kubernetes { pod_selector: p.spec.pod_selector };
+            (p.metadata, Subject::NetworkPolicy(subject))
+        }
+        Kind::CalicoNetworkPolicy | Kind::CalicoGlobalNetworkPolicy => {
+            let p: Policy<CalicoPolicySpec> = parse(raw, kind, field)?;
+            let global = kind == Kind::CalicoGlobalNetworkPolicy;
+            (p.metadata, Subject::NetworkPolicy(PolicySubject::Calico { global, spec: p.spec }))
+        }
+    })
+}

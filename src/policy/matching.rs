@@ -1,0 +1,107 @@
+//! Which objects a policy applies to (`spec.match`).
+
+use crate::admission::view::RequestView;
+use crate::rules::{Facts, FieldError};
+
+use super::selector::Selector;
+use super::spec::Match;
+
+/// A namespace name, or a prefix written with a trailing `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NamePattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl NamePattern {
+    fn compile(pattern: &str) -> Result<Self, String> {
+        let (body, prefix) = match pattern.strip_suffix('*') {
+            Some(body) => (body, true),
+            None => (pattern, false),
+        };
+        let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+        if (!prefix && body.is_empty()) || !body.chars().all(valid_char) || body.len() > 63 {
+            return Err(format!(
+                "{pattern:?} is not a namespace name (lowercase letters, digits and '-', at most 63) optionally ending in '*'"
+            ));
+        }
+        Ok(if prefix { Self::Prefix(body.to_owned()) } else { Self::Exact(body.to_owned()) })
+    }
+
+    fn matches(&self, namespace: &str) -> bool {
+        match self {
+            Self::Exact(name) => name == namespace,
+            Self::Prefix(prefix) => namespace.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// A compiled `spec.match`; the default matches every inspected object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Matcher {
+    namespaces: Vec<NamePattern>,
+    excluded_namespaces: Vec<NamePattern>,
+    namespace_selector: Option<Selector>,
+    object_selector: Option<Selector>,
+}
+
+impl Matcher {
+    /// Compiles `spec.match`.
+    ///
+    /// # Errors
+    /// [`FieldError`] relative to `spec.match`.
+    pub fn compile(spec: &Match) -> Result<Self, FieldError> {
+        let patterns = |field: &str, names: &[String]| {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    NamePattern::compile(n).map_err(|m| FieldError::new(format!("{field}[{i}]"), m))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let selector = |field: &str, s: &Option<_>| {
+            s.as_ref().map(|s| Selector::compile(s).map_err(|e| e.within(field))).transpose()
+        };
+        Ok(Self {
+            namespaces: patterns("namespaces", &spec.namespaces)?,
+            excluded_namespaces: patterns("excludedNamespaces", &spec.excluded_namespaces)?,
+            namespace_selector: selector("namespaceSelector", &spec.namespace_selector)?,
+            object_selector: selector("objectSelector", &spec.object_selector)?,
+        })
+    }
+
+    /// Whether a namespaceSelector is set (it can only be applied where namespace labels are known).
+    pub fn has_namespace_selector(&self) -> bool {
+        self.namespace_selector.is_some()
+    }
+
+    /// Whether the policy applies to the object under review.
+    ///
+    /// A namespaceSelector whose namespace labels are unknown matches: missing facts must not
+    /// switch enforcement off.
+    pub fn matches(&self, view: &RequestView, facts: &dyn Facts) -> bool {
+        if let Some(ns) = view.namespace.as_deref() {
+            if !self.namespaces.is_empty() && !self.namespaces.iter().any(|p| p.matches(ns)) {
+                return false;
+            }
+            if self.excluded_namespaces.iter().any(|p| p.matches(ns)) {
+                return false;
+            }
+            if let (Some(selector), Some(labels)) =
+                (&self.namespace_selector, facts.namespace_labels(ns))
+            {
+                if !selector.matches(labels) {
+                    return false;
+                }
+            }
+        }
+        match &self.object_selector {
+            None => true,
+            Some(selector) => {
+                selector.matches(&view.labels)
+                    || view.old_labels.as_ref().is_some_and(|old| selector.matches(old))
+            }
+        }
+    }
+}

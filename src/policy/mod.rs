@@ -1,0 +1,127 @@
+//! Policies: the API operators write, compiled into matchers and rules, gathered into an
+//! immutable set that is evaluated against request views.
+
+pub mod load;
+pub mod matching;
+pub mod selector;
+pub mod set;
+pub mod spec;
+
+use crate::rules::calico::CalicoLinuxOnly;
+use crate::rules::gmsa::Gmsa;
+use crate::rules::registry::TrustedRegistries;
+use crate::rules::{FieldError, Rule};
+
+pub use matching::Matcher;
+pub use set::{Evaluation, Outcome, PolicyResult, PolicySet};
+pub use spec::{Action, PolicySpec};
+
+/// Where a policy applies.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// A ClusterGuardPolicy: every namespace and cluster-scoped objects.
+    Cluster,
+    /// A GuardPolicy: objects in this namespace only.
+    Namespace(String),
+}
+
+/// A policy that failed to compile, naming the field (`spec.trustedRegistries.registries[0]`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name:?} is invalid: {source}")]
+pub struct InvalidPolicy {
+    /// `ClusterGuardPolicy` or `GuardPolicy`.
+    pub kind: &'static str,
+    /// `name` or `namespace/name`.
+    pub name: String,
+    /// The offending field and why.
+    #[source]
+    pub source: FieldError,
+}
+
+/// A compiled policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// `metadata.name`.
+    pub name: String,
+    /// Cluster-wide or namespaced.
+    pub scope: Scope,
+    /// What a violation does.
+    pub action: Action,
+    /// Which objects it applies to.
+    pub matcher: Matcher,
+    /// Its rule.
+    pub rule: Rule,
+}
+
+impl Policy {
+    /// Compiles a policy spec.
+    ///
+    /// # Errors
+    /// [`InvalidPolicy`] naming the first invalid field under `spec`.
+    pub fn compile(name: &str, scope: Scope, spec: &PolicySpec) -> Result<Self, InvalidPolicy> {
+        let invalid = |source: FieldError| InvalidPolicy {
+            kind: match scope {
+                Scope::Cluster => spec::CLUSTER_KIND,
+                Scope::Namespace(_) => spec::NAMESPACED_KIND,
+            },
+            name: match &scope {
+                Scope::Cluster => name.to_owned(),
+                Scope::Namespace(ns) => format!("{ns}/{name}"),
+            },
+            source,
+        };
+        if name.is_empty() {
+            return Err(invalid(FieldError::new("metadata.name", "must not be empty")));
+        }
+        let rule = compile_rule(spec).map_err(|e| invalid(e.within("spec")))?;
+        let matcher = match &spec.match_ {
+            Some(m) => Matcher::compile(m).map_err(|e| invalid(e.within("spec.match")))?,
+            None => Matcher::default(),
+        };
+        Ok(Self { name: name.to_owned(), scope, action: spec.action, matcher, rule })
+    }
+
+    /// `name` for cluster policies, `namespace/name` for namespaced ones.
+    pub fn id(&self) -> String {
+        match &self.scope {
+            Scope::Cluster => self.name.clone(),
+            Scope::Namespace(ns) => format!("{ns}/{}", self.name),
+        }
+    }
+}
+
+fn compile_rule(spec: &PolicySpec) -> Result<Rule, FieldError> {
+    let mut blocks = Vec::new();
+    if spec.trusted_registries.is_some() {
+        blocks.push("trustedRegistries");
+    }
+    if spec.gmsa.is_some() {
+        blocks.push("gmsa");
+    }
+    if spec.calico_linux_only.is_some() {
+        blocks.push("calicoLinuxOnly");
+    }
+    if blocks.len() != 1 {
+        let found = if blocks.is_empty() { "none".to_owned() } else { blocks.join(" and ") };
+        return Err(FieldError::new(
+            "",
+            format!(
+                "exactly one rule block is required (trustedRegistries, gmsa or calicoLinuxOnly); found {found}"
+            ),
+        ));
+    }
+    if let Some(rule) = &spec.trusted_registries {
+        return TrustedRegistries::compile(rule)
+            .map(Rule::TrustedRegistries)
+            .map_err(|e| e.within("trustedRegistries"));
+    }
+    if let Some(rule) = &spec.gmsa {
+        return Gmsa::compile(rule).map(Rule::Gmsa).map_err(|e| e.within("gmsa"));
+    }
+    match &spec.calico_linux_only {
+        Some(rule) => CalicoLinuxOnly::compile(rule)
+            .map(Rule::CalicoLinuxOnly)
+            .map_err(|e| e.within("calicoLinuxOnly")),
+        None => Err(FieldError::new("", "exactly one rule block is required")),
+    }
+}
