@@ -2,10 +2,17 @@
 //!
 //! It enforces trusted registries, gMSA for Windows pods and Calico policy scoped to Linux.
 //! Start at [`admission::review`], the pure pipeline from an AdmissionReview to its response;
-//! [`policy`] holds the policy API and its evaluation, [`rules`] the three rules, and
-//! [`server`] the HTTPS shell around them.
+//! [`policy`] holds the policy API and its evaluation, [`rules`] the three rules, [`server`]
+//! the HTTPS shell around them and [`serve`] the standalone wiring.
 
 pub mod admission;
+pub mod certs;
+pub mod check;
+pub mod cli;
 pub mod manifest;
+pub mod metrics;
 pub mod policy;
 pub mod rules;
+pub mod serve;
+pub mod server;
+pub mod watch;

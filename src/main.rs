@@ -1,1 +1,150 @@
-fn main() {}
+//! The arcguard binary: parses the command line, starts telemetry and runs a command.
+
+use std::io::Read as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use arcguard::cli::{CertsArgs, CheckArgs, Cli, Command, LogFormat, OutputFormat, ServeArgs};
+use arcguard::{certs, check, policy, serve, server};
+use clap::Parser as _;
+
+/// Exit code for a configuration that cannot work (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format, &cli.log);
+    match cli.command {
+        Command::Serve(args) => run_serve(args),
+        Command::Check(args) => run_check(&args),
+        Command::Certs(args) => match run_certs(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run_serve(args: ServeArgs) -> ExitCode {
+    if !args.policies.is_dir() {
+        tracing::error!(policies = %args.policies.display(), "the policy directory does not exist");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let config = serve::ServeConfig {
+        policies: args.policies,
+        addresses: server::Addresses { webhook: args.addr, metrics: args.metrics_addr },
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        ca_cert: args.ca_cert,
+        generate_certs: !args.no_dev_certs,
+        limits: server::Limits {
+            max_body_bytes: args.max_body_bytes,
+            request_timeout: args.request_timeout,
+            max_connections: args.max_connections,
+            shutdown_grace: args.shutdown_grace,
+            ..server::Limits::default()
+        },
+        shutdown_delay: args.shutdown_delay,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "failed to start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match serve::start(config, shutdown_signal()).await {
+            Ok(running) => {
+                let _ = running.done.await;
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "arcguard could not start");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Completes on SIGTERM (what the kubelet sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+fn run_check(args: &CheckArgs) -> ExitCode {
+    match check_inputs(args) {
+        Ok((output, denied)) => {
+            print!("{output}");
+            if denied { ExitCode::from(1) } else { ExitCode::SUCCESS }
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
+    let loaded = policy::load::load_dir(&args.policies)
+        .with_context(|| format!("failed to load policies from {}", args.policies.display()))?;
+    for warning in &loaded.warnings {
+        tracing::debug!("{warning}");
+    }
+    let mut inputs = Vec::new();
+    for file in &args.files {
+        let (name, text) = if file.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("failed to read standard input")?;
+            ("-".to_owned(), text)
+        } else {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("failed to read {}", file.display()))?;
+            (file.display().to_string(), text)
+        };
+        inputs.push(check::Input { name, text });
+    }
+    let reports = check::check(&inputs, &loaded.policies, &loaded.facts)?;
+    let output = match args.output {
+        OutputFormat::Text => check::render_text(&reports),
+        OutputFormat::Json => check::render_json(&reports),
+    };
+    Ok((output, check::any_denied(&reports)))
+}
+
+fn run_certs(args: &CertsArgs) -> anyhow::Result<()> {
+    let validity = time::Duration::days(i64::from(args.days));
+    let bundle = certs::write_bundle(&args.out, &args.dns, &args.ip, validity, time::OffsetDateTime::now_utc())
+        .with_context(|| format!("failed to write certificates to {}", args.out.display()))?;
+    println!("wrote {bundle}");
+    Ok(())
+}

@@ -63,6 +63,8 @@ pub struct Summary {
     pub patched: bool,
     /// Each applicable policy's result (validation only).
     pub results: Vec<PolicyOutcome>,
+    /// Violations of Deny policies (validation only).
+    pub denials: Vec<String>,
     /// Violations of Audit policies, to be logged.
     pub audits: Vec<String>,
 }
@@ -99,6 +101,7 @@ pub fn review(
         allowed: true,
         patched: false,
         results: Vec::new(),
+        denials: Vec::new(),
         audits: Vec::new(),
     };
     let mut response = AdmissionResponse::allow(request.uid.clone());
@@ -123,11 +126,12 @@ pub fn review(
                 .collect();
             summary.audits = evaluation.audits();
             response.warnings = evaluation.warnings();
+            summary.denials = evaluation.denials();
             if evaluation.is_denied() {
                 response.allowed = false;
                 response.status = Some(review::Status {
                     code: 403,
-                    message: denial_message(&view, &evaluation.denials()),
+                    message: denial_message(&view, &summary.denials),
                     reason: "Forbidden",
                 });
             }

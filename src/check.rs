@@ -1,0 +1,232 @@
+//! `arcguard check`: evaluates manifests as the cluster would admit them, for CI.
+//!
+//! Every object goes through the same pipeline as a live request: a CREATE AdmissionReview
+//! is built for it, the mutating webhook's patch is applied, and the patched object is
+//! validated.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::admission::{self, Webhook};
+use crate::manifest::{self, ManifestError};
+use crate::policy::PolicySet;
+use crate::rules::Facts;
+
+/// One input: a file name (or `-`) and its text.
+#[derive(Clone, Debug)]
+pub struct Input {
+    /// File name, `-` for standard input.
+    pub name: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// Why an input could not be checked (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// An input is not valid YAML or JSON.
+    #[error("{name}: {source}")]
+    Manifest {
+        /// The input.
+        name: String,
+        /// The parse error.
+        #[source]
+        source: ManifestError,
+    },
+    /// An object is not a Kubernetes object, or does not decode as its kind.
+    #[error("{name}: object {index}: {message}")]
+    Object {
+        /// The input.
+        name: String,
+        /// 1-based index of the object in the input.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What became of one object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Admitted with no finding.
+    Pass,
+    /// Admitted with warnings.
+    Warn,
+    /// Denied.
+    Deny,
+    /// Not a kind arcguard inspects.
+    Skip,
+}
+
+impl Verdict {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Pass => "PASS",
+            Self::Warn => "WARN",
+            Self::Deny => "DENY",
+            Self::Skip => "SKIP",
+        }
+    }
+}
+
+/// The result for one object.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// The input it came from.
+    pub file: String,
+    /// 1-based index of the object in that input.
+    pub index: usize,
+    /// `apiVersion`.
+    pub api_version: String,
+    /// `kind`.
+    pub kind: String,
+    /// `namespace/name`, or `name`.
+    pub name: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Violations of Deny policies.
+    pub violations: Vec<String>,
+    /// Warnings (Warn policies and advisories).
+    pub warnings: Vec<String>,
+    /// Violations of Audit policies.
+    pub audits: Vec<String>,
+    /// The JSON Patch the mutating webhook would apply, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch: Option<Value>,
+}
+
+/// Checks every object of every input.
+///
+/// # Errors
+/// [`CheckError`] for the first input or object that is not valid.
+pub fn check(inputs: &[Input], policies: &PolicySet, facts: &dyn Facts) -> Result<Vec<Report>, CheckError> {
+    let mut reports = Vec::new();
+    for input in inputs {
+        let objects = manifest::parse(&input.text)
+            .map_err(|source| CheckError::Manifest { name: input.name.clone(), source })?;
+        for (i, object) in objects.into_iter().enumerate() {
+            let fail = |message: String| CheckError::Object { name: input.name.clone(), index: i + 1, message };
+            reports.push(check_object(&input.name, i + 1, object, policies, facts).map_err(fail)?);
+        }
+    }
+    Ok(reports)
+}
+
+fn check_object(
+    file: &str,
+    index: usize,
+    mut object: Value,
+    policies: &PolicySet,
+    facts: &dyn Facts,
+) -> Result<Report, String> {
+    let (api_version, kind) = manifest::type_of(&object);
+    let (api_version, kind) = (api_version.to_owned(), kind.to_owned());
+    if api_version.is_empty() || kind.is_empty() {
+        return Err("not a Kubernetes object: apiVersion and kind are required".into());
+    }
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+    let name = object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let cluster_scoped = kind == "GlobalNetworkPolicy";
+    let namespace = if cluster_scoped {
+        String::new()
+    } else {
+        let ns = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default");
+        ns.to_owned()
+    };
+    let display = if namespace.is_empty() { name.clone() } else { format!("{namespace}/{name}") };
+    let mut report = Report {
+        file: file.to_owned(),
+        index,
+        api_version: api_version.clone(),
+        kind: kind.clone(),
+        name: display,
+        verdict: Verdict::Skip,
+        violations: Vec::new(),
+        warnings: Vec::new(),
+        audits: Vec::new(),
+        patch: None,
+    };
+    if admission::Kind::recognise(group, &kind, None).is_none() {
+        return Ok(report);
+    }
+    let review = |object: &Value| {
+        json!({
+            "apiVersion": admission::review::API_VERSION,
+            "kind": admission::review::KIND,
+            "request": {
+                "uid": format!("check-{index}"),
+                "kind": {"group": group, "version": version, "kind": kind},
+                "operation": "CREATE",
+                "namespace": namespace,
+                "name": name,
+                "object": object,
+            }
+        })
+        .to_string()
+    };
+    let mutated = admission::review(Webhook::Mutate, review(&object).as_bytes(), policies, facts)
+        .map_err(|e| e.to_string())?;
+    if let Some(encoded) = &mutated.response.patch {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| e.to_string())?;
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        json_patch::patch(&mut object, &patch).map_err(|e| format!("patch does not apply: {e}"))?;
+        report.patch = serde_json::to_value(&patch).ok();
+    }
+    let validated = admission::review(Webhook::Validate, review(&object).as_bytes(), policies, facts)
+        .map_err(|e| e.to_string())?;
+    report.warnings = validated.response.warnings.clone();
+    report.audits = validated.summary.audits.clone();
+    report.violations = validated.summary.denials.clone();
+    report.verdict = if !validated.response.allowed {
+        Verdict::Deny
+    } else if report.warnings.is_empty() {
+        Verdict::Pass
+    } else {
+        Verdict::Warn
+    };
+    Ok(report)
+}
+
+/// Whether any object was denied (exit code 1).
+pub fn any_denied(reports: &[Report]) -> bool {
+    reports.iter().any(|r| r.verdict == Verdict::Deny)
+}
+
+/// One line per object, then one indented line per finding.
+pub fn render_text(reports: &[Report]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        let _ = writeln!(out, "{} {} {} ({}#{})", r.verdict.label(), r.kind, r.name, r.file, r.index);
+        for v in &r.violations {
+            let _ = writeln!(out, "  deny: {v}");
+        }
+        for w in &r.warnings {
+            let _ = writeln!(out, "  warn: {w}");
+        }
+        for a in &r.audits {
+            let _ = writeln!(out, "  audit: {a}");
+        }
+    }
+    let count = |v| reports.iter().filter(|r| r.verdict == v).count();
+    let _ = writeln!(
+        out,
+        "{} objects: {} denied, {} warned, {} passed, {} not inspected",
+        reports.len(),
+        count(Verdict::Deny),
+        count(Verdict::Warn),
+        count(Verdict::Pass),
+        count(Verdict::Skip)
+    );
+    out
+}
+
+/// The reports as a JSON document: `{"results": [...], "denied": bool}`.
+pub fn render_json(reports: &[Report]) -> String {
+    let doc = json!({"results": reports, "denied": any_denied(reports)});
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}

@@ -1,0 +1,163 @@
+//! The command line: `serve`, `check` and `certs`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// arcguard: admission control for hybrid Linux/Windows Kubernetes clusters.
+#[derive(Debug, Parser)]
+#[command(name = "arcguard", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "ARCGUARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `arcguard=debug`).
+    #[arg(long, global = true, env = "ARCGUARD_LOG", default_value = "info")]
+    pub log: String,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the admission webhooks over HTTPS, with policies from files.
+    Serve(ServeArgs),
+    /// Evaluate manifests against policies as the cluster would admit them (exit 1 if any is denied).
+    Check(CheckArgs),
+    /// Write a CA and a serving certificate (ca.crt, tls.crt, tls.key).
+    Certs(CertsArgs),
+}
+
+/// `arcguard serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory of policy files (ClusterGuardPolicy, GuardPolicy, GMSACredentialSpec).
+    #[arg(long, env = "ARCGUARD_POLICIES", default_value = "policies")]
+    pub policies: PathBuf,
+    /// HTTPS address of the webhooks.
+    #[arg(long, env = "ARCGUARD_ADDR", default_value = "127.0.0.1:8443")]
+    pub addr: SocketAddr,
+    /// Plain-HTTP address of /metrics and the probes.
+    #[arg(long, env = "ARCGUARD_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Serving certificate (PEM chain).
+    #[arg(long, env = "ARCGUARD_TLS_CERT", default_value = "certs/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// Serving private key (PEM).
+    #[arg(long, env = "ARCGUARD_TLS_KEY", default_value = "certs/tls.key")]
+    pub tls_key: PathBuf,
+    /// Where a generated development CA certificate is written.
+    #[arg(long, env = "ARCGUARD_CA_CERT", default_value = "certs/ca.crt")]
+    pub ca_cert: PathBuf,
+    /// Do not generate a development CA and certificate when the certificate and key are absent.
+    #[arg(long, env = "ARCGUARD_NO_DEV_CERTS")]
+    pub no_dev_certs: bool,
+    /// Largest accepted request body in bytes (larger requests get 413).
+    #[arg(long, env = "ARCGUARD_MAX_BODY_BYTES", default_value_t = 7 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Time allowed to read a request and answer it (e.g. `10s`, `500ms`).
+    #[arg(long, env = "ARCGUARD_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Connections served at once.
+    #[arg(long, env = "ARCGUARD_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// On SIGTERM, time between readiness turning false and the listeners closing.
+    #[arg(long, env = "ARCGUARD_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+    /// On SIGTERM, time in-flight requests get to finish.
+    #[arg(long, env = "ARCGUARD_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Output format of `check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// A line per object and per finding.
+    Text,
+    /// A JSON document.
+    Json,
+}
+
+/// `arcguard check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Directory of policy files.
+    #[arg(long, env = "ARCGUARD_POLICIES", default_value = "policies")]
+    pub policies: PathBuf,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Manifest files (multi-document YAML or JSON, `kind: List` included); `-` reads standard input.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `arcguard certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Output directory.
+    #[arg(long, default_value = "certs")]
+    pub out: PathBuf,
+    /// DNS names of the serving certificate (repeatable).
+    #[arg(long = "dns", default_value = "localhost")]
+    pub dns: Vec<String>,
+    /// IP addresses of the serving certificate (repeatable).
+    #[arg(long = "ip", default_values_t = [IpAddr::from([127, 0, 0, 1])])]
+    pub ip: Vec<IpAddr>,
+    /// Validity of the serving certificate in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+}
+
+/// Parses `500ms`, `10s`, `2m`, or a bare number of seconds.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{text:?} is not a duration like 500ms, 10s or 2m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_every_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("10h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,245 @@
+//! Prometheus metrics: admission requests, policy results, policy and certificate reloads.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::admission::{Decision, Webhook};
+use crate::policy::PolicySet;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Request-duration buckets in seconds: sub-millisecond resolution where arcguard lives,
+/// up to the apiserver's webhook timeouts.
+const DURATION_BUCKETS: [f64; 14] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    webhook: &'static str,
+    kind: &'static str,
+    operation: &'static str,
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    webhook: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyResultLabels {
+    policy: String,
+    rule: &'static str,
+    action: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    rule: &'static str,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: &'static str,
+}
+
+/// Every metric arcguard exports, registered under the `arcguard` prefix.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<WebhookLabels, Histogram>,
+    policy_results: Family<PolicyResultLabels, Counter>,
+    policies: Family<PolicyLabels, Gauge>,
+    policy_reloads: Family<ResultLabels, Counter>,
+    certificate_reloads: Family<ResultLabels, Counter>,
+    certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("arcguard");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "admission_requests",
+            "AdmissionReview requests by webhook, kind, operation and decision (allowed, denied, patched, invalid)",
+            requests.clone(),
+        );
+        let duration = Family::<WebhookLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(DURATION_BUCKETS)
+        });
+        registry.register(
+            "admission_request_duration_seconds",
+            "Time from a complete request body to its encoded response, by webhook",
+            duration.clone(),
+        );
+        let policy_results = Family::<PolicyResultLabels, Counter>::default();
+        registry.register(
+            "policy_results",
+            "Policy evaluations by policy, rule, action and result (pass or fail)",
+            policy_results.clone(),
+        );
+        let policies = Family::<PolicyLabels, Gauge>::default();
+        registry.register("policies", "Policies in force by rule and action", policies.clone());
+        let policy_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy set reloads by result; on failure the previous set stays in force",
+            policy_reloads.clone(),
+        );
+        let certificate_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "certificate_reloads",
+            "Serving certificate reloads by result; on failure the previous certificate stays in use",
+            certificate_reloads.clone(),
+        );
+        let certificate_expiry = Family::<CertificateLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Unix time at which a certificate in use expires",
+            certificate_expiry.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            policy_results,
+            policies,
+            policy_reloads,
+            certificate_reloads,
+            certificate_expiry,
+        }
+    }
+
+    /// Records one reviewed request.
+    pub fn record_decision(&self, webhook: Webhook, decision: &Decision, elapsed: Duration) {
+        let summary = &decision.summary;
+        let outcome = match (summary.allowed, summary.patched) {
+            (false, _) => "denied",
+            (true, true) => "patched",
+            (true, false) => "allowed",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                webhook: webhook.as_str(),
+                kind: summary.kind,
+                operation: summary.operation.as_str(),
+                decision: outcome,
+            })
+            .inc();
+        for result in &summary.results {
+            self.policy_results
+                .get_or_create(&PolicyResultLabels {
+                    policy: result.policy.clone(),
+                    rule: result.rule,
+                    action: result.action.as_str(),
+                    result: if result.passed { "pass" } else { "fail" },
+                })
+                .inc();
+        }
+        self.observe_duration(webhook, elapsed);
+    }
+
+    /// Records a request that was not a valid AdmissionReview.
+    pub fn record_invalid(&self, webhook: Webhook, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                webhook: webhook.as_str(),
+                kind: "unknown",
+                operation: "unknown",
+                decision: "invalid",
+            })
+            .inc();
+        self.observe_duration(webhook, elapsed);
+    }
+
+    fn observe_duration(&self, webhook: Webhook, elapsed: Duration) {
+        self.duration
+            .get_or_create(&WebhookLabels { webhook: webhook.as_str() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a policy reload and, on success, the set now in force.
+    pub fn record_policy_reload(&self, loaded: Option<&PolicySet>) {
+        let result = if loaded.is_some() { "success" } else { "failure" };
+        self.policy_reloads.get_or_create(&ResultLabels { result }).inc();
+        if let Some(set) = loaded {
+            self.set_policies(set);
+        }
+    }
+
+    /// Sets the policies-in-force gauge from a set.
+    pub fn set_policies(&self, set: &PolicySet) {
+        self.policies.clear();
+        for policy in set.policies() {
+            self.policies
+                .get_or_create(&PolicyLabels { rule: policy.rule.name(), action: policy.action.as_str() })
+                .inc();
+        }
+    }
+
+    /// Records a certificate reload; on success, `not_after` is the new certificate's expiry.
+    pub fn record_certificate(&self, certificate: &'static str, not_after: Option<i64>) {
+        let result = if not_after.is_some() { "success" } else { "failure" };
+        self.certificate_reloads.get_or_create(&ResultLabels { result }).inc();
+        if let Some(not_after) = not_after {
+            // Unix timestamps fit exactly in an f64 for the next 285 million years.
+            #[allow(clippy::cast_precision_loss)]
+            let ts = not_after as f64;
+            self.certificate_expiry.get_or_create(&CertificateLabels { certificate }).set(ts);
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_every_family_with_conventional_names() {
+        let metrics = Metrics::new();
+        metrics.record_invalid(Webhook::Validate, Duration::from_micros(30));
+        metrics.record_policy_reload(None);
+        metrics.record_certificate("serving", Some(1_900_000_000));
+        let text = metrics.encode();
+        for line in [
+            "arcguard_admission_requests_total{webhook=\"validate\",kind=\"unknown\",operation=\"unknown\",decision=\"invalid\"} 1",
+            "arcguard_admission_request_duration_seconds_bucket{le=\"0.00005\",webhook=\"validate\"} 1",
+            "arcguard_policy_reloads_total{result=\"failure\"} 1",
+            "arcguard_certificate_expiry_timestamp_seconds{certificate=\"serving\"} 1900000000.0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

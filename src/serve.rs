@@ -1,0 +1,261 @@
+//! `arcguard serve` in standalone mode: policies and certificates from files, both hot-reloaded.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::certs::{self, CertResolver};
+use crate::policy::load;
+use crate::server::{self, Addresses, AppState, Limits, Snapshot};
+use crate::watch::FileWatcher;
+
+/// How often files are re-read even without a change notification, in case one was missed.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Settings of a standalone server.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Directory of policy files.
+    pub policies: PathBuf,
+    /// Listen addresses.
+    pub addresses: Addresses,
+    /// Serving certificate (PEM).
+    pub tls_cert: PathBuf,
+    /// Serving key (PEM).
+    pub tls_key: PathBuf,
+    /// Where the development CA is written when certificates are generated.
+    pub ca_cert: PathBuf,
+    /// Generate a development CA and certificate when neither certificate nor key exists.
+    pub generate_certs: bool,
+    /// Server limits.
+    pub limits: Limits,
+    /// Time between readiness turning false and the listeners closing on shutdown.
+    pub shutdown_delay: Duration,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The policies could not be loaded at start (there is no earlier set to keep).
+    #[error("failed to load policies: {0}")]
+    Policies(#[source] load::LoadError),
+    /// The certificate could not be generated or loaded.
+    #[error(transparent)]
+    Certificate(#[from] certs::CertError),
+    /// A listener could not be bound.
+    #[error("failed to listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Files could not be watched.
+    #[error("failed to watch {path}: {source}")]
+    Watch {
+        /// The path.
+        path: PathBuf,
+        /// The notify error.
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// A started server: where it listens and how to await it.
+pub struct Running {
+    /// The bound HTTPS address (useful when port 0 was asked for).
+    pub webhook_addr: std::net::SocketAddr,
+    /// The bound metrics address.
+    pub metrics_addr: std::net::SocketAddr,
+    /// Shared state (metrics, readiness, snapshot).
+    pub state: AppState,
+    /// Completes when both servers have drained after shutdown.
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the standalone server; it runs until `shutdown` completes.
+///
+/// # Errors
+/// [`ServeError`] when policies, certificates or listeners cannot be set up.
+pub async fn start(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, ServeError> {
+    if config.generate_certs {
+        let ensured = certs::ensure_dev_bundle(&config.tls_cert, &config.tls_key, &config.ca_cert)?;
+        if ensured == certs::Ensured::Generated {
+            tracing::info!(ca = %config.ca_cert.display(), cert = %config.tls_cert.display(), "generated a development CA and serving certificate for localhost, 127.0.0.1 and ::1");
+        }
+    }
+    let loaded = load::load_dir(&config.policies).map_err(ServeError::Policies)?;
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    let (key, info) = certs::load_files(&config.tls_cert, &config.tls_key)?;
+    let resolver = Arc::new(CertResolver::new(key, info.clone()));
+    let tls = Arc::new(certs::server_config(resolver.clone())?);
+
+    let state = AppState::new(Snapshot { policies: loaded.policies, facts: loaded.facts });
+    let snapshot = state.snapshot.load();
+    state.metrics.set_policies(&snapshot.policies);
+    state.metrics.record_certificate("serving", Some(info.not_after.unix_timestamp()));
+    log_policies(&config.policies, &snapshot.policies, snapshot.facts.credential_specs.len());
+    drop(snapshot);
+    state.readiness.set_policies_loaded();
+    state.readiness.set_certificate_loaded();
+
+    let bind = |addr| async move {
+        TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+    };
+    let webhook_listener = bind(config.addresses.webhook).await?;
+    let metrics_listener = bind(config.addresses.metrics).await?;
+    let webhook_addr = webhook_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.addresses.webhook, source })?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.addresses.metrics, source })?;
+
+    let watch_paths = watch_targets(&config);
+    let watcher = FileWatcher::new(&watch_paths).map_err(|source| ServeError::Watch {
+        path: watch_paths.first().map(|(p, _)| p.clone()).unwrap_or_default(),
+        source,
+    })?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reloader = tokio::spawn(reload_loop(config.clone(), state.clone(), resolver, watcher, stop_rx.clone()));
+    let webhook_app = server::webhook_router(state.clone(), &config.limits);
+    let metrics_app = server::metrics_router(state.clone());
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let webhook = tokio::spawn(server::serve_tls(
+        webhook_listener,
+        tls,
+        webhook_app,
+        config.limits.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let metrics = tokio::spawn(async move {
+        let serve = axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop_rx));
+        if let Err(error) = serve.await {
+            tracing::error!(%error, "metrics server failed");
+        }
+    });
+    tracing::info!(webhook = %format!("https://{webhook_addr}"), metrics = %format!("http://{metrics_addr}/metrics"), ca = %config.ca_cert.display(), "arcguard is serving");
+
+    let readiness = state.readiness.clone();
+    let delay = config.shutdown_delay;
+    let done = tokio::spawn(async move {
+        shutdown.await;
+        readiness.set_shutting_down();
+        tracing::info!(?delay, "shutting down: readiness is false; draining in-flight requests");
+        tokio::time::sleep(delay).await;
+        let _ = stop_tx.send(true);
+        let _ = tokio::join!(webhook, metrics, reloader);
+        tracing::info!("shut down");
+    });
+    Ok(Running { webhook_addr, metrics_addr, state, done })
+}
+
+fn watch_targets(config: &ServeConfig) -> Vec<(PathBuf, bool)> {
+    let parent = |p: &Path| match p.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut paths = vec![(config.policies.clone(), true)];
+    for dir in [parent(&config.tls_cert), parent(&config.tls_key)] {
+        if !paths.iter().any(|(p, _)| *p == dir) {
+            paths.push((dir, false));
+        }
+    }
+    paths
+}
+
+fn log_policies(dir: &Path, set: &crate::policy::PolicySet, credential_specs: usize) {
+    let names: Vec<String> =
+        set.policies().iter().map(|p| format!("{} ({}, {})", p.id(), p.rule.name(), p.action.as_str())).collect();
+    tracing::info!(dir = %dir.display(), count = set.len(), credential_specs, policies = %names.join(", "), "policies loaded");
+}
+
+/// Re-reads policies and certificates on change notifications (and on a slow timer, in case a
+/// notification was missed); a bad edit is reported and the previous version stays in force.
+async fn reload_loop(
+    config: ServeConfig,
+    state: AppState,
+    resolver: Arc<CertResolver>,
+    mut watcher: FileWatcher,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_policies = fingerprint_policies(&config.policies);
+    let mut last_cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
+    let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+    rescan.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            change = watcher.changed() => if change.is_none() { return },
+            _ = rescan.tick() => {}
+        }
+        let policies = fingerprint_policies(&config.policies);
+        if policies != last_policies {
+            last_policies = policies;
+            reload_policies(&config.policies, &state);
+        }
+        let cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
+        if cert != last_cert {
+            last_cert = cert;
+            reload_certificate(&config, &resolver, &state);
+        }
+    }
+}
+
+fn reload_policies(dir: &Path, state: &AppState) {
+    match load::load_dir(dir) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                tracing::warn!("{warning}");
+            }
+            log_policies(dir, &loaded.policies, loaded.facts.credential_specs.len());
+            state.metrics.record_policy_reload(Some(&loaded.policies));
+            state.snapshot.store(Arc::new(Snapshot { policies: loaded.policies, facts: loaded.facts }));
+        }
+        Err(error) => {
+            state.metrics.record_policy_reload(None);
+            tracing::error!(%error, "policy reload failed; the previous policies stay in force");
+        }
+    }
+}
+
+fn reload_certificate(config: &ServeConfig, resolver: &CertResolver, state: &AppState) {
+    match certs::load_files(&config.tls_cert, &config.tls_key) {
+        Ok((key, info)) => {
+            let not_after = info.not_after.unix_timestamp();
+            resolver.swap(key, info);
+            state.metrics.record_certificate("serving", Some(not_after));
+            tracing::info!(cert = %config.tls_cert.display(), not_after, "serving certificate reloaded");
+        }
+        Err(error) => {
+            state.metrics.record_certificate("serving", None);
+            tracing::warn!(%error, "serving certificate reload failed; the previous certificate stays in use");
+        }
+    }
+}
+
+/// A content fingerprint of the policy files: changes when any file, or the file list, does.
+fn fingerprint_policies(dir: &Path) -> Option<u64> {
+    let files = load::policy_files(dir).ok()?;
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    fingerprint_files(&refs)
+}
+
+fn fingerprint_files(paths: &[&Path]) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in paths {
+        path.hash(&mut hasher);
+        std::fs::read(path).ok()?.hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}

@@ -1,0 +1,123 @@
+//! The HTTPS webhook server and the plain-HTTP metrics server.
+
+mod routes;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::metrics::Metrics;
+use crate::policy::PolicySet;
+use crate::rules::StaticFacts;
+
+pub use routes::{metrics_router, webhook_router};
+pub use tls::serve_tls;
+
+/// What requests are evaluated against; swapped atomically as a whole, so a request finishes
+/// on the snapshot it started with.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The policies in force.
+    pub policies: PolicySet,
+    /// What the rules know beyond the request.
+    pub facts: StaticFacts,
+}
+
+/// Whether the server should receive traffic: policies loaded, certificate served, not
+/// shutting down.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    policies_loaded: AtomicBool,
+    certificate_loaded: AtomicBool,
+    shutting_down: AtomicBool,
+}
+
+impl Readiness {
+    /// Marks the policy set as loaded.
+    pub fn set_policies_loaded(&self) {
+        self.policies_loaded.store(true, Ordering::Release);
+    }
+
+    /// Marks the serving certificate as loaded.
+    pub fn set_certificate_loaded(&self) {
+        self.certificate_loaded.store(true, Ordering::Release);
+    }
+
+    /// Marks the server as draining: readiness turns false so endpoints stop routing here.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Whether the server is ready.
+    pub fn is_ready(&self) -> bool {
+        self.policies_loaded.load(Ordering::Acquire)
+            && self.certificate_loaded.load(Ordering::Acquire)
+            && !self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// State shared by every request.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The policy snapshot in force.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness.
+    pub readiness: Arc<Readiness>,
+}
+
+impl AppState {
+    /// State with an initial snapshot.
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            metrics: Arc::new(Metrics::new()),
+            readiness: Arc::new(Readiness::default()),
+        }
+    }
+}
+
+/// Limits that protect the server from slow or oversized clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Time allowed for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed to receive a request's headers.
+    pub header_timeout: Duration,
+    /// Time allowed to read a body and answer; then 408.
+    pub request_timeout: Duration,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // The apiserver caps objects at 3 MiB; a review holds object and oldObject.
+            max_body_bytes: 7 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Where the servers listen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addresses {
+    /// HTTPS webhook address.
+    pub webhook: SocketAddr,
+    /// Plain-HTTP metrics and probes address.
+    pub metrics: SocketAddr,
+}

@@ -1,0 +1,118 @@
+//! HTTP routes: the two webhooks and the probes on the TLS port; metrics on the plain port.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use super::{AppState, Limits};
+use crate::admission::{self, Decision, Webhook};
+
+/// The router of the HTTPS port: `POST /validate`, `POST /mutate`, `GET /healthz`, `GET /readyz`.
+pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
+    Router::new()
+        .route("/validate", post(validate))
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+        // A panic answers 500 for that request only; the server keeps serving.
+        .layer(CatchPanicLayer::new())
+        .with_state(state)
+}
+
+/// The router of the metrics port: `GET /metrics`, `GET /healthz`, `GET /readyz`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn validate(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(Webhook::Validate, &state, &headers, &body)
+}
+
+async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(Webhook::Mutate, &state, &headers, &body)
+}
+
+fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &[u8]) -> Response {
+    let start = Instant::now();
+    if !is_json(headers) {
+        state.metrics.record_invalid(webhook, start.elapsed());
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected content-type application/json with an admission.k8s.io/v1 AdmissionReview\n",
+        )
+            .into_response();
+    }
+    let snapshot = state.snapshot.load();
+    match admission::review(webhook, body, &snapshot.policies, &snapshot.facts) {
+        Ok(decision) => {
+            let encoded = admission::review::encode(&decision.response);
+            let elapsed = start.elapsed();
+            state.metrics.record_decision(webhook, &decision, elapsed);
+            log_decision(webhook, &decision, elapsed);
+            ([(header::CONTENT_TYPE, "application/json")], encoded).into_response()
+        }
+        Err(error) => {
+            state.metrics.record_invalid(webhook, start.elapsed());
+            tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
+            (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response()
+        }
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn log_decision(webhook: Webhook, decision: &Decision, elapsed: Duration) {
+    let summary = &decision.summary;
+    let response = &decision.response;
+    let verdict = match (summary.allowed, summary.patched) {
+        (false, _) => "denied",
+        (true, true) => "patched",
+        (true, false) => "allowed",
+    };
+    let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    for audit in &summary.audits {
+        tracing::info!(uid = %response.uid, kind = summary.kind, object = %summary.object, violation = %audit, "audit policy violation");
+    }
+    // Plain allows are the bulk of traffic: keep them out of the default log level.
+    if verdict == "allowed" && response.warnings.is_empty() {
+        tracing::debug!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, "admission");
+    } else {
+        let message = response.status.as_ref().map(|s| s.message.as_str()).unwrap_or_default();
+        tracing::info!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, warnings = ?response.warnings, message, "admission");
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.readiness.is_ready() {
+        "ok\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+}

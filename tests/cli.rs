@@ -1,0 +1,177 @@
+//! The `check` and `certs` commands, run as a user would.
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_arcguard");
+const POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+
+fn check(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("check")
+        .arg("--policies")
+        .arg(POLICIES)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("arcguard runs");
+    if let Some(text) = stdin {
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("arcguard exits")
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write");
+    path.display().to_string()
+}
+
+const GOOD: &str = r"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - {name: web, image: contoso.azurecr.io/shop/web:1.0}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cfg}
+data: {a: b}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: allow, namespace: shop}
+spec:
+  selector: app == 'web'
+";
+
+const BAD: &str = r"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: p, namespace: shop}
+  spec:
+    initContainers:
+    - {name: init, image: docker.io/busybox}
+    containers:
+    - {name: web, image: nginx}
+";
+
+#[test]
+fn passing_manifests_exit_zero_with_a_line_per_object() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(&dir, "good.yaml", GOOD);
+    let out = check(&[&file], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("PASS Deployment shop/web"), "{stdout}");
+    assert!(stdout.contains("SKIP ConfigMap default/cfg"), "{stdout}");
+    assert!(stdout.contains("PASS NetworkPolicy shop/allow"), "{stdout}");
+    assert!(stdout.contains("3 objects: 0 denied, 0 warned, 2 passed, 1 not inspected"), "{stdout}");
+}
+
+#[test]
+fn denied_objects_exit_one_and_list_every_violation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = write(&dir, "good.yaml", GOOD);
+    let bad = write(&dir, "bad.yaml", BAD);
+    let out = check(&[&good, &bad], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("DENY Pod shop/p"), "{stdout}");
+    assert_eq!(stdout.matches("  deny: [trusted-registries]").count(), 2, "{stdout}");
+    assert!(stdout.contains("docker.io/library/nginx:latest"), "{stdout}");
+}
+
+#[test]
+fn standard_input_and_json_output() {
+    let out = check(&["--output", "json", "-"], Some(BAD));
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json output");
+    assert_eq!(doc["denied"], true);
+    assert_eq!(doc["results"][0]["verdict"], "deny");
+    assert_eq!(doc["results"][0]["violations"].as_array().map(Vec::len), Some(2));
+    assert!(doc["results"][0]["patch"].is_array(), "the OS label patch is reported");
+}
+
+#[test]
+fn warn_policies_print_but_do_not_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    std::fs::write(
+        policies.join("warn.yaml"),
+        "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {name: registries}\nspec:\n  action: Warn\n  trustedRegistries: {registries: [contoso.azurecr.io]}\n",
+    )
+    .expect("write");
+    let file = write(&dir, "bad.yaml", BAD);
+    let out = Command::new(BIN)
+        .args(["check", "--policies"])
+        .arg(&policies)
+        .arg(&file)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("WARN Pod shop/p"), "{stdout}");
+    assert!(stdout.contains("  warn: [registries]"), "{stdout}");
+}
+
+#[test]
+fn bad_input_exits_two_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let invalid = write(&dir, "invalid.yaml", "kind: [unclosed\n");
+    let out = check(&[&invalid], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid.yaml"));
+
+    let out = check(&[&dir.path().join("missing.yaml").display().to_string()], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failed to read"));
+
+    let untyped = write(&dir, "untyped.yaml", "metadata: {name: x}\n");
+    let out = check(&[&untyped], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("apiVersion and kind are required"));
+
+    let policies = dir.path().join("bad-policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    std::fs::write(
+        policies.join("p.yaml"),
+        "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {name: p}\nspec:\n  action: Block\n  trustedRegistries: {registries: [a.io]}\n",
+    )
+    .expect("write");
+    let good = write(&dir, "good.yaml", GOOD);
+    let out = Command::new(BIN).args(["check", "--policies"]).arg(&policies).arg(&good).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.action"), "{stderr}");
+}
+
+#[test]
+fn certs_writes_a_ca_and_serving_pair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["certs", "--out"])
+        .arg(dir.path())
+        .args(["--dns", "arcguard.test", "--ip", "127.0.0.1"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cert = std::fs::read_to_string(dir.path().join("tls.crt")).expect("tls.crt");
+    let info = arcguard::certs::CertInfo::from_pem(cert.as_bytes()).expect("parses");
+    assert_eq!(info.dns_names, vec!["arcguard.test".to_owned()]);
+    let ca = std::fs::read_to_string(dir.path().join("ca.crt")).expect("ca.crt");
+    assert!(info.verifies_with(ca.as_bytes()));
+}
