@@ -10,6 +10,7 @@ use crate::admission::view::RequestView;
 
 pub mod calico;
 pub mod gmsa;
+pub mod image;
 pub mod os;
 pub mod registry;
 
