@@ -265,13 +265,13 @@ fn standalone_warnings(policy: &Policy) -> Vec<String> {
             policy.id()
         ));
     }
-    if let Rule::Gmsa(gmsa) = &policy.rule {
-        if gmsa.authorizes_service_accounts() {
-            warnings.push(format!(
-                "policy {}: spec.gmsa.authorizeServiceAccount needs a cluster to ask; service accounts are not checked in standalone mode",
-                policy.id()
-            ));
-        }
+    if let Rule::Gmsa(gmsa) = &policy.rule
+        && gmsa.authorizes_service_accounts()
+    {
+        warnings.push(format!(
+            "policy {}: spec.gmsa.authorizeServiceAccount needs a cluster to ask; service accounts are not checked in standalone mode",
+            policy.id()
+        ));
     }
     warnings
 }

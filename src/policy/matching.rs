@@ -90,10 +90,9 @@ impl Matcher {
             }
             if let (Some(selector), Some(labels)) =
                 (&self.namespace_selector, facts.namespace_labels(ns))
+                && !selector.matches(labels)
             {
-                if !selector.matches(labels) {
-                    return false;
-                }
+                return false;
             }
         }
         match &self.object_selector {
