@@ -6,6 +6,7 @@
 //! [`server`] the HTTPS shell around them.
 
 pub mod admission;
+pub mod certs;
 pub mod manifest;
 pub mod policy;
 pub mod rules;
