@@ -104,13 +104,21 @@ pub struct Report {
 ///
 /// # Errors
 /// [`CheckError`] for the first input or object that is not valid.
-pub fn check(inputs: &[Input], policies: &PolicySet, facts: &dyn Facts) -> Result<Vec<Report>, CheckError> {
+pub fn check(
+    inputs: &[Input],
+    policies: &PolicySet,
+    facts: &dyn Facts,
+) -> Result<Vec<Report>, CheckError> {
     let mut reports = Vec::new();
     for input in inputs {
         let objects = manifest::parse(&input.text)
             .map_err(|source| CheckError::Manifest { name: input.name.clone(), source })?;
         for (i, object) in objects.into_iter().enumerate() {
-            let fail = |message: String| CheckError::Object { name: input.name.clone(), index: i + 1, message };
+            let fail = |message: String| CheckError::Object {
+                name: input.name.clone(),
+                index: i + 1,
+                message,
+            };
             reports.push(check_object(&input.name, i + 1, object, policies, facts).map_err(fail)?);
         }
     }
@@ -130,7 +138,8 @@ fn check_object(
         return Err("not a Kubernetes object: apiVersion and kind are required".into());
     }
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
-    let name = object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let name =
+        object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
     let cluster_scoped = kind == "GlobalNetworkPolicy";
     let namespace = if cluster_scoped {
         String::new()
@@ -172,13 +181,15 @@ fn check_object(
     let mutated = admission::review(Webhook::Mutate, review(&object).as_bytes(), policies, facts)
         .map_err(|e| e.to_string())?;
     if let Some(encoded) = &mutated.response.patch {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| e.to_string())?;
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| e.to_string())?;
         let patch: json_patch::Patch = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         json_patch::patch(&mut object, &patch).map_err(|e| format!("patch does not apply: {e}"))?;
         report.patch = serde_json::to_value(&patch).ok();
     }
-    let validated = admission::review(Webhook::Validate, review(&object).as_bytes(), policies, facts)
-        .map_err(|e| e.to_string())?;
+    let validated =
+        admission::review(Webhook::Validate, review(&object).as_bytes(), policies, facts)
+            .map_err(|e| e.to_string())?;
     report.warnings = validated.response.warnings.clone();
     report.audits = validated.summary.audits.clone();
     report.violations = validated.summary.denials.clone();
@@ -201,7 +212,8 @@ pub fn any_denied(reports: &[Report]) -> bool {
 pub fn render_text(reports: &[Report]) -> String {
     let mut out = String::new();
     for r in reports {
-        let _ = writeln!(out, "{} {} {} ({}#{})", r.verdict.label(), r.kind, r.name, r.file, r.index);
+        let _ =
+            writeln!(out, "{} {} {} ({}#{})", r.verdict.label(), r.kind, r.name, r.file, r.index);
         for v in &r.violations {
             let _ = writeln!(out, "  deny: {v}");
         }

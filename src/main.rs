@@ -143,8 +143,19 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
 
 fn run_certs(args: &CertsArgs) -> anyhow::Result<()> {
     let validity = time::Duration::days(i64::from(args.days));
-    let bundle = certs::write_bundle(&args.out, &args.dns, &args.ip, validity, time::OffsetDateTime::now_utc())
-        .with_context(|| format!("failed to write certificates to {}", args.out.display()))?;
-    println!("wrote {bundle}");
+    let bundle = certs::write_bundle(
+        &args.out,
+        &args.dns,
+        &args.ip,
+        validity,
+        time::OffsetDateTime::now_utc(),
+    )
+    .with_context(|| format!("failed to write certificates to {}", args.out.display()))?;
+    println!(
+        "wrote {}, {} and {}",
+        bundle.ca_cert.display(),
+        bundle.cert.display(),
+        bundle.key.display()
+    );
     Ok(())
 }

@@ -18,8 +18,9 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Request-duration buckets in seconds: sub-millisecond resolution where arcguard lives,
 /// up to the apiserver's webhook timeouts.
-const DURATION_BUCKETS: [f64; 14] =
-    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+const DURATION_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -195,7 +196,10 @@ impl Metrics {
         self.policies.clear();
         for policy in set.policies() {
             self.policies
-                .get_or_create(&PolicyLabels { rule: policy.rule.name(), action: policy.action.as_str() })
+                .get_or_create(&PolicyLabels {
+                    rule: policy.rule.name(),
+                    action: policy.action.as_str(),
+                })
                 .inc();
         }
     }

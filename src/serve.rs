@@ -114,8 +114,12 @@ pub async fn start(
     };
     let webhook_listener = bind(config.addresses.webhook).await?;
     let metrics_listener = bind(config.addresses.metrics).await?;
-    let webhook_addr = webhook_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.addresses.webhook, source })?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.addresses.metrics, source })?;
+    let webhook_addr = webhook_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr: config.addresses.webhook, source })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr: config.addresses.metrics, source })?;
 
     let watch_paths = watch_targets(&config);
     let watcher = FileWatcher::new(&watch_paths).map_err(|source| ServeError::Watch {
@@ -124,7 +128,13 @@ pub async fn start(
     })?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reloader = tokio::spawn(reload_loop(config.clone(), state.clone(), resolver, watcher, stop_rx.clone()));
+    let reloader = tokio::spawn(reload_loop(
+        config.clone(),
+        state.clone(),
+        resolver,
+        watcher,
+        stop_rx.clone(),
+    ));
     let webhook_app = server::webhook_router(state.clone(), &config.limits);
     let metrics_app = server::metrics_router(state.clone());
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -138,7 +148,8 @@ pub async fn start(
         stopped(stop_rx.clone()),
     ));
     let metrics = tokio::spawn(async move {
-        let serve = axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop_rx));
+        let serve =
+            axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop_rx));
         if let Err(error) = serve.await {
             tracing::error!(%error, "metrics server failed");
         }
@@ -174,8 +185,11 @@ fn watch_targets(config: &ServeConfig) -> Vec<(PathBuf, bool)> {
 }
 
 fn log_policies(dir: &Path, set: &crate::policy::PolicySet, credential_specs: usize) {
-    let names: Vec<String> =
-        set.policies().iter().map(|p| format!("{} ({}, {})", p.id(), p.rule.name(), p.action.as_str())).collect();
+    let names: Vec<String> = set
+        .policies()
+        .iter()
+        .map(|p| format!("{} ({}, {})", p.id(), p.rule.name(), p.action.as_str()))
+        .collect();
     tracing::info!(dir = %dir.display(), count = set.len(), credential_specs, policies = %names.join(", "), "policies loaded");
 }
 
@@ -219,7 +233,9 @@ fn reload_policies(dir: &Path, state: &AppState) {
             }
             log_policies(dir, &loaded.policies, loaded.facts.credential_specs.len());
             state.metrics.record_policy_reload(Some(&loaded.policies));
-            state.snapshot.store(Arc::new(Snapshot { policies: loaded.policies, facts: loaded.facts }));
+            state
+                .snapshot
+                .store(Arc::new(Snapshot { policies: loaded.policies, facts: loaded.facts }));
         }
         Err(error) => {
             state.metrics.record_policy_reload(None);

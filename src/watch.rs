@@ -21,14 +21,16 @@ impl FileWatcher {
     /// The `notify` error when a path cannot be watched.
     pub fn new(paths: &[(PathBuf, bool)]) -> Result<Self, notify::Error> {
         let (tx, changes) = mpsc::channel(1);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
-                // A full channel already holds a pending signal.
-                let _ = tx.try_send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok_and(|e| !e.kind.is_access()) {
+                    // A full channel already holds a pending signal.
+                    let _ = tx.try_send(());
+                }
+            })?;
         for (path, recursive) in paths {
-            let mode = if *recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+            let mode =
+                if *recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
             watcher.watch(path, mode)?;
         }
         Ok(Self { _watcher: watcher, changes })

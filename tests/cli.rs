@@ -78,7 +78,10 @@ fn passing_manifests_exit_zero_with_a_line_per_object() {
     assert!(stdout.contains("PASS Deployment shop/web"), "{stdout}");
     assert!(stdout.contains("SKIP ConfigMap default/cfg"), "{stdout}");
     assert!(stdout.contains("PASS NetworkPolicy shop/allow"), "{stdout}");
-    assert!(stdout.contains("3 objects: 0 denied, 0 warned, 2 passed, 1 not inspected"), "{stdout}");
+    assert!(
+        stdout.contains("3 objects: 0 denied, 0 warned, 2 passed, 1 not inspected"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -153,7 +156,12 @@ fn bad_input_exits_two_with_a_reason() {
     )
     .expect("write");
     let good = write(&dir, "good.yaml", GOOD);
-    let out = Command::new(BIN).args(["check", "--policies"]).arg(&policies).arg(&good).output().expect("runs");
+    let out = Command::new(BIN)
+        .args(["check", "--policies"])
+        .arg(&policies)
+        .arg(&good)
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("spec.action"), "{stderr}");
@@ -173,5 +181,5 @@ fn certs_writes_a_ca_and_serving_pair() {
     let info = arcguard::certs::CertInfo::from_pem(cert.as_bytes()).expect("parses");
     assert_eq!(info.dns_names, vec!["arcguard.test".to_owned()]);
     let ca = std::fs::read_to_string(dir.path().join("ca.crt")).expect("ca.crt");
-    assert!(info.verifies_with(ca.as_bytes()));
+    assert!(info.verifies_with(ca.as_bytes()).expect("CA parses"));
 }

@@ -8,7 +8,8 @@ use base64::Engine as _;
 use serde_json::Value;
 
 fn policies() -> Loaded {
-    load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"))).expect("sample policies load")
+    load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies")))
+        .expect("sample policies load")
 }
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -22,7 +23,11 @@ fn uid_of(body: &[u8]) -> String {
 }
 
 /// Reviews a fixture and returns (allowed, message, warnings, decoded patch).
-fn run(webhook: Webhook, name: &str, loaded: &Loaded) -> (bool, String, Vec<String>, Option<Value>) {
+fn run(
+    webhook: Webhook,
+    name: &str,
+    loaded: &Loaded,
+) -> (bool, String, Vec<String>, Option<Value>) {
     let body = fixture(name);
     let decision = admission::review(webhook, &body, &loaded.policies, &loaded.facts)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -41,7 +46,17 @@ fn validation_of_every_fixture_matches_the_sample_policies() {
     let loaded = policies();
     let cases: &[(&str, bool, &[&str])] = &[
         ("pod-create-trusted", true, &[]),
-        ("pod-create-untrusted", false, &["[trusted-registries]", "container \"web\"", "docker.io/library/nginx:1.25", "init container \"init\"", "contoso.azurecr.io.evil.com/tools/init:1"]),
+        (
+            "pod-create-untrusted",
+            false,
+            &[
+                "[trusted-registries]",
+                "container \"web\"",
+                "docker.io/library/nginx:1.25",
+                "init container \"init\"",
+                "contoso.azurecr.io.evil.com/tools/init:1",
+            ],
+        ),
         ("pod-update-untrusted-image", false, &["docker.io/library/nginx:1.25"]),
         ("pod-ephemeral-untrusted", false, &["ephemeral container \"debugger\"", "busybox:1.36"]),
         ("deployment-untrusted", false, &["Deployment shop/web", "ghcr.io/acme/migrate:2"]),
@@ -76,11 +91,23 @@ fn validation_of_every_fixture_matches_the_sample_policies() {
 fn mutation_of_every_fixture_matches_the_sample_policies() {
     let loaded = policies();
     let cases: &[(&str, Option<&str>)] = &[
-        ("pod-create-trusted", Some(r#"{"op":"add","path":"/metadata/labels/arcguard.io~1os","value":"linux"}"#)),
-        ("windows-pod-gmsa", Some(r#""path":"/spec/securityContext/windowsOptions/gmsaCredentialSpec""#)),
+        (
+            "pod-create-trusted",
+            Some(r#"{"op":"add","path":"/metadata/labels/arcguard.io~1os","value":"linux"}"#),
+        ),
+        (
+            "windows-pod-gmsa",
+            Some(r#""path":"/spec/securityContext/windowsOptions/gmsaCredentialSpec""#),
+        ),
         ("windows-pod-no-gmsa", Some(r#""value":"windows""#)),
-        ("networkpolicy-create", Some(r#"{"key":"arcguard.io/os","operator":"In","values":["linux"]}"#)),
-        ("calico-networkpolicy-create", Some(r#""value":"(app == 'web') && arcguard.io/os == 'linux'""#)),
+        (
+            "networkpolicy-create",
+            Some(r#"{"key":"arcguard.io/os","operator":"In","values":["linux"]}"#),
+        ),
+        (
+            "calico-networkpolicy-create",
+            Some(r#""value":"(app == 'web') && arcguard.io/os == 'linux'""#),
+        ),
         ("calico-globalnetworkpolicy-create", Some(r#""value":"arcguard.io/os == 'linux'""#)),
         ("deployment-untrusted", None),
         ("configmap-create", None),
@@ -104,15 +131,25 @@ fn mutation_of_every_fixture_matches_the_sample_policies() {
 #[test]
 fn mutated_objects_pass_validation_and_mutate_idempotently() {
     let loaded = policies();
-    for name in ["pod-create-trusted", "windows-pod-gmsa", "networkpolicy-create", "calico-networkpolicy-create", "calico-globalnetworkpolicy-create"] {
+    for name in [
+        "pod-create-trusted",
+        "windows-pod-gmsa",
+        "networkpolicy-create",
+        "calico-networkpolicy-create",
+        "calico-globalnetworkpolicy-create",
+    ] {
         let mut review: Value = serde_json::from_slice(&fixture(name)).expect("json");
         let (_, _, _, patch) = run(Webhook::Mutate, name, &loaded);
-        let patch: json_patch::Patch = serde_json::from_value(patch.expect("a patch")).expect("patch");
+        let patch: json_patch::Patch =
+            serde_json::from_value(patch.expect("a patch")).expect("patch");
         json_patch::patch(&mut review["request"]["object"], &patch).expect("patch applies");
         let body = serde_json::to_vec(&review).expect("json");
-        let validated = admission::review(Webhook::Validate, &body, &loaded.policies, &loaded.facts).expect("valid");
+        let validated =
+            admission::review(Webhook::Validate, &body, &loaded.policies, &loaded.facts)
+                .expect("valid");
         assert!(validated.response.allowed, "{name}: {:?}", validated.response.status);
-        let again = admission::review(Webhook::Mutate, &body, &loaded.policies, &loaded.facts).expect("valid");
+        let again = admission::review(Webhook::Mutate, &body, &loaded.policies, &loaded.facts)
+            .expect("valid");
         assert_eq!(again.response.patch, None, "{name}: a second mutation changes nothing");
     }
 }
@@ -122,17 +159,39 @@ fn invalid_reviews_are_rejected_with_a_reason() {
     let loaded = policies();
     let cases: &[(&str, &str)] = &[
         ("not json", "invalid AdmissionReview"),
-        (r#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{}}"#, "expected apiVersion admission.k8s.io/v1"),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{}}"#,
+            "expected apiVersion admission.k8s.io/v1",
+        ),
         (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, "no request"),
-        (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"kind":{"kind":"Pod"},"operation":"CREATE"}}"#, "uid"),
-        (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"","kind":{"kind":"Pod"},"operation":"CREATE"}}"#, "uid is empty"),
-        (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod","version":"v1"},"operation":"CREATE"}}"#, "request.object is missing"),
-        (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod","version":"v1"},"operation":"CREATE","object":{"spec":{"containers":"x"}}}}"#, "not a valid Pod"),
-        (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod"},"operation":"PATCH"}}"#, "request.operation"),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"kind":{"kind":"Pod"},"operation":"CREATE"}}"#,
+            "uid",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"","kind":{"kind":"Pod"},"operation":"CREATE"}}"#,
+            "uid is empty",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod","version":"v1"},"operation":"CREATE"}}"#,
+            "request.object is missing",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod","version":"v1"},"operation":"CREATE","object":{"spec":{"containers":"x"}}}}"#,
+            "not a valid Pod",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod"},"operation":"PATCH"}}"#,
+            "request.operation",
+        ),
     ];
     for (body, fragment) in cases {
-        let error = admission::review(Webhook::Validate, body.as_bytes(), &loaded.policies, &loaded.facts)
-            .expect_err("invalid review");
-        assert!(error.to_string().contains(fragment), "{body}: {error} should contain {fragment:?}");
+        let error =
+            admission::review(Webhook::Validate, body.as_bytes(), &loaded.policies, &loaded.facts)
+                .expect_err("invalid review");
+        assert!(
+            error.to_string().contains(fragment),
+            "{body}: {error} should contain {fragment:?}"
+        );
     }
 }

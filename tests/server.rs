@@ -81,9 +81,19 @@ impl Harness {
         format!("http://{}/metrics", self.running.metrics_addr)
     }
 
-    async fn post_fixture(&self, client: &reqwest::Client, path: &str, fixture: &str) -> reqwest::Result<reqwest::Response> {
+    async fn post_fixture(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        fixture: &str,
+    ) -> reqwest::Result<reqwest::Response> {
         let body = std::fs::read(format!("{FIXTURES}/{fixture}.json")).expect("fixture");
-        client.post(self.url(path)).header("content-type", "application/json").body(body).send().await
+        client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
     }
 
     async fn review(&self, path: &str, fixture: &str) -> Value {
@@ -96,7 +106,10 @@ impl Harness {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        tokio::time::timeout(Duration::from_secs(30), self.running.done).await.expect("drains").expect("joins");
+        tokio::time::timeout(Duration::from_secs(30), self.running.done)
+            .await
+            .expect("drains")
+            .expect("joins");
     }
 }
 
@@ -149,7 +162,8 @@ async fn bad_requests_get_clear_errors() {
     let post = |body: Vec<u8>, content_type: &'static str| {
         client.post(h.url("/validate")).header("content-type", content_type).body(body).send()
     };
-    let response = post(b"{\"apiVersion\": 1}".to_vec(), "application/json").await.expect("request");
+    let response =
+        post(b"{\"apiVersion\": 1}".to_vec(), "application/json").await.expect("request");
     assert_eq!(response.status(), 400);
     let reason = response.text().await.expect("text");
     assert!(reason.contains("invalid AdmissionReview at `apiVersion`"), "{reason}");
@@ -212,7 +226,10 @@ async fn certificates_are_reloaded_without_a_restart() {
     })
     .await;
     let stale = h.client_trusting(&h.path("certs/ca.crt"));
-    assert!(stale.get(h.url("/healthz")).send().await.is_err(), "the old CA no longer verifies new connections");
+    assert!(
+        stale.get(h.url("/healthz")).send().await.is_err(),
+        "the old CA no longer verifies new connections"
+    );
     h.shutdown().await;
 }
 
@@ -224,7 +241,8 @@ async fn policy_edits_apply_live_and_bad_edits_keep_the_last_good_set() {
     assert_eq!(h.review("/validate", "deployment-untrusted").await["response"]["allowed"], false);
 
     // Trust ghcr.io/acme: the Deployment's init image is then allowed.
-    let edited = original.replace("- contoso.azurecr.io\n", "- contoso.azurecr.io\n      - ghcr.io/acme\n");
+    let edited =
+        original.replace("- contoso.azurecr.io\n", "- contoso.azurecr.io\n      - ghcr.io/acme\n");
     assert_ne!(edited, original);
     std::fs::write(&file, edited).expect("write");
     eventually("the edited policy to apply", || async {
@@ -236,7 +254,8 @@ async fn policy_edits_apply_live_and_bad_edits_keep_the_last_good_set() {
     std::fs::write(&file, original.replace("registries:", "registriez:")).expect("write");
     let metrics = reqwest::Client::new();
     eventually("the failed reload to be counted", || async {
-        let text = metrics.get(h.metrics_url()).send().await.expect("metrics").text().await.expect("text");
+        let text =
+            metrics.get(h.metrics_url()).send().await.expect("metrics").text().await.expect("text");
         text.contains(r#"arcguard_policy_reloads_total{result="failure"} 1"#)
     })
     .await;

@@ -161,6 +161,21 @@ pub fn decode(body: &[u8]) -> Result<AdmissionRequest<'_>, ReviewError> {
         Ok(review) => review,
         // Decode again, tracking the path, only on the error path: it costs on every field.
         Err(plain) => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct TypeMeta {
+                api_version: String,
+                kind: String,
+            }
+            // A review of another version fails on its own shape; name the version instead.
+            if let Ok(meta) = serde_json::from_slice::<TypeMeta>(body)
+                && (meta.api_version != API_VERSION || meta.kind != KIND)
+            {
+                return Err(ReviewError::WrongType {
+                    api_version: meta.api_version,
+                    kind: meta.kind,
+                });
+            }
             let mut de = serde_json::Deserializer::from_slice(body);
             let error = serde_path_to_error::deserialize::<_, AdmissionReview<'_>>(&mut de)
                 .err()
