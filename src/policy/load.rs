@@ -275,3 +275,130 @@ fn standalone_warnings(policy: &Policy) -> Vec<String> {
     }
     warnings
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Loaded, LoadError> {
+        load_sources(&[("p.yaml".to_owned(), text.to_owned())])
+    }
+
+    fn policy(spec: &str) -> String {
+        format!(
+            "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: p}}\nspec:\n{spec}"
+        )
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let cases = [
+            ("  action: Block\n  trustedRegistries: {registries: [a.io]}\n", "spec.action"),
+            (
+                "  trustedRegistries: {registries: [a.io], registry: b.io}\n",
+                "spec.trustedRegistries.registry: unknown field `registry`",
+            ),
+            (
+                "  trustedRegistries: {registries: [a.io]}\n  gmsa: {}\n",
+                "found trustedRegistries and gmsa",
+            ),
+            ("  action: Deny\n", "found none"),
+            (
+                "  trustedRegistries: {registries: [a.io]}\n  extra: 1\n",
+                "spec.extra: unknown field `extra`",
+            ),
+            (
+                "  trustedRegistries: {registries: [a.io, 'https://b.io']}\n",
+                "spec.trustedRegistries.registries[1]",
+            ),
+            ("  trustedRegistries: {registries: []}\n", "spec.trustedRegistries.registries"),
+            (
+                "  trustedRegistries: {registries: [a.io], requireDigest: maybe}\n",
+                "spec.trustedRegistries.requireDigest",
+            ),
+            (
+                "  match: {namespaces: [Bad_NS]}\n  trustedRegistries: {registries: [a.io]}\n",
+                "spec.match.namespaces[0]",
+            ),
+            (
+                "  match: {objectSelector: {matchExpressions: [{key: a, operator: Equals}]}}\n  gmsa: {}\n",
+                "spec.match.objectSelector.matchExpressions[0].operator",
+            ),
+            ("  calicoLinuxOnly: {osLabelKey: 'bad key'}\n", "spec.calicoLinuxOnly.osLabelKey"),
+            (
+                "  calicoLinuxOnly: {scopePolicies: Sometimes}\n",
+                "spec.calicoLinuxOnly.scopePolicies",
+            ),
+            ("  gmsa: {allowedCredentialSpecs: [Bad]}\n", "spec.gmsa.allowedCredentialSpecs[0]"),
+        ];
+        for (spec, field) in cases {
+            let error = load(&policy(spec)).expect_err(spec).to_string();
+            assert!(error.contains(field), "{spec}: {error:?} should name {field:?}");
+        }
+    }
+
+    #[test]
+    fn documents_that_are_not_policies_are_refused() {
+        let cases = [
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+                "got apiVersion \"v1\" kind \"ConfigMap\"",
+            ),
+            (
+                "apiVersion: arcguard.io/v1alpha1\nkind: GuardPolicy\nmetadata: {name: x}\nspec: {gmsa: {}}\n",
+                "needs metadata.namespace",
+            ),
+            (
+                "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {}\nspec: {gmsa: {}}\n",
+                "has no metadata.name",
+            ),
+            (
+                "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {name: x}\n",
+                "spec: is required",
+            ),
+            (
+                "apiVersion: windows.k8s.io/v1\nkind: GMSACredentialSpec\nmetadata: {name: x}\n",
+                "has no credspec object",
+            ),
+        ];
+        for (text, message) in cases {
+            let error = load(text).expect_err(text).to_string();
+            assert!(error.contains(message), "{error:?} should contain {message:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_across_files_are_refused() {
+        let text = policy("  gmsa: {}\n");
+        let error = load_sources(&[("a.yaml".into(), text.clone()), ("b.yaml".into(), text)])
+            .expect_err("duplicate");
+        assert!(error.to_string().contains("defined twice: in a.yaml and in b.yaml"), "{error}");
+        // The same name in two namespaces is two policies.
+        let ns = |n: &str| {
+            format!(
+                "apiVersion: arcguard.io/v1alpha1\nkind: GuardPolicy\nmetadata: {{name: p, namespace: {n}}}\nspec: {{gmsa: {{}}}}\n"
+            )
+        };
+        let loaded =
+            load_sources(&[("a.yaml".into(), ns("a")), ("b.yaml".into(), ns("b"))]).expect("valid");
+        assert_eq!(loaded.policies.len(), 2);
+    }
+
+    #[test]
+    fn standalone_limitations_are_warned_about() {
+        let text = policy(
+            "  match: {namespaceSelector: {matchLabels: {team: a}}}\n  gmsa: {authorizeServiceAccount: true}\n",
+        );
+        let loaded = load(&text).expect("valid");
+        assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn the_sample_policies_are_valid() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
+        let loaded = load_dir(dir).expect("samples load");
+        let rules: Vec<_> = loaded.policies.policies().iter().map(|p| p.rule.name()).collect();
+        assert_eq!(rules, ["calicoLinuxOnly", "trustedRegistries", "gmsa"]);
+        assert!(loaded.facts.credential_specs.contains_key("webapp1"));
+    }
+}

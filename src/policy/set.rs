@@ -139,3 +139,127 @@ fn applies(policy: &Policy, view: &RequestView, facts: &dyn Facts) -> bool {
     };
     in_scope && policy.matcher.matches(view, facts)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::admission::patch;
+    use crate::admission::review::Operation;
+    use crate::admission::view::Kind;
+    use crate::policy::load::load_sources;
+    use crate::rules::StaticFacts;
+
+    fn set(policies: &[&str]) -> PolicySet {
+        let sources: Vec<_> = policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("{i}.yaml"), (*p).to_owned()))
+            .collect();
+        load_sources(&sources).expect("valid policies").policies
+    }
+
+    fn cluster(name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+        )
+    }
+
+    fn pod(namespace: &str, labels: serde_json::Value, image: &str) -> RequestView {
+        let object = json!({"metadata": {"name": "p", "namespace": namespace, "labels": labels}, "spec": {"containers": [{"name": "c", "image": image}]}});
+        let raw = RawValue::from_string(object.to_string()).expect("json");
+        RequestView::build(Kind::Pod, Operation::Create, Some(namespace.into()), &raw, None)
+            .expect("view")
+    }
+
+    #[test]
+    fn actions_decide_what_a_failure_does() {
+        let policies = set(&[
+            &cluster("deny", "  action: Deny\n  trustedRegistries: {registries: [a.io]}\n"),
+            &cluster("warn", "  action: Warn\n  trustedRegistries: {registries: [b.io]}\n"),
+            &cluster("audit", "  action: Audit\n  trustedRegistries: {registries: [c.io]}\n"),
+        ]);
+        let facts = StaticFacts::default();
+        let evaluation = policies.validate(&pod("x", json!({}), "d.io/app:1"), &facts);
+        assert!(evaluation.is_denied());
+        assert_eq!(evaluation.results.len(), 3);
+        assert!(evaluation.denials()[0].starts_with("[deny] "), "{:?}", evaluation.denials());
+        assert!(evaluation.warnings()[0].starts_with("[warn] "));
+        assert!(evaluation.audits()[0].starts_with("[audit] "));
+
+        let evaluation = policies.validate(&pod("x", json!({}), "a.io/app:1"), &facts);
+        assert!(!evaluation.is_denied());
+        assert_eq!(evaluation.warnings().len(), 1);
+    }
+
+    #[test]
+    fn every_failing_deny_policy_is_reported() {
+        let policies = set(&[
+            &cluster("one", "  trustedRegistries: {registries: [a.io]}\n"),
+            &cluster("two", "  trustedRegistries: {registries: [b.io], requireDigest: true}\n"),
+        ]);
+        let denials = policies
+            .validate(&pod("x", json!({}), "c.io/app:1"), &StaticFacts::default())
+            .denials();
+        assert_eq!(denials.len(), 3, "{denials:?}");
+    }
+
+    #[test]
+    fn matching_and_scope_select_policies() {
+        let ns_policy = "apiVersion: arcguard.io/v1alpha1\nkind: GuardPolicy\nmetadata: {name: local, namespace: team-a}\nspec:\n  trustedRegistries: {registries: [a.io]}\n";
+        let policies = set(&[
+            ns_policy,
+            &cluster(
+                "prefixed",
+                "  match: {namespaces: ['team-*'], excludedNamespaces: [team-b]}\n  trustedRegistries: {registries: [a.io]}\n",
+            ),
+            &cluster(
+                "labelled",
+                "  match: {objectSelector: {matchLabels: {tier: web}}}\n  trustedRegistries: {registries: [a.io]}\n",
+            ),
+        ]);
+        let facts = StaticFacts::default();
+        let names = |view: &RequestView| {
+            policies.applicable(view, &facts).map(Policy::id).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&pod("team-a", json!({}), "x")), ["prefixed", "team-a/local"]);
+        assert_eq!(names(&pod("team-b", json!({}), "x")), Vec::<String>::new());
+        assert_eq!(names(&pod("other", json!({"tier": "web"}), "x")), ["labelled"]);
+    }
+
+    #[test]
+    fn namespace_selectors_apply_where_labels_are_known() {
+        let policies = set(&[&cluster(
+            "prod",
+            "  match: {namespaceSelector: {matchLabels: {env: prod}}}\n  trustedRegistries: {registries: [a.io]}\n",
+        )]);
+        let mut facts = StaticFacts::default();
+        let view = pod("shop", json!({}), "x");
+        assert_eq!(policies.applicable(&view, &facts).count(), 1, "unknown labels: enforce");
+        facts.namespace_labels.insert("shop".into(), [("env".to_owned(), "dev".to_owned())].into());
+        assert_eq!(policies.applicable(&view, &facts).count(), 0);
+    }
+
+    #[test]
+    fn patches_do_not_depend_on_policy_order() {
+        let a = cluster("a", "  calicoLinuxOnly: {osLabelKey: a.io/os}\n");
+        let b = cluster("b", "  calicoLinuxOnly: {osLabelKey: b.io/os}\n");
+        let object = json!({"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy", "metadata": {"name": "n", "namespace": "x"}, "spec": {"selector": "app == 'web'"}});
+        let raw = RawValue::from_string(object.to_string()).expect("json");
+        let view = RequestView::build(
+            Kind::CalicoNetworkPolicy,
+            Operation::Create,
+            Some("x".into()),
+            &raw,
+            None,
+        )
+        .expect("view");
+        let facts = StaticFacts::default();
+        let forward = patch::build(&raw, &set(&[&a, &b]).mutate(&view, &facts)).expect("patch");
+        let backward = patch::build(&raw, &set(&[&b, &a]).mutate(&view, &facts)).expect("patch");
+        assert_eq!(forward, backward);
+        assert!(forward.is_some());
+    }
+}
