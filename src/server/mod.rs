@@ -44,7 +44,12 @@ impl Readiness {
 
     /// Marks the serving certificate as loaded.
     pub fn set_certificate_loaded(&self) {
-        self.certificate_loaded.store(true, Ordering::Release);
+        self.set_certificate_ready(true);
+    }
+
+    /// Sets whether the served certificate is valid and trusted by the webhooks' CA bundle.
+    pub fn set_certificate_ready(&self, ready: bool) {
+        self.certificate_loaded.store(ready, Ordering::Release);
     }
 
     /// Marks the server as draining: readiness turns false so endpoints stop routing here.

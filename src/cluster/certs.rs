@@ -1,0 +1,1 @@
+//! The serving-certificate controller: provision, renew, rotate and revoke, in a Secret.
