@@ -39,6 +39,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Write a CA and a serving certificate (ca.crt, tls.crt, tls.key).
     Certs(CertsArgs),
+    /// Print the CustomResourceDefinitions of ClusterGuardPolicy and GuardPolicy.
+    Crds,
 }
 
 /// `arcguard serve`.

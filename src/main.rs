@@ -17,6 +17,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Check(args) => run_check(&args),
+        Command::Crds => match arcguard::policy::crd::crds_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Certs(args) => match run_certs(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

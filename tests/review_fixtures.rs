@@ -76,6 +76,9 @@ fn validation_of_every_fixture_matches_the_sample_policies() {
         ("configmap-create", true, &[]),
         ("pod-delete", true, &[]),
         ("excluded-namespace-pod", true, &[]),
+        ("clusterguardpolicy-valid", true, &[]),
+        ("clusterguardpolicy-invalid", false, &["spec.trustedRegistries.registries[1]"]),
+        ("guardpolicy-two-rules", false, &["found gmsa and calicoLinuxOnly"]),
     ];
     for (name, allowed, fragments) in cases {
         let (got, message, _, patch) = run(Webhook::Validate, name, &loaded);

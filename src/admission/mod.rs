@@ -112,6 +112,19 @@ pub fn review(
         summary.object = view.display_name();
     }
     match webhook {
+        Webhook::Validate if matches!(view.subject, view::Subject::GuardPolicy(_)) => {
+            // arcguard's own policies: refuse what would not compile, naming the field, so a
+            // bad edit never reaches the controller.
+            if let Err(problem) = crate::policy::check_document(&view) {
+                summary.denials = vec![problem];
+                response.allowed = false;
+                response.status = Some(review::Status {
+                    code: 422,
+                    message: denial_message(&view, &summary.denials),
+                    reason: "Invalid",
+                });
+            }
+        }
         Webhook::Validate => {
             let evaluation = policies.validate(&view, facts);
             summary.results = evaluation

@@ -39,6 +39,10 @@ pub enum Kind {
     CalicoNetworkPolicy,
     /// Calico GlobalNetworkPolicy (projectcalico.org/v3 or crd.projectcalico.org/v1).
     CalicoGlobalNetworkPolicy,
+    /// arcguard's own ClusterGuardPolicy, validated before the apiserver stores it.
+    ClusterGuardPolicy,
+    /// arcguard's own GuardPolicy, validated before the apiserver stores it.
+    GuardPolicy,
 }
 
 impl Kind {
@@ -64,6 +68,8 @@ impl Kind {
             ("projectcalico.org" | "crd.projectcalico.org", "GlobalNetworkPolicy", _) => {
                 Self::CalicoGlobalNetworkPolicy
             }
+            ("arcguard.io", "ClusterGuardPolicy", _) => Self::ClusterGuardPolicy,
+            ("arcguard.io", "GuardPolicy", _) => Self::GuardPolicy,
             _ => return None,
         };
         Some(kind)
@@ -85,6 +91,8 @@ impl Kind {
             Self::NetworkPolicy => "NetworkPolicy",
             Self::CalicoNetworkPolicy => "CalicoNetworkPolicy",
             Self::CalicoGlobalNetworkPolicy => "CalicoGlobalNetworkPolicy",
+            Self::ClusterGuardPolicy => "ClusterGuardPolicy",
+            Self::GuardPolicy => "GuardPolicy",
         }
     }
 
@@ -101,9 +109,11 @@ impl Kind {
             | Self::ReplicationController => Some("/spec/template"),
             Self::CronJob => Some("/spec/jobTemplate/spec/template"),
             Self::PodTemplate => Some("/template"),
-            Self::NetworkPolicy | Self::CalicoNetworkPolicy | Self::CalicoGlobalNetworkPolicy => {
-                None
-            }
+            Self::NetworkPolicy
+            | Self::CalicoNetworkPolicy
+            | Self::CalicoGlobalNetworkPolicy
+            | Self::ClusterGuardPolicy
+            | Self::GuardPolicy => None,
         }
     }
 
@@ -163,6 +173,8 @@ pub enum Subject {
     Pod(Box<PodView>),
     /// A network policy.
     NetworkPolicy(PolicySubject),
+    /// An arcguard policy document and its `spec`, as sent.
+    GuardPolicy(Box<serde_json::Value>),
     /// An inspected kind that carries nothing to check (a ReplicationController without a template).
     Empty,
 }
@@ -384,6 +396,10 @@ fn decode_object(
             let p: Policy<CalicoPolicySpec> = parse(raw, kind, field)?;
             let global = kind == Kind::CalicoGlobalNetworkPolicy;
             (p.metadata, Subject::NetworkPolicy(PolicySubject::Calico { global, spec: p.spec }))
+        }
+        Kind::ClusterGuardPolicy | Kind::GuardPolicy => {
+            let p: Policy<serde_json::Value> = parse(raw, kind, field)?;
+            (p.metadata, Subject::GuardPolicy(Box::new(p.spec)))
         }
     })
 }

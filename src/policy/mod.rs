@@ -1,12 +1,14 @@
 //! Policies: the API operators write, compiled into matchers and rules, gathered into an
 //! immutable set that is evaluated against request views.
 
+pub mod crd;
 pub mod load;
 pub mod matching;
 pub mod selector;
 pub mod set;
 pub mod spec;
 
+use crate::admission::view::{Kind, RequestView, Subject};
 use crate::rules::calico::CalicoLinuxOnly;
 use crate::rules::gmsa::Gmsa;
 use crate::rules::registry::TrustedRegistries;
@@ -88,6 +90,23 @@ impl Policy {
             Scope::Namespace(ns) => format!("{ns}/{}", self.name),
         }
     }
+}
+
+/// Checks an arcguard policy document under review: its spec must decode and compile.
+///
+/// # Errors
+/// `field: what is wrong` for the first problem.
+pub fn check_document(view: &RequestView) -> Result<Policy, String> {
+    let Subject::GuardPolicy(spec) = &view.subject else {
+        return Err("not an arcguard policy".to_owned());
+    };
+    let spec = load::decode_spec((**spec).clone()).map_err(|(field, message)| format!("{field}: {message}"))?;
+    let scope = match (view.kind, &view.namespace) {
+        (Kind::GuardPolicy, Some(ns)) => Scope::Namespace(ns.clone()),
+        (Kind::GuardPolicy, None) => return Err("metadata.namespace: is required for a GuardPolicy".to_owned()),
+        _ => Scope::Cluster,
+    };
+    Policy::compile(&view.name, scope, &spec).map_err(|e| e.source.to_string())
 }
 
 fn compile_rule(spec: &PolicySpec) -> Result<Rule, FieldError> {
