@@ -8,8 +8,8 @@
 pub mod admission;
 pub mod certs;
 pub mod check;
-pub mod cluster;
 pub mod cli;
+pub mod cluster;
 pub mod manifest;
 pub mod metrics;
 pub mod policy;

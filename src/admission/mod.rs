@@ -78,6 +78,25 @@ pub struct Decision {
     pub summary: Summary,
 }
 
+/// A decoded AdmissionReview and its view, before the decision.
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    /// The request; `object` and `oldObject` borrow from the body.
+    pub request: review::AdmissionRequest<'a>,
+    /// The view of an inspected object; `None` for what arcguard does not inspect.
+    pub view: Option<RequestView>,
+}
+
+/// Decodes an AdmissionReview body and builds its request view.
+///
+/// # Errors
+/// [`ReviewError`] when the body is not a valid AdmissionReview; the server answers 400.
+pub fn prepare(body: &[u8]) -> Result<Prepared<'_>, ReviewError> {
+    let request = review::decode(body)?;
+    let view = RequestView::from_request(&request)?;
+    Ok(Prepared { request, view })
+}
+
 /// Reviews an AdmissionReview body with the policies in force.
 ///
 /// # Errors
@@ -88,10 +107,23 @@ pub fn review(
     policies: &PolicySet,
     facts: &dyn Facts,
 ) -> Result<Decision, ReviewError> {
-    let request = review::decode(body)?;
-    let view = RequestView::from_request(&request)?;
+    decide(webhook, &prepare(body)?, policies, facts)
+}
+
+/// Decides a prepared request with the policies in force and the facts gathered for it.
+///
+/// # Errors
+/// [`ReviewError::InvalidObject`] when the object cannot be patched (it is not valid JSON).
+pub fn decide(
+    webhook: Webhook,
+    prepared: &Prepared<'_>,
+    policies: &PolicySet,
+    facts: &dyn Facts,
+) -> Result<Decision, ReviewError> {
+    let request = &prepared.request;
+    let view = prepared.view.as_ref();
     let mut summary = Summary {
-        kind: view.as_ref().map_or("other", |v| v.kind.as_str()),
+        kind: view.map_or("other", |v| v.kind.as_str()),
         operation: request.operation,
         object: match (&request.namespace, &request.name) {
             (Some(ns), Some(name)) if !ns.is_empty() => format!("{ns}/{name}"),
@@ -115,18 +147,18 @@ pub fn review(
         Webhook::Validate if matches!(view.subject, view::Subject::GuardPolicy(_)) => {
             // arcguard's own policies: refuse what would not compile, naming the field, so a
             // bad edit never reaches the controller.
-            if let Err(problem) = crate::policy::check_document(&view) {
+            if let Err(problem) = crate::policy::check_document(view) {
                 summary.denials = vec![problem];
                 response.allowed = false;
                 response.status = Some(review::Status {
                     code: 422,
-                    message: denial_message(&view, &summary.denials),
+                    message: denial_message(view, &summary.denials),
                     reason: "Invalid",
                 });
             }
         }
         Webhook::Validate => {
-            let evaluation = policies.validate(&view, facts);
+            let evaluation = policies.validate(view, facts);
             summary.results = evaluation
                 .results
                 .iter()
@@ -144,13 +176,13 @@ pub fn review(
                 response.allowed = false;
                 response.status = Some(review::Status {
                     code: 403,
-                    message: denial_message(&view, &summary.denials),
+                    message: denial_message(view, &summary.denials),
                     reason: "Forbidden",
                 });
             }
         }
         Webhook::Mutate => {
-            let mutations = policies.mutate(&view, facts);
+            let mutations = policies.mutate(view, facts);
             if let Some(object) = request.object {
                 let patch = patch::build(object, &mutations).map_err(|source| {
                     ReviewError::InvalidObject {

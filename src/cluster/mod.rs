@@ -2,4 +2,6 @@
 //! controller that manages arcguard's own serving certificate.
 
 pub mod certs;
+pub mod facts;
 pub mod leader;
+pub mod policies;

@@ -118,9 +118,15 @@ mod tests {
             assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
             assert_eq!(version.additional_printer_columns.as_ref().map(Vec::len), Some(4));
             let schema = serde_json::to_string(&version.schema).expect("json");
-            assert!(!schema.contains("\"additionalProperties\":false"), "structural schemas forbid it");
+            assert!(
+                !schema.contains("\"additionalProperties\":false"),
+                "structural schemas forbid it"
+            );
             assert!(schema.contains("x-kubernetes-validations"));
-            assert!(schema.contains("Trusted registries"), "field descriptions feed kubectl explain");
+            assert!(
+                schema.contains("Trusted registries"),
+                "field descriptions feed kubectl explain"
+            );
         }
     }
 

@@ -100,10 +100,13 @@ pub fn check_document(view: &RequestView) -> Result<Policy, String> {
     let Subject::GuardPolicy(spec) = &view.subject else {
         return Err("not an arcguard policy".to_owned());
     };
-    let spec = load::decode_spec((**spec).clone()).map_err(|(field, message)| format!("{field}: {message}"))?;
+    let spec = load::decode_spec((**spec).clone())
+        .map_err(|(field, message)| format!("{field}: {message}"))?;
     let scope = match (view.kind, &view.namespace) {
         (Kind::GuardPolicy, Some(ns)) => Scope::Namespace(ns.clone()),
-        (Kind::GuardPolicy, None) => return Err("metadata.namespace: is required for a GuardPolicy".to_owned()),
+        (Kind::GuardPolicy, None) => {
+            return Err("metadata.namespace: is required for a GuardPolicy".to_owned());
+        }
         _ => Scope::Cluster,
     };
     Policy::compile(&view.name, scope, &spec).map_err(|e| e.source.to_string())

@@ -118,14 +118,17 @@ pub trait Facts {
     fn namespace_labels(&self, namespace: &str) -> Option<&Labels>;
 }
 
-/// Facts from policy files alone: credential specs read from the policy directory, no
-/// authorizer and no namespace labels.
+/// Facts as plain data: in standalone mode the credential specs read from the policy
+/// directory; in cluster mode what was looked up for one request before its evaluation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StaticFacts {
     /// GMSACredentialSpec name to its `credspec`.
     pub credential_specs: BTreeMap<String, Value>,
     /// Namespace labels, when known.
     pub namespace_labels: BTreeMap<String, Labels>,
+    /// Results of `use` checks by (namespace, service account, spec name); `None` when there
+    /// is no authorizer (standalone mode), so the check is skipped.
+    pub authorizations: Option<BTreeMap<(String, String, String), Access>>,
 }
 
 impl Facts for StaticFacts {
@@ -133,8 +136,18 @@ impl Facts for StaticFacts {
         self.credential_specs.get(name)
     }
 
-    fn may_use_credential_spec(&self, _: &str, _: &str, _: &str) -> Access {
-        Access::NotChecked
+    fn may_use_credential_spec(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        name: &str,
+    ) -> Access {
+        let Some(authorizations) = &self.authorizations else { return Access::NotChecked };
+        let key = (namespace.to_owned(), service_account.to_owned(), name.to_owned());
+        authorizations
+            .get(&key)
+            .cloned()
+            .unwrap_or_else(|| Access::Unknown("the check was not made".to_owned()))
     }
 
     fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
 
+use crate::admission::RequestView;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::rules::StaticFacts;
@@ -42,6 +44,11 @@ impl Readiness {
         self.policies_loaded.store(true, Ordering::Release);
     }
 
+    /// Whether the policy set has been loaded.
+    pub fn is_policies_loaded(&self) -> bool {
+        self.policies_loaded.load(Ordering::Acquire)
+    }
+
     /// Marks the serving certificate as loaded.
     pub fn set_certificate_loaded(&self) {
         self.set_certificate_ready(true);
@@ -65,6 +72,13 @@ impl Readiness {
     }
 }
 
+/// Looks up what the rules need to know about the cluster for one request (credential specs,
+/// namespace labels, `use` authorizations), so that evaluation itself stays pure.
+pub trait FactSource: Send + Sync + std::fmt::Debug {
+    /// The facts for this request.
+    fn gather<'a>(&'a self, view: &'a RequestView) -> BoxFuture<'a, StaticFacts>;
+}
+
 /// State shared by every request.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -74,6 +88,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Readiness.
     pub readiness: Arc<Readiness>,
+    /// Cluster facts; `None` in standalone mode, where the snapshot's facts are used.
+    pub facts: Option<Arc<dyn FactSource>>,
 }
 
 impl AppState {
@@ -83,7 +99,15 @@ impl AppState {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             metrics: Arc::new(Metrics::new()),
             readiness: Arc::new(Readiness::default()),
+            facts: None,
         }
+    }
+
+    /// The same state, looking facts up from `source`.
+    #[must_use]
+    pub fn with_facts(mut self, source: Arc<dyn FactSource>) -> Self {
+        self.facts = Some(source);
+        self
     }
 }
 

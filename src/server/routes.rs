@@ -12,7 +12,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use super::{AppState, Limits};
-use crate::admission::{self, Decision, Webhook};
+use crate::admission::{self, Decision, ReviewError, Webhook};
 
 /// The router of the HTTPS port: `POST /validate`, `POST /mutate`, `GET /healthz`, `GET /readyz`.
 pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
@@ -38,14 +38,14 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 async fn validate(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(Webhook::Validate, &state, &headers, &body)
+    handle(Webhook::Validate, &state, &headers, &body).await
 }
 
 async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(Webhook::Mutate, &state, &headers, &body)
+    handle(Webhook::Mutate, &state, &headers, &body).await
 }
 
-fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &[u8]) -> Response {
     let start = Instant::now();
     if !is_json(headers) {
         state.metrics.record_invalid(webhook, start.elapsed());
@@ -55,8 +55,18 @@ fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &[u8]) 
         )
             .into_response();
     }
+    let prepared = match admission::prepare(body) {
+        Ok(prepared) => prepared,
+        Err(error) => return invalid(webhook, state, start, &error),
+    };
+    let gathered = match (&state.facts, &prepared.view) {
+        (Some(source), Some(view)) => Some(source.gather(view).await),
+        _ => None,
+    };
+    // Loaded after any await, so the request is decided on the newest policies.
     let snapshot = state.snapshot.load();
-    match admission::review(webhook, body, &snapshot.policies, &snapshot.facts) {
+    let facts = gathered.as_ref().unwrap_or(&snapshot.facts);
+    match admission::decide(webhook, &prepared, &snapshot.policies, facts) {
         Ok(decision) => {
             let encoded = admission::review::encode(&decision.response);
             let elapsed = start.elapsed();
@@ -64,12 +74,14 @@ fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &[u8]) 
             log_decision(webhook, &decision, elapsed);
             ([(header::CONTENT_TYPE, "application/json")], encoded).into_response()
         }
-        Err(error) => {
-            state.metrics.record_invalid(webhook, start.elapsed());
-            tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
-            (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response()
-        }
+        Err(error) => invalid(webhook, state, start, &error),
     }
+}
+
+fn invalid(webhook: Webhook, state: &AppState, start: Instant, error: &ReviewError) -> Response {
+    state.metrics.record_invalid(webhook, start.elapsed());
+    tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
+    (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response()
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
