@@ -109,65 +109,93 @@ pub async fn start(
     state.readiness.set_policies_loaded();
     state.readiness.set_certificate_loaded();
 
-    let bind = |addr| async move {
-        TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
-    };
-    let webhook_listener = bind(config.addresses.webhook).await?;
-    let metrics_listener = bind(config.addresses.metrics).await?;
-    let webhook_addr = webhook_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr: config.addresses.webhook, source })?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr: config.addresses.metrics, source })?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let listening = listen(&config.addresses, tls, state.clone(), &config.limits, stop_rx.clone()).await?;
 
     let watch_paths = watch_targets(&config);
     let watcher = FileWatcher::new(&watch_paths).map_err(|source| ServeError::Watch {
         path: watch_paths.first().map(|(p, _)| p.clone()).unwrap_or_default(),
         source,
     })?;
+    let reloader = tokio::spawn(reload_loop(config.clone(), state.clone(), resolver, watcher, stop_rx));
+    tracing::info!(webhook = %format!("https://{}", listening.webhook_addr), metrics = %format!("http://{}/metrics", listening.metrics_addr), ca = %config.ca_cert.display(), "arcguard is serving");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let reloader = tokio::spawn(reload_loop(
-        config.clone(),
-        state.clone(),
-        resolver,
-        watcher,
-        stop_rx.clone(),
-    ));
-    let webhook_app = server::webhook_router(state.clone(), &config.limits);
-    let metrics_app = server::metrics_router(state.clone());
+    let (webhook_addr, metrics_addr) = (listening.webhook_addr, listening.metrics_addr);
+    let mut tasks = listening.tasks;
+    tasks.push(reloader);
+    let done = drain_on(shutdown, state.readiness.clone(), config.shutdown_delay, stop_tx, tasks);
+    Ok(Running { webhook_addr, metrics_addr, state, done })
+}
+
+/// Both servers, bound and serving.
+pub struct Listening {
+    /// The bound HTTPS address.
+    pub webhook_addr: std::net::SocketAddr,
+    /// The bound metrics address.
+    pub metrics_addr: std::net::SocketAddr,
+    /// The server tasks; they end after `stop` turns true and in-flight requests finish.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Binds the HTTPS webhook and plain-HTTP metrics listeners and serves them until `stop`
+/// turns true.
+///
+/// # Errors
+/// [`ServeError::Bind`] when an address cannot be bound.
+pub async fn listen(
+    addresses: &Addresses,
+    tls: Arc<rustls::ServerConfig>,
+    state: AppState,
+    limits: &server::Limits,
+    stop: watch::Receiver<bool>,
+) -> Result<Listening, ServeError> {
+    let bind = |addr| async move {
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
+        let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
+        Ok::<_, ServeError>((listener, local))
+    };
+    let (webhook_listener, webhook_addr) = bind(addresses.webhook).await?;
+    let (metrics_listener, metrics_addr) = bind(addresses.metrics).await?;
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let webhook_app = server::webhook_router(state.clone(), limits);
     let webhook = tokio::spawn(server::serve_tls(
         webhook_listener,
         tls,
         webhook_app,
-        config.limits.clone(),
-        stopped(stop_rx.clone()),
+        limits.clone(),
+        stopped(stop.clone()),
     ));
+    let metrics_app = server::metrics_router(state);
     let metrics = tokio::spawn(async move {
-        let serve =
-            axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop_rx));
+        let serve = axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop));
         if let Err(error) = serve.await {
             tracing::error!(%error, "metrics server failed");
         }
     });
-    tracing::info!(webhook = %format!("https://{webhook_addr}"), metrics = %format!("http://{metrics_addr}/metrics"), ca = %config.ca_cert.display(), "arcguard is serving");
+    Ok(Listening { webhook_addr, metrics_addr, tasks: vec![webhook, metrics] })
+}
 
-    let readiness = state.readiness.clone();
-    let delay = config.shutdown_delay;
-    let done = tokio::spawn(async move {
+/// On `shutdown`: readiness turns false, `delay` passes (so endpoints stop routing here),
+/// `stop` is sent, and the returned task completes when every task has finished.
+pub fn drain_on(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    readiness: Arc<server::Readiness>,
+    delay: Duration,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         shutdown.await;
         readiness.set_shutting_down();
         tracing::info!(?delay, "shutting down: readiness is false; draining in-flight requests");
         tokio::time::sleep(delay).await;
-        let _ = stop_tx.send(true);
-        let _ = tokio::join!(webhook, metrics, reloader);
+        let _ = stop.send(true);
+        futures::future::join_all(tasks).await;
         tracing::info!("shut down");
-    });
-    Ok(Running { webhook_addr, metrics_addr, state, done })
+    })
 }
 
 fn watch_targets(config: &ServeConfig) -> Vec<(PathBuf, bool)> {
