@@ -82,6 +82,34 @@ pub struct ServeArgs {
     /// On SIGTERM, time in-flight requests get to finish.
     #[arg(long, env = "ARCGUARD_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Cluster mode: policies from ClusterGuardPolicy/GuardPolicy resources, the serving
+    /// certificate from a Secret that arcguard manages (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "ARCGUARD_CLUSTER")]
+    pub cluster: bool,
+    /// Cluster mode: arcguard's namespace (the Secret and the Lease live there).
+    #[arg(long, env = "ARCGUARD_NAMESPACE", default_value = "arcguard-system")]
+    pub namespace: String,
+    /// Cluster mode: this replica's identity for leader election (the pod name).
+    #[arg(long, env = "ARCGUARD_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Cluster mode: the Service in front of the webhooks (the certificate's names derive from it).
+    #[arg(long, env = "ARCGUARD_SERVICE_NAME", default_value = "arcguard")]
+    pub service_name: String,
+    /// Cluster mode: the Secret holding the CA and the serving certificate.
+    #[arg(long, env = "ARCGUARD_CERT_SECRET", default_value = "arcguard-tls")]
+    pub cert_secret: String,
+    /// Cluster mode: the name of arcguard's Validating- and MutatingWebhookConfiguration.
+    #[arg(long, env = "ARCGUARD_WEBHOOK_CONFIG_NAME", default_value = "arcguard")]
+    pub webhook_config_name: String,
+    /// Cluster mode: the Lease used for leader election.
+    #[arg(long, env = "ARCGUARD_LEASE_NAME", default_value = "arcguard")]
+    pub lease_name: String,
+    /// Cluster mode: the Secret is managed by someone else (cert-manager); never write it.
+    #[arg(long, env = "ARCGUARD_EXTERNAL_CERTS")]
+    pub external_certs: bool,
+    /// Cluster mode: keep the webhooks' caBundle in step with the Secret's CA.
+    #[arg(long, env = "ARCGUARD_INJECT_CA_BUNDLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inject_ca_bundle: bool,
 }
 
 /// Output format of `check`.
