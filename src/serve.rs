@@ -110,14 +110,16 @@ pub async fn start(
     state.readiness.set_certificate_loaded();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let listening = listen(&config.addresses, tls, state.clone(), &config.limits, stop_rx.clone()).await?;
+    let listening =
+        listen(&config.addresses, tls, state.clone(), &config.limits, stop_rx.clone()).await?;
 
     let watch_paths = watch_targets(&config);
     let watcher = FileWatcher::new(&watch_paths).map_err(|source| ServeError::Watch {
         path: watch_paths.first().map(|(p, _)| p.clone()).unwrap_or_default(),
         source,
     })?;
-    let reloader = tokio::spawn(reload_loop(config.clone(), state.clone(), resolver, watcher, stop_rx));
+    let reloader =
+        tokio::spawn(reload_loop(config.clone(), state.clone(), resolver, watcher, stop_rx));
     tracing::info!(webhook = %format!("https://{}", listening.webhook_addr), metrics = %format!("http://{}/metrics", listening.metrics_addr), ca = %config.ca_cert.display(), "arcguard is serving");
 
     let (webhook_addr, metrics_addr) = (listening.webhook_addr, listening.metrics_addr);
@@ -170,7 +172,8 @@ pub async fn listen(
     ));
     let metrics_app = server::metrics_router(state);
     let metrics = tokio::spawn(async move {
-        let serve = axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop));
+        let serve =
+            axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop));
         if let Err(error) = serve.await {
             tracing::error!(%error, "metrics server failed");
         }

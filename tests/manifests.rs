@@ -821,7 +821,6 @@ fn the_deployment_agrees_with_the_service_secret_webhooks_and_rbac_it_names() {
 }
 
 #[test]
-#[ignore = "enable when `serve --cluster` and its flags land (issue 3)"]
 fn the_deployment_args_parse_with_the_binarys_command_line() {
     let docs = base_documents();
     let args = strings(&deployment(&docs)["spec"]["template"]["spec"]["containers"][0]["args"]);

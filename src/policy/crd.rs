@@ -102,12 +102,12 @@ mod tests {
 
     #[test]
     fn manifests_hold_the_generated_crds() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/crds.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/base/crds.yaml");
         let committed = std::fs::read_to_string(path).unwrap_or_default();
         let generated = crds_yaml().expect("crds serialise");
         assert!(
             committed == generated,
-            "manifests/crds.yaml is out of date: run `cargo run -- crds > manifests/crds.yaml`"
+            "manifests/crds.yaml is out of date: run `cargo run -- crds > manifests/base/crds.yaml`"
         );
     }
 
