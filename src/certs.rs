@@ -3,7 +3,10 @@
 //!
 //! Generation and inspection work on PEM text only, so a controller can keep the same material
 //! in a Secret; the file functions ([`write_bundle`], [`ensure_dev_bundle`], [`load_files`]) are
-//! a thin adapter on top.
+//! a thin adapter on top. [`plan`] decides, as a pure function of the stored certificates and
+//! the clock, what the cluster controller does next.
+
+pub mod plan;
 
 use std::fmt;
 use std::fs;
@@ -13,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use rcgen::string::{BmpString, UniversalString};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
@@ -645,6 +648,39 @@ impl CertInfo {
     }
 }
 
+impl CertInfo {
+    /// Whether some certificate in the PEM bundle `bundle_pem` signed this certificate, as a
+    /// webhook's `caBundle` must for the apiserver to trust it. A malformed bundle trusts
+    /// nothing.
+    #[must_use]
+    pub fn is_issued_by_any(&self, bundle_pem: &[u8]) -> bool {
+        let Ok(leaf) = parse_x509(&self.der, &Origin::Pem) else {
+            return false;
+        };
+        bundle_certificates(bundle_pem).unwrap_or_default().iter().any(|ca_der| {
+            parse_x509(ca_der, &Origin::Pem)
+                .is_ok_and(|ca| is_signed_by(&leaf, &ca).unwrap_or(false))
+        })
+    }
+}
+
+/// Every certificate in a PEM bundle, in order; `None` when the PEM framing is broken.
+#[must_use]
+pub fn bundle_certificates(bundle_pem: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(bundle_pem).collect::<Result<Vec<_>, _>>().ok()
+}
+
+/// Whether the PEM bundle `bundle_pem` holds the first certificate of `cert_pem`, byte for
+/// byte. Nothing is contained in a malformed bundle, and a `cert_pem` without a certificate is
+/// contained nowhere.
+#[must_use]
+pub fn bundle_contains(bundle_pem: &[u8], cert_pem: &[u8]) -> bool {
+    let Ok(wanted) = CertificateDer::from_pem_slice(cert_pem) else {
+        return false;
+    };
+    bundle_certificates(bundle_pem).unwrap_or_default().contains(&wanted)
+}
+
 /// Whether `leaf` names `ca` as issuer and carries a valid signature by `ca`'s key.
 fn is_signed_by(leaf: &X509Certificate<'_>, ca: &X509Certificate<'_>) -> Result<bool, CertError> {
     if leaf.issuer().as_raw() != ca.subject().as_raw() {
@@ -954,6 +990,19 @@ pub fn load_certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<Certifi
     certified_key(cert_pem, key_pem, &Origin::Pem, &Origin::Pem).map(|(key, _)| key)
 }
 
+/// Builds a rustls signing key from a PEM certificate chain (leaf first) and private key, with
+/// the leaf's [`CertInfo`] (e.g. read from a Secret).
+///
+/// # Errors
+///
+/// As [`load_certified_key`].
+pub fn load_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(Arc<CertifiedKey>, CertInfo), CertError> {
+    certified_key(cert_pem, key_pem, &Origin::Pem, &Origin::Pem)
+}
+
 /// Reads a PEM certificate chain and private key from files: the key for serving and the
 /// leaf's [`CertInfo`].
 ///
@@ -1017,14 +1066,17 @@ struct Served {
 /// A rustls certificate resolver whose certificate can be replaced at runtime.
 ///
 /// Every handshake reads the current key, so [`swap`](Self::swap) affects new connections only
-/// and never drops established ones.
+/// and never drops established ones. A resolver created [`empty`](Self::empty) fails
+/// handshakes (the client sees a TLS alert) until a certificate is swapped in, so a server can
+/// listen before its certificate exists.
 pub struct CertResolver {
-    current: ArcSwap<Served>,
+    current: ArcSwapOption<Served>,
 }
 
 impl fmt::Debug for CertResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertResolver").field("info", &self.current.load().info).finish()
+        let current = self.current.load();
+        f.debug_struct("CertResolver").field("info", &current.as_ref().map(|s| &s.info)).finish()
     }
 }
 
@@ -1032,24 +1084,31 @@ impl CertResolver {
     /// Starts serving `key`, described by `info`.
     #[must_use]
     pub fn new(key: Arc<CertifiedKey>, info: CertInfo) -> Self {
-        Self { current: ArcSwap::from_pointee(Served { key, info: Arc::new(info) }) }
+        Self { current: ArcSwapOption::from_pointee(Served { key, info: Arc::new(info) }) }
+    }
+
+    /// Serves nothing yet: handshakes fail until [`swap`](Self::swap) is called.
+    #[must_use]
+    pub fn empty() -> Self {
+        Self { current: ArcSwapOption::empty() }
     }
 
     /// Serves `key` to all handshakes from now on.
     pub fn swap(&self, key: Arc<CertifiedKey>, info: CertInfo) {
-        self.current.store(Arc::new(Served { key, info: Arc::new(info) }));
+        self.current.store(Some(Arc::new(Served { key, info: Arc::new(info) })));
     }
 
-    /// What the certificate being served says about itself (e.g. for expiry metrics).
+    /// What the certificate being served says about itself (e.g. for expiry metrics), or
+    /// `None` while nothing is served.
     #[must_use]
-    pub fn current_info(&self) -> Arc<CertInfo> {
-        Arc::clone(&self.current.load().info)
+    pub fn current_info(&self) -> Option<Arc<CertInfo>> {
+        self.current.load().as_ref().map(|served| Arc::clone(&served.info))
     }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.current.load().key))
+        self.current.load().as_ref().map(|served| Arc::clone(&served.key))
     }
 }
 
@@ -1244,6 +1303,29 @@ mod tests {
             };
             assert!(matched, "{label}: {err}");
         }
+    }
+
+    #[test]
+    fn bundles_are_searched_by_certificate_content() {
+        let a = ca("A", Duration::days(10), t0());
+        let b = ca("B", Duration::days(10), t0());
+        let twin = ca("A", Duration::days(10), t0());
+        let bundle = format!("{}{}", a.cert_pem(), b.cert_pem());
+        let leaf_a = CertInfo::from_pem(localhost_cert(&a, t0()).cert_pem).expect("parses");
+        let leaf_twin = CertInfo::from_pem(localhost_cert(&twin, t0()).cert_pem).expect("parses");
+        let cases: [(&str, &[u8], bool, bool); 4] = [
+            ("both CAs", bundle.as_bytes(), true, true),
+            ("only B", b.cert_pem().as_bytes(), false, false),
+            ("garbage", b"garbage", false, false),
+            ("broken PEM", b"-----BEGIN CERTIFICATE-----\n!!\n", false, false),
+        ];
+        for (label, bundle, contains_a, trusts_leaf_a) in cases {
+            assert_eq!(bundle_contains(bundle, a.cert_pem().as_bytes()), contains_a, "{label}");
+            assert_eq!(leaf_a.is_issued_by_any(bundle), trusts_leaf_a, "{label}");
+            assert!(!leaf_twin.is_issued_by_any(bundle), "{label}: same name, other key");
+        }
+        assert!(!bundle_contains(bundle.as_bytes(), b"no certificate"));
+        assert_eq!(bundle_certificates(bundle.as_bytes()).map(|c| c.len()), Some(2));
     }
 
     #[test]
@@ -1531,11 +1613,28 @@ mod tests {
 
         let (key, info) = resolver_for(&second_ca);
         resolver.swap(key, info);
-        assert_eq!(resolver.current_info().issuer, "CN=second CA");
+        assert_eq!(resolver.current_info().expect("serving").issuer, "CN=second CA");
 
         handshake(addr, second_ca.cert_pem(), BOTH).await.expect("second CA trusted after swap");
         let err = handshake(addr, first_ca.cert_pem(), BOTH).await.expect_err("first CA no longer");
         assert!(is_unknown_issuer(&err), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_resolver_fails_handshakes_until_a_certificate_is_swapped_in() {
+        let ca = ca("A", Duration::days(1), OffsetDateTime::now_utc());
+        let resolver = Arc::new(CertResolver::empty());
+        assert!(resolver.current_info().is_none());
+        let config = server_config(Arc::clone(&resolver)).expect("config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve(listener, TlsAcceptor::from(Arc::new(config))));
+
+        handshake(addr, ca.cert_pem(), BOTH).await.expect_err("no certificate yet");
+        let (key, info) = resolver_for(&ca);
+        resolver.swap(key, info);
+        assert_eq!(resolver.current_info().expect("serving").issuer, "CN=A");
+        handshake(addr, ca.cert_pem(), BOTH).await.expect("served after the swap");
     }
 
     #[tokio::test]

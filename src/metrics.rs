@@ -1,4 +1,5 @@
-//! Prometheus metrics: admission requests, policy results, policy and certificate reloads.
+//! Prometheus metrics: admission requests, policy results, policy and certificate reloads,
+//! certificate rotations, CA bundle injections and leadership.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -59,6 +60,16 @@ struct CertificateLabels {
     certificate: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConfigurationLabels {
+    configuration: &'static str,
+}
+
 /// Every metric arcguard exports, registered under the `arcguard` prefix.
 #[derive(Debug)]
 pub struct Metrics {
@@ -70,6 +81,9 @@ pub struct Metrics {
     policy_reloads: Family<ResultLabels, Counter>,
     certificate_reloads: Family<ResultLabels, Counter>,
     certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
+    certificate_rotations: Family<ReasonLabels, Counter>,
+    ca_bundle_injections: Family<ConfigurationLabels, Counter>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -122,6 +136,24 @@ impl Metrics {
             "Unix time at which a certificate in use expires",
             certificate_expiry.clone(),
         );
+        let certificate_rotations = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "certificate_rotations",
+            "Writes of the certificate Secret by reason (created, renewed, ca-rotation-started, ca-switched, old-ca-dropped, revoked, repaired)",
+            certificate_rotations.clone(),
+        );
+        let ca_bundle_injections = Family::<ConfigurationLabels, Counter>::default();
+        registry.register(
+            "ca_bundle_injections",
+            "CA bundle writes into arcguard's webhook configurations (validating or mutating); repeated ones mean someone resets them",
+            ca_bundle_injections.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and writes certificates, else 0",
+            leader.clone(),
+        );
         Self {
             registry,
             requests,
@@ -131,6 +163,9 @@ impl Metrics {
             policy_reloads,
             certificate_reloads,
             certificate_expiry,
+            certificate_rotations,
+            ca_bundle_injections,
+            leader,
         }
     }
 
@@ -216,6 +251,37 @@ impl Metrics {
         }
     }
 
+    /// Sets (or, with `None`, removes) the expiry of `certificate` (`ca` or `serving`) without
+    /// counting a reload.
+    pub fn set_certificate_expiry(&self, certificate: &'static str, not_after: Option<i64>) {
+        let labels = CertificateLabels { certificate };
+        match not_after {
+            // Unix timestamps fit exactly in an f64 for the next 285 million years.
+            #[allow(clippy::cast_precision_loss)]
+            Some(not_after) => {
+                self.certificate_expiry.get_or_create(&labels).set(not_after as f64);
+            }
+            None => {
+                self.certificate_expiry.remove(&labels);
+            }
+        }
+    }
+
+    /// Counts one write of the certificate Secret, by reason.
+    pub fn record_certificate_rotation(&self, reason: &'static str) {
+        self.certificate_rotations.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts one CA bundle write into a webhook configuration (`validating` or `mutating`).
+    pub fn record_ca_bundle_injection(&self, configuration: &'static str) {
+        self.ca_bundle_injections.get_or_create(&ConfigurationLabels { configuration }).inc();
+    }
+
+    /// Sets whether this replica is the leader.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
     /// The metrics in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -235,15 +301,36 @@ mod tests {
         metrics.record_invalid(Webhook::Validate, Duration::from_micros(30));
         metrics.record_policy_reload(None);
         metrics.record_certificate("serving", Some(1_900_000_000));
+        metrics.set_certificate_expiry("ca", Some(2_000_000_000));
+        metrics.record_certificate_rotation("ca-switched");
+        metrics.record_ca_bundle_injection("mutating");
+        metrics.set_leader(true);
         let text = metrics.encode();
         for line in [
             "arcguard_admission_requests_total{webhook=\"validate\",kind=\"unknown\",operation=\"unknown\",decision=\"invalid\"} 1",
             "arcguard_admission_request_duration_seconds_bucket{le=\"0.00005\",webhook=\"validate\"} 1",
             "arcguard_policy_reloads_total{result=\"failure\"} 1",
             "arcguard_certificate_expiry_timestamp_seconds{certificate=\"serving\"} 1900000000.0",
+            "arcguard_certificate_expiry_timestamp_seconds{certificate=\"ca\"} 2000000000.0",
+            "arcguard_certificate_rotations_total{reason=\"ca-switched\"} 1",
+            "arcguard_ca_bundle_injections_total{configuration=\"mutating\"} 1",
+            "arcguard_leader 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn leadership_and_expiry_can_be_taken_back() {
+        let metrics = Metrics::new();
+        metrics.set_leader(true);
+        metrics.set_leader(false);
+        metrics.set_certificate_expiry("serving", Some(1));
+        metrics.set_certificate_expiry("serving", None);
+        let text = metrics.encode();
+        assert!(text.contains("arcguard_leader 0"), "{text}");
+        assert!(!text.contains("certificate=\"serving\""), "{text}");
+        assert!(!text.contains("arcguard_certificate_reloads_total{"), "no reload counted: {text}");
     }
 }
