@@ -32,6 +32,8 @@ pub enum LogFormat {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once at start; boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the admission webhooks over HTTPS, with policies from files.
     Serve(ServeArgs),
@@ -137,7 +139,11 @@ pub struct CheckArgs {
 
 /// `arcguard certs`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct CertsArgs {
+    /// In a cluster: revoke arcguard's CA and serving certificate.
+    #[command(subcommand)]
+    pub action: Option<CertsAction>,
     /// Output directory.
     #[arg(long, default_value = "certs")]
     pub out: PathBuf,
@@ -150,6 +156,25 @@ pub struct CertsArgs {
     /// Validity of the serving certificate in days.
     #[arg(long, default_value_t = 365)]
     pub days: u32,
+}
+
+/// `arcguard certs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertsAction {
+    /// Replace arcguard's CA and serving certificate at once and remove the old CA from the
+    /// webhooks' caBundle (annotates the Secret; the leader acts on it).
+    Revoke(RevokeArgs),
+}
+
+/// `arcguard certs revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// arcguard's namespace.
+    #[arg(long, env = "ARCGUARD_NAMESPACE", default_value = "arcguard-system")]
+    pub namespace: String,
+    /// The certificate Secret.
+    #[arg(long, env = "ARCGUARD_CERT_SECRET", default_value = "arcguard-tls")]
+    pub secret: String,
 }
 
 /// Parses `500ms`, `10s`, `2m`, or a bare number of seconds.

@@ -4,8 +4,10 @@ use std::io::Read as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use arcguard::cli::{CertsArgs, CheckArgs, Cli, Command, LogFormat, OutputFormat, ServeArgs};
-use arcguard::{certs, check, policy, serve, server};
+use arcguard::cli::{
+    CertsAction, CertsArgs, CheckArgs, Cli, Command, LogFormat, OutputFormat, ServeArgs,
+};
+use arcguard::{certs, check, cluster, policy, serve, server};
 use clap::Parser as _;
 
 /// Exit code for a configuration that cannot work (EX_USAGE).
@@ -48,32 +50,71 @@ fn init_tracing(format: LogFormat, filter: &str) {
 }
 
 fn run_serve(args: ServeArgs) -> ExitCode {
-    if !args.policies.is_dir() {
-        tracing::error!(policies = %args.policies.display(), "the policy directory does not exist");
-        return ExitCode::from(EXIT_USAGE);
-    }
-    let config = serve::ServeConfig {
-        policies: args.policies,
-        addresses: server::Addresses { webhook: args.addr, metrics: args.metrics_addr },
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
-        ca_cert: args.ca_cert,
-        generate_certs: !args.no_dev_certs,
-        limits: server::Limits {
-            max_body_bytes: args.max_body_bytes,
-            request_timeout: args.request_timeout,
-            max_connections: args.max_connections,
-            shutdown_grace: args.shutdown_grace,
-            ..server::Limits::default()
-        },
-        shutdown_delay: args.shutdown_delay,
+    let limits = server::Limits {
+        max_body_bytes: args.max_body_bytes,
+        request_timeout: args.request_timeout,
+        max_connections: args.max_connections,
+        shutdown_grace: args.shutdown_grace,
+        ..server::Limits::default()
     };
+    let addresses = server::Addresses { webhook: args.addr, metrics: args.metrics_addr };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!(%error, "failed to start the async runtime");
             return ExitCode::FAILURE;
         }
+    };
+    if args.cluster {
+        let identity =
+            args.pod_name.clone().or_else(hostname).unwrap_or_else(|| "arcguard".to_owned());
+        let certs = cluster::certs::CertConfig {
+            secret_name: args.cert_secret,
+            service_name: args.service_name,
+            validating_webhook_configuration: args.webhook_config_name.clone(),
+            mutating_webhook_configuration: args.webhook_config_name,
+            external: args.external_certs,
+            inject_ca_bundle: args.inject_ca_bundle,
+            ..cluster::certs::CertConfig::new(&args.namespace)
+        };
+        let config = cluster::ClusterConfig {
+            addresses,
+            limits,
+            shutdown_delay: args.shutdown_delay,
+            identity,
+            lease_name: args.lease_name,
+            certs,
+        };
+        return runtime.block_on(async {
+            match cluster::start(config, shutdown_signal()).await {
+                Ok(running) => {
+                    let _ = running.done.await;
+                    ExitCode::SUCCESS
+                }
+                Err(error @ cluster::ClusterError::Certificates(_)) => {
+                    tracing::error!(%error, "invalid configuration");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(error) => {
+                    tracing::error!(%error, "arcguard could not start");
+                    ExitCode::FAILURE
+                }
+            }
+        });
+    }
+    if !args.policies.is_dir() {
+        tracing::error!(policies = %args.policies.display(), "the policy directory does not exist");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let config = serve::ServeConfig {
+        policies: args.policies,
+        addresses,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        ca_cert: args.ca_cert,
+        generate_certs: !args.no_dev_certs,
+        limits,
+        shutdown_delay: args.shutdown_delay,
     };
     runtime.block_on(async {
         match serve::start(config, shutdown_signal()).await {
@@ -87,6 +128,15 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// The host name, which is the pod name inside a pod.
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
 }
 
 /// Completes on SIGTERM (what the kubelet sends) or Ctrl-C.
@@ -152,6 +202,20 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
 }
 
 fn run_certs(args: &CertsArgs) -> anyhow::Result<()> {
+    if let Some(CertsAction::Revoke(revoke)) = &args.action {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return runtime.block_on(async {
+            let client = kube::Client::try_default().await.context("failed to configure the Kubernetes client")?;
+            let value = cluster::certs::request_revoke(client, &revoke.namespace, &revoke.secret).await?;
+            println!(
+                "requested revocation of {}/{} ({}={value}); the leader replaces the CA and serving certificate and removes the old CA from the webhooks",
+                revoke.namespace,
+                revoke.secret,
+                arcguard::certs::plan::REVOKE_ANNOTATION
+            );
+            Ok(())
+        });
+    }
     let validity = time::Duration::days(i64::from(args.days));
     let bundle = certs::write_bundle(
         &args.out,

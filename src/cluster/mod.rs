@@ -5,3 +5,117 @@ pub mod certs;
 pub mod facts;
 pub mod leader;
 pub mod policies;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use self::certs::CertConfig;
+use self::leader::{LeaderElector, LeaseConfig};
+use crate::certs::CertResolver;
+use crate::serve::{Running, ServeError, drain_on, listen};
+use crate::server::{Addresses, AppState, Limits, Snapshot};
+
+/// Settings of cluster mode.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Listen addresses.
+    pub addresses: Addresses,
+    /// Server limits.
+    pub limits: Limits,
+    /// Time between readiness turning false and the listeners closing on shutdown.
+    pub shutdown_delay: Duration,
+    /// This replica's identity for leader election.
+    pub identity: String,
+    /// The Lease's name.
+    pub lease_name: String,
+    /// The serving certificate's Secret, Service, webhook configurations and lifetimes.
+    pub certs: CertConfig,
+}
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No usable kubeconfig or in-cluster configuration.
+    #[error("failed to configure the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// The certificate settings are invalid.
+    #[error(transparent)]
+    Certificates(#[from] certs::ControllerError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] crate::certs::CertError),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Starts cluster mode; it runs until `shutdown` completes.
+///
+/// Every replica serves admission, compiles policies and serves the certificate it reads from
+/// the Secret; only the leader writes the Secret, the webhook configurations and policy status.
+///
+/// # Errors
+/// [`ClusterError`] when the client, certificates or listeners cannot be set up.
+pub async fn start(
+    config: ClusterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, ClusterError> {
+    config.certs.validate()?;
+    let client = kube::Client::try_default().await.map_err(ClusterError::Client)?;
+    let facts = facts::ClusterFacts::start(client.clone());
+    let state = AppState::new(Snapshot::default()).with_facts(facts);
+    let resolver = Arc::new(CertResolver::empty());
+    let tls = Arc::new(crate::certs::server_config(resolver.clone())?);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let lease = LeaseConfig {
+        name: config.lease_name.clone(),
+        ..LeaseConfig::new(&config.certs.namespace, &config.identity)
+    };
+    let (elector, leadership) = LeaderElector::new(client.clone(), lease);
+    let election = elector.run(state.metrics.clone(), stopped(stop_rx.clone()));
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(error) = election.await {
+            tracing::error!(%error, "leader election stopped");
+        }
+    })];
+    let controller = certs::run_controller(
+        client.clone(),
+        config.certs.clone(),
+        leadership.clone(),
+        state.metrics.clone(),
+        stopped(stop_rx.clone()),
+    );
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) = controller.await {
+            tracing::error!(%error, "certificate controller stopped");
+        }
+    }));
+    tasks.push(tokio::spawn(certs::run_serving(
+        client.clone(),
+        config.certs.clone(),
+        resolver,
+        state.readiness.clone(),
+        state.metrics.clone(),
+        stopped(stop_rx.clone()),
+    )));
+    tasks.push(tokio::spawn(policies::run(
+        client,
+        state.clone(),
+        leadership.receiver(),
+        stop_rx.clone(),
+    )));
+
+    let listening = listen(&config.addresses, tls, state.clone(), &config.limits, stop_rx).await?;
+    tracing::info!(webhook = %format!("https://{}", listening.webhook_addr), metrics = %format!("http://{}/metrics", listening.metrics_addr), namespace = %config.certs.namespace, secret = %config.certs.secret_name, identity = %config.identity, "arcguard is serving in cluster mode");
+    let (webhook_addr, metrics_addr) = (listening.webhook_addr, listening.metrics_addr);
+    tasks.extend(listening.tasks);
+    let done = drain_on(shutdown, state.readiness.clone(), config.shutdown_delay, stop_tx, tasks);
+    Ok(Running { webhook_addr, metrics_addr, state, done })
+}
