@@ -184,7 +184,7 @@ pub fn decide(
         Webhook::Mutate => {
             let mutations = policies.mutate(view, facts);
             if let Some(object) = request.object {
-                let patch = patch::build(object, &mutations).map_err(|source| {
+                let patch = patch::build_for(view, object, &mutations).map_err(|source| {
                     ReviewError::InvalidObject {
                         field: "object",
                         kind: request.kind.kind.clone(),

@@ -1,10 +1,13 @@
 //! Turning mutation intents into one JSON Patch against the object under review.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use json_patch::jsonptr::{PointerBuf, Token};
+use json_patch::{AddOperation, PatchOperation};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::view::{PolicySubject, RequestView, Subject};
 use crate::rules::{Mutation, calico};
 
 /// Applies mutations, in their canonical order, to a JSON object.
@@ -32,13 +35,13 @@ pub fn apply(object: &mut Value, mutations: &BTreeSet<Mutation>) {
                 }
             }
             Mutation::ScopeCalicoSelector { key } => {
-                let Some(Value::Object(spec)) = object.pointer_mut("/spec") else { continue };
+                let Some(spec) = spec_of(object) else { continue };
                 let current = spec.get("selector").and_then(Value::as_str).unwrap_or_default();
                 let scoped = calico::scope_selector(current, key);
                 spec.insert("selector".into(), Value::String(scoped));
             }
             Mutation::ScopeKubeSelector { key } => {
-                let Some(Value::Object(spec)) = object.pointer_mut("/spec") else { continue };
+                let Some(spec) = spec_of(object) else { continue };
                 let selector =
                     spec.entry("podSelector").or_insert_with(|| Value::Object(Default::default()));
                 if selector.is_null() {
@@ -60,11 +63,139 @@ pub fn apply(object: &mut Value, mutations: &BTreeSet<Mutation>) {
     }
 }
 
+/// The object's `spec`, created when absent: an absent spec selects every endpoint.
+fn spec_of(object: &mut Value) -> Option<&mut serde_json::Map<String, Value>> {
+    let spec =
+        object.as_object_mut()?.entry("spec").or_insert_with(|| Value::Object(Default::default()));
+    if spec.is_null() {
+        *spec = Value::Object(Default::default());
+    }
+    spec.as_object_mut()
+}
+
 fn split_pointer(pointer: &str) -> (&str, String) {
     match pointer.rsplit_once('/') {
         Some((parent, field)) => (parent, field.replace("~1", "/").replace("~0", "~")),
         None => ("", pointer.to_owned()),
     }
+}
+
+/// The JSON Patch that applies `mutations` to the object under review, or `None` when
+/// nothing changes.
+///
+/// The operations are written straight from the intents and the view when the view shows
+/// where they go, so the object is not decoded again (managedFields and all); otherwise this
+/// falls back to [`build`].
+///
+/// # Errors
+/// The JSON error when `object` is not valid JSON (fallback only).
+pub fn build_for(
+    view: &RequestView,
+    object: &RawValue,
+    mutations: &BTreeSet<Mutation>,
+) -> Result<Option<json_patch::Patch>, serde_json::Error> {
+    if mutations.is_empty() {
+        return Ok(None);
+    }
+    match direct_operations(view, mutations) {
+        Some(operations) => Ok(Some(json_patch::Patch(operations))),
+        None => build(object, mutations),
+    }
+}
+
+fn add(path: &str, tokens: &[&str], value: Value) -> Option<PatchOperation> {
+    let mut path = PointerBuf::parse(path).ok()?;
+    for token in tokens {
+        path.push_back(Token::new(*token));
+    }
+    Some(PatchOperation::Add(AddOperation { path, value }))
+}
+
+/// The operations for `mutations`, or `None` when the view cannot tell whether a parent
+/// object exists.
+fn direct_operations(
+    view: &RequestView,
+    mutations: &BTreeSet<Mutation>,
+) -> Option<Vec<PatchOperation>> {
+    let mut operations = Vec::new();
+    // Labels for a map the object may lack (or hold as `{}` or null) go in one `add` of the map.
+    let mut new_maps: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
+    let mut selector: Option<String> = None;
+    let mut new_expressions = Vec::new();
+    for mutation in mutations {
+        match mutation {
+            Mutation::SetLabel { labels_pointer, key, value } => {
+                let pod = view.pod()?;
+                if pod.labels_pointer() != *labels_pointer {
+                    return None;
+                }
+                if pod.labels.is_empty() {
+                    new_maps
+                        .entry(labels_pointer)
+                        .or_default()
+                        .insert(key.clone(), Value::String(value.clone()));
+                } else {
+                    operations.push(add(labels_pointer, &[key], Value::String(value.clone()))?);
+                }
+            }
+            Mutation::InlineCredentialSpec { windows_options_pointer, content } => {
+                // The rule only inlines where a windowsOptions names a spec, so it exists.
+                operations.push(add(
+                    windows_options_pointer,
+                    &["gmsaCredentialSpec"],
+                    Value::String(content.clone()),
+                )?);
+            }
+            Mutation::ScopeCalicoSelector { key } => {
+                let Subject::NetworkPolicy(PolicySubject::Calico { spec, .. }) = &view.subject
+                else {
+                    return None;
+                };
+                let current = selector.take().or_else(|| spec.selector.clone())?;
+                selector = Some(calico::scope_selector(&current, key));
+            }
+            Mutation::ScopeKubeSelector { key } => {
+                let Subject::NetworkPolicy(PolicySubject::Kubernetes { pod_selector }) =
+                    &view.subject
+                else {
+                    return None;
+                };
+                let existing = &pod_selector.as_ref()?.match_expressions;
+                let wanted = calico::linux_requirement(key);
+                let present = existing
+                    .iter()
+                    .any(|e| e.key == *key && e.operator == "In" && e.values == ["linux"]);
+                if !present && !new_expressions.contains(&wanted) {
+                    new_expressions.push(wanted);
+                }
+            }
+        }
+    }
+    for (pointer, labels) in new_maps {
+        operations.push(add(pointer, &[], Value::Object(labels))?);
+    }
+    if let Some(selector) = selector {
+        operations.push(add("/spec/selector", &[], Value::String(selector))?);
+    }
+    if !new_expressions.is_empty() {
+        let Subject::NetworkPolicy(PolicySubject::Kubernetes { pod_selector: Some(selector) }) =
+            &view.subject
+        else {
+            return None;
+        };
+        if selector.match_expressions.is_empty() {
+            operations.push(add(
+                "/spec/podSelector/matchExpressions",
+                &[],
+                Value::Array(new_expressions),
+            )?);
+        } else {
+            for expression in new_expressions {
+                operations.push(add("/spec/podSelector/matchExpressions", &["-"], expression)?);
+            }
+        }
+    }
+    Some(operations)
 }
 
 /// The JSON Patch that applies `mutations` to `object`, or `None` when nothing changes.
@@ -109,6 +240,96 @@ mod tests {
         let patch = build(&raw(&with_labels), &mutations).expect("valid").expect("changes");
         let text = serde_json::to_string(&patch).expect("serialises");
         assert!(text.contains("/metadata/labels/arcguard.io~1os"), "{text}");
+    }
+
+    #[test]
+    fn direct_operations_match_applying_the_intents() {
+        use crate::admission::review::Operation;
+        use crate::admission::view::Kind;
+        let label = |key: &str| Mutation::SetLabel {
+            labels_pointer: "/metadata/labels".into(),
+            key: key.into(),
+            value: "linux".into(),
+        };
+        let cases: Vec<(Kind, Value, BTreeSet<Mutation>)> = vec![
+            (
+                Kind::Pod,
+                serde_json::json!({"metadata": {"name": "p"}, "spec": {}}),
+                BTreeSet::from([label("a.io/os"), label("b.io/os")]),
+            ),
+            (
+                Kind::Pod,
+                serde_json::json!({"metadata": {"labels": null}, "spec": {}}),
+                BTreeSet::from([label("a.io/os")]),
+            ),
+            (
+                Kind::Pod,
+                serde_json::json!({"metadata": {"labels": {"app": "x", "a.io/os": "windows"}}}),
+                BTreeSet::from([label("a.io/os"), label("b.io/os")]),
+            ),
+            (
+                Kind::Pod,
+                serde_json::json!({"metadata": {}, "spec": {"securityContext": {"windowsOptions": {"gmsaCredentialSpecName": "w"}}, "containers": [{"name": "c", "securityContext": {"windowsOptions": {"gmsaCredentialSpecName": "w"}}}]}}),
+                BTreeSet::from([
+                    Mutation::InlineCredentialSpec {
+                        windows_options_pointer: "/spec/securityContext/windowsOptions".into(),
+                        content: "{}".into(),
+                    },
+                    Mutation::InlineCredentialSpec {
+                        windows_options_pointer:
+                            "/spec/containers/0/securityContext/windowsOptions".into(),
+                        content: "{\"a\":1}".into(),
+                    },
+                ]),
+            ),
+            (
+                Kind::CalicoNetworkPolicy,
+                serde_json::json!({"metadata": {}, "spec": {"selector": "app == 'x'"}}),
+                BTreeSet::from([
+                    Mutation::ScopeCalicoSelector { key: "b.io/os".into() },
+                    Mutation::ScopeCalicoSelector { key: "a.io/os".into() },
+                ]),
+            ),
+            (
+                Kind::CalicoGlobalNetworkPolicy,
+                serde_json::json!({"metadata": {}, "spec": {"types": ["Egress"]}}),
+                BTreeSet::from([Mutation::ScopeCalicoSelector { key: "a.io/os".into() }]),
+            ),
+            (
+                Kind::CalicoNetworkPolicy,
+                serde_json::json!({"metadata": {}}),
+                BTreeSet::from([Mutation::ScopeCalicoSelector { key: "a.io/os".into() }]),
+            ),
+            (
+                Kind::NetworkPolicy,
+                serde_json::json!({"metadata": {}, "spec": {"podSelector": {}}}),
+                BTreeSet::from([
+                    Mutation::ScopeKubeSelector { key: "a.io/os".into() },
+                    Mutation::ScopeKubeSelector { key: "b.io/os".into() },
+                ]),
+            ),
+            (
+                Kind::NetworkPolicy,
+                serde_json::json!({"metadata": {}, "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}}),
+                BTreeSet::from([Mutation::ScopeKubeSelector { key: "a.io/os".into() }]),
+            ),
+            (
+                Kind::NetworkPolicy,
+                serde_json::json!({"metadata": {}, "spec": {}}),
+                BTreeSet::from([Mutation::ScopeKubeSelector { key: "a.io/os".into() }]),
+            ),
+        ];
+        for (kind, object, mutations) in cases {
+            let raw = raw(&object);
+            let view = RequestView::build(kind, Operation::Create, Some("ns".into()), &raw, None)
+                .expect("view");
+            let patch = build_for(&view, &raw, &mutations).expect("valid").expect("changes");
+            let mut patched = object.clone();
+            json_patch::patch(&mut patched, &patch).expect("patch applies");
+            let mut expected = object.clone();
+            apply(&mut expected, &mutations);
+            assert_eq!(patched, expected, "{object}");
+        }
     }
 
     #[test]

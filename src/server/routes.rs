@@ -104,8 +104,8 @@ fn log_decision(webhook: Webhook, decision: &Decision, elapsed: Duration) {
     for audit in &summary.audits {
         tracing::info!(uid = %response.uid, kind = summary.kind, object = %summary.object, violation = %audit, "audit policy violation");
     }
-    // Plain allows are the bulk of traffic: keep them out of the default log level.
-    if verdict == "allowed" && response.warnings.is_empty() {
+    // Allows and patches are the bulk of traffic: keep them out of the default log level.
+    if response.allowed && response.warnings.is_empty() {
         tracing::debug!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, "admission");
     } else {
         let message = response.status.as_ref().map(|s| s.message.as_str()).unwrap_or_default();
