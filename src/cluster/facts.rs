@@ -1,9 +1,12 @@
 //! Cluster facts for the rules: GMSACredentialSpecs and namespace labels from watch-backed
 //! caches, and `use` authorizations from LocalSubjectAccessReviews, cached briefly.
 //!
-//! API calls (for RBAC): `list, watch windows.k8s.io/gmsacredentialspecs (cluster)`,
-//! `list, watch ""/namespaces (cluster, metadata only)`,
-//! `create authorization.k8s.io/localsubjectaccessreviews (the pod's namespace)`.
+//! API calls (for RBAC; `tests/rbac.rs` checks the manifests grant exactly these):
+//! - `list windows.k8s.io/gmsacredentialspecs (cluster)`
+//! - `watch windows.k8s.io/gmsacredentialspecs (cluster)`
+//! - `list core/namespaces (cluster, metadata only)`
+//! - `watch core/namespaces (cluster, metadata only)`
+//! - `create authorization.k8s.io/localsubjectaccessreviews (namespaced: the pod's namespace)`
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

@@ -4,9 +4,13 @@
 //! A generation that fails to compile never removes enforcement: the last good generation of
 //! that policy stays in force, and its status says so.
 //!
-//! API calls (for RBAC): `list, watch arcguard.io/clusterguardpolicies (cluster)`,
-//! `list, watch arcguard.io/guardpolicies (all namespaces)`, and, on the leader only,
-//! `patch arcguard.io/clusterguardpolicies/status` and `patch arcguard.io/guardpolicies/status`.
+//! API calls (for RBAC; `tests/rbac.rs` checks the manifests grant exactly these):
+//! - `list arcguard.io/clusterguardpolicies (cluster)`
+//! - `watch arcguard.io/clusterguardpolicies (cluster)`
+//! - `list arcguard.io/guardpolicies (all namespaces)`
+//! - `watch arcguard.io/guardpolicies (all namespaces)`
+//! - `patch arcguard.io/clusterguardpolicies/status (cluster)` (leader only)
+//! - `patch arcguard.io/guardpolicies/status (namespaced)` (leader only)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
