@@ -88,8 +88,7 @@ fn generated_policies(count: usize) -> Loaded {
 }
 
 fn view_of(body: &[u8]) -> RequestView {
-    let request = review::decode(body).expect("the review decodes");
-    RequestView::from_request(&request).expect("the object decodes").expect("a pod is inspected")
+    admission::prepare(body).expect("the review decodes").view.expect("a pod is inspected")
 }
 
 /// Checks a policy set applies in full to the view, so the benchmark measures real work.
@@ -141,10 +140,7 @@ fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("review");
     group.throughput(Throughput::Bytes(body.len() as u64));
     group.bench_function("decode", |b| {
-        b.iter(|| {
-            let request = review::decode(black_box(&body)).expect("decodes");
-            black_box(RequestView::from_request(&request).expect("view"))
-        })
+        b.iter(|| black_box(admission::prepare(black_box(&body)).expect("decodes").view))
     });
     group.throughput(Throughput::Elements(1));
     for webhook in [Webhook::Validate, Webhook::Mutate] {

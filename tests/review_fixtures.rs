@@ -181,7 +181,11 @@ fn invalid_reviews_are_rejected_with_a_reason() {
         ),
         (
             r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod","version":"v1"},"operation":"CREATE","object":{"spec":{"containers":"x"}}}}"#,
-            "not a valid Pod",
+            "at `request.object.spec.containers`",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"object":{"spec":{"containers":"x"}},"uid":"1","kind":{"kind":"Pod","version":"v1"},"operation":"CREATE"}}"#,
+            "request.object is not a valid Pod",
         ),
         (
             r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1","kind":{"kind":"Pod"},"operation":"PATCH"}}"#,
@@ -197,4 +201,29 @@ fn invalid_reviews_are_rejected_with_a_reason() {
             "{body}: {error} should contain {fragment:?}"
         );
     }
+}
+
+#[test]
+fn objects_before_their_kind_and_policies_without_spec_take_the_slow_paths() {
+    let loaded = policies();
+    // The object precedes `kind`, so it cannot be decoded in the first pass.
+    let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"object":{"metadata":{"name":"p","namespace":"shop"},"spec":{"containers":[{"name":"c","image":"nginx"}]}},"uid":"u1","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE","namespace":"shop"}}"#;
+    let decision =
+        admission::review(Webhook::Validate, body, &loaded.policies, &loaded.facts).expect("valid");
+    assert!(!decision.response.allowed);
+    let decision =
+        admission::review(Webhook::Mutate, body, &loaded.policies, &loaded.facts).expect("valid");
+    assert!(decision.response.patch.is_some(), "the OS label is added");
+
+    // A Calico policy without `spec` selects everything: the patch must create it.
+    let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u2","kind":{"group":"projectcalico.org","version":"v3","kind":"GlobalNetworkPolicy"},"operation":"CREATE","object":{"apiVersion":"projectcalico.org/v3","kind":"GlobalNetworkPolicy","metadata":{"name":"g"}}}}"#;
+    let decision =
+        admission::review(Webhook::Mutate, body, &loaded.policies, &loaded.facts).expect("valid");
+    let patch = decision.response.patch.expect("a patch");
+    let bytes = base64::engine::general_purpose::STANDARD.decode(patch).expect("base64");
+    let text = String::from_utf8(bytes).expect("utf8");
+    assert!(
+        text.contains(r#""path":"/spec","value":{"selector":"arcguard.io/os == 'linux'"}"#),
+        "{text}"
+    );
 }

@@ -85,6 +85,8 @@ pub struct Prepared<'a> {
     pub request: review::AdmissionRequest<'a>,
     /// The view of an inspected object; `None` for what arcguard does not inspect.
     pub view: Option<RequestView>,
+    /// The body, for the rare patch that needs the whole object.
+    pub body: &'a [u8],
 }
 
 /// Decodes an AdmissionReview body and builds its request view.
@@ -92,9 +94,9 @@ pub struct Prepared<'a> {
 /// # Errors
 /// [`ReviewError`] when the body is not a valid AdmissionReview; the server answers 400.
 pub fn prepare(body: &[u8]) -> Result<Prepared<'_>, ReviewError> {
-    let request = review::decode(body)?;
-    let view = RequestView::from_request(&request)?;
-    Ok(Prepared { request, view })
+    let mut request = review::decode(body)?;
+    let view = RequestView::from_request(&mut request)?;
+    Ok(Prepared { request, view, body })
 }
 
 /// Reviews an AdmissionReview body with the policies in force.
@@ -183,20 +185,24 @@ pub fn decide(
         }
         Webhook::Mutate => {
             let mutations = policies.mutate(view, facts);
-            if let Some(object) = request.object {
-                let patch = patch::build_for(view, object, &mutations).map_err(|source| {
-                    ReviewError::InvalidObject {
-                        field: "object",
-                        kind: request.kind.kind.clone(),
-                        source,
-                    }
-                })?;
-                if let Some(patch) = patch {
-                    // Serialising a JSON Patch of strings and values cannot fail.
-                    let bytes = serde_json::to_vec(&patch).unwrap_or_default();
-                    response.patch_type = Some("JSONPatch");
-                    response.patch = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
-                }
+            let invalid = |source| ReviewError::InvalidObject {
+                field: "object",
+                kind: request.kind.kind.clone(),
+                source,
+            };
+            let patch = match patch::direct(view, &mutations) {
+                Some(patch) => patch,
+                // The view cannot tell where the operations go: diff against the object.
+                None => match review::raw_object(prepared.body, request.object).map_err(invalid)? {
+                    Some(object) => patch::build(object, &mutations).map_err(invalid)?,
+                    None => None,
+                },
+            };
+            if let Some(patch) = patch {
+                // Serialising a JSON Patch of strings and values cannot fail.
+                let bytes = serde_json::to_vec(&patch).unwrap_or_default();
+                response.patch_type = Some("JSONPatch");
+                response.patch = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
             }
         }
     }

@@ -80,27 +80,20 @@ fn split_pointer(pointer: &str) -> (&str, String) {
     }
 }
 
-/// The JSON Patch that applies `mutations` to the object under review, or `None` when
-/// nothing changes.
+/// The JSON Patch that applies `mutations` to the object under review, written straight from
+/// the intents and the view, so the object is not decoded again (managedFields and all).
 ///
-/// The operations are written straight from the intents and the view when the view shows
-/// where they go, so the object is not decoded again (managedFields and all); otherwise this
-/// falls back to [`build`].
-///
-/// # Errors
-/// The JSON error when `object` is not valid JSON (fallback only).
-pub fn build_for(
+/// `Some(None)` when there is nothing to change; `None` when the view cannot tell where an
+/// operation goes (a parent the object may lack): then use [`build`].
+pub fn direct(
     view: &RequestView,
-    object: &RawValue,
     mutations: &BTreeSet<Mutation>,
-) -> Result<Option<json_patch::Patch>, serde_json::Error> {
+) -> Option<Option<json_patch::Patch>> {
     if mutations.is_empty() {
-        return Ok(None);
+        return Some(None);
     }
-    match direct_operations(view, mutations) {
-        Some(operations) => Ok(Some(json_patch::Patch(operations))),
-        None => build(object, mutations),
-    }
+    let operations = direct_operations(view, mutations)?;
+    Some((!operations.is_empty()).then_some(json_patch::Patch(operations)))
 }
 
 fn add(path: &str, tokens: &[&str], value: Value) -> Option<PatchOperation> {
@@ -323,7 +316,11 @@ mod tests {
             let raw = raw(&object);
             let view = RequestView::build(kind, Operation::Create, Some("ns".into()), &raw, None)
                 .expect("view");
-            let patch = build_for(&view, &raw, &mutations).expect("valid").expect("changes");
+            let patch = match direct(&view, &mutations) {
+                Some(patch) => patch,
+                None => build(&raw, &mutations).expect("valid"),
+            }
+            .expect("changes");
             let mut patched = object.clone();
             json_patch::patch(&mut patched, &patch).expect("patch applies");
             let mut expected = object.clone();

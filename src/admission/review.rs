@@ -4,8 +4,11 @@
 //! [`super::objects`] for kinds arcguard inspects, so unrelated fields cost a scan, not an
 //! allocation.
 
+use serde::de::{Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+use super::view::{DecodedObject, Kind, ObjectSeed};
 
 /// The only AdmissionReview version arcguard speaks (webhooks set `admissionReviewVersions: [v1]`).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -122,33 +125,141 @@ pub struct GroupVersionKind {
 }
 
 /// The `request` of an AdmissionReview.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+///
+/// The object under review is decoded in the same pass as the request when the kind (and
+/// subresource) precede it in the stream, as the apiserver writes them; otherwise it is kept
+/// raw and decoded afterwards.
+#[derive(Debug)]
 pub struct AdmissionRequest<'a> {
     /// Identifies this request; echoed in the response.
     pub uid: String,
     /// Kind of the object as sent to the webhook.
     pub kind: GroupVersionKind,
     /// Subresource, e.g. `ephemeralcontainers`.
-    #[serde(default)]
     pub sub_resource: Option<String>,
     /// The operation.
     pub operation: Operation,
     /// Namespace of the object; empty or absent for cluster-scoped objects.
-    #[serde(default)]
     pub namespace: Option<String>,
     /// Name of the object; may be empty on CREATE with generateName.
-    #[serde(default)]
     pub name: Option<String>,
-    /// The object after the operation.
-    #[serde(borrow, default)]
+    /// The object after the operation, when it was not decoded in the first pass.
     pub object: Option<&'a RawValue>,
-    /// The object before an UPDATE.
-    #[serde(borrow, default)]
+    /// The object before an UPDATE, when it was not decoded in the first pass.
     pub old_object: Option<&'a RawValue>,
+    /// The object after the operation, decoded in the first pass.
+    pub decoded_object: Option<DecodedObject>,
+    /// The object before an UPDATE, decoded in the first pass.
+    pub decoded_old_object: Option<DecodedObject>,
     /// Whether the request is a dry run.
-    #[serde(default)]
     pub dry_run: Option<bool>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for AdmissionRequest<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(RequestVisitor(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum Field {
+    Uid,
+    Kind,
+    SubResource,
+    Operation,
+    Namespace,
+    Name,
+    Object,
+    OldObject,
+    DryRun,
+    #[serde(other)]
+    Other,
+}
+
+struct RequestVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+/// Either form of `object` / `oldObject`.
+enum ObjectField<'a> {
+    Raw(Option<&'a RawValue>),
+    Decoded(Option<DecodedObject>),
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for RequestVisitor<'a> {
+    type Value = AdmissionRequest<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an AdmissionRequest object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut uid = None;
+        let mut kind: Option<GroupVersionKind> = None;
+        let mut sub_resource: Option<Option<String>> = None;
+        let mut operation = None;
+        let mut namespace = None;
+        let mut name = None;
+        let mut object = ObjectField::Raw(None);
+        let mut old_object = ObjectField::Raw(None);
+        let mut dry_run = None;
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::Uid => uid = Some(map.next_value::<String>()?),
+                Field::Kind => kind = Some(map.next_value()?),
+                Field::SubResource => sub_resource = Some(map.next_value()?),
+                Field::Operation => operation = Some(map.next_value()?),
+                Field::Namespace => namespace = map.next_value()?,
+                Field::Name => name = map.next_value()?,
+                Field::DryRun => dry_run = map.next_value()?,
+                Field::Object | Field::OldObject => {
+                    // Decode in this pass only when the kind is known by now.
+                    let seed = kind
+                        .as_ref()
+                        .zip(sub_resource.as_ref())
+                        .and_then(|(k, sub)| {
+                            Kind::recognise(&k.group, &k.kind, sub.as_deref()).map(ObjectSeed)
+                        })
+                        .or_else(|| {
+                            kind.as_ref()
+                                .filter(|_| sub_resource.is_none())
+                                .and_then(|k| Kind::recognise(&k.group, &k.kind, None))
+                                .map(ObjectSeed)
+                        });
+                    let value = match seed {
+                        Some(seed) => ObjectField::Decoded(map.next_value_seed(seed)?),
+                        None => ObjectField::Raw(map.next_value()?),
+                    };
+                    if matches!(field, Field::Object) {
+                        object = value;
+                    } else {
+                        old_object = value;
+                    }
+                }
+                Field::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let split = |field: ObjectField<'a>| match field {
+            ObjectField::Raw(raw) => (raw, None),
+            ObjectField::Decoded(decoded) => (None, decoded),
+        };
+        let (object, decoded_object) = split(object);
+        let (old_object, decoded_old_object) = split(old_object);
+        Ok(AdmissionRequest {
+            uid: uid.ok_or_else(|| M::Error::missing_field("uid"))?,
+            kind: kind.ok_or_else(|| M::Error::missing_field("kind"))?,
+            sub_resource: sub_resource.flatten(),
+            operation: operation.ok_or_else(|| M::Error::missing_field("operation"))?,
+            namespace,
+            name,
+            object,
+            old_object,
+            decoded_object,
+            decoded_old_object,
+            dry_run,
+        })
+    }
 }
 
 /// Decodes and checks an AdmissionReview body.
@@ -192,6 +303,31 @@ pub fn decode(body: &[u8]) -> Result<AdmissionRequest<'_>, ReviewError> {
         return Err(ReviewError::EmptyUid);
     }
     Ok(request)
+}
+
+/// The raw `request.object`: `object` itself when it was kept raw, or read again from the
+/// body when it was decoded in the first pass.
+///
+/// # Errors
+/// The JSON error when the body is not valid JSON.
+pub fn raw_object<'a>(
+    body: &'a [u8],
+    object: Option<&'a RawValue>,
+) -> Result<Option<&'a RawValue>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Review<'a> {
+        #[serde(borrow)]
+        request: Request<'a>,
+    }
+    #[derive(Deserialize)]
+    struct Request<'a> {
+        #[serde(borrow, default)]
+        object: Option<&'a RawValue>,
+    }
+    if object.is_some() {
+        return Ok(object);
+    }
+    Ok(serde_json::from_slice::<Review<'a>>(body)?.request.object)
 }
 
 /// The `status` of a denied response.

@@ -1,7 +1,6 @@
 //! The request view: what an AdmissionRequest carries that the rules inspect, across kinds.
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
 use super::objects::{
@@ -117,6 +116,11 @@ impl Kind {
         }
     }
 
+    /// Whether objects of both kinds decode the same way.
+    pub fn same_shape(self, other: Self) -> bool {
+        self == other || (self.is_pod() && other.is_pod())
+    }
+
     /// Whether objects of this kind are live pods (rather than templates for pods).
     pub fn is_pod(self) -> bool {
         matches!(self, Self::Pod | Self::PodEphemeralContainers)
@@ -204,7 +208,7 @@ impl RequestView {
     ///
     /// # Errors
     /// [`ReviewError`] when the object is missing or does not decode as its kind.
-    pub fn from_request(request: &AdmissionRequest<'_>) -> Result<Option<Self>, ReviewError> {
+    pub fn from_request(request: &mut AdmissionRequest<'_>) -> Result<Option<Self>, ReviewError> {
         if !matches!(request.operation, Operation::Create | Operation::Update) {
             return Ok(None);
         }
@@ -215,15 +219,18 @@ impl RequestView {
         ) else {
             return Ok(None);
         };
+        let namespace = request.namespace.clone().filter(|n| !n.is_empty());
+        let is_update = request.operation == Operation::Update;
+        let old =
+            request.decoded_old_object.take().filter(|o| is_update && o.kind.same_shape(kind));
+        if let Some(object) = request.decoded_object.take().filter(|o| o.kind.same_shape(kind)) {
+            return Ok(Some(Self::from_decoded(request.operation, namespace, object, old)));
+        }
         let object = request.object.ok_or_else(|| ReviewError::MissingObject {
             operation: request.operation,
             kind: request.kind.kind.clone(),
         })?;
-        let old_object = match request.operation {
-            Operation::Update => request.old_object,
-            _ => None,
-        };
-        let namespace = request.namespace.clone().filter(|n| !n.is_empty());
+        let old_object = if is_update { request.old_object } else { None };
         Self::build(kind, request.operation, namespace, object, old_object).map(Some)
     }
 
@@ -238,17 +245,30 @@ impl RequestView {
         object: &RawValue,
         old_object: Option<&RawValue>,
     ) -> Result<Self, ReviewError> {
-        let (metadata, mut subject) = decode_object(kind, object, "object")?;
+        let object = decode_object(kind, object, "object")?;
         let old = old_object.map(|old| decode_object(kind, old, "oldObject")).transpose()?;
-        let old_labels = old.as_ref().map(|(meta, _)| meta.labels.clone());
-        if let (Subject::Pod(pod), Some((_, Subject::Pod(old_pod)))) = (&mut subject, old) {
+        Ok(Self::from_decoded(operation, namespace, object, old))
+    }
+
+    /// Builds the view from decoded objects.
+    pub fn from_decoded(
+        operation: Operation,
+        namespace: Option<String>,
+        object: DecodedObject,
+        old: Option<DecodedObject>,
+    ) -> Self {
+        let DecodedObject { kind, metadata, mut subject } = object;
+        let old_labels = old.as_ref().map(|o| o.metadata.labels.clone());
+        if let (Subject::Pod(pod), Some(DecodedObject { subject: Subject::Pod(old_pod), .. })) =
+            (&mut subject, old)
+        {
             let old_pod = *old_pod;
             pod.old = Some(Box::new(PodTemplateSpec {
                 metadata: ObjectMeta { labels: old_pod.labels, ..ObjectMeta::default() },
                 spec: old_pod.spec,
             }));
         }
-        Ok(Self::assemble(kind, operation, namespace, metadata, old_labels, subject))
+        Self::assemble(kind, operation, namespace, metadata, old_labels, subject)
     }
 
     fn assemble(
@@ -281,23 +301,73 @@ impl RequestView {
     }
 }
 
-fn parse<T: DeserializeOwned>(
-    raw: &RawValue,
-    kind: Kind,
-    field: &'static str,
-) -> Result<T, ReviewError> {
-    serde_json::from_str(raw.get()).map_err(|source| ReviewError::InvalidObject {
-        field,
-        kind: kind.as_str().to_owned(),
-        source,
-    })
+/// An object decoded into the parts the rules read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodedObject {
+    /// The kind it was decoded as.
+    pub kind: Kind,
+    /// Its metadata.
+    pub metadata: ObjectMeta,
+    /// What the rules inspect.
+    pub subject: Subject,
+}
+
+/// Decodes `object` or `oldObject` straight from the AdmissionReview stream as `kind`, so the
+/// object is read once; `null` decodes as `None`.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectSeed(pub Kind);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ObjectSeed {
+    type Value = Option<DecodedObject>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        struct OptionVisitor(Kind);
+        impl<'de> serde::de::Visitor<'de> for OptionVisitor {
+            type Value = Option<DecodedObject>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a {} object or null", self.0.as_str())
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Self::Value, D::Error> {
+                decode_with(self.0, d).map(Some)
+            }
+        }
+        deserializer.deserialize_option(OptionVisitor(self.0))
+    }
 }
 
 fn decode_object(
     kind: Kind,
     raw: &RawValue,
     field: &'static str,
-) -> Result<(ObjectMeta, Subject), ReviewError> {
+) -> Result<DecodedObject, ReviewError> {
+    let mut deserializer = serde_json::Deserializer::from_str(raw.get());
+    decode_with(kind, &mut deserializer).map_err(|source| ReviewError::InvalidObject {
+        field,
+        kind: kind.as_str().to_owned(),
+        source,
+    })
+}
+
+/// Decodes an object of `kind` from any deserializer.
+///
+/// # Errors
+/// The deserializer's error when the object does not have the kind's shape.
+pub fn decode_with<'de, D: serde::Deserializer<'de>>(
+    kind: Kind,
+    deserializer: D,
+) -> Result<DecodedObject, D::Error> {
     #[derive(Deserialize)]
     struct Pod {
         #[serde(default)]
@@ -361,9 +431,9 @@ fn decode_object(
         None => Subject::Empty,
     };
     let root = kind.pod_root().unwrap_or("");
-    Ok(match kind {
+    let (metadata, subject) = match kind {
         Kind::Pod | Kind::PodEphemeralContainers => {
-            let pod: Pod = parse(raw, kind, field)?;
+            let pod = <Pod>::deserialize(deserializer)?;
             let labels = pod.metadata.labels.clone();
             (
                 pod.metadata,
@@ -376,30 +446,31 @@ fn decode_object(
         | Kind::DaemonSet
         | Kind::Job
         | Kind::ReplicationController => {
-            let w: Workload = parse(raw, kind, field)?;
+            let w = <Workload>::deserialize(deserializer)?;
             (w.metadata, template(root, w.spec.template))
         }
         Kind::CronJob => {
-            let c: CronJob = parse(raw, kind, field)?;
+            let c = <CronJob>::deserialize(deserializer)?;
             (c.metadata, template(root, c.spec.job_template.spec.template))
         }
         Kind::PodTemplate => {
-            let p: PodTemplate = parse(raw, kind, field)?;
+            let p = <PodTemplate>::deserialize(deserializer)?;
             (p.metadata, template(root, p.template))
         }
         Kind::NetworkPolicy => {
-            let p: Policy<KubeNetworkPolicySpec> = parse(raw, kind, field)?;
+            let p = <Policy<KubeNetworkPolicySpec>>::deserialize(deserializer)?;
             let subject = PolicySubject::Kubernetes { pod_selector: p.spec.pod_selector };
             (p.metadata, Subject::NetworkPolicy(subject))
         }
         Kind::CalicoNetworkPolicy | Kind::CalicoGlobalNetworkPolicy => {
-            let p: Policy<CalicoPolicySpec> = parse(raw, kind, field)?;
+            let p = <Policy<CalicoPolicySpec>>::deserialize(deserializer)?;
             let global = kind == Kind::CalicoGlobalNetworkPolicy;
             (p.metadata, Subject::NetworkPolicy(PolicySubject::Calico { global, spec: p.spec }))
         }
         Kind::ClusterGuardPolicy | Kind::GuardPolicy => {
-            let p: Policy<serde_json::Value> = parse(raw, kind, field)?;
+            let p = <Policy<serde_json::Value>>::deserialize(deserializer)?;
             (p.metadata, Subject::GuardPolicy(Box::new(p.spec)))
         }
-    })
+    };
+    Ok(DecodedObject { kind, metadata, subject })
 }
