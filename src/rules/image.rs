@@ -1,22 +1,29 @@
 //! Container image references, parsed and normalised per the distribution/reference grammar.
 //!
-//! Grammar checks come from `oci_spec::distribution::Reference`; the checks it lacks (ASCII
-//! tags, lowercase digest hex, host syntax, the 255-character limit on the normalised name,
-//! bare image IDs, case of the registry host) are added here so that one image has exactly
-//! one normalised form.
+//! The grammar, `[host[:port]/]path-component(/path-component)*[:tag][@algorithm:hex]`, is
+//! checked by scanning bytes (no regex: a regex paid microseconds per image and milliseconds to
+//! compile on the first request). The checks the grammar lacks (ASCII tags, lowercase digest
+//! hex, host syntax, the 255-character limit on the normalised name, bare image IDs, case of
+//! the registry host) are added so that one image has exactly one normalised form.
+//! [`parse_parts`] borrows from the written string and allocates nothing; [`parse`] builds the
+//! normalised form in one allocation.
 
 use std::fmt;
 
-use oci_spec::distribution::{ParseError, Reference};
-
 /// Longest normalised name (`registry/repository`) the grammar allows.
 const NAME_MAX: usize = 255;
+/// Longest tag the grammar allows, in characters.
+const TAG_MAX: usize = 128;
+/// Fewest hex characters the grammar allows in a digest, whatever its algorithm.
+const DIGEST_HEX_MIN: usize = 32;
 /// The Docker Hub registry host every short name resolves to.
 const DOCKER_HUB: &str = "docker.io";
 /// The legacy Docker Hub host, the same registry as [`DOCKER_HUB`].
 const DOCKER_HUB_LEGACY: &str = "index.docker.io";
 /// Repository namespace of single-element Docker Hub names (`nginx` is `library/nginx`).
 const DOCKER_HUB_OFFICIAL: &str = "library";
+/// The tag the runtime pulls when neither tag nor digest is written.
+const DEFAULT_TAG: &str = "latest";
 /// What a valid reference looks like, for error messages.
 const FORM: &str = "[registry[:port]/]repository[:tag][@sha256:<hex>]";
 
@@ -84,65 +91,165 @@ pub enum ImageError {
 /// A parsed, normalised image reference: one value per image, however it was written.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ImageRef {
-    registry: String,
-    repository: String,
-    tag: Option<String>,
-    digest: Option<String>,
+    /// The normalised form, `registry/repository[:tag][@digest]`; the offsets below split it,
+    /// and follow from it, so deriving equality and hashing over all fields is sound.
+    text: String,
+    /// End of `registry`.
+    registry_end: usize,
+    /// End of `registry/repository`.
+    name_end: usize,
+    /// End of `registry/repository[:tag]`.
+    tag_end: usize,
 }
 
 impl ImageRef {
     /// The registry `host[:port]`, lowercase; `docker.io` for Docker Hub.
     pub fn registry(&self) -> &str {
-        &self.registry
+        &self.text[..self.registry_end]
     }
 
     /// The repository path, e.g. `library/nginx`.
     pub fn repository(&self) -> &str {
-        &self.repository
+        &self.text[self.registry_end + 1..self.name_end]
     }
 
     /// The tag; `latest` when neither tag nor digest was written.
     pub fn tag(&self) -> Option<&str> {
-        self.tag.as_deref()
+        (self.tag_end > self.name_end).then(|| &self.text[self.name_end + 1..self.tag_end])
     }
 
     /// The digest (`algorithm:hex`), if pinned.
     pub fn digest(&self) -> Option<&str> {
-        self.digest.as_deref()
+        (self.text.len() > self.tag_end).then(|| &self.text[self.tag_end + 1..])
     }
 
     /// `registry/repository`, without tag or digest.
     pub fn name(&self) -> String {
-        format!("{}/{}", self.registry, self.repository)
+        self.text[..self.name_end].to_owned()
     }
 
     /// The normalised form, e.g. `docker.io/library/nginx:latest` or `host/repo:tag@sha256:...`.
     pub fn normalized(&self) -> String {
-        self.to_string()
+        self.text.clone()
     }
 
     /// Whether both references make the runtime pull the same thing: the same digest, or the
     /// same tag when neither has a digest (with both tag and digest, the runtime pulls by digest).
     pub fn pulls_same_as(&self, other: &Self) -> bool {
-        let content = match (&self.digest, &other.digest) {
+        let content = match (self.digest(), other.digest()) {
             (Some(a), Some(b)) => a == b,
-            (None, None) => self.tag == other.tag,
+            (None, None) => self.tag() == other.tag(),
             _ => false,
         };
-        content && self.registry == other.registry && self.repository == other.repository
+        // The registry has no `/`, so equal names mean equal registries and repositories.
+        content && self.text[..self.name_end] == other.text[..other.name_end]
     }
 }
 
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repository)?;
-        if let Some(tag) = &self.tag {
-            write!(f, ":{tag}")?;
+        f.write_str(&self.text)
+    }
+}
+
+/// A valid image reference borrowed from the string it was parsed from: the parts as written,
+/// with the normalisation (Docker Hub host, `library/`, `latest`) implied rather than built.
+/// It compares with normalised names and [`ImageRef`]s without allocating.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageParts<'a> {
+    /// The registry host as written (any case), or [`DOCKER_HUB`] for every Docker Hub spelling.
+    registry: &'a str,
+    /// Whether the normalised repository is `library/` followed by `repository`.
+    official: bool,
+    /// The repository path as written.
+    repository: &'a str,
+    /// The tag; `latest` when neither tag nor digest was written.
+    tag: Option<&'a str>,
+    /// The digest (`algorithm:hex`), if pinned.
+    digest: Option<&'a str>,
+}
+
+impl<'a> ImageParts<'a> {
+    /// Whether the registry is `host`, a lowercase `host[:port]` (`docker.io` for Docker Hub).
+    pub fn registry_is(&self, host: &str) -> bool {
+        self.registry.eq_ignore_ascii_case(host)
+    }
+
+    /// Whether the normalised repository is `prefix` or lies under it: a prefix matches whole
+    /// path components only (`oss` covers `oss/nginx`, not `ossevil`).
+    pub fn repository_is_under(&self, prefix: &str) -> bool {
+        let prefix = if self.official {
+            match prefix.strip_prefix(DOCKER_HUB_OFFICIAL) {
+                Some("") => return true,
+                Some(rest) => match rest.strip_prefix('/') {
+                    Some(rest) => rest,
+                    None => return false,
+                },
+                None => return false,
+            }
+        } else {
+            prefix
+        };
+        self.repository
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// The tag; `latest` when neither tag nor digest was written.
+    pub fn tag(&self) -> Option<&'a str> {
+        self.tag
+    }
+
+    /// The digest (`algorithm:hex`), if pinned.
+    pub fn digest(&self) -> Option<&'a str> {
+        self.digest
+    }
+
+    /// Whether the runtime pulls the same thing for both, as [`ImageRef::pulls_same_as`].
+    pub fn pulls_same_as(&self, other: &ImageRef) -> bool {
+        let content = match (self.digest, other.digest()) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.tag == other.tag(),
+            _ => false,
+        };
+        let repository = if self.official {
+            other.repository().strip_prefix(DOCKER_HUB_OFFICIAL).and_then(|r| r.strip_prefix('/'))
+        } else {
+            Some(other.repository())
+        };
+        content && repository == Some(self.repository) && self.registry_is(other.registry())
+    }
+
+    /// The normalised, owned reference.
+    pub fn to_image_ref(&self) -> ImageRef {
+        let official = if self.official { DOCKER_HUB_OFFICIAL.len() + 1 } else { 0 };
+        let tag_len = self.tag.map_or(0, |tag| 1 + tag.len());
+        let digest_len = self.digest.map_or(0, |digest| 1 + digest.len());
+        let mut text = String::with_capacity(
+            self.registry.len() + 1 + official + self.repository.len() + tag_len + digest_len,
+        );
+        text.push_str(self.registry);
+        // Host names are case-insensitive; the host keeps its `.` or `:` (or is `localhost`),
+        // so it stays a host when the normalised form is parsed again.
+        text.make_ascii_lowercase();
+        let registry_end = text.len();
+        text.push('/');
+        if self.official {
+            text.push_str(DOCKER_HUB_OFFICIAL);
+            text.push('/');
         }
-        if let Some(digest) = &self.digest {
-            write!(f, "@{digest}")?;
+        text.push_str(self.repository);
+        let name_end = text.len();
+        if let Some(tag) = self.tag {
+            text.push(':');
+            text.push_str(tag);
         }
-        Ok(())
+        let tag_end = text.len();
+        if let Some(digest) = self.digest {
+            text.push('@');
+            text.push_str(digest);
+        }
+        ImageRef { text, registry_end, name_end, tag_end }
     }
 }
 
@@ -151,68 +258,277 @@ impl fmt::Display for ImageRef {
 /// # Errors
 /// [`ImageError`] saying why `input` is not a valid reference.
 pub fn parse(input: &str) -> Result<ImageRef, ImageError> {
-    if input.trim().is_empty() {
-        return Err(ImageError::Empty);
+    parse_parts(input).map(|parts| parts.to_image_ref())
+}
+
+/// Parses an image reference as [`parse`] does, without allocating: the result borrows `input`.
+///
+/// # Errors
+/// [`ImageError`] saying why `input` is not a valid reference.
+pub fn parse_parts(input: &str) -> Result<ImageParts<'_>, ImageError> {
+    let scan = Scan::of(input);
+    check_shape(input, &scan)?;
+    let (rest, digest) = match scan.at {
+        Some(at) => (&input[..at], Some(&input[at + 1..])),
+        None => (input, None),
+    };
+    let (name, tag) = match scan.colon {
+        Some(colon) if scan.last_slash.is_none_or(|slash| slash < colon) => {
+            (&rest[..colon], Some(&rest[colon + 1..]))
+        }
+        _ => (rest, None),
+    };
+    let split = scan.first_slash.map(|slash| (&name[..slash], &name[slash + 1..]));
+    if !is_name(name, split) || !tag.is_none_or(is_tag) || !digest.is_none_or(is_digest) {
+        return Err(if has_uppercase(repository_path(input)) {
+            ImageError::Uppercase
+        } else {
+            ImageError::Format
+        });
     }
-    if input.chars().any(char::is_whitespace) {
-        return Err(ImageError::Whitespace);
+
+    // The first element names a registry only if it has a `.` or `:` or is `localhost`: an
+    // uppercase first element without them is filed under Docker Hub (and rejected below as
+    // an uppercase repository), since lowercasing it would change which registry it names.
+    let (registry, repository) = match split {
+        Some((first, rest))
+            if first.bytes().any(|b| b == b'.' || b == b':') || first == "localhost" =>
+        {
+            (Some(first), rest)
+        }
+        _ => (None, name),
+    };
+    let official = match registry {
+        Some(host) => {
+            (host.eq_ignore_ascii_case(DOCKER_HUB) || host.eq_ignore_ascii_case(DOCKER_HUB_LEGACY))
+                && scan.first_slash == scan.last_slash
+        }
+        None => scan.first_slash.is_none(),
+    };
+    let registry = match registry {
+        Some(host)
+            if !host.eq_ignore_ascii_case(DOCKER_HUB)
+                && !host.eq_ignore_ascii_case(DOCKER_HUB_LEGACY) =>
+        {
+            host
+        }
+        _ => DOCKER_HUB,
+    };
+    let repository_len =
+        repository.len() + if official { DOCKER_HUB_OFFICIAL.len() + 1 } else { 0 };
+    if repository_len > NAME_MAX {
+        return Err(ImageError::NameTooLong);
     }
-    if input.contains("://") {
+    if let Some(digest) = digest {
+        check_digest_length(digest)?;
+    }
+    if has_uppercase(repository) {
+        return Err(ImageError::Uppercase);
+    }
+    // A first element that passed the grammar as a path component (`a_b.com`) is no host.
+    if !is_host_of_any_case(registry) {
+        return Err(ImageError::Host);
+    }
+    if registry.len() + 1 + repository_len > NAME_MAX {
+        return Err(ImageError::NameTooLong);
+    }
+    // The grammar's `\w` is ASCII; `is_tag` let other characters through to say so here.
+    if tag.is_some_and(|tag| !tag.is_ascii()) {
+        return Err(ImageError::Tag);
+    }
+    // The algorithm is a lowercase `sha…` by now, so any uppercase letter is in the hex.
+    if digest.is_some_and(has_uppercase) {
+        return Err(ImageError::DigestHex);
+    }
+    let tag = if tag.is_none() && digest.is_none() { Some(DEFAULT_TAG) } else { tag };
+    Ok(ImageParts { registry, official, repository, tag, digest })
+}
+
+/// Where the separators of a reference are, found in one pass over its bytes.
+///
+/// Neither name nor tag has an `@`; neither tag nor digest has a `/`; a `:` in the name is a
+/// port, always followed by `/`. So the digest follows the first `@`, and the tag the last `:`
+/// before it when no `/` comes after that `:`.
+struct Scan {
+    /// The first `@`.
+    at: Option<usize>,
+    /// The last `:` before the first `@`.
+    colon: Option<usize>,
+    /// The first `/` before the first `@`.
+    first_slash: Option<usize>,
+    /// The last `/` before the first `@`.
+    last_slash: Option<usize>,
+    /// Whether there is whitespace or a non-ASCII byte, which need the Unicode checks.
+    unusual: bool,
+    /// Whether there is a `://`.
+    scheme: bool,
+}
+
+impl Scan {
+    fn of(input: &str) -> Self {
+        let bytes = input.as_bytes();
+        let mut scan = Self {
+            at: None,
+            colon: None,
+            first_slash: None,
+            last_slash: None,
+            unusual: false,
+            scheme: false,
+        };
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'@' if scan.at.is_none() => scan.at = Some(i),
+                b':' => {
+                    scan.scheme |= bytes.get(i + 1..i + 3) == Some(b"//");
+                    if scan.at.is_none() {
+                        scan.colon = Some(i);
+                    }
+                }
+                b'/' if scan.at.is_none() => {
+                    scan.first_slash = scan.first_slash.or(Some(i));
+                    scan.last_slash = Some(i);
+                }
+                b'\t'..=b'\r' | b' ' | 0x80.. => scan.unusual = true,
+                _ => {}
+            }
+        }
+        scan
+    }
+}
+
+/// The checks made before the grammar, for the mistakes it would only call a bad format.
+fn check_shape(input: &str, scan: &Scan) -> Result<(), ImageError> {
+    // Whitespace needs Unicode decoding only when the byte scan saw a candidate.
+    if scan.unusual || input.is_empty() {
+        if input.trim().is_empty() {
+            return Err(ImageError::Empty);
+        }
+        if input.chars().any(char::is_whitespace) {
+            return Err(ImageError::Whitespace);
+        }
+    }
+    if scan.scheme {
         return Err(ImageError::Scheme);
     }
     // The runtime reads a bare 64-hex string as an image ID, not a Docker Hub repository.
     if input.len() == 64 && is_lower_hex(input) {
         return Err(ImageError::IdentifierOnly);
     }
-    let reference = Reference::try_from(input).map_err(|e| diagnose(input, e))?;
+    Ok(())
+}
 
-    // oci-spec files an uppercase first element without `.`/`:` under Docker Hub, whereas the
-    // grammar reads it as a registry host; lowercasing it would change which registry it names,
-    // so it is rejected (path components are otherwise lowercase by the grammar).
-    if has_uppercase(reference.repository()) {
-        return Err(ImageError::Uppercase);
+/// Whether `name` is `[host[:port]/]path` of the grammar, the host in any case; `split` is
+/// `name` cut at its first `/`, if it has one.
+fn is_name(name: &str, split: Option<(&str, &str)>) -> bool {
+    // A first element such as `contoso.azurecr.io` is both a host and a path component; either
+    // reading accepts the name, and which one names the registry is decided afterwards.
+    is_path(name) || split.is_some_and(|(host, path)| is_host_of_any_case(host) && is_path(path))
+}
+
+/// Whether `path` is path components joined by `/`: [`is_path_component`] over a whole path
+/// in one pass.
+fn is_path(path: &str) -> bool {
+    /// What the grammar allows next.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Next {
+        /// A letter or digit: at the start of a component or after a separator.
+        Alnum,
+        /// Anything: after a letter or digit.
+        Any,
+        /// A letter or digit or a second `_`.
+        AfterUnderscore,
+        /// A letter or digit or another `-`.
+        AfterDash,
     }
-    // Host names are case-insensitive, so the host is lowercased; it keeps its `.` or `:` and
-    // so stays a host when the normalised form is parsed again.
-    let mut registry = reference.registry().to_ascii_lowercase();
-    let mut repository = reference.repository().to_owned();
-    if registry == DOCKER_HUB_LEGACY {
-        registry = DOCKER_HUB.to_owned();
+    let mut next = Next::Alnum;
+    for &b in path.as_bytes() {
+        let alnum = b.is_ascii_lowercase() || b.is_ascii_digit();
+        next = match (next, b) {
+            _ if alnum => Next::Any,
+            (Next::Any, b'/' | b'.') => Next::Alnum,
+            (Next::Any, b'_') => Next::AfterUnderscore,
+            (Next::Any | Next::AfterDash, b'-') => Next::AfterDash,
+            (Next::AfterUnderscore, b'_') => Next::Alnum,
+            _ => return false,
+        };
     }
-    if registry == DOCKER_HUB && !repository.contains('/') {
-        repository = format!("{DOCKER_HUB_OFFICIAL}/{repository}");
+    next == Next::Any
+}
+
+/// Whether `tag` is `[\w][\w.-]{0,127}`; characters beyond ASCII count as `\w` here, so that
+/// [`parse_parts`] can reject them as [`ImageError::Tag`] rather than as a bad format.
+fn is_tag(tag: &str) -> bool {
+    let word = |c: char| !c.is_ascii() || c.is_ascii_alphanumeric() || c == '_';
+    let mut chars = tag.chars();
+    chars.next().is_some_and(word)
+        && chars.all(|c| word(c) || c == '.' || c == '-')
+        && (tag.len() <= TAG_MAX || tag.chars().count() <= TAG_MAX)
+}
+
+/// Whether `digest` is `algorithm:hex` of the grammar: algorithm components
+/// `[A-Za-z][A-Za-z0-9]*` joined by one of `-_+.`, and at least 32 hex digits of either case.
+fn is_digest(digest: &str) -> bool {
+    let Some((algorithm, hex)) = digest.split_once(':') else {
+        return false;
+    };
+    let component = |c: &str| {
+        c.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+            && c.bytes().all(|b| b.is_ascii_alphanumeric())
+    };
+    hex.len() >= DIGEST_HEX_MIN
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && algorithm.split(['-', '_', '+', '.']).all(component)
+}
+
+/// Checks the algorithm of a digest that follows the grammar and the length of its hex part.
+fn check_digest_length(digest: &str) -> Result<(), ImageError> {
+    let Some((algorithm, hex)) = digest.split_once(':') else {
+        return Err(ImageError::DigestFormat);
+    };
+    let (algorithm, expected) = match algorithm {
+        "sha256" => ("sha256", 64),
+        "sha384" => ("sha384", 96),
+        "sha512" => ("sha512", 128),
+        _ => return Err(ImageError::DigestAlgorithm),
+    };
+    if hex.len() == expected {
+        Ok(())
+    } else {
+        Err(ImageError::DigestLength { algorithm, expected, actual: hex.len() })
     }
-    if !is_host(&registry) {
-        return Err(ImageError::Host);
-    }
-    if registry.len() + 1 + repository.len() > NAME_MAX {
-        return Err(ImageError::NameTooLong);
-    }
-    let tag = reference.tag().map(str::to_owned);
-    if let Some(tag) = &tag {
-        // The grammar's `\w` is ASCII; the regex crate's is Unicode.
-        if !tag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
-            return Err(ImageError::Tag);
-        }
-    }
-    let digest = reference.digest().map(str::to_owned);
-    if let Some(digest) = &digest {
-        let hex = digest.split_once(':').map_or("", |(_, hex)| hex);
-        if !is_lower_hex(hex) {
-            return Err(ImageError::DigestHex);
-        }
-    }
-    Ok(ImageRef { registry, repository, tag, digest })
 }
 
 /// Whether `host` is `name[:port]` with a valid lowercase DNS-style name.
 pub(crate) fn is_host(host: &str) -> bool {
-    let (name, port) = match host.split_once(':') {
-        Some((name, port)) => (name, Some(port)),
-        None => (host, None),
+    host_follows(host, u8::is_ascii_lowercase)
+}
+
+/// Whether `host` is `name[:port]` with a valid DNS-style name of any case.
+fn is_host_of_any_case(host: &str) -> bool {
+    host_follows(host, u8::is_ascii_alphabetic)
+}
+
+fn host_follows(host: &str, letter: fn(&u8) -> bool) -> bool {
+    let (name, port) = match host.bytes().position(|b| b == b':') {
+        Some(colon) => (&host.as_bytes()[..colon], Some(&host.as_bytes()[colon + 1..])),
+        None => (host.as_bytes(), None),
     };
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    port_ok && !name.is_empty() && name.split('.').all(is_host_label)
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.iter().all(u8::is_ascii_digit));
+    // Labels of letters, digits and inner `-`, joined by `.`; one pass, tracking the byte
+    // before, which starts as a `.` so that an empty first label fails like any other.
+    let mut before = b'.';
+    for &b in name {
+        let valid = match b {
+            b'.' => !matches!(before, b'.' | b'-'),
+            b'-' => before != b'.',
+            _ => letter(&b) || b.is_ascii_digit(),
+        };
+        if !valid {
+            return false;
+        }
+        before = b;
+    }
+    port_ok && !matches!(before, b'.' | b'-')
 }
 
 /// Whether `component` is one repository path component of the grammar:
@@ -236,24 +552,14 @@ pub(crate) fn is_path_component(component: &str) -> bool {
         while i < bytes.len() && !alnum(bytes[i]) {
             i += 1;
         }
-        let separator = &component[start..i];
-        let valid = matches!(separator, "." | "_" | "__") || separator.bytes().all(|b| b == b'-');
+        let separator = &bytes[start..i];
+        let valid =
+            matches!(separator, b"." | b"_" | b"__") || separator.iter().all(|&b| b == b'-');
         if !valid {
             return false;
         }
     }
     true
-}
-
-fn is_host_label(label: &str) -> bool {
-    let bytes = label.as_bytes();
-    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    match (bytes.first(), bytes.last()) {
-        (Some(first), Some(last)) => {
-            alnum(first) && alnum(last) && bytes.iter().all(|b| alnum(b) || *b == b'-')
-        }
-        _ => false,
-    }
 }
 
 fn is_lower_hex(s: &str) -> bool {
@@ -264,40 +570,8 @@ fn has_uppercase(s: &str) -> bool {
     s.bytes().any(|b| b.is_ascii_uppercase())
 }
 
-/// Turns oci-spec's terse error into one that says which part is wrong.
-fn diagnose(input: &str, error: ParseError) -> ImageError {
-    match error {
-        ParseError::NameEmpty => ImageError::Empty,
-        ParseError::NameTooLong => ImageError::NameTooLong,
-        ParseError::TagInvalidFormat => ImageError::Tag,
-        ParseError::NameContainsUppercase => ImageError::Uppercase,
-        ParseError::DigestUnsupported => ImageError::DigestAlgorithm,
-        ParseError::DigestInvalidFormat => ImageError::DigestFormat,
-        ParseError::DigestInvalidLength => digest_length(input),
-        ParseError::ReferenceInvalidFormat => {
-            if has_uppercase(repository_path(input)) {
-                ImageError::Uppercase
-            } else {
-                ImageError::Format
-            }
-        }
-    }
-}
-
-fn digest_length(input: &str) -> ImageError {
-    let digest = input.rsplit_once('@').map_or("", |(_, digest)| digest);
-    let (algorithm, hex) = digest.split_once(':').unwrap_or(("", digest));
-    let (algorithm, expected) = match algorithm {
-        "sha256" => ("sha256", 64),
-        "sha384" => ("sha384", 96),
-        "sha512" => ("sha512", 128),
-        _ => return ImageError::DigestFormat,
-    };
-    ImageError::DigestLength { algorithm, expected, actual: hex.len() }
-}
-
 /// The written repository path: without digest, tag and (when the first element names one)
-/// registry host.
+/// registry host. Used to say "uppercase" rather than "bad format" when that is the mistake.
 fn repository_path(input: &str) -> &str {
     let name = input.split_once('@').map_or(input, |(name, _)| name);
     let name = match name.rfind(':') {
@@ -465,6 +739,40 @@ mod tests {
     }
 
     #[test]
+    fn whole_paths_are_scanned_as_their_components_are() {
+        let paths = [
+            "a",
+            "a___b",
+            "a__b",
+            "a_b",
+            "a_-b",
+            "a-_b",
+            "a._b",
+            "a--b",
+            "a.b",
+            "a..b",
+            "a-",
+            "_a",
+            "a/b",
+            "a//b",
+            "a/",
+            "/a",
+            "a/-b",
+            "a_/b",
+            "a/__b",
+            "a/b__c/d-e",
+            "A",
+            "a.B",
+            "aé",
+            "",
+        ];
+        for path in paths {
+            let expected = path.split('/').all(is_path_component);
+            assert_eq!(is_path(path), expected, "{path:?}");
+        }
+    }
+
+    #[test]
     fn hosts_follow_the_grammar() {
         for ok in ["a", "a.b", "a-b.c", "host:5000", "127.0.0.1:80"] {
             assert!(is_host(ok), "{ok}");
@@ -511,5 +819,279 @@ mod tests {
             })
             .count();
         assert!(parsed > 40, "only {parsed} of 200 generated references parse");
+    }
+
+    #[test]
+    fn non_ascii_tags_are_tag_errors() {
+        let cases: Vec<(String, ImageError)> = vec![
+            ("nginx:t€g".into(), ImageError::Tag),
+            (format!("nginx:tæg@sha256:{HEX}"), ImageError::Tag),
+            (format!("nginx:{}", "æ".repeat(128)), ImageError::Tag),
+            // The limit counts characters, not bytes.
+            (format!("nginx:{}", "æ".repeat(129)), ImageError::Format),
+            ("Nginx:tæg".into(), ImageError::Uppercase),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse(&input), Err(expected), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn digest_grammar_is_checked_before_the_algorithm() {
+        let cases: Vec<(String, ImageError)> = vec![
+            (format!("repo@sha256+b64:{HEX}"), ImageError::DigestAlgorithm),
+            (format!("repo@SHA256:{HEX}"), ImageError::DigestAlgorithm),
+            (
+                format!("repo@sha256:{HEX}{HEX}"),
+                ImageError::DigestLength { algorithm: "sha256", expected: 64, actual: 128 },
+            ),
+            (
+                format!("repo@sha512:{HEX}"),
+                ImageError::DigestLength { algorithm: "sha512", expected: 128, actual: 64 },
+            ),
+            (format!("repo@1sha:{HEX}"), ImageError::Format),
+            (format!("repo@sha--256:{HEX}"), ImageError::Format),
+            (format!("repo@:{HEX}"), ImageError::Format),
+            (format!("repo@sha256:{HEX}@sha256:{HEX}"), ImageError::Format),
+            (format!("repo@sha256:{}g", &HEX[1..]), ImageError::Format),
+            // The grammar wants at least 32 hex digits before the algorithm's length applies.
+            (format!("repo@sha256:{}", &HEX[..31]), ImageError::Format),
+            (
+                format!("repo@sha256:{}", &HEX[..32]),
+                ImageError::DigestLength { algorithm: "sha256", expected: 64, actual: 32 },
+            ),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse(&input), Err(expected), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn borrowed_parts_compare_as_the_normalised_reference_does() {
+        let under = [
+            ("nginx", "library", true),
+            ("nginx", "library/nginx", true),
+            ("DOCKER.IO/nginx", "library/nginx", true),
+            ("nginx", "library/ng", false),
+            ("nginx", "library/", false),
+            ("nginx", "lib", false),
+            ("nginx", "libraryx", false),
+            ("nginx", "library/nginx/x", false),
+            ("nginx", "nginx", false),
+            ("bitnami/nginx", "bitnami", true),
+            ("bitnami/nginx", "library", false),
+            ("library/nginx", "library", true),
+            ("host.io/a/b", "a", true),
+            ("host.io/a/b", "a/b", true),
+            ("host.io/ab", "a", false),
+            ("host.io/a/b", "a/", false),
+        ];
+        for (image, prefix, expected) in under {
+            let parts = parse_parts(image).expect("valid");
+            assert_eq!(parts.repository_is_under(prefix), expected, "{image} under {prefix}");
+        }
+        let registry = [
+            ("nginx", "docker.io", true),
+            ("DOCKER.IO/nginx", "docker.io", true),
+            ("Index.Docker.io/x/y", "docker.io", true),
+            ("index.docker.io/x/y", "index.docker.io", false),
+            ("Contoso.io/x", "contoso.io", true),
+            ("localhost:5000/x", "localhost:5000", true),
+            ("localhost:5000/x", "localhost", false),
+            ("contoso.io.evil.com/x", "contoso.io", false),
+        ];
+        for (image, host, expected) in registry {
+            let parts = parse_parts(image).expect("valid");
+            assert_eq!(parts.registry_is(host), expected, "{image} from {host}");
+        }
+    }
+
+    /// The oci-spec based parser this module's hand-written one replaced, kept as an oracle.
+    mod oracle {
+        use oci_spec::distribution::{ParseError, Reference};
+
+        use super::super::{
+            DOCKER_HUB, DOCKER_HUB_LEGACY, ImageError, ImageRef, NAME_MAX, has_uppercase, is_host,
+            is_lower_hex, repository_path,
+        };
+
+        pub(super) fn parse(input: &str) -> Result<ImageRef, ImageError> {
+            if input.trim().is_empty() {
+                return Err(ImageError::Empty);
+            }
+            if input.chars().any(char::is_whitespace) {
+                return Err(ImageError::Whitespace);
+            }
+            if input.contains("://") {
+                return Err(ImageError::Scheme);
+            }
+            if input.len() == 64 && is_lower_hex(input) {
+                return Err(ImageError::IdentifierOnly);
+            }
+            let reference = Reference::try_from(input).map_err(|e| diagnose(input, e))?;
+            if has_uppercase(reference.repository()) {
+                return Err(ImageError::Uppercase);
+            }
+            let mut registry = reference.registry().to_ascii_lowercase();
+            let mut repository = reference.repository().to_owned();
+            if registry == DOCKER_HUB_LEGACY {
+                registry = DOCKER_HUB.to_owned();
+            }
+            if registry == DOCKER_HUB && !repository.contains('/') {
+                repository = format!("library/{repository}");
+            }
+            if !is_host(&registry) {
+                return Err(ImageError::Host);
+            }
+            if registry.len() + 1 + repository.len() > NAME_MAX {
+                return Err(ImageError::NameTooLong);
+            }
+            let tag = reference.tag();
+            if tag.is_some_and(|tag| {
+                !tag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            }) {
+                return Err(ImageError::Tag);
+            }
+            let digest = reference.digest();
+            if let Some(digest) = digest {
+                let hex = digest.split_once(':').map_or("", |(_, hex)| hex);
+                if !is_lower_hex(hex) {
+                    return Err(ImageError::DigestHex);
+                }
+            }
+            let registry_end = registry.len();
+            let mut text = format!("{registry}/{repository}");
+            let name_end = text.len();
+            if let Some(tag) = tag {
+                text = format!("{text}:{tag}");
+            }
+            let tag_end = text.len();
+            if let Some(digest) = digest {
+                text = format!("{text}@{digest}");
+            }
+            Ok(ImageRef { text, registry_end, name_end, tag_end })
+        }
+
+        fn diagnose(input: &str, error: ParseError) -> ImageError {
+            match error {
+                ParseError::NameEmpty => ImageError::Empty,
+                ParseError::NameTooLong => ImageError::NameTooLong,
+                ParseError::TagInvalidFormat => ImageError::Tag,
+                ParseError::NameContainsUppercase => ImageError::Uppercase,
+                ParseError::DigestUnsupported => ImageError::DigestAlgorithm,
+                ParseError::DigestInvalidFormat => ImageError::DigestFormat,
+                ParseError::DigestInvalidLength => {
+                    let digest = input.rsplit_once('@').map_or("", |(_, digest)| digest);
+                    let (algorithm, hex) = digest.split_once(':').unwrap_or(("", digest));
+                    let (algorithm, expected) = match algorithm {
+                        "sha256" => ("sha256", 64),
+                        "sha384" => ("sha384", 96),
+                        "sha512" => ("sha512", 128),
+                        _ => return ImageError::DigestFormat,
+                    };
+                    ImageError::DigestLength { algorithm, expected, actual: hex.len() }
+                }
+                ParseError::ReferenceInvalidFormat => {
+                    if has_uppercase(repository_path(input)) {
+                        ImageError::Uppercase
+                    } else {
+                        ImageError::Format
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where this parser and the oci-spec oracle may name different errors for one input
+    /// (both still reject it): a tag with non-ASCII characters, which the oracle calls a bad
+    /// format unless they are Unicode `\w`; and an uppercase spelling of Docker Hub before a
+    /// single-element repository, whose length the oracle checks without `library/` and so
+    /// after the digest.
+    fn differs_by_design(input: &str) -> bool {
+        let rest = input.split_once('@').map_or(input, |(rest, _)| rest);
+        let non_ascii_tag = rest
+            .rfind(':')
+            .is_some_and(|colon| !rest[colon..].contains('/') && !rest[colon..].is_ascii());
+        let uppercase_hub = rest.split_once('/').is_some_and(|(first, repository)| {
+            (first.eq_ignore_ascii_case(DOCKER_HUB)
+                || first.eq_ignore_ascii_case(DOCKER_HUB_LEGACY))
+                && has_uppercase(first)
+                && !repository.contains('/')
+        });
+        non_ascii_tag || uppercase_hub
+    }
+
+    fn agrees_with_oracle(input: &str) -> Result<(), TestCaseError> {
+        let ours = parse(input);
+        let theirs = oracle::parse(input);
+        if ours != theirs {
+            prop_assert!(
+                ours.is_err() && theirs.is_err() && differs_by_design(input),
+                "{input:?}: ours {ours:?}, oci-spec's {theirs:?}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Near-references: valid and invalid hosts, separators, cases, tags and digests.
+    const NEAR_REFERENCE: &str = "((([a-zA-Z0-9_-]{1,4}\\.){0,2}[a-zA-Z0-9_-]{1,4}|localhost|LOCALHOST|DOCKER\\.IO|index\\.docker\\.io)(:[0-9a-z]{0,3})?/)?([a-zA-Z0-9]{1,3}([._-]{1,3}[a-zA-Z0-9]{1,3}){0,2}/){0,2}[a-zA-Z0-9]{1,3}(:[a-zA-Z0-9_.æ€-]{0,5})?(@(sha256|sha512|[a-zA-Z0-9+._-]{0,7})(:[0-9a-fA-F]{28,130})?)?";
+    /// Names around the 255-character limit, with and without registry, tag and digest.
+    const LONG_REFERENCE: &str = "((index\\.)?(docker|DOCKER)\\.(io|IO)/|[a-z]{1,3}\\.io/)?([a-z]{120,130}/)?[a-z]{110,140}(:[a-z]{1,3})?(@sha(256|512):[0-9a-fA-F]{62,66})?";
+
+    proptest! {
+        #[test]
+        fn oci_spec_agrees_on_reference_like_strings(input in REFERENCE_LIKE) {
+            agrees_with_oracle(&input)?;
+        }
+
+        #[test]
+        fn oci_spec_agrees_on_near_references(input in NEAR_REFERENCE) {
+            agrees_with_oracle(&input)?;
+        }
+
+        #[test]
+        fn oci_spec_agrees_on_short_strings_of_reference_characters(
+            input in "[a-zA-Z0-9._:/@+æ-]{0,24}",
+        ) {
+            agrees_with_oracle(&input)?;
+        }
+
+        #[test]
+        fn oci_spec_agrees_on_long_names(input in LONG_REFERENCE) {
+            agrees_with_oracle(&input)?;
+        }
+
+        #[test]
+        fn oci_spec_agrees_on_arbitrary_strings(input in any::<String>()) {
+            agrees_with_oracle(&input)?;
+        }
+
+        #[test]
+        fn borrowed_parts_agree_with_the_owned_reference(
+            input in REFERENCE_LIKE,
+            other in REFERENCE_LIKE,
+            depth in 0usize..4,
+            prefix in "library|library/[a-z0-9]{1,2}|[a-z0-9]{1,3}(/[a-z0-9]{1,3})?",
+        ) {
+            let Ok(parts) = parse_parts(&input) else {
+                return Ok(());
+            };
+            let owned = parts.to_image_ref();
+            prop_assert_eq!(parse(&input), Ok(owned.clone()));
+            prop_assert!(parts.registry_is(owned.registry()));
+            prop_assert!(parts.pulls_same_as(&owned));
+            let components: Vec<&str> = owned.repository().split('/').collect();
+            let own_prefix = components[..depth.min(components.len())].join("/");
+            for prefix in [prefix.as_str(), own_prefix.as_str()] {
+                let expected = owned
+                    .repository()
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+                prop_assert_eq!(parts.repository_is_under(prefix), expected, "{} under {}", owned, prefix);
+            }
+            if let Ok(other) = parse(&other) {
+                prop_assert_eq!(parts.pulls_same_as(&other), owned.pulls_same_as(&other), "{}", other);
+            }
+        }
     }
 }

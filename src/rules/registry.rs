@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::image::{self, ImageRef};
+use super::image::{self, ImageParts, ImageRef};
 use super::{FieldError, Findings};
 use crate::admission::objects::ContainerRef;
 use crate::admission::view::{PodView, RequestView, Subject};
@@ -113,37 +113,63 @@ impl TrustedRegistries {
         findings
     }
 
+    /// Checks one image; the passing path allocates nothing: messages are built only for a
+    /// violation.
     fn check(&self, container: ContainerRef<'_>, image: &str, violations: &mut Vec<String>) {
-        let subject = format!("{} {:?}", container.list.noun(), container.container.name);
-        let shown = shown(image);
-        let parsed = match image::parse(image) {
+        let subject = || format!("{} {:?}", container.list.noun(), container.container.name);
+        let parsed = match image::parse_parts(image) {
             Ok(parsed) => parsed,
             Err(why) => {
-                violations
-                    .push(format!("{subject} has an invalid image reference {shown:?}: {why}"));
+                violations.push(format!(
+                    "{} has an invalid image reference {:?}: {why}",
+                    subject(),
+                    shown(image)
+                ));
                 return;
             }
         };
-        if self.exempt.iter().any(|exempt| exempt.pulls_same_as(&parsed)) {
+        if self.exempt.iter().any(|exempt| parsed.pulls_same_as(exempt)) {
             return;
         }
-        let uses = format!("{subject} uses image {shown:?} ({parsed})");
-        if !self.trusted.iter().any(|trusted| trusted.admits(&parsed)) {
+        let trusted = self.trusted.iter().any(|trusted| trusted.admits(&parsed));
+        let unpinned = if self.require_digest { unpinned(&parsed) } else { None };
+        if trusted && unpinned.is_none() {
+            return;
+        }
+        let normalized = parsed.to_image_ref();
+        let uses = format!("{} uses image {:?} ({normalized})", subject(), shown(image));
+        if !trusted {
             violations.push(format!(
                 "{uses}, which is not from a trusted registry; use an image from {}",
                 self.listed
             ));
         }
-        if self.require_digest {
-            let pinned = format!("{}@sha256:<digest>", parsed.name());
-            match parsed.digest().and_then(|d| d.split_once(':')) {
-                Some(("sha256", _)) => {}
-                Some((algorithm, _)) => violations.push(format!(
+        if let Some(unpinned) = unpinned {
+            let pinned = format!("{}@sha256:<digest>", normalized.name());
+            violations.push(match unpinned {
+                Unpinned::Algorithm(algorithm) => format!(
                     "{uses}, which is pinned by a {algorithm} digest but only sha256 digests are accepted; use {pinned}"
-                )),
-                None => violations.push(format!("{uses}, which is not pinned by digest; use {pinned}")),
-            }
+                ),
+                Unpinned::NoDigest => format!("{uses}, which is not pinned by digest; use {pinned}"),
+            });
         }
+    }
+}
+
+/// Why an image does not meet `requireDigest`.
+enum Unpinned<'a> {
+    /// Pinned by a digest of another algorithm than sha256.
+    Algorithm(&'a str),
+    /// Not pinned by digest at all.
+    NoDigest,
+}
+
+/// Why the image is not pinned by a sha256 digest, if it is not.
+fn unpinned<'a>(image: &ImageParts<'a>) -> Option<Unpinned<'a>> {
+    match image.digest().and_then(|digest| digest.split_once(':')) {
+        Some(("sha256", _)) => None,
+        Some((algorithm, _)) => Some(Unpinned::Algorithm(algorithm)),
+        None => Some(Unpinned::NoDigest),
     }
 }
 
@@ -236,17 +262,9 @@ impl Trusted {
     }
 
     /// Whether the image comes from this registry (and, with a prefix, from under it).
-    fn admits(&self, image: &ImageRef) -> bool {
-        if !image.registry().eq_ignore_ascii_case(&self.host) {
-            return false;
-        }
-        let Some(prefix) = &self.prefix else {
-            return true;
-        };
-        match image.repository().strip_prefix(prefix.as_str()) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/'),
-            None => false,
-        }
+    fn admits(&self, image: &ImageParts<'_>) -> bool {
+        image.registry_is(&self.host)
+            && self.prefix.as_deref().is_none_or(|prefix| image.repository_is_under(prefix))
     }
 }
 
