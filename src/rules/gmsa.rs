@@ -128,7 +128,7 @@ impl Gmsa {
     /// The credential spec names the object under review uses (for the shell to look up and
     /// authorize before evaluation).
     pub fn credential_spec_names(view: &RequestView) -> BTreeSet<String> {
-        let Some(pod) = view.pod() else { return BTreeSet::new() };
+        let Some(pod) = view.pod().filter(|p| uses_gmsa(&p.spec)) else { return BTreeSet::new() };
         let pointer = pod.spec_pointer();
         sites(&pod.spec, &pointer).iter().filter_map(|s| s.name().map(str::to_owned)).collect()
     }
@@ -141,6 +141,11 @@ impl Gmsa {
     pub fn validate(&self, view: &RequestView, facts: &dyn Facts) -> Findings {
         let mut findings = Findings::default();
         let Some(pod) = view.pod() else { return findings };
+        // Most pods are Linux pods without gMSA: nothing to check, nothing to allocate.
+        let old_uses_gmsa = pod.old.as_ref().is_some_and(|old| uses_gmsa(&old.spec));
+        if !uses_gmsa(&pod.spec) && !old_uses_gmsa && os::detect(&pod.spec) == Os::Linux {
+            return findings;
+        }
         let spec_pointer = pod.spec_pointer();
         let sites = sites(&pod.spec, &spec_pointer);
         let old = pod.old.as_deref().filter(|_| view.kind.is_pod());
@@ -263,6 +268,9 @@ impl Gmsa {
             return Vec::new();
         }
         let Some(pod) = view.pod() else { return Vec::new() };
+        if !uses_gmsa(&pod.spec) {
+            return Vec::new();
+        }
         let spec_pointer = pod.spec_pointer();
         let old = pod.old.as_deref();
         sites(&pod.spec, &spec_pointer)
@@ -283,6 +291,15 @@ impl Gmsa {
             })
             .collect()
     }
+}
+
+/// Whether any `windowsOptions` of the spec names or inlines a credential spec.
+fn uses_gmsa(spec: &PodSpec) -> bool {
+    let sets = |o: Option<&WindowsOptions>| {
+        o.is_some_and(|o| o.gmsa_credential_spec_name.is_some() || o.gmsa_credential_spec.is_some())
+    };
+    sets(spec.windows_options())
+        || spec.all_containers().any(|c| sets(c.container.windows_options()))
 }
 
 /// Whether `name` is a valid object name (RFC 1123 DNS subdomain).
