@@ -172,7 +172,7 @@ pub fn decide(
                 })
                 .collect();
             summary.audits = evaluation.audits();
-            response.warnings = evaluation.warnings();
+            response.warnings = capped(evaluation.warnings());
             summary.denials = evaluation.denials();
             if evaluation.is_denied() {
                 response.allowed = false;
@@ -211,7 +211,13 @@ pub fn decide(
     Ok(Decision { response, summary })
 }
 
-/// The message a denied user reads: what was denied, then each violation and what to change.
+/// Violations listed in one denial message, and warnings in one response: the message goes to
+/// kubectl, the audit log and events, so a pod with thousands of bad containers must not make
+/// it megabytes long.
+pub const MAX_LISTED: usize = 50;
+
+/// The message a denied user reads: what was denied, then each violation and what to change
+/// (at most [`MAX_LISTED`], then how many more).
 pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
     let mut message = format!(
         "arcguard denied {} {} {}:",
@@ -219,9 +225,37 @@ pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
         view.kind.as_str(),
         view.display_name()
     );
-    for denial in denials {
+    for denial in denials.iter().take(MAX_LISTED) {
         message.push_str("\n- ");
         message.push_str(denial);
     }
+    if denials.len() > MAX_LISTED {
+        message.push_str(&format!("\n- and {} more violations", denials.len() - MAX_LISTED));
+    }
     message
+}
+
+/// At most [`MAX_LISTED`] warnings, then one saying how many more.
+fn capped(mut warnings: Vec<String>) -> Vec<String> {
+    if warnings.len() > MAX_LISTED {
+        let more = warnings.len() - MAX_LISTED;
+        warnings.truncate(MAX_LISTED);
+        warnings.push(format!("and {more} more warnings"));
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_beyond_the_cap_are_counted_not_listed() {
+        let few: Vec<String> = (0..3).map(|i| format!("w{i}")).collect();
+        assert_eq!(capped(few.clone()), few);
+        let many: Vec<String> = (0..MAX_LISTED + 7).map(|i| format!("w{i}")).collect();
+        let capped = capped(many);
+        assert_eq!(capped.len(), MAX_LISTED + 1);
+        assert_eq!(capped[MAX_LISTED], "and 7 more warnings");
+    }
 }
