@@ -100,6 +100,13 @@ impl Arcguard {
         }
     }
 
+    /// Kills it with SIGKILL (a crash: no graceful shutdown).
+    pub fn kill(&mut self) {
+        if let Some(process) = self.process.as_mut() {
+            process.kill();
+        }
+    }
+
     /// Whether `/readyz` answers 200.
     pub async fn is_ready(&self) -> bool {
         let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);

@@ -34,13 +34,22 @@ pub const UNTRUSTED_MESSAGE: &str = "which is not from a trusted registry";
 pub struct ClusterOptions {
     /// Appended to arcguard's command line.
     pub arcguard_args: Vec<String>,
-    /// Install `manifests/components/policies` and wait until arcguard enforces them.
-    pub sample_policies: bool,
+    /// Wait until arcguard is ready, install `manifests/components/policies` and wait until
+    /// arcguard enforces them. Off: return as soon as arcguard answers `/healthz`.
+    pub ready: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { arcguard_args: Vec::new(), sample_policies: true }
+        Self { arcguard_args: Vec::new(), ready: true }
+    }
+}
+
+impl ClusterOptions {
+    /// The defaults with these arcguard arguments.
+    #[must_use]
+    pub fn with_args(args: &[&str]) -> Self {
+        Self { arcguard_args: args.iter().map(|a| (*a).to_owned()).collect(), ..Self::default() }
     }
 }
 
@@ -93,8 +102,8 @@ impl Cluster {
         }
         let mut cluster = Self { arcguard, control_plane };
         cluster.arcguard.start().await?;
-        cluster.arcguard.wait_ready(Duration::from_secs(90)).await?;
-        if options.sample_policies {
+        if options.ready {
+            cluster.arcguard.wait_ready(Duration::from_secs(90)).await?;
             cluster.install_sample_policies(&client).await?;
             wait_for_enforcement(&client, Duration::from_secs(60))
                 .await
@@ -133,7 +142,10 @@ impl Cluster {
 
     /// Applies the sample policies (retrying while the fail-closed policies webhook is not
     /// reachable yet).
-    async fn install_sample_policies(&self, client: &kube::Client) -> Result<()> {
+    ///
+    /// # Errors
+    /// When a policy is still refused after a minute.
+    pub async fn install_sample_policies(&self, client: &kube::Client) -> Result<()> {
         let dir = repo_root().join("manifests/components/policies");
         let kustomization: Value =
             serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml"))?)?;

@@ -15,5 +15,5 @@ pub mod process;
 
 pub use cluster::{
     Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, apply_yaml, denial, eventually, namespace,
-    pod, shared,
+    pod, shared, wait_for_enforcement, webhook_configurations,
 };

@@ -161,6 +161,13 @@ impl Proc {
         self.done
     }
 
+    /// Kills the group with SIGKILL at once (a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        if self.exited().is_none() {
+            self.kill_now();
+        }
+    }
+
     /// The last `lines` lines of the log.
     #[must_use]
     pub fn log_tail(&self, lines: usize) -> String {
