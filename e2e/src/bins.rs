@@ -86,6 +86,7 @@ fn build_arcguard() -> Result<PathBuf> {
         .current_dir(&root)
         .args([
             "build",
+            "--locked",
             "-p",
             "arcguard",
             "--bin",

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::discovery::Scope;
@@ -94,9 +94,29 @@ impl Cluster {
         )
         .await?;
 
+        // arcguard runs as its own ServiceAccount with the shipped RBAC, so a call the RBAC
+        // does not grant fails here as it would in a cluster.
+        apply_yaml(
+            &client,
+            &std::fs::read_to_string(repo_root().join("manifests/base/rbac.yaml"))?,
+        )
+        .await
+        .context("installing arcguard's RBAC")?;
+        let token = Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
+            .create_token_request(
+                "arcguard",
+                &PostParams::default(),
+                &serde_json::from_value(json!({"spec": {"expirationSeconds": 86400}}))?,
+            )
+            .await
+            .context("requesting a token for arcguard's ServiceAccount")?
+            .status
+            .and_then(|s| s.token)
+            .ok_or_else(|| anyhow!("the TokenRequest returned no token"))?;
+        let kubeconfig = control_plane.dir().join("arcguard.kubeconfig");
+        control_plane.write_token_kubeconfig(&kubeconfig, &token)?;
         let log = control_plane.dir().join("arcguard.log");
-        let arcguard =
-            Arcguard::new(control_plane.kubeconfig.clone(), log, &options.arcguard_args)?;
+        let arcguard = Arcguard::new(kubeconfig, log, &options.arcguard_args)?;
         for configuration in webhook_configurations(&arcguard.url())? {
             apply(&client, &configuration).await.context("registering the webhooks")?;
         }

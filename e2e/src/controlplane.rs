@@ -170,6 +170,21 @@ pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+impl ControlPlane {
+    /// Writes a kubeconfig that authenticates with `token` (a ServiceAccount's) to `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_token_kubeconfig(&self, path: &Path, token: &str) -> Result<()> {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority-data: {}\nusers:\n- name: token\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: token\ncurrent-context: e2e\n",
+            self.port,
+            STANDARD.encode(&self.pki.ca.cert_pem),
+        );
+        std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
 fn kubeconfig_yaml(server: &str, pki: &ControlPlanePki) -> String {
     let b64 = |text: &str| STANDARD.encode(text);
     format!(

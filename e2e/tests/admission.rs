@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
-use arcguard::policy::crd::ClusterGuardPolicy;
+use arcguard::policy::crd::{ClusterGuardPolicy, GuardPolicy};
 use arcguard_e2e::{UNTRUSTED_MESSAGE, apply, denial, eventually, namespace, pod, shared};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{EphemeralContainer, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -276,9 +277,17 @@ async fn an_invalid_policy_is_refused_with_a_message_naming_the_field() {
 async fn a_warn_policy_admits_with_a_warning_to_the_client() {
     run(|client| async move {
         let ns = namespace(&client, "policy-warn", &[]).await?;
-        let name = format!("e2e-{ns}");
-        apply(&client, &registries_policy(&name, &ns, "Warn", &["contoso.azurecr.io/team-a"]))
-            .await?;
+        // A namespaced GuardPolicy this time: it applies to its own namespace only.
+        let name = "warn-team-a".to_owned();
+        apply(
+            &client,
+            &json!({
+                "apiVersion": "arcguard.io/v1alpha1", "kind": "GuardPolicy",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"action": "Warn", "trustedRegistries": {"registries": ["contoso.azurecr.io/team-a"]}}
+            }),
+        )
+        .await?;
         let body = serde_json::to_vec(&pod("warned", "contoso.azurecr.io/team-z/app:1"))?;
         let post = |dry_run: bool| {
             let query = if dry_run { "?dryRun=All" } else { "" };
@@ -313,6 +322,32 @@ async fn a_warn_policy_admits_with_a_warning_to_the_client() {
             .find(|w| w.contains(&name))
             .ok_or_else(|| anyhow!("no warning: {found:?}"))?;
         ensure!(warning.contains("team-z/app"), "the warning says what is wrong: {warning}");
+        let policies: Api<GuardPolicy> = Api::namespaced(client.clone(), &ns);
+        eventually(PROPAGATION, || async {
+            let status = policies.get(&name).await?.status.unwrap_or_default();
+            let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            ensure!(ready && status.observed_generation == Some(1), "GuardPolicy status: {status:?}");
+            Ok(())
+        })
+        .await?;
+        // Other namespaces are not its business.
+        let elsewhere = namespace(&client, "policy-warn-elsewhere", &[]).await?;
+        let post = http::Request::post(format!("/api/v1/namespaces/{elsewhere}/pods?dryRun=All"))
+            .header("content-type", "application/json")
+            .body(kube::client::Body::from(body.clone()))?;
+        let found = warnings(&client.send(post).await?);
+        ensure!(found.is_empty(), "a GuardPolicy warned outside its namespace: {found:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_sample_policies_are_ready() {
+    run(|client| async move {
+        for name in ["trusted-registries", "windows-gmsa", "calico-linux-only"] {
+            ready_for_current_generation(&client, name).await?;
+        }
         Ok(())
     })
     .await;
@@ -620,7 +655,8 @@ async fn arcguard_creates_its_secret_and_the_webhooks_ca_bundle() {
 
         let validating =
             Api::<ValidatingWebhookConfiguration>::all(client.clone()).get("arcguard").await?;
-        let mutating = Api::<MutatingWebhookConfiguration>::all(client).get("arcguard").await?;
+        let mutating =
+            Api::<MutatingWebhookConfiguration>::all(client.clone()).get("arcguard").await?;
         let mut bundles: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         for webhook in validating.webhooks.unwrap_or_default() {
             bundles.push((webhook.name, webhook.client_config.ca_bundle.map(|b| b.0)));
@@ -633,6 +669,12 @@ async fn arcguard_creates_its_secret_and_the_webhooks_ca_bundle() {
             "three webhooks: {:?}",
             bundles.iter().map(|b| &b.0).collect::<Vec<_>>()
         );
+        let lease =
+            Api::<Lease>::namespaced(client.clone(), "arcguard-system").get("arcguard").await?;
+        let holder = lease.spec.and_then(|s| s.holder_identity);
+        ensure!(holder.as_deref() == Some("e2e-0"), "the Lease is held by arcguard: {holder:?}");
+        let leader = shared().arcguard.metric("arcguard_leader").await?;
+        ensure!((leader - 1.0).abs() < f64::EPSILON, "arcguard_leader {leader}");
         for (name, ca_bundle) in bundles {
             ensure!(
                 ca_bundle.as_ref() == Some(bundle),

@@ -272,7 +272,7 @@ async fn revocation(cluster: &Cluster) -> Result<()> {
     let secret = Api::<Secret>::namespaced(client.clone(), NS).get(SECRET).await?;
     let annotations = secret.metadata.annotations.unwrap_or_default();
     ensure!(
-        annotations.get("arcguard.io/revoke").is_some()
+        annotations.contains_key("arcguard.io/revoke")
             && annotations.get("arcguard.io/revoke")
                 == annotations.get("arcguard.io/revoke-handled"),
         "the request is marked handled: {annotations:?}"
