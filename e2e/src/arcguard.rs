@@ -17,6 +17,7 @@ pub const NAMESPACE: &str = "arcguard-system";
 pub struct Arcguard {
     process: Option<Proc>,
     command: Vec<String>,
+    extra_args: Vec<String>,
     kubeconfig: PathBuf,
     log: PathBuf,
     /// The HTTPS webhook port on 127.0.0.1.
@@ -27,19 +28,24 @@ pub struct Arcguard {
 }
 
 impl Arcguard {
-    /// Picks the ports; [`Arcguard::start`] runs it. `extra_args` are appended to the
-    /// command line.
+    /// Picks the ports; [`Arcguard::start`] runs it as replica `identity` (its pod name).
+    /// `extra_args` are appended to the command line.
     ///
     /// # Errors
     /// When no port is free or arcguard cannot be built.
-    pub fn new(kubeconfig: PathBuf, log: PathBuf, extra_args: &[String]) -> Result<Self> {
+    pub fn new(
+        identity: &str,
+        kubeconfig: PathBuf,
+        log: PathBuf,
+        extra_args: &[String],
+    ) -> Result<Self> {
         let (webhook_port, metrics_port) = (free_port()?, free_port()?);
         let mut command: Vec<String> = [
             bins::arcguard_bin()?.display().to_string(),
             "serve".to_owned(),
             "--cluster".to_owned(),
             format!("--namespace={NAMESPACE}"),
-            "--pod-name=e2e-0".to_owned(),
+            format!("--pod-name={identity}"),
             format!("--addr=127.0.0.1:{webhook_port}"),
             format!("--metrics-addr=127.0.0.1:{metrics_port}"),
             // The apiserver dials https://127.0.0.1:<port>, not the Service.
@@ -47,13 +53,23 @@ impl Arcguard {
         ]
         .into();
         command.extend(extra_args.iter().cloned());
+        let extra_args = extra_args.to_vec();
         // No pooled connections: a pooled connection belongs to the runtime that opened it, and
         // each test has its own runtime.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(0)
             .build()?;
-        Ok(Self { process: None, command, kubeconfig, log, webhook_port, metrics_port, http })
+        Ok(Self {
+            process: None,
+            command,
+            extra_args,
+            kubeconfig,
+            log,
+            webhook_port,
+            metrics_port,
+            http,
+        })
     }
 
     /// Starts the process and waits until it answers `/healthz`.
@@ -150,10 +166,40 @@ impl Arcguard {
             .unwrap_or(0.0))
     }
 
+    /// Opens a new TLS connection to the webhook port trusting only the CAs in `ca_pem`, as
+    /// the apiserver does with a `caBundle`, and asks for `/healthz`.
+    ///
+    /// # Errors
+    /// When the handshake fails (the error says why, e.g. an expired certificate).
+    pub async fn handshake_trusting(&self, ca_pem: &[u8]) -> Result<()> {
+        let mut builder = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(5));
+        for certificate in reqwest::Certificate::from_pem_bundle(ca_pem)? {
+            builder = builder.add_root_certificate(certificate);
+        }
+        let response = builder.build()?.get(format!("{}/healthz", self.url())).send().await?;
+        if !response.status().is_success() {
+            bail!("healthz over TLS answered {}", response.status());
+        }
+        Ok(())
+    }
+
     /// The end of the log.
     #[must_use]
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.as_ref().map(|p| p.log_tail(lines)).unwrap_or_default()
+    }
+
+    /// Another replica with the same credentials and arguments, its own ports and `identity`,
+    /// logging next to this one. Not started.
+    ///
+    /// # Errors
+    /// When no port is free.
+    pub fn replica(&self, identity: &str) -> Result<Self> {
+        let log = self.log.with_file_name(format!("arcguard-{identity}.log"));
+        Self::new(identity, self.kubeconfig.clone(), log, &self.extra_args)
     }
 
     /// The HTTPS webhook base URL.

@@ -26,6 +26,9 @@ pub fn repo_root() -> PathBuf {
 /// The field manager of everything the suite applies.
 pub const FIELD_MANAGER: &str = "arcguard-e2e";
 
+/// The pod name of the replica the webhooks call.
+pub const IDENTITY: &str = "e2e-0";
+
 /// The part of arcguard's denial that says an image is untrusted.
 pub const UNTRUSTED_MESSAGE: &str = "which is not from a trusted registry";
 
@@ -116,7 +119,7 @@ impl Cluster {
         let kubeconfig = control_plane.dir().join("arcguard.kubeconfig");
         control_plane.write_token_kubeconfig(&kubeconfig, &token)?;
         let log = control_plane.dir().join("arcguard.log");
-        let arcguard = Arcguard::new(kubeconfig, log, &options.arcguard_args)?;
+        let arcguard = Arcguard::new(IDENTITY, kubeconfig, log, &options.arcguard_args)?;
         for configuration in webhook_configurations(&arcguard.url())? {
             apply(&client, &configuration).await.context("registering the webhooks")?;
         }

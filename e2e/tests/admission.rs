@@ -98,6 +98,63 @@ async fn a_deployment_with_an_untrusted_template_is_rejected() {
 }
 
 #[tokio::test]
+async fn every_workload_kind_with_an_untrusted_template_is_rejected() {
+    run(|client| async move {
+        let ns = namespace(&client, "workloads", &[]).await?;
+        let template = |image: &str| {
+            json!({
+                "metadata": {"labels": {"app": "w"}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "app", "image": image}]}
+            })
+        };
+        let kinds = |image: &str| {
+            let selector = json!({"matchLabels": {"app": "w"}});
+            let always = {
+                let mut t = template(image);
+                t["spec"]["restartPolicy"] = json!("Always");
+                t
+            };
+            [
+                ("apps/v1", "ReplicaSet", json!({"selector": selector, "template": always})),
+                ("apps/v1", "StatefulSet", json!({"selector": selector, "serviceName": "w", "template": always})),
+                ("apps/v1", "DaemonSet", json!({"selector": selector, "template": always})),
+                ("batch/v1", "Job", json!({"template": template(image)})),
+                (
+                    "batch/v1",
+                    "CronJob",
+                    json!({"schedule": "0 * * * *", "jobTemplate": {"spec": {"template": template(image)}}}),
+                ),
+                ("v1", "ReplicationController", json!({"selector": {"app": "w"}, "template": always})),
+                ("v1", "PodTemplate", Value::Null),
+            ]
+        };
+        for (untrusted, expect_denied) in [("quay.io/evil/app:1", true), ("contoso.azurecr.io/shop/web:1.0", false)] {
+            for (api_version, kind, spec) in kinds(untrusted) {
+                let name = format!("w-{}", kind.to_lowercase());
+                let mut object = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": ns}});
+                if kind == "PodTemplate" {
+                    object["template"] = template(untrusted);
+                } else {
+                    object["spec"] = spec;
+                }
+                let result = apply(&client, &object).await;
+                match (result, expect_denied) {
+                    (Err(error), true) => {
+                        let message = format!("{error:#}");
+                        ensure!(message.contains(UNTRUSTED_MESSAGE), "{kind}: {message}");
+                    }
+                    (Ok(_), false) => {}
+                    (Ok(_), true) => anyhow::bail!("{kind} with an untrusted template was admitted"),
+                    (Err(error), false) => anyhow::bail!("{kind} with a trusted template: {error:#}"),
+                }
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_untrusted_ephemeral_container_is_rejected() {
     run(|client| async move {
         let ns = namespace(&client, "ephemeral", &[]).await?;
@@ -348,6 +405,59 @@ async fn the_sample_policies_are_ready() {
         for name in ["trusted-registries", "windows-gmsa", "calico-linux-only"] {
             ready_for_current_generation(&client, name).await?;
         }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_namespace_selector_policy_follows_namespace_labels() {
+    run(|client| async move {
+        let team = namespace(&client, "selector-team", &[]).await?;
+        let label = format!("e2e-team-{team}");
+        let labelled = namespace(&client, "selector-in", &[(label.as_str(), "a")]).await?;
+        let unlabelled = namespace(&client, "selector-out", &[]).await?;
+        let name = format!("e2e-{team}");
+        apply(
+            &client,
+            &json!({
+                "apiVersion": "arcguard.io/v1alpha1", "kind": "ClusterGuardPolicy",
+                "metadata": {"name": name},
+                "spec": {
+                    "match": {"namespaceSelector": {"matchLabels": {label.as_str(): "a"}}},
+                    "trustedRegistries": {"registries": ["contoso.azurecr.io/team-a"]}
+                }
+            }),
+        )
+        .await?;
+        ready_for_current_generation(&client, &name).await?;
+        let team_b = pod("team-b", "contoso.azurecr.io/team-b/app:1");
+        let denied_in = |ns: String| {
+            let client = client.clone();
+            let team_b = team_b.clone();
+            let name = name.clone();
+            async move {
+                let message =
+                    denial(&Api::<Pod>::namespaced(client, &ns).create(&dry_run(), &team_b).await);
+                ensure!(message.contains(&format!("[{name}]")), "in {ns}: {message}");
+                Ok(())
+            }
+        };
+        eventually(PROPAGATION, || denied_in(labelled.clone())).await?;
+        let outside =
+            Api::<Pod>::namespaced(client.clone(), &unlabelled).create(&dry_run(), &team_b).await;
+        ensure!(
+            outside.is_ok(),
+            "a namespace without the label is not selected: {}",
+            denial(&outside)
+        );
+
+        // Labelling a namespace brings it under the policy.
+        let patch = json!({"metadata": {"labels": {label.as_str(): "a"}}});
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .patch(&unlabelled, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        eventually(PROPAGATION, || denied_in(unlabelled.clone())).await?;
         Ok(())
     })
     .await;

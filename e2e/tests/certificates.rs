@@ -390,15 +390,6 @@ async fn readiness(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// A new TLS handshake with arcguard's webhook port, trusting `ca` only, as the apiserver does.
 async fn served_certificate_is_trusted(cluster: &Cluster, ca: &CertificateAuthority) -> Result<()> {
-    let client = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?)
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let response = client.get(format!("{}/healthz", cluster.arcguard.url())).send().await?;
-    ensure!(response.status().is_success(), "healthz over TLS: {}", response.status());
-    Ok(())
+    cluster.arcguard.handshake_trusting(ca.cert_pem().as_bytes()).await
 }

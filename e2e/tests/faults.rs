@@ -1,15 +1,18 @@
-//! Faults: arcguard down. The webhooks' failurePolicy decides, the excluded namespaces keep
-//! working, and enforcement resumes on restart without manual steps.
+//! Faults: arcguard down (the webhooks' failurePolicy decides, the excluded namespaces keep
+//! working, and enforcement resumes on restart without manual steps), and a crashed leader
+//! (a second replica takes over the certificate).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, ensure};
 use arcguard::policy::crd::ClusterGuardPolicy;
+use arcguard_e2e::arcguard::Arcguard;
 use arcguard_e2e::{
     Cluster, ClusterOptions, apply, denial, eventually, namespace, pod, wait_for_enforcement,
 };
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 #[tokio::test]
@@ -87,5 +90,87 @@ async fn arcguard_down(cluster: &mut Cluster) -> Result<()> {
         "mutation resumed too: {labels:?}"
     );
     apply(&client, &policy).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crashed_leader_is_replaced_and_the_new_leader_manages_the_certificate() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("the cluster starts");
+    let mut replica = cluster.arcguard.replica("e2e-1").expect("a second replica");
+    let result = failover(&mut cluster, &mut replica).await;
+    if result.is_err() {
+        eprintln!("{}", replica.log_tail(60));
+    }
+    cluster.check(result);
+}
+
+async fn failover(cluster: &mut Cluster, replica: &mut Arcguard) -> Result<()> {
+    let client = cluster.client().await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "arcguard-system");
+    let data = |secret: &Secret, key: &str| -> Vec<u8> {
+        secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone()).unwrap_or_default()
+    };
+    replica.start().await?;
+    replica.wait_ready(Duration::from_secs(60)).await?;
+    ensure!(cluster.arcguard.metric("arcguard_leader").await? == 1.0, "e2e-0 leads");
+    ensure!(replica.metric("arcguard_leader").await? == 0.0, "e2e-1 follows");
+    let bundle = data(&secrets.get("arcguard-tls").await?, "ca-bundle.crt");
+    replica
+        .handshake_trusting(&bundle)
+        .await
+        .map_err(|e| anyhow!("the follower serves the Secret's certificate: {e:#}"))?;
+
+    // The leader crashes without releasing the Lease: the follower takes over when it expires.
+    cluster.arcguard.kill();
+    let crashed = Instant::now();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "arcguard-system");
+    eventually(Duration::from_secs(45), || async {
+        let holder = leases.get("arcguard").await?.spec.and_then(|s| s.holder_identity);
+        let leading = replica.metric("arcguard_leader").await?;
+        ensure!(
+            holder.as_deref() == Some("e2e-1") && leading == 1.0,
+            "holder {holder:?}, e2e-1 leader={leading}"
+        );
+        Ok(())
+    })
+    .await?;
+    eprintln!(
+        "[e2e] failover: e2e-1 leads {:.1}s after the leader crashed",
+        crashed.elapsed().as_secs_f64()
+    );
+
+    // Only a leader acts on a revocation request: the new one must.
+    let old_ca = data(&secrets.get("arcguard-tls").await?, "ca.crt");
+    let patch = json!({"metadata": {"annotations": {"arcguard.io/revoke": "failover"}}});
+    secrets.patch("arcguard-tls", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let new_bundle = eventually(Duration::from_secs(30), || async {
+        let secret = secrets.get("arcguard-tls").await?;
+        let handled = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("arcguard.io/revoke-handled"))
+            .cloned();
+        ensure!(
+            handled.as_deref() == Some("failover") && data(&secret, "ca.crt") != old_ca,
+            "revocation not handled yet ({handled:?})"
+        );
+        Ok(data(&secret, "ca-bundle.crt"))
+    })
+    .await?;
+    eventually(Duration::from_secs(30), || replica.handshake_trusting(&new_bundle))
+        .await
+        .map_err(|e| anyhow!("the new leader serves the new certificate: {e:#}"))?;
+
+    // The old leader comes back as a follower, serving the new certificate; the webhooks (which
+    // call e2e-0) trust it through the bundle the new leader injected.
+    cluster.arcguard.start().await?;
+    cluster.arcguard.wait_ready(Duration::from_secs(60)).await?;
+    wait_for_enforcement(&client, Duration::from_secs(60)).await?;
+    ensure!(
+        cluster.arcguard.metric("arcguard_leader").await? == 0.0,
+        "e2e-0 follows after its restart"
+    );
+    ensure!(replica.metric("arcguard_leader").await? == 1.0, "e2e-1 still leads");
     Ok(())
 }
