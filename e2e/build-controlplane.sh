@@ -35,18 +35,31 @@ pkg=k8s.io/component-base/version
 ldflags="-s -w -X $pkg.gitVersion=$k8s -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
 parallel="${ARCGUARD_GO_PARALLEL:-$(nproc 2>/dev/null || echo 2)}"
 
-# `go build -v` names each package as it is compiled; a line every 100 packages shows progress.
+# `go build -v` names each package as it is compiled: a line every 100 packages shows progress.
+# The full output goes to a log whose end is shown when the build fails.
 build() {
   local name="$1" path="$2" flags="$3" start=$SECONDS
+  local output="$staging/$name.log"
   log "building $name from $path (go build -p $parallel; several minutes on a cold cache)"
-  ( cd "$mod" && CGO_ENABLED=0 nice -n 10 go build -p "$parallel" -trimpath -v \
-      -ldflags "$flags" -o "$staging/$name" "$path" ) 2>&1 |
+  if ! ( cd "$mod" && CGO_ENABLED=0 nice -n 10 go build -p "$parallel" -trimpath -v \
+      -ldflags "$flags" -o "$staging/$name" "$path" ) 2>&1 | tee "$output" |
     awk -v name="$name" -v t0="$(date +%s)" '
-      /^(go: |#|[^ ]+\.go:)/ || / error/ { print > "/dev/stderr"; next }
       { n++; if (n % 100 == 0) { printf "[build-controlplane] %s: %d packages compiled (%ds)\n", name, n, systime() - t0 > "/dev/stderr"; fflush("/dev/stderr") } }'
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { log "building $name failed"; exit 1; }
+  then
+    log "building $name failed after $((SECONDS - start))s; the end of its output:"
+    tail -n 40 "$output" >&2
+    exit 1
+  fi
   log "built $name in $((SECONDS - start))s"
 }
+
+# A cold build needs room: about 1 GB of modules and 2.5 GB of build cache.
+cache="$(go env GOCACHE)"
+mkdir -p "$cache"
+free_kb="$(df -Pk "$cache" | awk 'NR == 2 { print $4 }')"
+if [ -n "$free_kb" ] && [ "$free_kb" -lt 4000000 ]; then
+  log "warning: only $((free_kb / 1024)) MB free for $cache; a cold build needs about 4 GB"
+fi
 
 total=$SECONDS
 ( cd "$mod" && go mod download ) || { log "go mod download failed"; exit 1; }

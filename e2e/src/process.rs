@@ -283,6 +283,16 @@ fn remove_stale(root: &Path) {
 /// # Errors
 /// When no port can be bound.
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(listener.local_addr()?.port())
+    // Never the same port twice in one run: clusters start in parallel.
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+        let port = listener.local_addr()?.port();
+        let mut handed_out = HANDED_OUT.lock().map_err(|_| anyhow!("port registry poisoned"))?;
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
+    Err(anyhow!("no unused free port found"))
 }
