@@ -186,6 +186,12 @@ impl Arcguard {
         Ok(())
     }
 
+    /// The whole log so far (of every start).
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The end of the log.
     #[must_use]
     pub fn log_tail(&self, lines: usize) -> String {

@@ -636,12 +636,16 @@ async fn lead(apis: &CertApis, config: &CertConfig, metrics: &Metrics) {
     let mut backoff = Backoff::default();
     let mut injection_fight = Backoff::default();
     let mut last_injection: Option<tokio::time::Instant> = None;
+    // An injection that follows our own Secret write publishes a bundle we changed; only a
+    // re-injection of an unchanged bundle means someone else reset it.
+    let mut wrote_since_injection = false;
     let mut steps = 0u32;
     loop {
         let now = OffsetDateTime::now_utc();
         // Some(delay): sleep through changes; None with a deadline: wake on a change too.
         let (delay, wake_on_change) = match reconcile_once(apis, config, now).await {
             Ok(Outcome::Wrote(reason)) => {
+                wrote_since_injection = true;
                 tracing::info!(%reason, secret = %config.secret_ref(), "wrote the certificate Secret");
                 metrics.record_certificate_rotation(reason.as_str());
                 backoff.reset();
@@ -662,8 +666,9 @@ async fn lead(apis: &CertApis, config: &CertConfig, metrics: &Metrics) {
                 }
                 backoff.reset();
                 steps += 1;
-                let fighting =
-                    last_injection.is_some_and(|at| at.elapsed() < INJECTION_FIGHT_WINDOW);
+                let fighting = !wrote_since_injection
+                    && last_injection.is_some_and(|at| at.elapsed() < INJECTION_FIGHT_WINDOW);
+                wrote_since_injection = false;
                 last_injection = Some(tokio::time::Instant::now());
                 if fighting {
                     let delay = injection_fight.next_delay();
