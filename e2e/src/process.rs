@@ -223,7 +223,9 @@ impl Scratch {
         let root = std::env::var_os("ARCGUARD_E2E_TMP")
             .map_or_else(|| std::env::temp_dir().join("arcguard-e2e"), PathBuf::from);
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        remove_stale(&root);
+        if !keep() {
+            remove_stale(&root);
+        }
         let path = tempfile::Builder::new()
             .prefix(&format!("{}-{prefix}-", std::process::id()))
             .tempdir_in(&root)
