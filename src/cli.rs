@@ -112,6 +112,27 @@ pub struct ServeArgs {
     /// Cluster mode: keep the webhooks' caBundle in step with the Secret's CA.
     #[arg(long, env = "ARCGUARD_INJECT_CA_BUNDLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub inject_ca_bundle: bool,
+    /// Cluster mode: extra subject alternative names of the serving certificate, DNS names or
+    /// IP addresses (repeatable or comma-separated), for webhooks reached by
+    /// `clientConfig.url` instead of the Service (e.g. `127.0.0.1` out of cluster).
+    #[arg(long = "cert-extra-san", env = "ARCGUARD_CERT_EXTRA_SANS", value_delimiter = ',')]
+    pub cert_extra_sans: Vec<String>,
+    /// Cluster mode: lifetime of a new CA (default five years).
+    #[arg(long, env = "ARCGUARD_CA_VALIDITY", value_parser = parse_duration)]
+    pub ca_validity: Option<Duration>,
+    /// Cluster mode: start a CA rotation this long before the CA expires (default 180 days).
+    #[arg(long, env = "ARCGUARD_CA_ROTATE_BEFORE", value_parser = parse_duration)]
+    pub ca_rotate_before: Option<Duration>,
+    /// Cluster mode: wait between publishing the next CA and switching to it, and between the
+    /// switch and dropping the old CA (default 15 minutes).
+    #[arg(long, env = "ARCGUARD_CA_OVERLAP", value_parser = parse_duration)]
+    pub ca_overlap: Option<Duration>,
+    /// Cluster mode: lifetime of a serving certificate (default 90 days).
+    #[arg(long, env = "ARCGUARD_SERVING_VALIDITY", value_parser = parse_duration)]
+    pub serving_validity: Option<Duration>,
+    /// Cluster mode: renew the serving certificate this long before it expires (default 30 days).
+    #[arg(long, env = "ARCGUARD_SERVING_RENEW_BEFORE", value_parser = parse_duration)]
+    pub serving_renew_before: Option<Duration>,
 }
 
 /// Output format of `check`.

@@ -68,14 +68,37 @@ fn run_serve(args: ServeArgs) -> ExitCode {
     if args.cluster {
         let identity =
             args.pod_name.clone().or_else(hostname).unwrap_or_else(|| "arcguard".to_owned());
+        let mut extra_ip_addresses = Vec::new();
+        let mut extra_dns_names = Vec::new();
+        for san in &args.cert_extra_sans {
+            match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => extra_ip_addresses.push(ip),
+                Err(_) => extra_dns_names.push(san.clone()),
+            }
+        }
+        let defaults = cluster::certs::CertConfig::new(&args.namespace);
+        // Out of range saturates, and validation then names the setting.
+        let lifetime = |flag: Option<std::time::Duration>, default: time::Duration| {
+            flag.map_or(default, |d| time::Duration::try_from(d).unwrap_or(time::Duration::MAX))
+        };
         let certs = cluster::certs::CertConfig {
+            extra_ip_addresses,
+            extra_dns_names,
+            ca_validity: lifetime(args.ca_validity, defaults.ca_validity),
+            ca_rotate_before: lifetime(args.ca_rotate_before, defaults.ca_rotate_before),
+            ca_overlap: lifetime(args.ca_overlap, defaults.ca_overlap),
+            serving_validity: lifetime(args.serving_validity, defaults.serving_validity),
+            serving_renew_before: lifetime(
+                args.serving_renew_before,
+                defaults.serving_renew_before,
+            ),
             secret_name: args.cert_secret,
             service_name: args.service_name,
             validating_webhook_configuration: args.webhook_config_name.clone(),
             mutating_webhook_configuration: args.webhook_config_name,
             external: args.external_certs,
             inject_ca_bundle: args.inject_ca_bundle,
-            ..cluster::certs::CertConfig::new(&args.namespace)
+            ..defaults
         };
         let config = cluster::ClusterConfig {
             addresses,

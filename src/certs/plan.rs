@@ -46,6 +46,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 use rustls_pki_types::DnsName;
@@ -139,6 +140,8 @@ pub enum PlanError {
 pub struct PlanConfig {
     /// DNS names of the serving certificate (see [`service_dns_names`]).
     pub dns_names: Vec<String>,
+    /// IP addresses of the serving certificate (for webhooks reached by URL); usually none.
+    pub ip_addresses: Vec<IpAddr>,
     /// Lifetime of a new CA; default [`DEFAULT_CA_VALIDITY`].
     pub ca_validity: Duration,
     /// Lifetime of a new serving certificate (cut short at the CA's end); default
@@ -176,6 +179,7 @@ impl PlanConfig {
     pub fn for_service(service: &str, namespace: &str) -> Self {
         Self {
             dns_names: service_dns_names(service, namespace),
+            ip_addresses: Vec::new(),
             ca_validity: DEFAULT_CA_VALIDITY,
             serving_validity: DEFAULT_SERVING_VALIDITY,
             serving_renew_before: DEFAULT_SERVING_RENEW_BEFORE,
@@ -472,7 +476,8 @@ pub trait Generate {
     /// When generation fails.
     fn ca(&self, validity: Duration, now: OffsetDateTime) -> Result<CaMaterial, CertError>;
 
-    /// A new serving certificate for `dns_names`, issued by `ca` at `now` for `validity`.
+    /// A new serving certificate for `dns_names` and `ip_addresses`, issued by `ca` at `now`
+    /// for `validity`.
     ///
     /// # Errors
     ///
@@ -481,6 +486,7 @@ pub trait Generate {
         &self,
         ca: &CaMaterial,
         dns_names: &[String],
+        ip_addresses: &[IpAddr],
         validity: Duration,
         now: OffsetDateTime,
     ) -> Result<ServingCert, CertError>;
@@ -504,12 +510,13 @@ impl Generate for RcgenGenerator {
         &self,
         ca: &CaMaterial,
         dns_names: &[String],
+        ip_addresses: &[IpAddr],
         validity: Duration,
         now: OffsetDateTime,
     ) -> Result<ServingCert, CertError> {
         CertificateAuthority::from_pem(&ca.cert_pem, &ca.key_pem)?.issue_serving(
             dns_names,
-            &[],
+            ip_addresses,
             validity,
             now,
         )
@@ -606,7 +613,7 @@ fn issue<G: Generate + ?Sized>(
     generator: &G,
 ) -> Result<ServingCert, PlanError> {
     generator
-        .serving(ca, &config.dns_names, config.serving_validity, now)
+        .serving(ca, &config.dns_names, &config.ip_addresses, config.serving_validity, now)
         .map_err(|source| PlanError::Generate { what: "serving certificate", source })
 }
 
@@ -837,7 +844,11 @@ fn serving_problem(
     have.sort();
     let mut want = config.dns_names.clone();
     want.sort();
-    if have != want || !info.ip_addresses.is_empty() {
+    let mut have_ips = info.ip_addresses.clone();
+    have_ips.sort();
+    let mut want_ips = config.ip_addresses.clone();
+    want_ips.sort();
+    if have != want || have_ips != want_ips {
         return Some(Reason::Repaired);
     }
     if !info.verifies_with(&ca.material.cert_pem).unwrap_or(false) {
@@ -1084,7 +1095,7 @@ mod tests {
     #[test]
     fn serving_certificate_problems_are_fixed_by_the_current_ca_alone() {
         type Breakage = fn(&mut World);
-        let cases: [(&str, Breakage, Reason); 7] = [
+        let cases: [(&str, Breakage, Reason); 8] = [
             (
                 "missing tls.key",
                 |w| drop(w.secret_mut().data.remove(TLS_KEY_KEY)),
@@ -1095,7 +1106,7 @@ mod tests {
                 "key of another certificate",
                 |w| {
                     let other = RcgenGenerator
-                        .serving(&other_ca(t0()), &w.config.dns_names, Duration::days(9), t0())
+                        .serving(&other_ca(t0()), &w.config.dns_names, &[], Duration::days(9), t0())
                         .expect("issues");
                     w.put(TLS_KEY_KEY, &other.key_pem);
                 },
@@ -1105,7 +1116,7 @@ mod tests {
                 "issued by another CA",
                 |w| {
                     let other = RcgenGenerator
-                        .serving(&other_ca(t0()), &w.config.dns_names, Duration::days(9), t0())
+                        .serving(&other_ca(t0()), &w.config.dns_names, &[], Duration::days(9), t0())
                         .expect("issues");
                     w.put(TLS_CERT_KEY, &other.cert_pem);
                     w.put(TLS_KEY_KEY, &other.key_pem);
@@ -1115,6 +1126,11 @@ mod tests {
             (
                 "the service was renamed",
                 |w| w.config.dns_names = service_dns_names("guard", "arcguard-system"),
+                Reason::Repaired,
+            ),
+            (
+                "an IP address was added (a webhook reached by URL)",
+                |w| w.config.ip_addresses = vec![IpAddr::from([127, 0, 0, 1])],
                 Reason::Repaired,
             ),
             (
@@ -1135,6 +1151,7 @@ mod tests {
             let serving = info(&contents.serving.cert_pem);
             assert!(serving.verifies_with(&ca).expect("checks"), "{label}");
             assert_eq!(serving.dns_names, world.config.dns_names, "{label}");
+            assert_eq!(serving.ip_addresses, world.config.ip_addresses, "{label}");
             assert_eq!(serving.not_after, world.now + DEFAULT_SERVING_VALIDITY, "{label}");
             world.apply(&Action::Write { contents: Box::new(contents), reason });
             assert_eq!(world.settle(), [], "{label}: settled after one write");
@@ -1529,7 +1546,7 @@ mod tests {
         config.external = true;
         let ca = other_ca(t0());
         let serving = RcgenGenerator
-            .serving(&ca, &config.dns_names, Duration::days(9), t0())
+            .serving(&ca, &config.dns_names, &[], Duration::days(9), t0())
             .expect("issues");
         let cert_manager = StoredSecret {
             data: BTreeMap::from([

@@ -169,6 +169,11 @@ pub struct CertConfig {
     /// certificate is for `<svc>`, `<svc>.<ns>`, `<svc>.<ns>.svc` and
     /// `<svc>.<ns>.svc.cluster.local`.
     pub service_name: String,
+    /// DNS names the serving certificate carries besides the Service's; default none.
+    pub extra_dns_names: Vec<String>,
+    /// IP addresses the serving certificate carries (a webhook reached by
+    /// `clientConfig.url: https://<ip>/...`); default none.
+    pub extra_ip_addresses: Vec<std::net::IpAddr>,
     /// arcguard's ValidatingWebhookConfiguration; default
     /// [`DEFAULT_WEBHOOK_CONFIGURATION_NAME`].
     pub validating_webhook_configuration: String,
@@ -209,6 +214,8 @@ impl CertConfig {
             namespace: namespace.into(),
             secret_name: DEFAULT_SECRET_NAME.to_owned(),
             service_name: DEFAULT_SERVICE_NAME.to_owned(),
+            extra_dns_names: Vec::new(),
+            extra_ip_addresses: Vec::new(),
             validating_webhook_configuration: DEFAULT_WEBHOOK_CONFIGURATION_NAME.to_owned(),
             mutating_webhook_configuration: DEFAULT_WEBHOOK_CONFIGURATION_NAME.to_owned(),
             ca_validity: plan::DEFAULT_CA_VALIDITY,
@@ -224,8 +231,11 @@ impl CertConfig {
     /// What the planner needs.
     #[must_use]
     pub fn plan_config(&self) -> PlanConfig {
+        let mut dns_names = plan::service_dns_names(&self.service_name, &self.namespace);
+        dns_names.extend(self.extra_dns_names.iter().cloned());
         PlanConfig {
-            dns_names: plan::service_dns_names(&self.service_name, &self.namespace),
+            dns_names,
+            ip_addresses: self.extra_ip_addresses.clone(),
             ca_validity: self.ca_validity,
             serving_validity: self.serving_validity,
             serving_renew_before: self.serving_renew_before,
@@ -626,12 +636,16 @@ async fn lead(apis: &CertApis, config: &CertConfig, metrics: &Metrics) {
     let mut backoff = Backoff::default();
     let mut injection_fight = Backoff::default();
     let mut last_injection: Option<tokio::time::Instant> = None;
+    // An injection that follows our own Secret write publishes a bundle we changed; only a
+    // re-injection of an unchanged bundle means someone else reset it.
+    let mut wrote_since_injection = false;
     let mut steps = 0u32;
     loop {
         let now = OffsetDateTime::now_utc();
         // Some(delay): sleep through changes; None with a deadline: wake on a change too.
         let (delay, wake_on_change) = match reconcile_once(apis, config, now).await {
             Ok(Outcome::Wrote(reason)) => {
+                wrote_since_injection = true;
                 tracing::info!(%reason, secret = %config.secret_ref(), "wrote the certificate Secret");
                 metrics.record_certificate_rotation(reason.as_str());
                 backoff.reset();
@@ -652,8 +666,9 @@ async fn lead(apis: &CertApis, config: &CertConfig, metrics: &Metrics) {
                 }
                 backoff.reset();
                 steps += 1;
-                let fighting =
-                    last_injection.is_some_and(|at| at.elapsed() < INJECTION_FIGHT_WINDOW);
+                let fighting = !wrote_since_injection
+                    && last_injection.is_some_and(|at| at.elapsed() < INJECTION_FIGHT_WINDOW);
+                wrote_since_injection = false;
                 last_injection = Some(tokio::time::Instant::now());
                 if fighting {
                     let delay = injection_fight.next_delay();
@@ -956,7 +971,13 @@ mod tests {
         let plan_config = config.plan_config();
         let ca = RcgenGenerator.ca(plan_config.ca_validity, now).expect("CA");
         let serving = RcgenGenerator
-            .serving(&ca, &plan_config.dns_names, plan_config.serving_validity, now)
+            .serving(
+                &ca,
+                &plan_config.dns_names,
+                &plan_config.ip_addresses,
+                plan_config.serving_validity,
+                now,
+            )
             .expect("serving");
         SecretContents {
             ca,
