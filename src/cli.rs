@@ -198,7 +198,7 @@ pub struct RevokeArgs {
     pub secret: String,
 }
 
-/// Parses `500ms`, `10s`, `2m`, or a bare number of seconds.
+/// Parses `500ms`, `10s`, `2m`, `12h`, `90d`, or a bare number of seconds.
 ///
 /// # Errors
 /// A message naming the accepted forms.
@@ -208,13 +208,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         Some(i) => text.split_at(i),
         None => (text, "s"),
     };
-    let n: u64 =
-        number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 10s or 2m"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 10s 2m, 12h or 90d"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{text:?} is not a duration like 500ms, 10s or 2m")),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        "d" => Ok(Duration::from_secs(n.saturating_mul(86_400))),
+        _ => Err(format!("{text:?} is not a duration like 500ms, 10s, 2m, 12h or 90d")),
     }
 }
 
@@ -228,7 +231,9 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("10h").is_err());
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
+        assert!(parse_duration("10w").is_err());
         assert!(parse_duration("s").is_err());
     }
 

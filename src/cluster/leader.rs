@@ -320,7 +320,11 @@ impl LeaderElector {
             Decision::Create => {
                 let lease = self.held(None, now);
                 let written = self.api.create(&post_params(), &lease).await;
-                self.settle_write(written, now, "create")
+                let tick = self.settle_write(written, now, "create");
+                if tick.as_ref().is_ok_and(|t| *t == Tick::Leading) {
+                    tracing::info!(identity = %self.config.identity, lease = %self.config.name, "became leader");
+                }
+                tick
             }
             decision @ (Decision::Acquire | Decision::Renew) => {
                 let current = self.lease.clone();
