@@ -6,13 +6,14 @@
 //! Deadlines such as "closed within 10 s" bound a failing test; they are not timing
 //! measurements.
 
+mod common;
+
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arcguard::serve::{Running, ServeConfig, start};
-use arcguard::server::{Addresses, Limits};
+use arcguard::serve::Running;
+use arcguard::server::Limits;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -52,34 +53,7 @@ struct Harness {
 
 impl Harness {
     async fn start(limits: Limits) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let policies = dir.path().join("policies");
-        std::fs::create_dir(&policies).expect("mkdir");
-        let samples = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
-        for entry in std::fs::read_dir(samples).expect("samples") {
-            let path = entry.expect("entry").path();
-            std::fs::copy(&path, policies.join(path.file_name().expect("name"))).expect("copy");
-        }
-        let certs = dir.path().join("certs");
-        let config = ServeConfig {
-            policies,
-            addresses: Addresses {
-                webhook: "127.0.0.1:0".parse().expect("addr"),
-                metrics: "127.0.0.1:0".parse().expect("addr"),
-            },
-            tls_cert: certs.join("tls.crt"),
-            tls_key: certs.join("tls.key"),
-            ca_cert: certs.join("ca.crt"),
-            generate_certs: true,
-            limits,
-            shutdown_delay: Duration::ZERO,
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let running = start(config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server starts");
+        let common::Started { dir, running, stop } = common::start_server(limits).await;
         Self { dir, running, stop: Some(stop) }
     }
 

@@ -1,11 +1,13 @@
 //! The standalone server over real TLS sockets: webhooks, probes, metrics, limits, and hot
 //! reload of certificates and policies.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use arcguard::serve::{Running, ServeConfig, start};
-use arcguard::server::{Addresses, Limits};
+use arcguard::serve::Running;
+use arcguard::server::Limits;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -23,34 +25,7 @@ impl Harness {
     }
 
     async fn start_with(limits: Limits) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let policies = dir.path().join("policies");
-        std::fs::create_dir(&policies).expect("mkdir");
-        let samples = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
-        for entry in std::fs::read_dir(samples).expect("samples") {
-            let path = entry.expect("entry").path();
-            std::fs::copy(&path, policies.join(path.file_name().expect("name"))).expect("copy");
-        }
-        let certs = dir.path().join("certs");
-        let config = ServeConfig {
-            policies,
-            addresses: Addresses {
-                webhook: "127.0.0.1:0".parse().expect("addr"),
-                metrics: "127.0.0.1:0".parse().expect("addr"),
-            },
-            tls_cert: certs.join("tls.crt"),
-            tls_key: certs.join("tls.key"),
-            ca_cert: certs.join("ca.crt"),
-            generate_certs: true,
-            limits,
-            shutdown_delay: Duration::ZERO,
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let running = start(config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server starts");
+        let common::Started { dir, running, stop } = common::start_server(limits).await;
         Self { dir, running, stop: Some(stop) }
     }
 
