@@ -506,47 +506,56 @@ async fn inject(
     let params =
         PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() };
     let validating_bundles = validating_bundles(validating, &config.validating_ref());
-    let stale = stale_webhooks(&validating_bundles, bundle);
-    if let Some(configuration) = validating.filter(|_| !stale.is_empty()) {
-        let patch =
-            bundle_patch(configuration.metadata.resource_version.as_deref(), &stale, bundle)?;
-        let result = apis
-            .validating
-            .patch(&config.validating_webhook_configuration, &params, &Patch::Json::<()>(patch))
-            .await;
-        match result {
-            Ok(_) => {}
-            Err(source) if is_conflict(&source, true) => return Ok(Outcome::Conflict),
-            Err(source) => {
-                return Err(ControllerError::Inject {
-                    configuration: config.validating_ref(),
-                    source,
-                });
-            }
-        }
+    let validating_stale = stale_webhooks(&validating_bundles, bundle);
+    let target =
+        validating.map(|c| (c.metadata.resource_version.as_deref(), config.validating_ref()));
+    let name = &config.validating_webhook_configuration;
+    if inject_into(&apis.validating, name, target, &validating_stale, bundle, &params).await?
+        == Injection::Conflict
+    {
+        return Ok(Outcome::Conflict);
     }
-    let validating_patched = stale.len();
     let mutating_bundles = mutating_bundles(mutating, &config.mutating_ref());
-    let stale = stale_webhooks(&mutating_bundles, bundle);
-    if let Some(configuration) = mutating.filter(|_| !stale.is_empty()) {
-        let patch =
-            bundle_patch(configuration.metadata.resource_version.as_deref(), &stale, bundle)?;
-        let result = apis
-            .mutating
-            .patch(&config.mutating_webhook_configuration, &params, &Patch::Json::<()>(patch))
-            .await;
-        match result {
-            Ok(_) => {}
-            Err(source) if is_conflict(&source, true) => return Ok(Outcome::Conflict),
-            Err(source) => {
-                return Err(ControllerError::Inject {
-                    configuration: config.mutating_ref(),
-                    source,
-                });
-            }
-        }
+    let mutating_stale = stale_webhooks(&mutating_bundles, bundle);
+    let target = mutating.map(|c| (c.metadata.resource_version.as_deref(), config.mutating_ref()));
+    let name = &config.mutating_webhook_configuration;
+    if inject_into(&apis.mutating, name, target, &mutating_stale, bundle, &params).await?
+        == Injection::Conflict
+    {
+        return Ok(Outcome::Conflict);
     }
-    Ok(Outcome::Injected { validating: validating_patched, mutating: stale.len() })
+    Ok(Outcome::Injected { validating: validating_stale.len(), mutating: mutating_stale.len() })
+}
+
+/// Whether a bundle patch went through.
+#[derive(Debug, PartialEq, Eq)]
+enum Injection {
+    Done,
+    Conflict,
+}
+
+/// Patches `bundle` into the `stale` webhooks of one configuration (`target`: its
+/// resourceVersion and a name for errors), conditional on its resourceVersion.
+async fn inject_into<K>(
+    api: &Api<K>,
+    name: &str,
+    target: Option<(Option<&str>, String)>,
+    stale: &[(usize, &str)],
+    bundle: &str,
+    params: &PatchParams,
+) -> Result<Injection, ControllerError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some((resource_version, configuration)) = target.filter(|_| !stale.is_empty()) else {
+        return Ok(Injection::Done);
+    };
+    let patch = bundle_patch(resource_version, stale, bundle)?;
+    match api.patch(name, params, &Patch::Json::<()>(patch)).await {
+        Ok(_) => Ok(Injection::Done),
+        Err(source) if is_conflict(&source, true) => Ok(Injection::Conflict),
+        Err(source) => Err(ControllerError::Inject { configuration, source }),
+    }
 }
 
 // === the controller loop ===
