@@ -460,6 +460,14 @@ async fn apiserver_down_mid_run(cluster: &mut Cluster) -> Result<()> {
         restarted.elapsed().as_secs_f64()
     );
     ensure!(cluster.arcguard.is_ready().await, "ready after the restart");
+    // The only replica could not renew its Lease through the outage; it must lead again, or
+    // nobody would ever rotate the certificate or write policy status.
+    eventually(Duration::from_secs(60), || async {
+        let leading = cluster.arcguard.metric("arcguard_leader").await?;
+        ensure!(leading == 1.0, "e2e-0 leads again after the outage (leader={leading})");
+        Ok(())
+    })
+    .await?;
     pods.create(&PostParams::default(), &team_b).await?;
     Ok(())
 }
