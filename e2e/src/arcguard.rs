@@ -123,6 +123,11 @@ impl Arcguard {
         }
     }
 
+    /// Whether the process runs (started and not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(|p| p.exited().is_none())
+    }
+
     /// Whether `/readyz` answers 200.
     pub async fn is_ready(&self) -> bool {
         let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);

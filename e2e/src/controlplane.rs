@@ -21,6 +21,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(180);
 #[derive(Debug)]
 pub struct ControlPlane {
     apiserver: Proc,
+    /// kube-apiserver's program and arguments, to start it again on the same port.
+    apiserver_command: (PathBuf, Vec<String>),
     etcd: Proc,
     /// kube-apiserver's secure port on 127.0.0.1.
     pub port: u16,
@@ -84,8 +86,7 @@ impl ControlPlane {
 
         let port = free_port()?;
         let advertise = advertise_address();
-        let mut apiserver = Command::new(bin.join("kube-apiserver"));
-        apiserver.args([
+        let apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
             format!("--cert-dir={}", dir.join("apiserver-certs").display()),
             format!("--tls-cert-file={}", serving_cert.display()),
@@ -102,32 +103,34 @@ impl ControlPlane {
             format!("--service-account-issuer=https://127.0.0.1:{port}/"),
             format!("--service-account-key-file={}", sa_public.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
-        ]);
-        let mut apiserver = Proc::spawn("kube-apiserver", apiserver, &dir.join("apiserver.log"))?;
-        let identity = reqwest::Identity::from_pem(
-            format!("{}{}", pki.admin.cert_pem, pki.admin.key_pem).as_bytes(),
-        )?;
-        let https = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .add_root_certificate(reqwest::Certificate::from_pem(pki.ca.cert_pem.as_bytes())?)
-            .identity(identity)
-            .build()?;
-        let base = format!("https://127.0.0.1:{port}");
-        wait_http(&mut apiserver, START_TIMEOUT, || async {
-            let ready = https.get(format!("{base}/readyz")).send().await;
-            let ready = ready.is_ok_and(|r| r.status().is_success());
-            ready
-                && https
-                    .get(format!("{base}/api/v1/namespaces/default"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-        })
-        .await?;
+        ];
+        let apiserver_command = (bin.join("kube-apiserver"), apiserver_args);
+        let mut apiserver = spawn_apiserver(&apiserver_command, &dir)?;
+        wait_apiserver(&mut apiserver, &pki, port).await?;
 
+        let base = format!("https://127.0.0.1:{port}");
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&base, &pki))?;
-        Ok(Self { apiserver, etcd, port, kubeconfig, pki, scratch })
+        Ok(Self { apiserver, apiserver_command, etcd, port, kubeconfig, pki, scratch })
+    }
+
+    /// Kills kube-apiserver (SIGKILL: unavailable at once, no graceful drain); etcd keeps
+    /// running with the data.
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver.kill();
+    }
+
+    /// Starts kube-apiserver again with the same arguments (same port, certificates and
+    /// etcd) and waits until it is ready.
+    ///
+    /// # Errors
+    /// When it cannot be started or does not become ready.
+    pub async fn start_apiserver(&mut self) -> Result<()> {
+        if self.apiserver.exited().is_none() {
+            return Ok(());
+        }
+        self.apiserver = spawn_apiserver(&self.apiserver_command, self.scratch.path())?;
+        wait_apiserver(&mut self.apiserver, &self.pki, self.port).await
     }
 
     /// A client with the admin kubeconfig. Make one per test: a client's connections belong
@@ -193,6 +196,36 @@ fn kubeconfig_yaml(server: &str, pki: &ControlPlanePki) -> String {
         b64(&pki.admin.cert_pem),
         b64(&pki.admin.key_pem),
     )
+}
+
+fn spawn_apiserver(command: &(PathBuf, Vec<String>), dir: &Path) -> Result<Proc> {
+    let mut apiserver = Command::new(&command.0);
+    apiserver.args(&command.1);
+    Proc::spawn("kube-apiserver", apiserver, &dir.join("apiserver.log"))
+}
+
+/// Waits until the apiserver is ready and serves the `default` namespace.
+async fn wait_apiserver(apiserver: &mut Proc, pki: &ControlPlanePki, port: u16) -> Result<()> {
+    let identity = reqwest::Identity::from_pem(
+        format!("{}{}", pki.admin.cert_pem, pki.admin.key_pem).as_bytes(),
+    )?;
+    let https = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca.cert_pem.as_bytes())?)
+        .identity(identity)
+        .build()?;
+    let base = format!("https://127.0.0.1:{port}");
+    wait_http(apiserver, START_TIMEOUT, || async {
+        let ready = https.get(format!("{base}/readyz")).send().await;
+        let ready = ready.is_ok_and(|r| r.status().is_success());
+        ready
+            && https
+                .get(format!("{base}/api/v1/namespaces/default"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+    })
+    .await
 }
 
 /// Polls `ready` until it holds, failing early (with the log) when the process exits.

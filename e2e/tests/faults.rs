@@ -1,19 +1,25 @@
 //! Faults: arcguard down (the webhooks' failurePolicy decides, the excluded namespaces keep
-//! working, and enforcement resumes on restart without manual steps), and a crashed leader
-//! (a second replica takes over the certificate).
+//! working, and enforcement resumes on restart without manual steps); a crashed leader (a
+//! second replica takes over the certificate); the certificate Secret deleted; the webhook
+//! configurations deleted and re-applied without a caBundle; the apiserver unavailable
+//! mid-run and at arcguard's start.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use arcguard::policy::crd::ClusterGuardPolicy;
 use arcguard_e2e::arcguard::Arcguard;
 use arcguard_e2e::{
-    Cluster, ClusterOptions, apply, denial, eventually, namespace, pod, wait_for_enforcement,
+    Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, denial, eventually, namespace, pod,
+    wait_for_enforcement, webhook_configurations,
+};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn with_arcguard_down_the_failure_policy_decides_and_enforcement_resumes_on_restart() {
@@ -173,4 +179,332 @@ async fn failover(cluster: &mut Cluster, replica: &mut Arcguard) -> Result<()> {
     );
     ensure!(replica.metric("arcguard_leader").await? == 1.0, "e2e-1 still leads");
     Ok(())
+}
+
+// === helpers of the scenarios below ===
+
+const NS: &str = "arcguard-system";
+const SECRET: &str = "arcguard-tls";
+const TRUSTED: &str = "contoso.azurecr.io/shop/web:1.0";
+const UNTRUSTED: &str = "docker.io/library/nginx:1.27";
+
+fn dry_run() -> PostParams {
+    PostParams { dry_run: true, ..PostParams::default() }
+}
+
+/// The Secret's `ca-bundle.crt` and uid.
+async fn secret_bundle(client: &kube::Client) -> Result<(Vec<u8>, String)> {
+    let secret = Api::<Secret>::namespaced(client.clone(), NS).get(SECRET).await?;
+    let uid = secret.metadata.uid.clone().unwrap_or_default();
+    let bundle = secret
+        .data
+        .and_then(|mut d| d.remove("ca-bundle.crt"))
+        .map(|b| b.0)
+        .ok_or_else(|| anyhow!("the Secret has no ca-bundle.crt"))?;
+    Ok((bundle, uid))
+}
+
+/// Waits until all three webhooks carry exactly the Secret's current bundle, and returns it.
+async fn bundle_injected(client: &kube::Client) -> Result<Vec<u8>> {
+    eventually(Duration::from_secs(60), || async {
+        let (bundle, _) = secret_bundle(client).await?;
+        let validating =
+            Api::<ValidatingWebhookConfiguration>::all(client.clone()).get("arcguard").await?;
+        let mutating =
+            Api::<MutatingWebhookConfiguration>::all(client.clone()).get("arcguard").await?;
+        let bundles: Vec<Option<Vec<u8>>> = validating
+            .webhooks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| w.client_config.ca_bundle.map(|b| b.0))
+            .chain(
+                mutating
+                    .webhooks
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|w| w.client_config.ca_bundle.map(|b| b.0)),
+            )
+            .collect();
+        ensure!(
+            bundles.len() == 3 && bundles.iter().all(|b| b.as_deref() == Some(bundle.as_slice())),
+            "not every webhook carries the Secret's bundle yet"
+        );
+        Ok(bundle)
+    })
+    .await
+}
+
+/// A trusted pod is created (and labelled by the mutating webhook); an untrusted one is denied
+/// with arcguard's message. Retries while the webhooks are not answering yet.
+async fn admission_works(client: &kube::Client, ns: &str, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let created = eventually(Duration::from_secs(60), || async {
+        pods.create(&PostParams::default(), &pod(name, TRUSTED))
+            .await
+            .map_err(|e| anyhow!("trusted pod {name}: {e}"))
+    })
+    .await?;
+    let labels = created.metadata.labels.unwrap_or_default();
+    ensure!(
+        labels.get("arcguard.io/os").map(String::as_str) == Some("linux"),
+        "the mutating webhook labelled {name}: {labels:?}"
+    );
+    let message =
+        denial(&pods.create(&dry_run(), &pod(&format!("{name}-untrusted"), UNTRUSTED)).await);
+    ensure!(message.contains(UNTRUSTED_MESSAGE), "untrusted pod next to {name}: {message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deleted_certificate_secret_is_recreated_and_its_bundle_reinjected() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("the cluster starts");
+    let result = secret_deleted(&mut cluster).await;
+    cluster.check(result);
+}
+
+async fn secret_deleted(cluster: &mut Cluster) -> Result<()> {
+    let client = cluster.client().await?;
+    let ns = namespace(&client, "secret-deleted", &[]).await?;
+    let (old_bundle, old_uid) = secret_bundle(&client).await?;
+    let deleted = Instant::now();
+    Api::<Secret>::namespaced(client.clone(), NS).delete(SECRET, &DeleteParams::default()).await?;
+    let new_uid = eventually(Duration::from_secs(60), || async {
+        let (_, uid) = secret_bundle(&client).await?;
+        ensure!(uid != old_uid, "the Secret is not re-created yet");
+        Ok(uid)
+    })
+    .await
+    .context("re-creating the deleted Secret")?;
+    let bundle = bundle_injected(&client).await.context("re-injecting the new bundle")?;
+    eprintln!(
+        "[e2e] secret deleted: re-created (uid {new_uid}) and injected in {:.1}s; bundle {}",
+        deleted.elapsed().as_secs_f64(),
+        if bundle == old_bundle { "unchanged" } else { "new" }
+    );
+    cluster.arcguard.handshake_trusting(&bundle).await.context("serving a trusted certificate")?;
+    cluster.arcguard.wait_ready(Duration::from_secs(30)).await?;
+    admission_works(&client, &ns, "after-secret-deleted").await
+}
+
+#[tokio::test]
+async fn deleted_and_reapplied_webhook_configurations_get_the_bundle_back_and_enforce() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("the cluster starts");
+    let result = webhooks_reapplied(&mut cluster).await;
+    cluster.check(result);
+}
+
+async fn webhooks_reapplied(cluster: &mut Cluster) -> Result<()> {
+    let client = cluster.client().await?;
+    let ns = namespace(&client, "webhooks-reapplied", &[]).await?;
+    let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone());
+    let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    validating.delete("arcguard", &DeleteParams::default()).await?;
+    mutating.delete("arcguard", &DeleteParams::default()).await?;
+    // Nothing enforces now: an untrusted pod goes through (dry run).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    eventually(Duration::from_secs(30), || async {
+        pods.create(&dry_run(), &pod("unguarded", UNTRUSTED))
+            .await
+            .map_err(|e| anyhow!("untrusted pod without webhooks: {e}"))
+    })
+    .await?;
+
+    // A GitOps tool re-applies them as stored in Git: no caBundle.
+    let reapplied = Instant::now();
+    for configuration in webhook_configurations(&cluster.arcguard.url())? {
+        ensure!(!configuration.to_string().contains("caBundle"), "the manifests carry no caBundle");
+        apply(&client, &configuration).await?;
+    }
+    let bundle = bundle_injected(&client).await.context("re-injecting into the new objects")?;
+    wait_for_enforcement(&client, Duration::from_secs(60)).await?;
+    eprintln!(
+        "[e2e] webhooks re-applied: bundle re-injected and enforcing in {:.1}s",
+        reapplied.elapsed().as_secs_f64()
+    );
+    cluster.arcguard.handshake_trusting(&bundle).await?;
+    cluster.arcguard.wait_ready(Duration::from_secs(30)).await?;
+    admission_works(&client, &ns, "after-reapply").await
+}
+
+/// A ClusterGuardPolicy for `ns` only, trusting `registries`.
+fn registries_policy(name: &str, ns: &str, registries: &[&str]) -> Value {
+    json!({
+        "apiVersion": "arcguard.io/v1alpha1", "kind": "ClusterGuardPolicy",
+        "metadata": {"name": name},
+        "spec": {"action": "Deny", "match": {"namespaces": [ns]},
+                 "trustedRegistries": {"registries": registries}}
+    })
+}
+
+/// Posts an AdmissionReview for a CREATE of `pod` in `ns` straight to arcguard's `/validate`
+/// (trusting `bundle`), as the apiserver would, and returns the response.
+async fn review(cluster: &Cluster, bundle: &[u8], ns: &str, pod: &Pod) -> Result<Value> {
+    let mut builder = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5));
+    for certificate in reqwest::Certificate::from_pem_bundle(bundle)? {
+        builder = builder.add_root_certificate(certificate);
+    }
+    let body = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "6c1e8b3e-0000-4000-8000-000000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": pod.metadata.name, "namespace": ns, "operation": "CREATE",
+            "userInfo": {"username": "admin", "groups": ["system:masters"]},
+            "object": pod, "dryRun": true,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    });
+    let response = builder
+        .build()?
+        .post(format!("{}/validate", cluster.arcguard.url()))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body)?)
+        .send()
+        .await?;
+    ensure!(response.status().is_success(), "/validate answered {}", response.status());
+    let review: Value = serde_json::from_str(&response.text().await?)?;
+    Ok(review["response"].clone())
+}
+
+#[tokio::test]
+async fn with_the_apiserver_down_mid_run_the_last_policies_stay_enforced_and_watches_resume() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("the cluster starts");
+    let result = apiserver_down_mid_run(&mut cluster).await;
+    cluster.check(result);
+}
+
+/// How long the apiserver stays down. Longer than the watchers' first back-off steps, so they
+/// resume from a real back-off, not a lucky first retry.
+const OUTAGE: Duration = Duration::from_secs(15);
+
+async fn apiserver_down_mid_run(cluster: &mut Cluster) -> Result<()> {
+    let client = cluster.client().await?;
+    let ns = namespace(&client, "apiserver-down", &[]).await?;
+    let name = format!("e2e-{ns}");
+    apply(&client, &registries_policy(&name, &ns, &["contoso.azurecr.io/team-a"])).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let team_b = pod("team-b", "contoso.azurecr.io/team-b/app:1");
+    eventually(Duration::from_secs(30), || async {
+        let message = denial(&pods.create(&dry_run(), &team_b).await);
+        ensure!(message.contains(&format!("[{name}]")), "team-b before the outage: {message}");
+        Ok(())
+    })
+    .await?;
+    let (bundle, _) = secret_bundle(&client).await?;
+
+    // Down: arcguard keeps running, stays ready (its certificate is still valid and was
+    // trusted, and it still enforces the policies it last loaded), and keeps answering.
+    cluster.control_plane.stop_apiserver();
+    let down = Instant::now();
+    let mut reviews = 0u32;
+    while down.elapsed() < OUTAGE {
+        ensure!(cluster.arcguard.is_running(), "arcguard exited while the apiserver was down");
+        ensure!(cluster.arcguard.is_ready().await, "arcguard turned unready during the outage");
+        let response = review(cluster, &bundle, &ns, &team_b).await?;
+        let message = response["status"]["message"].as_str().unwrap_or_default();
+        ensure!(
+            response["allowed"] == json!(false) && message.contains(&format!("[{name}]")),
+            "the last policy set is enforced during the outage: {response}"
+        );
+        reviews += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    cluster.control_plane.start_apiserver().await.context("restarting the apiserver")?;
+    let restarted = Instant::now();
+    // Right after the restart: the apiserver may refuse while its own caches sync, but it must
+    // never admit team-b.
+    let client = cluster.client().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut answers = Vec::new();
+    loop {
+        let result = pods.create(&dry_run(), &team_b).await;
+        ensure!(result.is_err(), "team-b admitted right after the restart (before: {answers:?})");
+        let message = denial(&result);
+        if message.contains(&format!("[{name}]")) {
+            break;
+        }
+        ensure!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "no denial from arcguard after the restart: {answers:?}"
+        );
+        answers.push(message);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let denied_after = restarted.elapsed();
+
+    // Watches resume: an edit made after the restart takes effect.
+    apply(
+        &client,
+        &registries_policy(&name, &ns, &["contoso.azurecr.io/team-a", "contoso.azurecr.io/team-b"]),
+    )
+    .await?;
+    // kube-runtime's watcher back-off (as client-go's reflector: 0.8 s doubling to 30 s, with
+    // jitter) means a watch that failed through the outage may retry only ~30 s after the
+    // apiserver is back; runs have taken 18-40 s here.
+    eventually(Duration::from_secs(90), || async {
+        pods.create(&dry_run(), &team_b).await.map_err(|e| anyhow!("team-b after the edit: {e}"))
+    })
+    .await?;
+    eprintln!(
+        "[e2e] apiserver down {:.1}s ({reviews} reviews denied during it); after the restart: denied through the apiserver at {:.1}s ({} earlier refusals), the edit took effect at {:.1}s",
+        OUTAGE.as_secs_f64(),
+        denied_after.as_secs_f64(),
+        answers.len(),
+        restarted.elapsed().as_secs_f64()
+    );
+    ensure!(cluster.arcguard.is_ready().await, "ready after the restart");
+    // The only replica could not renew its Lease through the outage; it must lead again, or
+    // nobody would ever rotate the certificate or write policy status.
+    eventually(Duration::from_secs(60), || async {
+        let leading = cluster.arcguard.metric("arcguard_leader").await?;
+        ensure!(leading == 1.0, "e2e-0 leads again after the outage (leader={leading})");
+        Ok(())
+    })
+    .await?;
+    pods.create(&PostParams::default(), &team_b).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn started_without_an_apiserver_arcguard_waits_unready_then_becomes_ready_and_enforces() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("the cluster starts");
+    let result = apiserver_down_at_start(&mut cluster).await;
+    cluster.check(result);
+}
+
+async fn apiserver_down_at_start(cluster: &mut Cluster) -> Result<()> {
+    cluster.arcguard.stop().await;
+    cluster.control_plane.stop_apiserver();
+    cluster.arcguard.start().await.context("arcguard starts without an apiserver")?;
+    let started = Instant::now();
+    while started.elapsed() < OUTAGE {
+        ensure!(cluster.arcguard.is_running(), "arcguard exited without an apiserver");
+        ensure!(
+            !cluster.arcguard.is_ready().await,
+            "arcguard is ready without having loaded policies or its certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    cluster.control_plane.start_apiserver().await.context("starting the apiserver")?;
+    let up = Instant::now();
+    cluster.arcguard.wait_ready(Duration::from_secs(90)).await?;
+    let ready_after = up.elapsed();
+    let client = cluster.client().await?;
+    wait_for_enforcement(&client, Duration::from_secs(60)).await?;
+    eprintln!(
+        "[e2e] apiserver up after arcguard: ready {:.1}s, enforcing {:.1}s after the apiserver",
+        ready_after.as_secs_f64(),
+        up.elapsed().as_secs_f64()
+    );
+    ensure!(cluster.arcguard.is_running(), "still the first process");
+    let ns = namespace(&client, "late-apiserver", &[]).await?;
+    admission_works(&client, &ns, "after-late-apiserver").await
 }
