@@ -38,15 +38,13 @@ const OS_KEYS: [&str; 2] = ["arcguard.io/os", "kubernetes.io/os"];
 pub fn review(data: &[u8]) {
     let loaded = samples();
     for webhook in [Webhook::Validate, Webhook::Mutate] {
-        let Ok(decision) = admission::review(webhook, data, &loaded.policies, &loaded.facts)
-        else {
+        let Ok(decision) = admission::review(webhook, data, &loaded.policies, &loaded.facts) else {
             continue;
         };
         let Some(patch) = decision.response.patch else { continue };
         assert_eq!(webhook, Webhook::Mutate, "only the mutating webhook patches");
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&patch)
-            .expect("the patch is base64");
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(&patch).expect("the patch is base64");
         let patch: json_patch::Patch =
             serde_json::from_slice(&bytes).expect("the patch is a JSON Patch");
         // serde_json skips ignored strings without checking their UTF-8, so a body arcguard
@@ -95,8 +93,8 @@ pub fn selector(data: &[u8]) {
     let parsed = selector::parse(input);
     if let Ok(expr) = &parsed {
         let printed = expr.to_string();
-        let reparsed = selector::parse(&printed)
-            .unwrap_or_else(|e| panic!("printed {printed:?} parses: {e}"));
+        let reparsed =
+            selector::parse(&printed).unwrap_or_else(|e| panic!("printed {printed:?} parses: {e}"));
         assert_eq!(&reparsed, expr, "printing {printed:?} round-trips");
     }
     for key in OS_KEYS {
@@ -104,8 +102,8 @@ pub fn selector(data: &[u8]) {
         let twice = scope_selector(&once, key);
         assert_eq!(once, twice, "scoping with {key} is idempotent");
         if parsed.is_ok() {
-            let scoped = selector::parse(&once)
-                .unwrap_or_else(|e| panic!("scoped {once:?} parses: {e}"));
+            let scoped =
+                selector::parse(&once).unwrap_or_else(|e| panic!("scoped {once:?} parses: {e}"));
             assert!(
                 selector::has_linux_requirement(&scoped, key),
                 "scoped {once:?} requires {key} == 'linux'"
