@@ -285,7 +285,8 @@ const BLANKS: [char; 2] = [' ', '\t'];
 /// Unchanged when the top-level `&&` chain already requires `key == 'linux'` (or
 /// `key in {'linux'}`), so applying it again changes nothing. A selector that does not parse
 /// is wrapped all the same (validation reports the parse error), unless it already ends with
-/// the clause.
+/// the clause or the wrapping would make it parse (an unbalanced `a) || (b`): then it is
+/// unchanged.
 pub fn scope_selector(selector: &str, key: &str) -> String {
     let trimmed = selector.trim_matches(BLANKS);
     let clause = format!("{key} == '{LINUX}'");
@@ -293,7 +294,14 @@ pub fn scope_selector(selector: &str, key: &str) -> String {
         Ok(expr) if selector::has_linux_requirement(&expr, key) => selector.to_owned(),
         Ok(Expr::All) => clause,
         Err(_) if trimmed.ends_with(&format!("&& {clause}")) => selector.to_owned(),
-        Ok(_) | Err(_) => format!("({trimmed}) && {clause}"),
+        Ok(_) => format!("({trimmed}) && {clause}"),
+        Err(_) => {
+            let wrapped = format!("({trimmed}) && {clause}");
+            // An unbalanced selector such as `a == 'x') || (b == 'y'` closes the added
+            // parenthesis itself, and the result would parse as a different selector that is
+            // not scoped; it stays as written, for validation to report.
+            if selector::parse(&wrapped).is_ok() { selector.to_owned() } else { wrapped }
+        }
     }
 }
 
@@ -525,6 +533,9 @@ mod tests {
             // Does not parse: wrapped anyway, once.
             ("app ==", "(app ==) && arcguard.io/os == 'linux'"),
             ("(app ==) && arcguard.io/os == 'linux'", "(app ==) && arcguard.io/os == 'linux'"),
+            // Does not parse, but would once wrapped (found by fuzzing): left as written.
+            ("b == 'y') || (a == 'x'", "b == 'y') || (a == 'x'"),
+            ("a == 'x') || (has(b)", "a == 'x') || (has(b)"),
         ];
         for (input, want) in cases {
             let scoped = scope_selector(input, KEY);
