@@ -27,6 +27,21 @@ pub struct ObjectMeta {
     /// `metadata.labels`; `null` decodes as empty.
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: Labels,
+    /// Whether the object carried a `metadata` object at all (patches must not assume it).
+    #[serde(skip)]
+    pub present: bool,
+}
+
+/// Decodes a `metadata` object, marking it present.
+///
+/// # Errors
+/// The deserializer's error when `metadata` is not an object.
+pub fn present_metadata<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<ObjectMeta, D::Error> {
+    let mut metadata = ObjectMeta::deserialize(deserializer)?;
+    metadata.present = true;
+    Ok(metadata)
 }
 
 /// A `PodTemplateSpec`: metadata plus pod spec.
@@ -34,7 +49,7 @@ pub struct ObjectMeta {
 #[serde(rename_all = "camelCase")]
 pub struct PodTemplateSpec {
     /// Template metadata (labels).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_metadata")]
     pub metadata: ObjectMeta,
     /// The pod spec.
     #[serde(default)]

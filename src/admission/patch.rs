@@ -123,6 +123,9 @@ fn direct_operations(
                     return None;
                 }
                 if pod.labels.is_empty() {
+                    if !pod.metadata_present {
+                        return None;
+                    }
                     new_maps
                         .entry(labels_pointer)
                         .or_default()
@@ -326,6 +329,26 @@ mod tests {
             let mut expected = object.clone();
             apply(&mut expected, &mutations);
             assert_eq!(patched, expected, "{object}");
+        }
+    }
+
+    #[test]
+    fn a_pod_without_metadata_gets_no_patch_it_cannot_apply() {
+        use crate::admission::review::Operation;
+        use crate::admission::view::Kind;
+        let pod = serde_json::json!({"spec": {"containers": [{"name": "c", "image": "x"}]}});
+        let raw = raw(&pod);
+        let view =
+            RequestView::build(Kind::Pod, Operation::Create, None, &raw, None).expect("view");
+        let mutations = BTreeSet::from([Mutation::SetLabel {
+            labels_pointer: "/metadata/labels".into(),
+            key: "arcguard.io/os".into(),
+            value: "linux".into(),
+        }]);
+        assert_eq!(direct(&view, &mutations), None, "the view cannot place the label");
+        if let Some(patch) = build(&raw, &mutations).expect("valid") {
+            let mut patched = pod.clone();
+            json_patch::patch(&mut patched, &patch).expect("whatever is returned applies");
         }
     }
 

@@ -139,6 +139,8 @@ pub struct PodView {
     pub spec: PodSpec,
     /// Labels and spec before an UPDATE.
     pub old: Option<Box<PodTemplateSpec>>,
+    /// Whether the pod (or template) carries a `metadata` object.
+    pub metadata_present: bool,
 }
 
 impl PodView {
@@ -370,7 +372,7 @@ pub fn decode_with<'de, D: serde::Deserializer<'de>>(
 ) -> Result<DecodedObject, D::Error> {
     #[derive(Deserialize)]
     struct Pod {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "super::objects::present_metadata")]
         metadata: ObjectMeta,
         #[serde(default)]
         spec: PodSpec,
@@ -424,6 +426,7 @@ pub fn decode_with<'de, D: serde::Deserializer<'de>>(
     let template = |root: &'static str, template: Option<PodTemplateSpec>| match template {
         Some(t) => Subject::Pod(Box::new(PodView {
             root,
+            metadata_present: t.metadata.present,
             labels: t.metadata.labels,
             spec: t.spec,
             old: None,
@@ -435,9 +438,16 @@ pub fn decode_with<'de, D: serde::Deserializer<'de>>(
         Kind::Pod | Kind::PodEphemeralContainers => {
             let pod = <Pod>::deserialize(deserializer)?;
             let labels = pod.metadata.labels.clone();
+            let metadata_present = pod.metadata.present;
             (
                 pod.metadata,
-                Subject::Pod(Box::new(PodView { root, labels, spec: pod.spec, old: None })),
+                Subject::Pod(Box::new(PodView {
+                    root,
+                    labels,
+                    spec: pod.spec,
+                    old: None,
+                    metadata_present,
+                })),
             )
         }
         Kind::Deployment
