@@ -347,6 +347,19 @@ pub struct SecretContents {
 }
 
 impl SecretContents {
+    /// Contents with a new CA and serving certificate and no rotation under way.
+    pub fn fresh(ca: CaMaterial, serving: ServingCert, revoke_handled: Option<String>) -> Self {
+        Self {
+            ca,
+            serving,
+            next_ca: None,
+            next_ca_published_at: None,
+            previous_ca_cert: None,
+            ca_switched_at: None,
+            revoke_handled,
+        }
+    }
+
     /// The CA bundle to publish: previous, current and next CA, each when present.
     #[must_use]
     pub fn bundle(&self) -> String {
@@ -584,15 +597,7 @@ fn fresh<G: Generate + ?Sized>(
 ) -> Result<Action, PlanError> {
     let ca = new_ca(config, now, generator)?;
     let serving = issue(&ca, config, now, generator)?;
-    let contents = SecretContents {
-        ca,
-        serving,
-        next_ca: None,
-        next_ca_published_at: None,
-        previous_ca_cert: None,
-        ca_switched_at: None,
-        revoke_handled,
-    };
+    let contents = SecretContents::fresh(ca, serving, revoke_handled);
     Ok(Action::Write { contents: Box::new(contents), reason })
 }
 

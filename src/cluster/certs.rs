@@ -988,15 +988,7 @@ mod tests {
                 now,
             )
             .expect("serving");
-        SecretContents {
-            ca,
-            serving,
-            next_ca: None,
-            next_ca_published_at: None,
-            previous_ca_cert: None,
-            ca_switched_at: None,
-            revoke_handled: None,
-        }
+        SecretContents::fresh(ca, serving, None)
     }
 
     fn secret(contents: &SecretContents) -> Secret {
