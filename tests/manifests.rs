@@ -12,6 +12,8 @@ use clap::Parser as _;
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
+mod tools;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The namespace everything is installed into (base/kustomization.yaml).
 const NAMESPACE: &str = "arcguard-system";
@@ -1011,6 +1013,8 @@ fn the_alerts_use_metrics_arcguard_exports_and_scrape_the_metrics_port() {
         "ArcguardHighLatency",
         "ArcguardPolicyReloadFailing",
         "ArcguardDown",
+        "ArcguardNoLeader",
+        "ArcguardAuditViolations",
     ]
     .into_iter()
     .collect();
@@ -1050,13 +1054,14 @@ fn relative(from: &Path, to: &Path) -> PathBuf {
     out
 }
 
-/// `kubectl kustomize dir`: None when kubectl is not installed.
+/// `kubectl kustomize dir` with the pinned kubectl (`tests/tools`): None when there is none.
 fn kustomize(dir: &Path) -> Option<Vec<Value>> {
-    let output = match Command::new("kubectl").arg("kustomize").arg(dir).output() {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => panic!("kubectl: {e}"),
-    };
+    let kubectl = tools::tool("kubectl")?;
+    let output = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", kubectl.display()));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "kubectl kustomize {}: {stderr}", dir.display());
     assert!(
@@ -1071,7 +1076,7 @@ fn kustomize(dir: &Path) -> Option<Vec<Value>> {
 #[test]
 fn kustomize_renders_the_install_every_overlay_and_every_component_cleanly() {
     let Some(install) = kustomize(&path("manifests")) else {
-        eprintln!("note: kubectl is not on PATH; skipping the kustomize rendering checks");
+        eprintln!("note: no kubectl; skipping the kustomize rendering checks");
         return;
     };
     // What kustomize adds keeps every guarantee the files make.
@@ -1142,10 +1147,18 @@ fn kustomize_renders_the_install_every_overlay_and_every_component_cleanly() {
     let root = std::fs::canonicalize(ROOT).expect("root");
     let here = std::fs::canonicalize(scratch.path()).expect("scratch");
     let to = |p: &str| relative(&here, &root.join(p)).display().to_string();
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 4] = [
         ("monitoring", &["manifests/components/monitoring"]),
         ("policies", &["manifests/components/policies"]),
-        ("both", &["manifests/components/monitoring", "manifests/components/policies"]),
+        ("networkpolicy", &["manifests/components/networkpolicy"]),
+        (
+            "all",
+            &[
+                "manifests/components/monitoring",
+                "manifests/components/policies",
+                "manifests/components/networkpolicy",
+            ],
+        ),
     ];
     for (case, components) in cases {
         let dir = here.join(case);
@@ -1162,6 +1175,29 @@ fn kustomize_renders_the_install_every_overlay_and_every_component_cleanly() {
         let kinds: BTreeSet<_> = rendered.iter().filter_map(|d| d["kind"].as_str()).collect();
         if components.iter().any(|c| c.ends_with("monitoring")) {
             assert!(kinds.contains("ServiceMonitor") && kinds.contains("PrometheusRule"), "{case}");
+            let dashboard = find(&rendered, "ConfigMap", "arcguard-dashboard");
+            assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"].as_str(), Some("1"));
+            let json = dashboard["data"]["arcguard.json"].as_str().expect("dashboard data");
+            assert_eq!(json, read("manifests/components/monitoring/dashboard.json"));
+        }
+        if components.iter().any(|c| c.ends_with("networkpolicy")) {
+            let policy = find(&rendered, "NetworkPolicy", "arcguard");
+            let ports: Vec<_> = policy["spec"]["ingress"]
+                .as_sequence()
+                .expect("ingress")
+                .iter()
+                .map(|rule| rule["ports"][0]["port"].as_str().expect("a named port"))
+                .collect();
+            assert_eq!(ports, ["https-webhook", "http-metrics"], "{case}");
+        }
+        for doc in &rendered {
+            assert_eq!(
+                doc["metadata"]["labels"]["app.kubernetes.io/part-of"].as_str(),
+                Some("arcguard"),
+                "{case}: {:?} {:?}",
+                doc["kind"],
+                doc["metadata"]["name"]
+            );
         }
         if components.iter().any(|c| c.ends_with("policies")) {
             let policies = of_kind(&rendered, "ClusterGuardPolicy").count();

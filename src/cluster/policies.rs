@@ -194,6 +194,7 @@ pub async fn run(
     ));
 
     let mut cache = BTreeMap::new();
+    let mut rejected = std::collections::BTreeSet::new();
     let mut ready = false;
     loop {
         tokio::select! {
@@ -232,8 +233,15 @@ pub async fn run(
         for (key, entry) in &cache {
             if let Some(error) = &entry.error {
                 tracing::warn!(policy = ?key, %error, "policy generation rejected");
+                // Counted once per rejected generation (ArcguardPolicyReloadFailing alerts on it).
+                if rejected.insert((key.clone(), entry.generation)) {
+                    state.metrics.record_policy_reload(None);
+                }
             }
         }
+        rejected.retain(|(key, generation)| {
+            cache.get(key).is_some_and(|e| e.error.is_some() && e.generation == *generation)
+        });
         if *leader.borrow() {
             write_statuses(&client, &cache, &objects, &cluster_resource, &namespaced_resource)
                 .await;
