@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod pki;
 pub mod process;
+pub mod tools;
 
 pub use cluster::{
     Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, apply_yaml, denial, eventually, namespace,
