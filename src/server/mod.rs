@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use crate::admission::RequestView;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
-use crate::rules::StaticFacts;
+use crate::rules::{Rule, StaticFacts};
 
 pub use routes::{metrics_router, webhook_router};
 pub use tls::serve_tls;
@@ -36,6 +36,11 @@ pub struct Snapshot {
 pub struct Readiness {
     policies_loaded: AtomicBool,
     certificate_loaded: AtomicBool,
+    /// The namespace and node caches have been filled once.
+    caches_synced: AtomicBool,
+    /// The GMSACredentialSpec cache has been filled once (needed only while a gMSA policy is
+    /// in force: clusters without the CRD never fill it).
+    credential_specs_synced: AtomicBool,
     shutting_down: AtomicBool,
     /// Turns true with `shutting_down`: the webhook server then asks every connection to go.
     draining: tokio::sync::watch::Sender<bool>,
@@ -46,6 +51,8 @@ impl Default for Readiness {
         Self {
             policies_loaded: AtomicBool::new(false),
             certificate_loaded: AtomicBool::new(false),
+            caches_synced: AtomicBool::new(false),
+            credential_specs_synced: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             draining: tokio::sync::watch::Sender::new(false),
         }
@@ -61,6 +68,25 @@ impl Readiness {
     /// Whether the policy set has been loaded.
     pub fn is_policies_loaded(&self) -> bool {
         self.policies_loaded.load(Ordering::Acquire)
+    }
+
+    /// Marks the caches the rules read as filled: until then a replica would deny valid gMSA
+    /// pods ("does not exist"), apply namespaceSelector policies everywhere, and refuse
+    /// bindings to nodes it has not listed yet.
+    pub fn set_caches_synced(&self) {
+        self.caches_synced.store(true, Ordering::Release);
+    }
+
+    /// Marks the GMSACredentialSpec cache as filled.
+    pub fn set_credential_specs_synced(&self) {
+        self.credential_specs_synced.store(true, Ordering::Release);
+    }
+
+    /// Whether the server is ready for the policies in force: with a gMSA policy, the
+    /// GMSACredentialSpec cache must be filled too.
+    pub fn is_ready_for(&self, policies: &PolicySet) -> bool {
+        let needs_specs = policies.policies().iter().any(|p| matches!(p.rule, Rule::Gmsa(_)));
+        self.is_ready() && (!needs_specs || self.credential_specs_synced.load(Ordering::Acquire))
     }
 
     /// Marks the serving certificate as loaded.
@@ -88,6 +114,7 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.policies_loaded.load(Ordering::Acquire)
             && self.certificate_loaded.load(Ordering::Acquire)
+            && self.caches_synced.load(Ordering::Acquire)
             && !self.shutting_down.load(Ordering::Acquire)
     }
 }

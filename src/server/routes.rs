@@ -133,7 +133,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.readiness.is_ready() {
+    if state.readiness.is_ready_for(&state.snapshot.load().policies) {
         "ok\n".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
