@@ -7,7 +7,8 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use arcguard::admission::{self, RequestView, Webhook, patch, review};
+use arcguard::admission::{self, RequestView, review};
+use arcguard::pipeline::{self, Webhook, patch};
 use arcguard::policy::PolicySet;
 use arcguard::policy::load::{Loaded, load_dir, load_sources};
 use arcguard::rules::{StaticFacts, image};
@@ -145,7 +146,7 @@ fn codec(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for webhook in [Webhook::Validate, Webhook::Mutate] {
         let decision =
-            admission::review(webhook, &body, &loaded.policies, &loaded.facts).expect("reviews");
+            pipeline::review(webhook, &body, &loaded.policies, &loaded.facts).expect("reviews");
         group.bench_with_input(
             BenchmarkId::new("encode", webhook.as_str()),
             &decision.response,
@@ -194,18 +195,18 @@ fn parts(c: &mut Criterion) {
 fn pipeline(c: &mut Criterion) {
     let loaded = sample_policies();
     let body = typical_body();
-    let validated = admission::review(Webhook::Validate, &body, &loaded.policies, &loaded.facts)
+    let validated = pipeline::review(Webhook::Validate, &body, &loaded.policies, &loaded.facts)
         .expect("reviews");
     assert!(validated.response.allowed, "the typical pod is allowed");
-    let mutated = admission::review(Webhook::Mutate, &body, &loaded.policies, &loaded.facts)
-        .expect("reviews");
+    let mutated =
+        pipeline::review(Webhook::Mutate, &body, &loaded.policies, &loaded.facts).expect("reviews");
     assert!(mutated.response.patch.is_some(), "the typical pod is patched");
     let mut group = c.benchmark_group("pipeline");
     for webhook in [Webhook::Validate, Webhook::Mutate] {
         group.bench_function(webhook.as_str(), |b| {
             b.iter(|| {
                 let decision =
-                    admission::review(webhook, black_box(&body), &loaded.policies, &loaded.facts)
+                    pipeline::review(webhook, black_box(&body), &loaded.policies, &loaded.facts)
                         .expect("reviews");
                 black_box(review::encode(&decision.response))
             })

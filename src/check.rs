@@ -10,8 +10,9 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::admission::{self, Webhook};
+use crate::admission;
 use crate::manifest::{self, ManifestError};
+use crate::pipeline::{self, Webhook};
 use crate::policy::PolicySet;
 use crate::rules::Facts;
 
@@ -178,7 +179,7 @@ fn check_object(
         })
         .to_string()
     };
-    let mutated = admission::review(Webhook::Mutate, review(&object).as_bytes(), policies, facts)
+    let mutated = pipeline::review(Webhook::Mutate, review(&object).as_bytes(), policies, facts)
         .map_err(|e| e.to_string())?;
     if let Some(encoded) = &mutated.response.patch {
         let bytes =
@@ -188,7 +189,7 @@ fn check_object(
         report.patch = serde_json::to_value(&patch).ok();
     }
     let validated =
-        admission::review(Webhook::Validate, review(&object).as_bytes(), policies, facts)
+        pipeline::review(Webhook::Validate, review(&object).as_bytes(), policies, facts)
             .map_err(|e| e.to_string())?;
     report.warnings = validated.response.warnings.clone();
     report.audits = validated.summary.audits.clone();

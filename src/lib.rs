@@ -1,7 +1,7 @@
 //! arcguard: a Kubernetes admission controller for hybrid Linux/Windows clusters.
 //!
 //! It enforces trusted registries, gMSA for Windows pods and Calico policy scoped to Linux.
-//! Start at [`admission::review`], the pure pipeline from an AdmissionReview to its response;
+//! Start at [`pipeline::review`], the pure pipeline from an AdmissionReview to its response;
 //! [`policy`] holds the policy API and its evaluation, [`rules`] the three rules, [`server`]
 //! the HTTPS shell around them and [`serve`] the standalone wiring.
 
@@ -12,6 +12,8 @@ pub mod cli;
 pub mod cluster;
 pub mod manifest;
 pub mod metrics;
+pub mod names;
+pub mod pipeline;
 pub mod policy;
 pub mod rules;
 pub mod serve;

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::admission::{Decision, Webhook};
+use crate::pipeline::{Decision, Webhook};
 use crate::policy::PolicySet;
 
 /// The content type of [`Metrics::encode`]'s output.

@@ -743,7 +743,7 @@ async fn a_pod_with_thousands_of_untrusted_containers_is_denied_in_time() {
     }
     // The message lists the first violations and counts the rest, so it stays readable.
     let listed = message.lines().filter(|l| l.starts_with("- [")).count();
-    assert_eq!(listed, arcguard::admission::MAX_LISTED, "{}", &message[..message.len().min(500)]);
+    assert_eq!(listed, arcguard::pipeline::MAX_LISTED, "{}", &message[..message.len().min(500)]);
     let more = format!("and {} more violations", count - listed);
     assert!(message.contains(&more), "no count of the rest");
     assert!(text.len() < 64 * 1024, "the response is {} bytes", text.len());

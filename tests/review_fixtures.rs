@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use arcguard::admission::{self, Webhook};
+use arcguard::pipeline::{self, Webhook};
 use arcguard::policy::load::{Loaded, load_dir};
 use base64::Engine as _;
 use serde_json::Value;
@@ -29,7 +29,7 @@ fn run(
     loaded: &Loaded,
 ) -> (bool, String, Vec<String>, Option<Value>) {
     let body = fixture(name);
-    let decision = admission::review(webhook, &body, &loaded.policies, &loaded.facts)
+    let decision = pipeline::review(webhook, &body, &loaded.policies, &loaded.facts)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(decision.response.uid, uid_of(&body), "{name}: uid echoed");
     let response = decision.response;
@@ -147,11 +147,10 @@ fn mutated_objects_pass_validation_and_mutate_idempotently() {
             serde_json::from_value(patch.expect("a patch")).expect("patch");
         json_patch::patch(&mut review["request"]["object"], &patch).expect("patch applies");
         let body = serde_json::to_vec(&review).expect("json");
-        let validated =
-            admission::review(Webhook::Validate, &body, &loaded.policies, &loaded.facts)
-                .expect("valid");
+        let validated = pipeline::review(Webhook::Validate, &body, &loaded.policies, &loaded.facts)
+            .expect("valid");
         assert!(validated.response.allowed, "{name}: {:?}", validated.response.status);
-        let again = admission::review(Webhook::Mutate, &body, &loaded.policies, &loaded.facts)
+        let again = pipeline::review(Webhook::Mutate, &body, &loaded.policies, &loaded.facts)
             .expect("valid");
         assert_eq!(again.response.patch, None, "{name}: a second mutation changes nothing");
     }
@@ -194,7 +193,7 @@ fn invalid_reviews_are_rejected_with_a_reason() {
     ];
     for (body, fragment) in cases {
         let error =
-            admission::review(Webhook::Validate, body.as_bytes(), &loaded.policies, &loaded.facts)
+            pipeline::review(Webhook::Validate, body.as_bytes(), &loaded.policies, &loaded.facts)
                 .expect_err("invalid review");
         assert!(
             error.to_string().contains(fragment),
@@ -209,16 +208,16 @@ fn objects_before_their_kind_and_policies_without_spec_take_the_slow_paths() {
     // The object precedes `kind`, so it cannot be decoded in the first pass.
     let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"object":{"metadata":{"name":"p","namespace":"shop"},"spec":{"containers":[{"name":"c","image":"nginx"}]}},"uid":"u1","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE","namespace":"shop"}}"#;
     let decision =
-        admission::review(Webhook::Validate, body, &loaded.policies, &loaded.facts).expect("valid");
+        pipeline::review(Webhook::Validate, body, &loaded.policies, &loaded.facts).expect("valid");
     assert!(!decision.response.allowed);
     let decision =
-        admission::review(Webhook::Mutate, body, &loaded.policies, &loaded.facts).expect("valid");
+        pipeline::review(Webhook::Mutate, body, &loaded.policies, &loaded.facts).expect("valid");
     assert!(decision.response.patch.is_some(), "the OS label is added");
 
     // A Calico policy without `spec` selects everything: the patch must create it.
     let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u2","kind":{"group":"projectcalico.org","version":"v3","kind":"GlobalNetworkPolicy"},"operation":"CREATE","object":{"apiVersion":"projectcalico.org/v3","kind":"GlobalNetworkPolicy","metadata":{"name":"g"}}}}"#;
     let decision =
-        admission::review(Webhook::Mutate, body, &loaded.policies, &loaded.facts).expect("valid");
+        pipeline::review(Webhook::Mutate, body, &loaded.policies, &loaded.facts).expect("valid");
     let patch = decision.response.patch.expect("a patch");
     let bytes = base64::engine::general_purpose::STANDARD.decode(patch).expect("base64");
     let text = String::from_utf8(bytes).expect("utf8");

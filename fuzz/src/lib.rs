@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use arcguard::admission::{self, Webhook};
+use arcguard::pipeline::{self, Webhook};
 use arcguard::policy::load::{Loaded, load_sources};
 use arcguard::rules::calico::{scope_selector, selector};
 use arcguard::rules::image;
@@ -38,7 +38,7 @@ const OS_KEYS: [&str; 2] = ["arcguard.io/os", "kubernetes.io/os"];
 pub fn review(data: &[u8]) {
     let loaded = samples();
     for webhook in [Webhook::Validate, Webhook::Mutate] {
-        let Ok(decision) = admission::review(webhook, data, &loaded.policies, &loaded.facts) else {
+        let Ok(decision) = pipeline::review(webhook, data, &loaded.policies, &loaded.facts) else {
             continue;
         };
         let Some(patch) = decision.response.patch else { continue };

@@ -19,8 +19,10 @@ impl NamePattern {
             Some(body) => (body, true),
             None => (pattern, false),
         };
-        let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
-        if (!prefix && body.is_empty()) || !body.chars().all(valid_char) || body.len() > 63 {
+        // A prefix may end anywhere a name may continue: `team-*` is a valid pattern.
+        let checked = if prefix && !body.is_empty() { format!("{body}a") } else { body.to_owned() };
+        let valid = (prefix && body.is_empty()) || crate::names::check_dns_label(&checked).is_ok();
+        if !valid {
             return Err(format!(
                 "{pattern:?} is not a namespace name (lowercase letters, digits and '-', at most 63) optionally ending in '*'"
             ));

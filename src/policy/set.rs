@@ -146,9 +146,9 @@ mod tests {
     use serde_json::value::RawValue;
 
     use super::*;
-    use crate::admission::patch;
     use crate::admission::review::Operation;
     use crate::admission::view::Kind;
+    use crate::pipeline::patch;
     use crate::policy::load::load_sources;
     use crate::rules::StaticFacts;
 

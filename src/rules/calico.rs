@@ -87,7 +87,7 @@ impl CalicoLinuxOnly {
     /// [`FieldError`] naming the first invalid field: `osLabelKey` when it is not a valid
     /// Kubernetes label key.
     pub fn compile(spec: &CalicoLinuxOnlySpec) -> Result<Self, FieldError> {
-        check_label_key(&spec.os_label_key).map_err(|why| {
+        crate::names::check_label_key(&spec.os_label_key).map_err(|why| {
             FieldError::new(
                 "osLabelKey",
                 format!(
@@ -319,53 +319,6 @@ fn linux_selector_requirement(key: &str) -> SelectorRequirement {
     }
 }
 
-/// Checks a Kubernetes label key: an optional DNS subdomain prefix (at most 253 characters)
-/// and `/`, then a name of at most 63 characters of `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`.
-fn check_label_key(key: &str) -> Result<(), String> {
-    let (prefix, name) = match key.split_once('/') {
-        Some((prefix, name)) => (Some(prefix), name),
-        None => (None, key),
-    };
-    if let Some(prefix) = prefix {
-        if prefix.is_empty() {
-            return Err("the prefix before `/` is empty".to_owned());
-        }
-        if prefix.len() > 253 {
-            return Err(format!("the prefix is {} characters long (at most 253)", prefix.len()));
-        }
-        let is_dns_label = |label: &str| {
-            let bytes = label.as_bytes();
-            let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-            bytes.first().is_some_and(alnum)
-                && bytes.last().is_some_and(alnum)
-                && bytes.iter().all(|b| alnum(b) || *b == b'-')
-        };
-        if !prefix.split('.').all(is_dns_label) {
-            return Err(format!(
-                "the prefix {prefix:?} is not a DNS subdomain (lowercase letters, digits, `-` \
-                 and `.`, starting and ending each part with a letter or digit)"
-            ));
-        }
-    }
-    if name.is_empty() {
-        return Err("the name is empty".to_owned());
-    }
-    if name.len() > 63 {
-        return Err(format!("the name is {} characters long (at most 63)", name.len()));
-    }
-    let bytes = name.as_bytes();
-    let valid = bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if !valid {
-        return Err(format!(
-            "the name {name:?} must be letters, digits, `-`, `_` and `.`, starting and ending \
-             with a letter or digit"
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -374,7 +327,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::admission::patch;
+    use crate::pipeline::patch;
 
     const KEY: &str = DEFAULT_OS_LABEL_KEY;
 

@@ -108,11 +108,11 @@ impl Gmsa {
     /// [`FieldError`] naming the first invalid field.
     pub fn compile(spec: &GmsaSpec) -> Result<Self, FieldError> {
         for (i, name) in spec.allowed_credential_specs.iter().enumerate() {
-            if !is_dns_subdomain(name) {
+            if let Err(why) = crate::names::check_dns_subdomain(name) {
                 return Err(FieldError::new(
                     format!("allowedCredentialSpecs[{i}]"),
                     format!(
-                        "{name:?} is not a GMSACredentialSpec name (a lowercase DNS subdomain)"
+                        "{name:?} is not a GMSACredentialSpec name (a lowercase DNS subdomain): {why}"
                     ),
                 ));
             }
@@ -300,17 +300,6 @@ fn uses_gmsa(spec: &PodSpec) -> bool {
     };
     sets(spec.windows_options())
         || spec.all_containers().any(|c| sets(c.container.windows_options()))
-}
-
-/// Whether `name` is a valid object name (RFC 1123 DNS subdomain).
-fn is_dns_subdomain(name: &str) -> bool {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)
 }
 
 #[cfg(test)]
@@ -549,7 +538,7 @@ mod tests {
             rule().mutate(&view, &facts()).into_iter().collect();
         assert_eq!(mutations.len(), 2);
         let mut patched = pod_with_init_covered;
-        crate::admission::patch::apply(&mut patched, &mutations);
+        crate::pipeline::patch::apply(&mut patched, &mutations);
         let view = pod_view(Kind::Pod, patched, None);
         assert_eq!(rule().validate(&view, &facts()), Findings::default());
     }

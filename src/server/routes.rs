@@ -12,7 +12,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use super::{AppState, Limits};
-use crate::admission::{self, Decision, ReviewError, Webhook};
+use crate::admission::{self, ReviewError};
+use crate::pipeline::{self, Decision, Webhook};
 
 /// The router of the HTTPS port: `POST /validate`, `POST /mutate`, `GET /healthz`, `GET /readyz`.
 pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
@@ -66,7 +67,7 @@ async fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &
     // Loaded after any await, so the request is decided on the newest policies.
     let snapshot = state.snapshot.load();
     let facts = gathered.as_ref().unwrap_or(&snapshot.facts);
-    match admission::decide(webhook, &prepared, &snapshot.policies, facts) {
+    match pipeline::decide(webhook, &prepared, &snapshot.policies, facts) {
         Ok(decision) => {
             let encoded = admission::review::encode(&decision.response);
             let elapsed = start.elapsed();

@@ -7,7 +7,7 @@ use json_patch::{AddOperation, PatchOperation};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::view::{PolicySubject, RequestView, Subject};
+use crate::admission::view::{PolicySubject, RequestView, Subject};
 use crate::rules::{Mutation, calico};
 
 /// Applies mutations, in their canonical order, to a JSON object.

@@ -1,0 +1,239 @@
+//! The review pipeline: from an AdmissionReview body to its response, through the request
+//! view, the policies that apply and their verdicts and patches.
+//!
+//! Pure: AdmissionReview -> [`RequestView`] -> matching policies -> verdicts and patches ->
+//! AdmissionResponse. The shells (HTTP server, `check`, cluster controllers) call it with the
+//! policies in force and the facts they gathered.
+
+pub mod patch;
+
+use base64::Engine as _;
+
+use crate::admission::review::{self, AdmissionResponse, Operation, ReviewError};
+use crate::admission::view::{self, RequestView};
+use crate::admission::{Prepared, prepare};
+use crate::policy::{Action, Outcome, PolicySet};
+use crate::rules::Facts;
+
+/// The two webhooks arcguard serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Webhook {
+    /// `/validate`: allows or denies.
+    Validate,
+    /// `/mutate`: patches.
+    Mutate,
+}
+
+impl Webhook {
+    /// `validate` or `mutate`, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validate => "validate",
+            Self::Mutate => "mutate",
+        }
+    }
+}
+
+/// One policy's result, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    /// `name` or `namespace/name`.
+    pub policy: String,
+    /// The rule block.
+    pub rule: &'static str,
+    /// The policy's action.
+    pub action: Action,
+    /// Whether it passed.
+    pub passed: bool,
+}
+
+/// What was decided about a request, besides the response itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// Kind label: an inspected kind, or `other`.
+    pub kind: &'static str,
+    /// Operation.
+    pub operation: Operation,
+    /// `namespace/name` of the object.
+    pub object: String,
+    /// Whether the response allows the request.
+    pub allowed: bool,
+    /// Whether the response carries a patch.
+    pub patched: bool,
+    /// Each applicable policy's result (validation only).
+    pub results: Vec<PolicyOutcome>,
+    /// Violations of Deny policies (validation only).
+    pub denials: Vec<String>,
+    /// Violations of Audit policies, to be logged.
+    pub audits: Vec<String>,
+}
+
+/// The response to an AdmissionReview and its summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The response to send.
+    pub response: AdmissionResponse,
+    /// What happened, for logs and metrics.
+    pub summary: Summary,
+}
+
+/// Reviews an AdmissionReview body with the policies in force.
+///
+/// # Errors
+/// [`ReviewError`] when the body is not a valid AdmissionReview; the server answers 400.
+pub fn review(
+    webhook: Webhook,
+    body: &[u8],
+    policies: &PolicySet,
+    facts: &dyn Facts,
+) -> Result<Decision, ReviewError> {
+    decide(webhook, &prepare(body)?, policies, facts)
+}
+
+/// Decides a prepared request with the policies in force and the facts gathered for it.
+///
+/// # Errors
+/// [`ReviewError::InvalidObject`] when the object cannot be patched (it is not valid JSON).
+pub fn decide(
+    webhook: Webhook,
+    prepared: &Prepared<'_>,
+    policies: &PolicySet,
+    facts: &dyn Facts,
+) -> Result<Decision, ReviewError> {
+    let request = &prepared.request;
+    let view = prepared.view.as_ref();
+    let mut summary = Summary {
+        kind: view.map_or("other", |v| v.kind.as_str()),
+        operation: request.operation,
+        object: match (&request.namespace, &request.name) {
+            (Some(ns), Some(name)) if !ns.is_empty() => format!("{ns}/{name}"),
+            (_, Some(name)) => name.clone(),
+            _ => String::new(),
+        },
+        allowed: true,
+        patched: false,
+        results: Vec::new(),
+        denials: Vec::new(),
+        audits: Vec::new(),
+    };
+    let mut response = AdmissionResponse::allow(request.uid.clone());
+    let Some(view) = view else {
+        return Ok(Decision { response, summary });
+    };
+    if summary.object.is_empty() || summary.object.ends_with('/') {
+        summary.object = view.display_name();
+    }
+    match webhook {
+        Webhook::Validate if matches!(view.subject, view::Subject::GuardPolicy(_)) => {
+            // arcguard's own policies: refuse what would not compile, naming the field, so a
+            // bad edit never reaches the controller.
+            if let Err(problem) = crate::policy::check_document(view) {
+                summary.denials = vec![problem];
+                response.allowed = false;
+                response.status = Some(review::Status {
+                    code: 422,
+                    message: denial_message(view, &summary.denials),
+                    reason: "Invalid",
+                });
+            }
+        }
+        Webhook::Validate => {
+            let evaluation = policies.validate(view, facts);
+            summary.results = evaluation
+                .results
+                .iter()
+                .map(|r| PolicyOutcome {
+                    policy: r.policy.id(),
+                    rule: r.policy.rule.name(),
+                    action: r.policy.action,
+                    passed: r.outcome == Outcome::Pass,
+                })
+                .collect();
+            summary.audits = evaluation.audits();
+            response.warnings = capped(evaluation.warnings());
+            summary.denials = evaluation.denials();
+            if evaluation.is_denied() {
+                response.allowed = false;
+                response.status = Some(review::Status {
+                    code: 403,
+                    message: denial_message(view, &summary.denials),
+                    reason: "Forbidden",
+                });
+            }
+        }
+        Webhook::Mutate => {
+            let mutations = policies.mutate(view, facts);
+            let invalid = |source| ReviewError::InvalidObject {
+                field: "object",
+                kind: request.kind.kind.clone(),
+                source,
+            };
+            let patch = match patch::direct(view, &mutations) {
+                Some(patch) => patch,
+                // The view cannot tell where the operations go: diff against the object.
+                None => match review::raw_object(prepared.body, request.object).map_err(invalid)? {
+                    Some(object) => patch::build(object, &mutations).map_err(invalid)?,
+                    None => None,
+                },
+            };
+            if let Some(patch) = patch {
+                // Serialising a JSON Patch of strings and values cannot fail.
+                let bytes = serde_json::to_vec(&patch).unwrap_or_default();
+                response.patch_type = Some("JSONPatch");
+                response.patch = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+            }
+        }
+    }
+    summary.allowed = response.allowed;
+    summary.patched = response.patch.is_some();
+    Ok(Decision { response, summary })
+}
+
+/// Violations listed in one denial message, and warnings in one response: the message goes to
+/// kubectl, the audit log and events, so a pod with thousands of bad containers must not make
+/// it megabytes long.
+pub const MAX_LISTED: usize = 50;
+
+/// The message a denied user reads: what was denied, then each violation and what to change
+/// (at most [`MAX_LISTED`], then how many more).
+pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
+    let mut message = format!(
+        "arcguard denied {} {} {}:",
+        view.operation.as_str().to_lowercase(),
+        view.kind.as_str(),
+        view.display_name()
+    );
+    for denial in denials.iter().take(MAX_LISTED) {
+        message.push_str("\n- ");
+        message.push_str(denial);
+    }
+    if denials.len() > MAX_LISTED {
+        message.push_str(&format!("\n- and {} more violations", denials.len() - MAX_LISTED));
+    }
+    message
+}
+
+/// At most [`MAX_LISTED`] warnings, then one saying how many more.
+fn capped(mut warnings: Vec<String>) -> Vec<String> {
+    if warnings.len() > MAX_LISTED {
+        let more = warnings.len() - MAX_LISTED;
+        warnings.truncate(MAX_LISTED);
+        warnings.push(format!("and {more} more warnings"));
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_beyond_the_cap_are_counted_not_listed() {
+        let few: Vec<String> = (0..3).map(|i| format!("w{i}")).collect();
+        assert_eq!(capped(few.clone()), few);
+        let many: Vec<String> = (0..MAX_LISTED + 7).map(|i| format!("w{i}")).collect();
+        let capped = capped(many);
+        assert_eq!(capped.len(), MAX_LISTED + 1);
+        assert_eq!(capped[MAX_LISTED], "and 7 more warnings");
+    }
+}
