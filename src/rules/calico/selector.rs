@@ -27,7 +27,9 @@ use crate::admission::objects::LabelSelector;
 /// The limit applies to what a user writes. The Linux scoping rewrite,
 /// `(<selector>) && <key> != 'windows'` (or the legacy `... == 'linux'`), adds a level; a
 /// selector of exactly that shape may nest one level deeper, so a selector at the limit stays
-/// valid once scoped.
+/// valid once scoped. The parser cannot tell the OS label key, so a selector written in that
+/// shape with another key (`(<100 levels>) && other != 'windows'`) gets the extra level too,
+/// and its own rewrite is then one level too deep (denied, never admitted unscoped).
 pub const MAX_DEPTH: usize = 100;
 
 /// Longest label key Calico's tokenizer reads as one token (`LabelKeyMatcher`,
