@@ -117,6 +117,14 @@ pub struct ServeArgs {
     /// `clientConfig.url` instead of the Service (e.g. `127.0.0.1` out of cluster).
     #[arg(long = "cert-extra-san", env = "ARCGUARD_CERT_EXTRA_SANS", value_delimiter = ',')]
     pub cert_extra_sans: Vec<String>,
+    /// Cluster mode: the leader labels pods that lack a true OS label (pods created before
+    /// arcguard, in excluded namespaces, mirror pods) with the OS of the node they run on.
+    #[arg(long, env = "ARCGUARD_LABEL_EXISTING_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub label_existing_pods: bool,
+    /// Cluster mode: time between two passes of that labeller over every pod (it also runs when
+    /// a replica starts leading and when a policy brings a new OS label key).
+    #[arg(long, env = "ARCGUARD_LABEL_PODS_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub label_pods_interval: Duration,
     /// Cluster mode: lifetime of a new CA (default five years).
     #[arg(long, env = "ARCGUARD_CA_VALIDITY", value_parser = parse_duration)]
     pub ca_validity: Option<Duration>,

@@ -112,6 +112,8 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             identity,
             lease_name: args.lease_name,
             certs,
+            label_existing_pods: args.label_existing_pods,
+            label_pods_interval: args.label_pods_interval,
         };
         return runtime.block_on(async {
             match cluster::start(config, shutdown_signal()).await {

@@ -84,6 +84,8 @@ pub struct Metrics {
     certificate_rotations: Family<ReasonLabels, Counter>,
     ca_bundle_injections: Family<ConfigurationLabels, Counter>,
     leader: Gauge,
+    pods_unlabelled: Gauge,
+    pods_labelled: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -154,6 +156,18 @@ impl Metrics {
             "1 while this replica holds the leader Lease and writes certificates, else 0",
             leader.clone(),
         );
+        let pods_unlabelled = Gauge::default();
+        registry.register(
+            "pods_unlabelled",
+            "Pods the last labeller pass could not give a true OS label yet (unbound without an OS signal, on an unknown node, or a failed write); 0 when no policy labels pods",
+            pods_unlabelled.clone(),
+        );
+        let pods_labelled = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "pods_labelled",
+            "OS label writes to existing pods by the leader's labeller, by result (labelled, failed)",
+            pods_labelled.clone(),
+        );
         Self {
             registry,
             requests,
@@ -166,6 +180,8 @@ impl Metrics {
             certificate_rotations,
             ca_bundle_injections,
             leader,
+            pods_unlabelled,
+            pods_labelled,
         }
     }
 
@@ -275,6 +291,16 @@ impl Metrics {
     /// Counts one CA bundle write into a webhook configuration (`validating` or `mutating`).
     pub fn record_ca_bundle_injection(&self, configuration: &'static str) {
         self.ca_bundle_injections.get_or_create(&ConfigurationLabels { configuration }).inc();
+    }
+
+    /// Sets how many pods the last labeller pass left without a true OS label.
+    pub fn set_pods_unlabelled(&self, count: i64) {
+        self.pods_unlabelled.set(count);
+    }
+
+    /// Counts one OS label write to an existing pod (`labelled` or `failed`).
+    pub fn record_pod_labelled(&self, result: &'static str) {
+        self.pods_labelled.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Sets whether this replica is the leader.

@@ -363,6 +363,9 @@ fn kind_of(group: &str, resource: &str) -> (&'static str, Option<&'static str>) 
     match resource {
         "pods" => ("Pod", None),
         "pods/ephemeralcontainers" => ("Pod", Some("ephemeralcontainers")),
+        "pods/status" => ("Pod", Some("status")),
+        "pods/binding" => ("Binding", Some("binding")),
+        "bindings" => ("Binding", None),
         "deployments" => ("Deployment", None),
         "replicasets" => ("ReplicaSet", None),
         "statefulsets" => ("StatefulSet", None),
@@ -387,6 +390,9 @@ fn the_webhooks_cover_every_inspected_resource_and_nothing_else() {
             &["pods", "pods/ephemeralcontainers", "replicationcontrollers", "podtemplates"],
             CU,
         ),
+        // Label changes persist through pods/status; bindings place pods on nodes.
+        ("", "v1", &["pods/status"], &["UPDATE"]),
+        ("", "v1", &["pods/binding", "bindings"], &["CREATE"]),
         ("apps", "v1", &["deployments", "replicasets", "statefulsets", "daemonsets"], CU),
         ("batch", "v1", &["jobs", "cronjobs"], CU),
         ("networking.k8s.io", "v1", &["networkpolicies"], CU),
@@ -394,7 +400,8 @@ fn the_webhooks_cover_every_inspected_resource_and_nothing_else() {
         ("crd.projectcalico.org", "v1", NETPOLS, CU),
     ]);
     let mutate = expand(&[
-        ("", "v1", &["pods"], &["CREATE"]),
+        // UPDATE: a scheduling-gated pod re-pinned to another OS is relabelled.
+        ("", "v1", &["pods"], CU),
         ("", "v1", &["pods/ephemeralcontainers"], &["UPDATE"]),
         ("networking.k8s.io", "v1", &["networkpolicies"], CU),
         ("projectcalico.org", "v3", NETPOLS, CU),
@@ -484,11 +491,35 @@ fn enforcement_webhooks_skip_system_namespaces_and_honour_the_opt_out_label() {
         assert!(opt_out, "{name} does not honour arcguard.io/ignore=true");
         assert!(hook["objectSelector"].is_null(), "{name}: authors must not be able to opt out");
     }
-    // The two enforcement webhooks exempt exactly the same requests.
+    // The two enforcement webhooks exempt the same identities; beyond that, each skips only
+    // requests it has nothing to do with: validation pods/status writes that change no label,
+    // mutation pod UPDATEs of pods no longer gated.
     let validate = webhook(&hooks, "validate.arcguard.io");
     let mutate = webhook(&hooks, "mutate.arcguard.io");
     assert_eq!(validate["namespaceSelector"], mutate["namespaceSelector"]);
-    assert_eq!(validate["matchConditions"], mutate["matchConditions"]);
+    let conditions = |hook: &Value, own: &str| -> Vec<Value> {
+        hook["matchConditions"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"].as_str() != Some(own))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        conditions(validate, "pod-status-only-when-labels-change"),
+        conditions(mutate, "pod-update-only-while-gated")
+    );
+    let names = |hook: &Value| -> Vec<String> {
+        hook["matchConditions"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(names(validate).contains(&"pod-status-only-when-labels-change".to_owned()));
+    assert!(names(mutate).contains(&"pod-update-only-while-gated".to_owned()));
 
     let labels = &find(&docs, "Namespace", NAMESPACE)["metadata"]["labels"];
     assert_eq!(labels["arcguard.io/ignore"].as_str(), Some("true"));
@@ -728,7 +759,7 @@ fn every_rbac_rule_says_which_code_path_uses_it() {
             );
         }
     }
-    assert_eq!(rules, 10);
+    assert_eq!(rules, 12);
 }
 
 // ---------------------------------------------------------------------------------------------

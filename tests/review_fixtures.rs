@@ -105,13 +105,13 @@ fn mutation_of_every_fixture_matches_the_sample_policies() {
         ("windows-pod-no-gmsa", Some(r#""value":"windows""#)),
         (
             "networkpolicy-create",
-            Some(r#"{"key":"arcguard.io/os","operator":"In","values":["linux"]}"#),
+            Some(r#"{"key":"arcguard.io/os","operator":"NotIn","values":["windows"]}"#),
         ),
         (
             "calico-networkpolicy-create",
-            Some(r#""value":"(app == 'web') && arcguard.io/os == 'linux'""#),
+            Some(r#""value":"(app == 'web') && arcguard.io/os != 'windows'""#),
         ),
-        ("calico-globalnetworkpolicy-create", Some(r#""value":"arcguard.io/os == 'linux'""#)),
+        ("calico-globalnetworkpolicy-create", Some(r#""value":"arcguard.io/os != 'windows'""#)),
         ("deployment-untrusted", None),
         ("configmap-create", None),
         ("pod-delete", None),
@@ -222,7 +222,7 @@ fn objects_before_their_kind_and_policies_without_spec_take_the_slow_paths() {
     let bytes = base64::engine::general_purpose::STANDARD.decode(patch).expect("base64");
     let text = String::from_utf8(bytes).expect("utf8");
     assert!(
-        text.contains(r#""path":"/spec","value":{"selector":"arcguard.io/os == 'linux'"}"#),
+        text.contains(r#""path":"/spec","value":{"selector":"arcguard.io/os != 'windows'"}"#),
         "{text}"
     );
 }

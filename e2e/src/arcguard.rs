@@ -50,6 +50,8 @@ impl Arcguard {
             format!("--metrics-addr=127.0.0.1:{metrics_port}"),
             // The apiserver dials https://127.0.0.1:<port>, not the Service.
             "--cert-extra-san=127.0.0.1".to_owned(),
+            // Scenarios wait on the pod labeller; a pass over a test cluster costs little.
+            "--label-pods-interval=2s".to_owned(),
         ]
         .into();
         command.extend(extra_args.iter().cloned());

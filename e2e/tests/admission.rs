@@ -592,7 +592,8 @@ async fn windows_pods_need_a_credential_spec_their_service_account_may_use() {
 
 // === 4. Calico ===
 
-const LINUX_CLAUSE: &str = "arcguard.io/os == 'linux'";
+/// The scoping clause: pods labelled Windows drop out; unlabelled pods and host endpoints stay.
+const LINUX_CLAUSE: &str = "arcguard.io/os != 'windows'";
 
 fn calico_api(
     client: &kube::Client,
@@ -621,6 +622,12 @@ async fn pods_get_the_os_label() {
         ensure!(
             labels.get("arcguard.io/os").map(String::as_str) == Some("linux"),
             "labels: {labels:?}"
+        );
+        // Nothing pinned it: it is pinned to Linux, so the label stays true wherever it lands.
+        let selector = stored.spec.and_then(|s| s.node_selector).unwrap_or_default();
+        ensure!(
+            selector.get("kubernetes.io/os").map(String::as_str) == Some("linux"),
+            "nodeSelector: {selector:?}"
         );
         Ok(())
     })
@@ -703,8 +710,8 @@ async fn kubernetes_network_policies_select_linux_pods_only() {
                     e.iter()
                         .filter(|r| {
                             r.key == "arcguard.io/os"
-                                && r.operator == "In"
-                                && r.values.as_deref() == Some(&["linux".to_owned()][..])
+                                && r.operator == "NotIn"
+                                && r.values.as_deref() == Some(&["windows".to_owned()][..])
                         })
                         .count()
                 })

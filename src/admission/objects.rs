@@ -52,7 +52,7 @@ pub struct PodTemplateSpec {
     #[serde(default, deserialize_with = "present_metadata")]
     pub metadata: ObjectMeta,
     /// The pod spec.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_spec")]
     pub spec: PodSpec,
 }
 
@@ -72,9 +72,17 @@ pub struct PodSpec {
     /// `spec.os`.
     #[serde(default)]
     pub os: Option<PodOs>,
-    /// `spec.nodeSelector`.
+    /// `spec.nodeSelector`; `None` when absent or null (a patch must then add the map).
+    #[serde(default)]
+    pub node_selector: Option<Labels>,
+    /// `spec.nodeName`: set when the pod is created bound to a node (static and DaemonSet-like
+    /// pods, or a user bypassing the scheduler).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// `spec.schedulingGates`: while any remain, the scheduler leaves the pod alone and its
+    /// nodeSelector and affinity may still change.
     #[serde(default, deserialize_with = "null_as_default")]
-    pub node_selector: Labels,
+    pub scheduling_gates: Vec<serde::de::IgnoredAny>,
     /// `spec.affinity`.
     #[serde(default)]
     pub affinity: Option<Affinity>,
@@ -87,6 +95,21 @@ pub struct PodSpec {
     /// `spec.serviceAccount`, the deprecated alias the apiserver still honours.
     #[serde(default)]
     pub service_account: Option<String>,
+    /// Whether the object carried a `spec` object at all (patches must not assume it).
+    #[serde(skip)]
+    pub present: bool,
+}
+
+/// Decodes a pod `spec` object, marking it present.
+///
+/// # Errors
+/// The deserializer's error when `spec` is not an object.
+pub fn present_spec<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<PodSpec, D::Error> {
+    let mut spec = PodSpec::deserialize(deserializer)?;
+    spec.present = true;
+    Ok(spec)
 }
 
 /// `spec.os`.
@@ -131,6 +154,10 @@ pub struct NodeSelectorTerm {
     /// `matchExpressions` on node labels.
     #[serde(default, deserialize_with = "null_as_default")]
     pub match_expressions: Vec<SelectorRequirement>,
+    /// `matchFields` on node fields (only `metadata.name`): how DaemonSet pods are pinned to
+    /// their node.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub match_fields: Vec<SelectorRequirement>,
 }
 
 /// A label selector requirement (`key`, `operator`, `values`), as used by node and label selectors.
@@ -286,6 +313,17 @@ impl PodSpec {
     /// Pod-level `windowsOptions`.
     pub fn windows_options(&self) -> Option<&WindowsOptions> {
         self.security_context.as_ref()?.windows_options.as_ref()
+    }
+
+    /// `spec.nodeSelector`, empty when absent.
+    pub fn node_selector(&self) -> &Labels {
+        static EMPTY: Labels = Labels::new();
+        self.node_selector.as_ref().unwrap_or(&EMPTY)
+    }
+
+    /// Whether the pod still waits on scheduling gates.
+    pub fn is_gated(&self) -> bool {
+        !self.scheduling_gates.is_empty()
     }
 }
 

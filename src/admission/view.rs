@@ -16,6 +16,12 @@ pub enum Kind {
     Pod,
     /// The `pods/ephemeralcontainers` subresource (UPDATE of the whole Pod).
     PodEphemeralContainers,
+    /// The `pods/status` subresource (UPDATE of the whole Pod): the apiserver keeps the spec
+    /// as stored but persists label changes, so labels are judged as on a Pod UPDATE.
+    PodStatus,
+    /// A v1 Binding of a pod to a node: the `pods/binding` subresource the scheduler posts, or
+    /// the older `bindings` resource (CREATE).
+    PodBinding,
     /// apps/v1 Deployment.
     Deployment,
     /// apps/v1 ReplicaSet.
@@ -51,6 +57,8 @@ impl Kind {
         let kind = match (group, kind, sub_resource) {
             ("", "Pod", None) => Self::Pod,
             ("", "Pod", Some("ephemeralcontainers")) => Self::PodEphemeralContainers,
+            ("", "Pod", Some("status")) => Self::PodStatus,
+            ("", "Binding", Some("binding") | None) => Self::PodBinding,
             (_, _, Some(_)) => return None,
             ("apps", "Deployment", _) => Self::Deployment,
             ("apps", "ReplicaSet", _) => Self::ReplicaSet,
@@ -79,6 +87,8 @@ impl Kind {
         match self {
             Self::Pod => "Pod",
             Self::PodEphemeralContainers => "Pod/ephemeralcontainers",
+            Self::PodStatus => "Pod/status",
+            Self::PodBinding => "Binding",
             Self::Deployment => "Deployment",
             Self::ReplicaSet => "ReplicaSet",
             Self::StatefulSet => "StatefulSet",
@@ -99,7 +109,7 @@ impl Kind {
     /// objects, `""` for a Pod; `None` for kinds without a pod spec.
     pub fn pod_root(self) -> Option<&'static str> {
         match self {
-            Self::Pod | Self::PodEphemeralContainers => Some(""),
+            Self::Pod | Self::PodEphemeralContainers | Self::PodStatus => Some(""),
             Self::Deployment
             | Self::ReplicaSet
             | Self::StatefulSet
@@ -108,7 +118,8 @@ impl Kind {
             | Self::ReplicationController => Some("/spec/template"),
             Self::CronJob => Some("/spec/jobTemplate/spec/template"),
             Self::PodTemplate => Some("/template"),
-            Self::NetworkPolicy
+            Self::PodBinding
+            | Self::NetworkPolicy
             | Self::CalicoNetworkPolicy
             | Self::CalicoGlobalNetworkPolicy
             | Self::ClusterGuardPolicy
@@ -123,7 +134,7 @@ impl Kind {
 
     /// Whether objects of this kind are live pods (rather than templates for pods).
     pub fn is_pod(self) -> bool {
-        matches!(self, Self::Pod | Self::PodEphemeralContainers)
+        matches!(self, Self::Pod | Self::PodEphemeralContainers | Self::PodStatus)
     }
 }
 
@@ -172,9 +183,18 @@ pub enum PolicySubject {
     },
 }
 
+/// A binding under review: the pod (named by the request) goes to `node`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingView {
+    /// `target.name`: the node.
+    pub node: String,
+}
+
 /// What an inspected object carries for the rules.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Subject {
+    /// A pod's binding to a node; the pod itself is a cluster fact.
+    Binding(BindingView),
     /// A pod, or a workload's pod template.
     Pod(Box<PodView>),
     /// A network policy.
@@ -225,7 +245,11 @@ impl RequestView {
         let is_update = request.operation == Operation::Update;
         let old =
             request.decoded_old_object.take().filter(|o| is_update && o.kind.same_shape(kind));
-        if let Some(object) = request.decoded_object.take().filter(|o| o.kind.same_shape(kind)) {
+        if let Some(mut object) = request.decoded_object.take().filter(|o| o.kind.same_shape(kind))
+        {
+            // Decoded before the subresource was read: a pod decodes the same either way, but
+            // the kind is the subresource's.
+            object.kind = kind;
             return Ok(Some(Self::from_decoded(request.operation, namespace, object, old)));
         }
         let object = request.object.ok_or_else(|| ReviewError::MissingObject {
@@ -374,7 +398,7 @@ pub fn decode_with<'de, D: serde::Deserializer<'de>>(
     struct Pod {
         #[serde(default, deserialize_with = "super::objects::present_metadata")]
         metadata: ObjectMeta,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "super::objects::present_spec")]
         spec: PodSpec,
     }
     #[derive(Deserialize)]
@@ -433,9 +457,28 @@ pub fn decode_with<'de, D: serde::Deserializer<'de>>(
         })),
         None => Subject::Empty,
     };
+    #[derive(Deserialize)]
+    struct Binding {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        #[serde(default)]
+        target: Target,
+    }
+    #[derive(Deserialize, Default)]
+    struct Target {
+        #[serde(default)]
+        name: String,
+    }
+
     let root = kind.pod_root().unwrap_or("");
     let (metadata, subject) = match kind {
-        Kind::Pod | Kind::PodEphemeralContainers => {
+        Kind::PodBinding => {
+            let b = <Binding>::deserialize(deserializer)?;
+            // The binding's labels are not the pod's: objectSelector reads the pod's own.
+            let metadata = ObjectMeta { labels: Labels::new(), ..b.metadata };
+            (metadata, Subject::Binding(BindingView { node: b.target.name }))
+        }
+        Kind::Pod | Kind::PodEphemeralContainers | Kind::PodStatus => {
             let pod = <Pod>::deserialize(deserializer)?;
             let labels = pod.metadata.labels.clone();
             let metadata_present = pod.metadata.present;

@@ -1,11 +1,16 @@
-//! Cluster facts for the rules: GMSACredentialSpecs and namespace labels from watch-backed
-//! caches, and `use` authorizations from LocalSubjectAccessReviews, cached briefly.
+//! Cluster facts for the rules: GMSACredentialSpecs, namespace labels and node OS labels from
+//! watch-backed caches, the pod a binding names read on demand, and `use` authorizations from
+//! LocalSubjectAccessReviews, cached briefly. Only what the policies that apply to a request
+//! need is looked up ([`crate::policy::PolicySet::needs`]).
 //!
 //! API calls (for RBAC; `tests/rbac.rs` checks the manifests grant exactly these):
 //! - `list windows.k8s.io/gmsacredentialspecs (cluster)`
 //! - `watch windows.k8s.io/gmsacredentialspecs (cluster)`
 //! - `list core/namespaces (cluster, metadata only)`
 //! - `watch core/namespaces (cluster, metadata only)`
+//! - `list core/nodes (cluster, metadata only)`
+//! - `watch core/nodes (cluster, metadata only)`
+//! - `get core/pods (namespaced: the pod a binding names)`
 //! - `create authorization.k8s.io/localsubjectaccessreviews (namespaced: the pod's namespace)`
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,16 +22,23 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::authorization::v1::{
     LocalSubjectAccessReview, ResourceAttributes, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DynamicObject, PartialObjectMeta, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 
 use crate::admission::RequestView;
-use crate::rules::gmsa::Gmsa;
-use crate::rules::{Access, StaticFacts};
+use crate::admission::objects::PodTemplateSpec;
+use crate::policy::PolicySet;
+use crate::rules::os;
+use crate::rules::{Access, PodFact, StaticFacts};
 use crate::server::FactSource;
+
+/// How long one API call made for a request (a SubjectAccessReview, the pod a binding names)
+/// may take: below the webhooks' `timeoutSeconds: 5`, so the user reads arcguard's message
+/// rather than the apiserver's timeout.
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(3);
 
 /// How long a `use` authorization is reused; RBAC changes take effect within this time.
 const AUTHORIZATION_TTL: Duration = Duration::from_secs(10);
@@ -41,6 +53,7 @@ pub struct ClusterFacts {
     credential_specs: Store<DynamicObject>,
     credential_spec_resource: ApiResource,
     namespaces: Store<PartialObjectMeta<Namespace>>,
+    nodes: Store<PartialObjectMeta<Node>>,
     authorizations: Mutex<HashMap<AccessKey, (Instant, Access)>>,
 }
 
@@ -49,6 +62,7 @@ impl std::fmt::Debug for ClusterFacts {
         f.debug_struct("ClusterFacts")
             .field("credential_specs", &self.credential_specs.len())
             .field("namespaces", &self.namespaces.len())
+            .field("nodes", &self.nodes.len())
             .finish_non_exhaustive()
     }
 }
@@ -78,13 +92,61 @@ impl ClusterFacts {
         let ns = watcher(ns_api, watcher::Config::default()).default_backoff().reflect(writer);
         tokio::spawn(drive("Namespace", ns));
 
+        let (nodes, writer) = reflector::store();
+        // Metadata-only: a node's OS label is all that is needed.
+        let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
+        let node_stream =
+            watcher(node_api, watcher::Config::default()).default_backoff().reflect(writer);
+        tokio::spawn(drive("Node", node_stream));
+
         std::sync::Arc::new(Self {
             client,
             credential_specs,
             credential_spec_resource: resource,
             namespaces,
+            nodes,
             authorizations: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The OS of a node as the rules read it: known, or unknown when the node is not cached or
+    /// carries no OS label.
+    pub fn node_os_of(&self, name: &str) -> os::NodeOs {
+        match self.node_os(name) {
+            Some(Some(os)) => os::NodeOs::Known(os),
+            _ => os::NodeOs::Unknown,
+        }
+    }
+
+    /// Whether the node cache has been filled once.
+    pub fn nodes_synced(&self) -> bool {
+        futures::FutureExt::now_or_never(self.nodes.wait_until_ready()).is_some_and(|r| r.is_ok())
+    }
+
+    /// The OS of a node from the cache: `None` inside when it carries no OS label.
+    fn node_os(&self, name: &str) -> Option<Option<os::Os>> {
+        let node = self.nodes.get(&ObjectRef::new(name))?;
+        let labels = node.metadata.labels.clone().unwrap_or_default().into_iter().collect();
+        Some(os::node_os(&labels))
+    }
+
+    /// Reads the pod a binding names, within [`LOOKUP_DEADLINE`].
+    async fn pod(&self, namespace: &str, name: &str) -> PodFact {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        match tokio::time::timeout(LOOKUP_DEADLINE, api.get_opt(name)).await {
+            Ok(Ok(Some(pod))) => match serde_json::to_value(&pod)
+                .and_then(serde_json::from_value::<PodTemplateSpec>)
+            {
+                Ok(template) => PodFact::Found(Box::new(template)),
+                Err(error) => PodFact::Failed(format!("the pod does not decode: {error}")),
+            },
+            Ok(Ok(None)) => PodFact::NotFound,
+            Ok(Err(error)) => PodFact::Failed(format!("reading the pod failed: {error}")),
+            Err(_) => PodFact::Failed(format!(
+                "reading the pod took longer than {}s",
+                LOOKUP_DEADLINE.as_secs()
+            )),
+        }
     }
 
     async fn authorize(&self, namespace: &str, service_account: &str, name: &str) -> Access {
@@ -133,22 +195,40 @@ impl ClusterFacts {
             status: None,
         };
         let api: Api<LocalSubjectAccessReview> = Api::namespaced(self.client.clone(), namespace);
-        match api.create(&PostParams::default(), &review).await {
-            Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => Access::Allowed,
-            Ok(_) => Access::Denied,
-            Err(error) => {
+        let answer =
+            tokio::time::timeout(LOOKUP_DEADLINE, api.create(&PostParams::default(), &review))
+                .await;
+        match answer {
+            Ok(Ok(answer)) if answer.status.as_ref().is_some_and(|s| s.allowed) => Access::Allowed,
+            Ok(Ok(_)) => Access::Denied,
+            Ok(Err(error)) => {
                 tracing::warn!(%error, namespace, service_account, name, "SubjectAccessReview failed");
                 Access::Unknown(format!("the authorization check failed: {error}"))
+            }
+            Err(_) => {
+                tracing::warn!(namespace, service_account, name, "SubjectAccessReview timed out");
+                Access::Unknown(format!(
+                    "the authorization check took longer than {}s",
+                    LOOKUP_DEADLINE.as_secs()
+                ))
             }
         }
     }
 }
 
 impl FactSource for ClusterFacts {
-    fn gather<'a>(&'a self, view: &'a RequestView) -> BoxFuture<'a, StaticFacts> {
+    fn gather<'a>(
+        &'a self,
+        view: &'a RequestView,
+        policies: &'a PolicySet,
+    ) -> BoxFuture<'a, StaticFacts> {
         Box::pin(async move {
-            let mut facts =
-                StaticFacts { authorizations: Some(BTreeMap::new()), ..StaticFacts::default() };
+            let mut facts = StaticFacts {
+                authorizations: Some(BTreeMap::new()),
+                nodes: Some(BTreeMap::new()),
+                pods: Some(BTreeMap::new()),
+                ..StaticFacts::default()
+            };
             if let Some(ns) = &view.namespace
                 && let Some(meta) = self.namespaces.get(&ObjectRef::new(ns))
             {
@@ -157,26 +237,43 @@ impl FactSource for ClusterFacts {
                     meta.metadata.labels.clone().unwrap_or_default().into_iter().collect(),
                 );
             }
-            let names = Gmsa::credential_spec_names(view);
-            if names.is_empty() {
+            let needs = policies.needs(view, &facts);
+            if needs.is_empty() {
                 return facts;
             }
-            let namespace = view.namespace.clone().unwrap_or_else(|| "default".to_owned());
-            let service_account =
-                view.pod().map(|p| p.spec.service_account().to_owned()).unwrap_or_default();
             let resource = &self.credential_spec_resource;
-            let mut authorizations = BTreeMap::new();
-            for name in names {
-                let key = ObjectRef::new_with(&name, resource.clone());
+            for name in &needs.credential_specs {
+                let key = ObjectRef::new_with(name, resource.clone());
                 if let Some(spec) =
                     self.credential_specs.get(&key).and_then(|o| o.data.get("credspec").cloned())
                 {
                     facts.credential_specs.insert(name.clone(), spec);
                 }
-                let access = self.authorize(&namespace, &service_account, &name).await;
-                authorizations.insert((namespace.clone(), service_account.clone(), name), access);
             }
-            facts.authorizations = Some(authorizations);
+            let nodes: BTreeMap<String, Option<os::Os>> = needs
+                .nodes
+                .iter()
+                .filter_map(|name| Some((name.clone(), self.node_os(name)?)))
+                .collect();
+            facts.nodes = Some(nodes);
+            // The API calls run side by side, each within its deadline.
+            let authorizations = futures::future::join_all(needs.authorizations.iter().map(
+                |(namespace, service_account, name)| async move {
+                    let access = self.authorize(namespace, service_account, name).await;
+                    ((namespace.clone(), service_account.clone(), name.clone()), access)
+                },
+            ));
+            let pod = async {
+                match &needs.pod {
+                    Some((namespace, name)) => {
+                        Some(((namespace.clone(), name.clone()), self.pod(namespace, name).await))
+                    }
+                    None => None,
+                }
+            };
+            let (authorizations, pod) = futures::join!(authorizations, pod);
+            facts.authorizations = Some(authorizations.into_iter().collect());
+            facts.pods = Some(pod.into_iter().collect());
             facts
         })
     }

@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod facts;
+pub mod labeller;
 pub mod leader;
 pub mod policies;
 
@@ -33,6 +34,10 @@ pub struct ClusterConfig {
     pub lease_name: String,
     /// The serving certificate's Secret, Service, webhook configurations and lifetimes.
     pub certs: CertConfig,
+    /// Whether the leader labels existing pods with their OS ([`labeller`]).
+    pub label_existing_pods: bool,
+    /// Time between two labeller passes over every pod.
+    pub label_pods_interval: Duration,
 }
 
 /// Why cluster mode could not start.
@@ -66,7 +71,7 @@ pub async fn start(
     config.certs.validate()?;
     let client = kube::Client::try_default().await.map_err(ClusterError::Client)?;
     let facts = facts::ClusterFacts::start(client.clone());
-    let state = AppState::new(Snapshot::default()).with_facts(facts);
+    let state = AppState::new(Snapshot::default()).with_facts(facts.clone());
     let resolver = Arc::new(CertResolver::empty());
     let tls = Arc::new(crate::certs::server_config(resolver.clone())?);
 
@@ -105,6 +110,16 @@ pub async fn start(
         state.metrics.clone(),
         stopped(stop_rx.clone()),
     )));
+    if config.label_existing_pods {
+        tasks.push(tokio::spawn(labeller::run(
+            client.clone(),
+            state.clone(),
+            facts,
+            config.label_pods_interval,
+            leadership.receiver(),
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(policies::run(
         client,
         state.clone(),

@@ -8,6 +8,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::admission::view::{PolicySubject, RequestView, Subject};
+use crate::rules::os::NODE_OS_LABEL;
 use crate::rules::{Mutation, calico};
 
 /// Applies mutations, in their canonical order, to a JSON object.
@@ -54,9 +55,21 @@ pub fn apply(object: &mut Value, mutations: &BTreeSet<Mutation>) {
                     *expressions = Value::Array(Vec::new());
                 }
                 let Value::Array(expressions) = expressions else { continue };
+                expressions.retain(|e| !calico::is_legacy_requirement_json(e, key));
                 let wanted = calico::linux_requirement(key);
                 if !expressions.contains(&wanted) {
                     expressions.push(wanted);
+                }
+            }
+            Mutation::PinNodeOs { spec_pointer, os } => {
+                let Some(Value::Object(spec)) = object.pointer_mut(spec_pointer) else { continue };
+                let selector =
+                    spec.entry("nodeSelector").or_insert_with(|| Value::Object(Default::default()));
+                if selector.is_null() {
+                    *selector = Value::Object(Default::default());
+                }
+                if let Value::Object(selector) = selector {
+                    selector.insert(NODE_OS_LABEL.into(), Value::String(os.as_str().to_owned()));
                 }
             }
         }
@@ -157,13 +170,39 @@ fn direct_operations(
                     return None;
                 };
                 let existing = &pod_selector.as_ref()?.match_expressions;
+                if existing.iter().any(|e| calico::is_legacy_requirement(e, key)) {
+                    // Replacing the legacy entry needs its index: diff against the object.
+                    return None;
+                }
                 let wanted = calico::linux_requirement(key);
                 let present = existing
                     .iter()
-                    .any(|e| e.key == *key && e.operator == "In" && e.values == ["linux"]);
+                    .any(|e| e.key == *key && e.operator == "NotIn" && e.values == ["windows"]);
                 if !present && !new_expressions.contains(&wanted) {
                     new_expressions.push(wanted);
                 }
+            }
+            Mutation::PinNodeOs { spec_pointer, os } => {
+                let pod = view.pod()?;
+                if pod.spec_pointer() != *spec_pointer || !pod.root.is_empty() {
+                    return None;
+                }
+                let value = Value::String(os.as_str().to_owned());
+                let selector = || {
+                    Value::Object([(NODE_OS_LABEL.to_owned(), value.clone())].into_iter().collect())
+                };
+                operations.push(match (&pod.spec.node_selector, pod.spec.present) {
+                    (Some(_), _) => add(spec_pointer, &["nodeSelector", NODE_OS_LABEL], value)?,
+                    (None, true) => add(spec_pointer, &["nodeSelector"], selector())?,
+                    // A pod sent without a spec (the apiserver will refuse it anyway).
+                    (None, false) => add(
+                        spec_pointer,
+                        &[],
+                        Value::Object(
+                            [("nodeSelector".to_owned(), selector())].into_iter().collect(),
+                        ),
+                    )?,
+                });
             }
         }
     }

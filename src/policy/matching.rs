@@ -1,7 +1,7 @@
 //! Which objects a policy applies to (`spec.match`).
 
-use crate::admission::view::RequestView;
-use crate::rules::{Facts, FieldError};
+use crate::admission::view::{RequestView, Subject};
+use crate::rules::{Facts, FieldError, PodLookup};
 
 use super::selector::Selector;
 use super::spec::Match;
@@ -81,7 +81,8 @@ impl Matcher {
     /// Whether the policy applies to the object under review.
     ///
     /// A namespaceSelector whose namespace labels are unknown matches: missing facts must not
-    /// switch enforcement off.
+    /// switch enforcement off. The same holds for a binding's objectSelector, which reads the
+    /// labels of the pod being bound.
     pub fn matches(&self, view: &RequestView, facts: &dyn Facts) -> bool {
         if let Some(ns) = view.namespace.as_deref() {
             if !self.namespaces.is_empty() && !self.namespaces.iter().any(|p| p.matches(ns)) {
@@ -97,12 +98,16 @@ impl Matcher {
                 return false;
             }
         }
-        match &self.object_selector {
-            None => true,
-            Some(selector) => {
-                selector.matches(&view.labels)
-                    || view.old_labels.as_ref().is_some_and(|old| selector.matches(old))
-            }
+        let Some(selector) = &self.object_selector else { return true };
+        if let Subject::Binding(_) = &view.subject {
+            // A binding is judged as its pod: the pod's labels, when they could be read.
+            let namespace = view.namespace.as_deref().unwrap_or_default();
+            return match facts.pod(namespace, &view.name) {
+                PodLookup::Found(pod) => selector.matches(&pod.metadata.labels),
+                _ => true,
+            };
         }
+        selector.matches(&view.labels)
+            || view.old_labels.as_ref().is_some_and(|old| selector.matches(old))
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::admission::view::RequestView;
-use crate::rules::{Facts, Mutation};
+use crate::rules::{FactNeeds, Facts, Mutation};
 
 use super::{Action, Policy, Scope};
 
@@ -123,6 +123,16 @@ impl PolicySet {
             evaluation.results.push(PolicyResult { policy, outcome });
         }
         evaluation
+    }
+
+    /// The cluster facts the policies that apply to the object need (given what `facts` already
+    /// holds: namespace labels), for the shell to look up before evaluation.
+    pub fn needs(&self, view: &RequestView, facts: &dyn Facts) -> FactNeeds {
+        let mut needs = FactNeeds::default();
+        for policy in self.applicable(view, facts) {
+            policy.rule.needs(view, &mut needs);
+        }
+        needs
     }
 
     /// The changes every applicable policy makes (the mutating webhook), deduplicated and in a

@@ -1,14 +1,27 @@
 //! calicoLinuxOnly: Calico and Kubernetes network policies apply to Linux pods only.
 //!
 //! Calico's Windows dataplane silently skips the rules it cannot render, so a policy that
-//! selects Windows pods may leave them more open than it says. The rule labels each pod with
-//! its OS (`osLabelKey`, from the signals [`os::detect`] trusts), scopes every policy's subject
-//! selector to `osLabelKey == 'linux'` (or denies unscoped ones), denies policies written for
-//! Windows pods, and keeps pods from falsifying or dropping the label.
+//! selects Windows pods may leave them more open than it says. The rule:
+//! - labels each pod with its OS (`osLabelKey`), as [`os::resolve`] decides it from the pod's
+//!   signals and, in cluster mode, its node; a pod without any OS signal is pinned to Linux
+//!   (`nodeSelector kubernetes.io/os: linux`) as it is labelled, so the label is true by
+//!   construction. Scheduling-gated pods are labelled but not pinned (their placement may still
+//!   be decided by a later update), and a later update that re-pins them is relabelled;
+//! - keeps the label true: a pod cannot be created, updated (through any subresource that
+//!   persists labels, `pods/status` included) or bound to a node with a label that differs
+//!   from where it runs;
+//! - scopes every policy's subject selector so it no longer selects pods labelled Windows,
+//!   and nothing else: `(<selector>) && <key> != 'windows'`, and `{key, NotIn, [windows]}` for
+//!   Kubernetes NetworkPolicy. Pods without the label (created before arcguard was installed,
+//!   in excluded namespaces, mirror pods) and host endpoints stay selected;
+//! - denies policies written for Windows pods (their subject reads the label and admits
+//!   `windows`).
 //!
-//! Policies with `preDNAT: true` or `doNotTrack: true` apply to host endpoints only, and host
-//! endpoints never carry a pod OS label: they are neither scoped (that would make them select
-//! nothing) nor judged on what they select; only their selector's syntax is checked.
+//! Selectors scoped by earlier versions (`(<selector>) && <key> == 'linux'`, `{key, In,
+//! [linux]}`), which dropped every unlabelled pod, are brought to the new form when next
+//! written. Policies with `preDNAT: true` or `doNotTrack: true` apply to host endpoints only:
+//! they are not scoped (nothing to scope: host endpoints carry no pod OS label) nor judged on
+//! what they select; only their selector's syntax is checked.
 
 pub mod selector;
 
@@ -16,15 +29,18 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use self::selector::Expr;
-use super::{FieldError, Findings, Mutation, os};
+use super::os::{self, NodeOs, Os, PodOs};
+use super::{Facts, FieldError, Findings, Mutation, PodLookup};
 use crate::admission::objects::{CalicoPolicySpec, LabelSelector, SelectorRequirement};
 use crate::admission::review::Operation;
-use crate::admission::view::{Kind, PodView, PolicySubject, RequestView, Subject};
+use crate::admission::view::{BindingView, Kind, PodView, PolicySubject, RequestView, Subject};
 
 /// The default OS label key.
 pub const DEFAULT_OS_LABEL_KEY: &str = "arcguard.io/os";
 
-/// The OS label value of Linux pods, the only ones Calico policy applies to.
+/// The OS label value of Windows pods, the ones scoped policies no longer select.
+const WINDOWS: &str = "windows";
+/// The OS label value of Linux pods, as the legacy scoping term required it.
 const LINUX: &str = "linux";
 
 /// Why Calico policy must not select Windows pods, for violation messages.
@@ -85,7 +101,7 @@ impl CalicoLinuxOnly {
     ///
     /// # Errors
     /// [`FieldError`] naming the first invalid field: `osLabelKey` when it is not a valid
-    /// Kubernetes label key.
+    /// Kubernetes label key; `labelPods` when it is off while `scopePolicies` is `Mutate`.
     pub fn compile(spec: &CalicoLinuxOnlySpec) -> Result<Self, FieldError> {
         crate::names::check_label_key(&spec.os_label_key).map_err(|why| {
             FieldError::new(
@@ -97,6 +113,17 @@ impl CalicoLinuxOnly {
                 ),
             )
         })?;
+        if !spec.label_pods && spec.scope_policies == ScopePolicies::Mutate {
+            // Scoping drops only pods labelled Windows: with no pod labelled, every scoped
+            // policy would go on selecting Windows pods while looking scoped.
+            return Err(FieldError::new(
+                "labelPods",
+                "must be true when scopePolicies is Mutate: scoped policies leave out only pods \
+                 labelled windows, and with labelPods false arcguard labels no pod, so Windows \
+                 pods would stay selected; set labelPods: true, or scopePolicies: Validate if \
+                 another tool labels pods",
+            ));
+        }
         Ok(Self { spec: spec.clone() })
     }
 
@@ -105,10 +132,18 @@ impl CalicoLinuxOnly {
         &self.spec.os_label_key
     }
 
+    /// Whether the rule labels pods.
+    pub fn labels_pods(&self) -> bool {
+        self.spec.label_pods
+    }
+
     /// Violations of the rule by the object under review.
-    pub fn validate(&self, view: &RequestView) -> Findings {
+    pub fn validate(&self, view: &RequestView, facts: &dyn Facts) -> Findings {
         let violations = match &view.subject {
-            Subject::Pod(pod) if view.kind == Kind::Pod => self.validate_pod(view.operation, pod),
+            Subject::Pod(pod) if matches!(view.kind, Kind::Pod | Kind::PodStatus) => {
+                self.validate_pod(view.operation, pod, facts)
+            }
+            Subject::Binding(binding) => self.validate_binding(view, binding, facts),
             Subject::NetworkPolicy(PolicySubject::Calico { spec, .. }) => {
                 self.validate_calico(spec)
             }
@@ -121,28 +156,14 @@ impl CalicoLinuxOnly {
     }
 
     /// The changes this rule makes to the object under review.
-    pub fn mutate(&self, view: &RequestView) -> Vec<Mutation> {
+    pub fn mutate(&self, view: &RequestView, facts: &dyn Facts) -> Vec<Mutation> {
         let key = &self.spec.os_label_key;
-        let mutation = match &view.subject {
-            // Only a live pod's creation: templates are labelled when their pods are created,
-            // and a pod's OS signals (spec.os, nodeSelector, affinity) are immutable once
-            // created, apart from scheduling-gated pods, which validation asks to relabel.
-            Subject::Pod(pod)
-                if self.spec.label_pods
-                    && view.kind == Kind::Pod
-                    && view.operation == Operation::Create =>
-            {
-                let value = os::detect(&pod.spec).as_str();
-                (pod.labels.get(key).map(String::as_str) != Some(value)).then(|| {
-                    Mutation::SetLabel {
-                        labels_pointer: pod.labels_pointer(),
-                        key: key.clone(),
-                        value: value.to_owned(),
-                    }
-                })
+        match &view.subject {
+            Subject::Pod(pod) if self.spec.label_pods && view.kind == Kind::Pod => {
+                self.mutate_pod(view.operation, pod, facts)
             }
             Subject::NetworkPolicy(policy) if self.spec.scope_policies == ScopePolicies::Mutate => {
-                match policy {
+                let scope = match policy {
                     PolicySubject::Calico { spec, .. } => {
                         let current = spec.selector.as_deref().unwrap_or_default();
                         let unchanged = scope_selector(current, key) == current;
@@ -150,38 +171,174 @@ impl CalicoLinuxOnly {
                             .then(|| Mutation::ScopeCalicoSelector { key: key.clone() })
                     }
                     PolicySubject::Kubernetes { pod_selector } => {
-                        let wanted = linux_selector_requirement(key);
-                        let scoped = pod_selector
-                            .as_ref()
-                            .is_some_and(|s| s.match_expressions.contains(&wanted));
+                        let expressions =
+                            pod_selector.as_ref().map(|s| s.match_expressions.as_slice());
+                        let scoped = expressions.is_some_and(|e| {
+                            e.contains(&scope_selector_requirement(key))
+                                && !e.iter().any(|r| is_legacy_requirement(r, key))
+                        });
                         (!scoped).then(|| Mutation::ScopeKubeSelector { key: key.clone() })
                     }
-                }
+                };
+                scope.into_iter().collect()
             }
-            _ => None,
-        };
-        mutation.into_iter().collect()
+            _ => Vec::new(),
+        }
     }
 
-    fn validate_pod(&self, operation: Operation, pod: &PodView) -> Option<String> {
+    /// The label (and, for an unpinned new pod, the pin) that makes a pod's OS label true:
+    /// on creation, and on an update that re-pins a scheduling-gated pod.
+    fn mutate_pod(&self, operation: Operation, pod: &PodView, facts: &dyn Facts) -> Vec<Mutation> {
         let key = &self.spec.os_label_key;
-        let os = os::detect(&pod.spec).as_str();
-        let had_label =
-            pod.old.as_ref().is_some_and(|old| old.metadata.labels.contains_key(key.as_str()));
+        let node_os = |node: &str| facts.node_os(node);
+        let resolved = os::resolve(&pod.spec, &node_os);
+        match operation {
+            Operation::Create => {}
+            Operation::Update => {
+                let Some(old) = pod.old.as_deref().filter(|old| old.spec.is_gated()) else {
+                    return Vec::new();
+                };
+                if os::resolve(&old.spec, &node_os).os() == resolved.os() {
+                    return Vec::new();
+                }
+            }
+            _ => return Vec::new(),
+        }
+        if resolved.problem().is_some() {
+            // Validation denies it, saying why.
+            return Vec::new();
+        }
+        let os = resolved.os();
+        let mut mutations = Vec::new();
+        if pod.labels.get(key).map(String::as_str) != Some(os.as_str()) {
+            mutations.push(Mutation::SetLabel {
+                labels_pointer: pod.labels_pointer(),
+                key: key.clone(),
+                value: os.as_str().to_owned(),
+            });
+        }
+        // A pod nothing pins could be scheduled onto a Windows node, and its `linux` label
+        // would then be false. Gated pods are left unpinned: their nodeSelector may still be
+        // set by an update (a queueing controller), and a pin would contradict it. Pods placed
+        // on a node arcguard cannot see (standalone mode) are not pinned either.
+        let pin = resolved == PodOs::Unpinned
+            && operation == Operation::Create
+            && !pod.spec.is_gated()
+            && os::placement(&pod.spec).is_empty();
+        if pin {
+            mutations.push(Mutation::PinNodeOs { spec_pointer: pod.spec_pointer(), os: Os::Linux });
+        }
+        mutations
+    }
+
+    fn validate_pod(
+        &self,
+        operation: Operation,
+        pod: &PodView,
+        facts: &dyn Facts,
+    ) -> Option<String> {
+        let key = &self.spec.os_label_key;
+        let node_os = |node: &str| facts.node_os(node);
+        let resolved = os::resolve(&pod.spec, &node_os);
+        let old = pod.old.as_deref();
+        let repinned = old.is_some_and(|old| {
+            old.spec.is_gated() && os::resolve(&old.spec, &node_os).os() != resolved.os()
+        });
+        let as_create = operation == Operation::Create || repinned;
+        if let Some(problem) = resolved.problem() {
+            if as_create {
+                return Some(problem);
+            }
+            // An existing pod whose node arcguard cannot see: its label may not change, since
+            // whether the new value is true cannot be checked.
+            let old_label = old.and_then(|o| o.metadata.labels.get(key.as_str()));
+            return (pod.labels.get(key.as_str()) != old_label).then(|| {
+                format!("label {key} is managed by arcguard and cannot be changed now: {problem}")
+            });
+        }
+        let os = resolved.os();
+        let had_label = old.is_some_and(|old| old.metadata.labels.contains_key(key.as_str()));
         let updating_labelled = operation == Operation::Update && had_label;
-        match pod.labels.get(key) {
-            Some(value) if value != os && updating_labelled => Some(format!(
-                "label {key} is managed by arcguard: this pod runs on {os}; set it to {os:?}"
+        match pod.labels.get(key).map(String::as_str) {
+            Some(WINDOWS) if resolved == PodOs::Unpinned => Some(format!(
+                "label {key}={WINDOWS} is managed by arcguard, and this pod is not pinned to \
+                 Windows (no spec.os.name, nodeSelector or required node affinity for windows, \
+                 and no Windows node): pin it with spec.os.name: windows and nodeSelector \
+                 kubernetes.io/os: windows, or {}",
+                if updating_labelled {
+                    format!("set the label to {:?}", os.as_str())
+                } else {
+                    "remove the label".to_owned()
+                }
             )),
-            Some(value) if value != os => Some(format!(
+            Some(value) if value != os.as_str() && updating_labelled => Some(format!(
+                "label {key} is managed by arcguard: this pod runs on {os}; set it to {:?}",
+                os.as_str()
+            )),
+            Some(value) if value != os.as_str() => Some(format!(
                 "label {key} is managed by arcguard: this pod runs on {os}; remove the label or \
-                 set it to {os:?}"
+                 set it to {:?}",
+                os.as_str()
             )),
             // Dropping the label would take the pod out of every policy scoped to its OS.
             None if updating_labelled => Some(format!(
                 "label {key} is managed by arcguard and cannot be removed: this pod runs on {os} \
-                 and network policies scoped with the label must keep applying to it; keep it \
-                 set to {os:?}"
+                 and network policies scoped with the label must keep applying to it as they \
+                 do; keep it set to {:?}",
+                os.as_str()
+            )),
+            _ => None,
+        }
+    }
+
+    /// A binding must not put a pod on a node whose OS differs from the pod's label (or, for an
+    /// unlabelled pod, from what its own signals pin).
+    fn validate_binding(
+        &self,
+        view: &RequestView,
+        binding: &BindingView,
+        facts: &dyn Facts,
+    ) -> Option<String> {
+        let key = &self.spec.os_label_key;
+        let node = &binding.node;
+        let pod_name = view.display_name();
+        let node_os = match facts.node_os(node) {
+            NodeOs::NotChecked => return None,
+            NodeOs::Unknown => {
+                return Some(format!(
+                    "node {node:?} is not known to arcguard (yet), so the OS label of pod \
+                     {pod_name} cannot be checked against it; the binding is retried once the \
+                     node is registered with a kubernetes.io/os label"
+                ));
+            }
+            NodeOs::Known(os) => os,
+        };
+        let namespace = view.namespace.as_deref().unwrap_or_default();
+        let pod = match facts.pod(namespace, &view.name) {
+            PodLookup::NotChecked | PodLookup::NotFound => return None,
+            PodLookup::Failed(why) => {
+                return Some(format!(
+                    "pod {pod_name} could not be read to check its OS label against node \
+                     {node:?}: {why}; retry"
+                ));
+            }
+            PodLookup::Found(pod) => pod,
+        };
+        let claimed = match pod.metadata.labels.get(key.as_str()) {
+            Some(value) => Os::from_label(value),
+            // Unlabelled: what its own signals pin, if anything.
+            None => match os::detect(&pod.spec) {
+                PodOs::Pinned { os, .. } => Some(os),
+                _ => None,
+            },
+        };
+        match claimed {
+            Some(os) if os != node_os => Some(format!(
+                "pod {pod_name} is {} ({key}={os}) but node {node:?} runs {node_os}: bind it to a \
+                 {} node; to run it on {}, delete it and create it with spec.os.name: {node_os}",
+                os.title(),
+                os.title(),
+                node_os.title(),
             )),
             _ => None,
         }
@@ -194,24 +351,23 @@ impl CalicoLinuxOnly {
             Ok(expr) => expr,
             Err(error) => {
                 return Some(format!(
-                    "spec.selector {current:?} is not a valid Calico selector: {error}; fix its \
-                     syntax (e.g. \"app == 'web' && {key} == 'linux'\")"
+                    "spec.selector {:?} is not a valid Calico selector: {error}; fix its \
+                     syntax (e.g. \"app == 'web'\")",
+                    authored_text(current, key)
                 ));
             }
         };
         // preDNAT and doNotTrack policies apply to host endpoints only, and host endpoints
-        // never carry a pod OS label: scoping them would make them select nothing.
+        // never carry a pod OS label.
         if is_host_endpoint_only(spec) {
             return None;
         }
-        let written = selector::without_linux_requirement(&expr, key);
+        let written = selector::without_scope_terms(&expr, key);
         if selector::targets_windows(&written, key) {
             return Some(format!(
-                "spec.selector {} selects pods labelled {key}={}, but {LINUX_ONLY}; select Linux \
-                 pods only: drop the {key} terms that admit {:?} or require {key} == 'linux'",
+                "spec.selector {} selects pods labelled {key}={WINDOWS}, but {LINUX_ONLY}; \
+                 select Linux pods only: drop the {key} terms that admit {WINDOWS:?}",
                 describe_selector(authored_selector(current, key)),
-                os::Os::Windows.as_str(),
-                os::Os::Windows.as_str(),
             ));
         }
         (self.spec.scope_policies == ScopePolicies::Validate
@@ -228,15 +384,13 @@ impl CalicoLinuxOnly {
     fn validate_kubernetes(&self, pod_selector: Option<&LabelSelector>) -> Option<String> {
         let key = &self.spec.os_label_key;
         let expr = pod_selector.map(Expr::from_label_selector).unwrap_or(Expr::All);
-        let requirement = format!("{{key: {key}, operator: In, values: [{LINUX}]}}");
-        let written = selector::without_linux_requirement(&expr, key);
+        let requirement = format!("{{key: {key}, operator: NotIn, values: [{WINDOWS}]}}");
+        let written = selector::without_scope_terms(&expr, key);
         if selector::targets_windows(&written, key) {
             return Some(format!(
                 "spec.podSelector (as a Calico selector: {written}) selects pods labelled \
-                 {key}={}, but NetworkPolicy is enforced by Calico and {LINUX_ONLY}; select Linux \
-                 pods only: drop the {key} requirements that admit {:?} or require {requirement}",
-                os::Os::Windows.as_str(),
-                os::Os::Windows.as_str(),
+                 {key}={WINDOWS}, but NetworkPolicy is enforced by Calico and {LINUX_ONLY}; \
+                 select Linux pods only: drop the {key} requirements that admit {WINDOWS:?}",
             ));
         }
         (self.spec.scope_policies == ScopePolicies::Validate
@@ -264,37 +418,74 @@ fn describe_selector(selector: &str) -> String {
     }
 }
 
-/// The selector as its author wrote it, before [`scope_selector`] wrapped it; or `selector`
-/// itself when it does not have that form.
+/// The scoping clause arcguard appends: pods labelled Windows drop out, nothing else does.
+fn scope_clause(key: &str) -> String {
+    format!("{key} != '{WINDOWS}'")
+}
+
+/// The scoping clause earlier versions appended, which also dropped unlabelled pods.
+fn legacy_clause(key: &str) -> String {
+    format!("{key} == '{LINUX}'")
+}
+
+/// What the author wrote inside `(<inner>) && <clause>`, for either clause; `None` when the
+/// selector does not have that form.
+fn strip_clause<'a>(trimmed: &'a str, clause: &str) -> Option<&'a str> {
+    trimmed.strip_prefix('(')?.strip_suffix(clause)?.trim_end_matches(BLANKS).strip_suffix(") &&")
+}
+
+/// The selector as its author wrote it, before [`scope_selector`] wrapped it (in either the
+/// current or the legacy form); or `selector` itself when it does not have that form.
 fn authored_selector<'a>(selector: &'a str, key: &str) -> &'a str {
-    let suffix = format!(") && {key} == '{LINUX}'");
-    selector
-        .trim_matches(BLANKS)
-        .strip_prefix('(')
-        .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+    let trimmed = selector.trim_matches(BLANKS);
+    [scope_clause(key), legacy_clause(key)]
+        .iter()
+        .find_map(|clause| strip_clause(trimmed, clause))
         .filter(|inner| selector::parse(inner).is_ok())
+        .unwrap_or(selector)
+}
+
+/// [`authored_selector`] for a selector that does not parse: the text inside the wrapping,
+/// whatever it holds, so a syntax error quotes what the user wrote.
+fn authored_text<'a>(selector: &'a str, key: &str) -> &'a str {
+    let trimmed = selector.trim_matches(BLANKS);
+    [scope_clause(key), legacy_clause(key)]
+        .iter()
+        .find_map(|clause| strip_clause(trimmed, clause))
         .unwrap_or(selector)
 }
 
 /// The blanks Calico skips between tokens.
 const BLANKS: [char; 2] = [' ', '\t'];
 
-/// `selector` scoped to pods whose `key` label is `linux`: `(<selector>) && <key> == 'linux'`,
-/// or `<key> == 'linux'` for an empty or `all()` selector.
+/// `selector` scoped so that it no longer selects pods labelled `key: windows`, and selects
+/// everything else it selected: `(<selector>) && <key> != 'windows'`, or `<key> != 'windows'`
+/// for an empty or `all()` selector. Calico's `!=` also holds for endpoints without the label,
+/// so unlabelled pods and host endpoints stay selected.
 ///
-/// Unchanged when the top-level `&&` chain already requires `key == 'linux'` (or
-/// `key in {'linux'}`), so applying it again changes nothing. A selector that does not parse
-/// is wrapped all the same (validation reports the parse error), unless it already ends with
-/// the clause or the wrapping would make it parse (an unbalanced `a) || (b`): then it is
-/// unchanged.
+/// Unchanged when the top-level `&&` chain already excludes Windows pods with
+/// `key != 'windows'` (or `key not in {'windows'}`), so applying it again changes nothing.
+/// A selector in the legacy form `(<inner>) && key == 'linux'` (or just `key == 'linux'`) is
+/// rewritten to the current form around `<inner>`. A selector that does not parse is wrapped
+/// all the same (validation reports the parse error), unless it already ends with the clause
+/// or the wrapping would make it parse (an unbalanced `a) || (b`): then it is unchanged.
 pub fn scope_selector(selector: &str, key: &str) -> String {
     let trimmed = selector.trim_matches(BLANKS);
-    let clause = format!("{key} == '{LINUX}'");
+    let clause = scope_clause(key);
+    let wrap = |inner: &str| match selector::parse(inner) {
+        Ok(Expr::All) => clause.clone(),
+        _ => format!("({inner}) && {clause}"),
+    };
+    if trimmed == legacy_clause(key) {
+        return clause;
+    }
     match selector::parse(trimmed) {
-        Ok(expr) if selector::has_linux_requirement(&expr, key) => selector.to_owned(),
-        Ok(Expr::All) => clause,
+        Ok(expr) if selector::has_scope_term(&expr, key) => selector.to_owned(),
+        Ok(_) => match strip_clause(trimmed, &legacy_clause(key)) {
+            Some(inner) if selector::parse(inner).is_ok() => wrap(inner),
+            _ => wrap(trimmed),
+        },
         Err(_) if trimmed.ends_with(&format!("&& {clause}")) => selector.to_owned(),
-        Ok(_) => format!("({trimmed}) && {clause}"),
         Err(_) => {
             let wrapped = format!("({trimmed}) && {clause}");
             // An unbalanced selector such as `a == 'x') || (b == 'y'` closes the added
@@ -305,29 +496,44 @@ pub fn scope_selector(selector: &str, key: &str) -> String {
     }
 }
 
-/// The `matchExpressions` entry that scopes a Kubernetes NetworkPolicy to Linux pods.
+/// The `matchExpressions` entry that scopes a Kubernetes NetworkPolicy: `{key, NotIn,
+/// [windows]}`, which (like Calico's `!=`) also holds for pods without the label.
 pub fn linux_requirement(key: &str) -> serde_json::Value {
-    serde_json::json!({"key": key, "operator": "In", "values": [LINUX]})
+    serde_json::json!({"key": key, "operator": "NotIn", "values": [WINDOWS]})
 }
 
 /// [`linux_requirement`] as the typed requirement the request view decodes.
-fn linux_selector_requirement(key: &str) -> SelectorRequirement {
+fn scope_selector_requirement(key: &str) -> SelectorRequirement {
     SelectorRequirement {
         key: key.to_owned(),
-        operator: "In".to_owned(),
-        values: vec![LINUX.to_owned()],
+        operator: "NotIn".to_owned(),
+        values: vec![WINDOWS.to_owned()],
     }
+}
+
+/// Whether a `matchExpressions` entry is the legacy scoping `{key, In, [linux]}`, replaced by
+/// [`linux_requirement`] when the policy is next written.
+pub fn is_legacy_requirement(requirement: &SelectorRequirement, key: &str) -> bool {
+    requirement.key == key && requirement.operator == "In" && requirement.values == [LINUX]
+}
+
+/// [`is_legacy_requirement`] on a JSON `matchExpressions` entry.
+pub fn is_legacy_requirement_json(entry: &serde_json::Value, key: &str) -> bool {
+    entry.get("key").and_then(|k| k.as_str()) == Some(key)
+        && entry.get("operator").and_then(|o| o.as_str()) == Some("In")
+        && entry.get("values") == Some(&serde_json::json!([LINUX]))
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use serde_json::value::RawValue;
     use serde_json::{Value, json};
 
     use super::*;
     use crate::pipeline::patch;
+    use crate::rules::StaticFacts;
 
     const KEY: &str = DEFAULT_OS_LABEL_KEY;
 
@@ -457,35 +663,53 @@ mod tests {
     #[test]
     fn scope_selector_appends_the_linux_clause_once() {
         let cases = [
-            ("", "arcguard.io/os == 'linux'"),
-            ("  ", "arcguard.io/os == 'linux'"),
-            ("all()", "arcguard.io/os == 'linux'"),
-            ("app == 'web'", "(app == 'web') && arcguard.io/os == 'linux'"),
-            (" app == 'web'\t", "(app == 'web') && arcguard.io/os == 'linux'"),
-            ("a == 'x' || b == 'y'", "(a == 'x' || b == 'y') && arcguard.io/os == 'linux'"),
+            ("", "arcguard.io/os != 'windows'"),
+            ("  ", "arcguard.io/os != 'windows'"),
+            ("all()", "arcguard.io/os != 'windows'"),
+            ("app == 'web'", "(app == 'web') && arcguard.io/os != 'windows'"),
+            (" app == 'web'\t", "(app == 'web') && arcguard.io/os != 'windows'"),
+            ("a == 'x' || b == 'y'", "(a == 'x' || b == 'y') && arcguard.io/os != 'windows'"),
+            // Host endpoints carry no OS label: `!=` keeps them selected.
+            ("has(kubernetes-host)", "(has(kubernetes-host)) && arcguard.io/os != 'windows'"),
             (
                 "arcguard.io/os == 'windows'",
-                "(arcguard.io/os == 'windows') && arcguard.io/os == 'linux'",
+                "(arcguard.io/os == 'windows') && arcguard.io/os != 'windows'",
             ),
             (
-                "arcguard.io/os == 'linux' || a == 'x'",
-                "(arcguard.io/os == 'linux' || a == 'x') && arcguard.io/os == 'linux'",
+                "arcguard.io/os != 'windows' || a == 'x'",
+                "(arcguard.io/os != 'windows' || a == 'x') && arcguard.io/os != 'windows'",
             ),
             // Already scoped: unchanged, byte for byte.
-            ("arcguard.io/os == 'linux'", "arcguard.io/os == 'linux'"),
-            ("arcguard.io/os==\"linux\"", "arcguard.io/os==\"linux\""),
-            ("arcguard.io/os in {'linux'}", "arcguard.io/os in {'linux'}"),
+            ("arcguard.io/os != 'windows'", "arcguard.io/os != 'windows'"),
+            ("arcguard.io/os!=\"windows\"", "arcguard.io/os!=\"windows\""),
+            ("arcguard.io/os not in {'windows'}", "arcguard.io/os not in {'windows'}"),
             (
-                "(app == 'web') && arcguard.io/os == 'linux'",
-                "(app == 'web') && arcguard.io/os == 'linux'",
+                "(app == 'web') && arcguard.io/os != 'windows'",
+                "(app == 'web') && arcguard.io/os != 'windows'",
             ),
             (
-                "app == 'web' && arcguard.io/os == 'linux' && b == 'y'",
-                "app == 'web' && arcguard.io/os == 'linux' && b == 'y'",
+                "app == 'web' && arcguard.io/os != 'windows' && b == 'y'",
+                "app == 'web' && arcguard.io/os != 'windows' && b == 'y'",
+            ),
+            // The legacy clause (which left unlabelled pods out) is replaced.
+            ("arcguard.io/os == 'linux'", "arcguard.io/os != 'windows'"),
+            (
+                "(app == 'web') && arcguard.io/os == 'linux'",
+                "(app == 'web') && arcguard.io/os != 'windows'",
+            ),
+            (
+                "(a == 'x' || b == 'y') && arcguard.io/os == 'linux'",
+                "(a == 'x' || b == 'y') && arcguard.io/os != 'windows'",
+            ),
+            ("(all()) && arcguard.io/os == 'linux'", "arcguard.io/os != 'windows'"),
+            // A legacy term the author wrote elsewhere in the chain: scoped around it.
+            (
+                "app == 'web' && arcguard.io/os == 'linux'",
+                "(app == 'web' && arcguard.io/os == 'linux') && arcguard.io/os != 'windows'",
             ),
             // Does not parse: wrapped anyway, once.
-            ("app ==", "(app ==) && arcguard.io/os == 'linux'"),
-            ("(app ==) && arcguard.io/os == 'linux'", "(app ==) && arcguard.io/os == 'linux'"),
+            ("app ==", "(app ==) && arcguard.io/os != 'windows'"),
+            ("(app ==) && arcguard.io/os != 'windows'", "(app ==) && arcguard.io/os != 'windows'"),
             // Does not parse, but would once wrapped (found by fuzzing): left as written.
             ("b == 'y') || (a == 'x'", "b == 'y') || (a == 'x'"),
             ("a == 'x') || (has(b)", "a == 'x') || (has(b)"),
@@ -503,7 +727,7 @@ mod tests {
         let once = scope_selector(&scope_selector("app == 'web'", KEY), other);
         assert_eq!(
             once,
-            "((app == 'web') && arcguard.io/os == 'linux') && example.com/os == 'linux'"
+            "((app == 'web') && arcguard.io/os != 'windows') && example.com/os != 'windows'"
         );
         assert_eq!(once, scope_selector(&scope_selector("app == 'web'", KEY), other));
         assert_eq!(scope_selector(&once, KEY), once);
@@ -513,32 +737,144 @@ mod tests {
         assert!(selector::is_scoped_to_linux(&expr, other));
     }
 
+    /// A pod spec pinned to Linux by nodeSelector.
+    fn pinned_linux_spec() -> Value {
+        json!({"nodeSelector": {"kubernetes.io/os": "linux"}, "containers": [{"name": "app", "image": "mcr.microsoft.com/app:1"}]})
+    }
+
+    /// Facts knowing nodes `lin1` (Linux) and `win1` (Windows).
+    fn node_facts() -> StaticFacts {
+        StaticFacts {
+            nodes: Some(BTreeMap::from([
+                ("lin1".to_owned(), Some(Os::Linux)),
+                ("win1".to_owned(), Some(Os::Windows)),
+            ])),
+            ..StaticFacts::default()
+        }
+    }
+
+    fn set_label(value: &str) -> Mutation {
+        Mutation::SetLabel {
+            labels_pointer: "/metadata/labels".into(),
+            key: KEY.into(),
+            value: value.into(),
+        }
+    }
+
+    fn pin_linux() -> Mutation {
+        Mutation::PinNodeOs { spec_pointer: "/spec".into(), os: Os::Linux }
+    }
+
     #[test]
-    fn mutate_labels_live_pods_on_create_with_their_detected_os() {
+    fn mutate_labels_live_pods_on_create_with_their_os_and_pins_unpinned_ones() {
+        let gated =
+            json!({"schedulingGates": [{"name": "queue"}], "containers": [{"name": "app"}]});
+        let on_windows_node = json!({"nodeName": "win1", "containers": [{"name": "app"}]});
+        let on_linux_node = json!({"nodeName": "lin1", "containers": [{"name": "app"}]});
+        let on_unknown_node = json!({"nodeName": "new", "containers": [{"name": "app"}]});
+        let contradiction =
+            json!({"os": {"name": "linux"}, "nodeSelector": {"beta.kubernetes.io/os": "windows"}});
         let cases = [
-            (Kind::Pod, Operation::Create, json!({}), linux_spec(), Some("linux")),
-            (Kind::Pod, Operation::Create, Value::Null, linux_spec(), Some("linux")),
-            (Kind::Pod, Operation::Create, json!({"app": "web"}), windows_spec(), Some("windows")),
-            (Kind::Pod, Operation::Create, json!({KEY: "windows"}), linux_spec(), Some("linux")),
-            (Kind::Pod, Operation::Create, json!({KEY: "linux"}), linux_spec(), None),
-            (Kind::Pod, Operation::Create, json!({KEY: "windows"}), windows_spec(), None),
-            (Kind::Pod, Operation::Update, json!({}), linux_spec(), None),
-            (Kind::PodEphemeralContainers, Operation::Update, json!({}), linux_spec(), None),
+            (
+                Kind::Pod,
+                Operation::Create,
+                json!({}),
+                linux_spec(),
+                vec![set_label("linux"), pin_linux()],
+            ),
+            (
+                Kind::Pod,
+                Operation::Create,
+                Value::Null,
+                linux_spec(),
+                vec![set_label("linux"), pin_linux()],
+            ),
+            (
+                Kind::Pod,
+                Operation::Create,
+                json!({}),
+                pinned_linux_spec(),
+                vec![set_label("linux")],
+            ),
+            (
+                Kind::Pod,
+                Operation::Create,
+                json!({"app": "web"}),
+                windows_spec(),
+                vec![set_label("windows")],
+            ),
+            (
+                Kind::Pod,
+                Operation::Create,
+                json!({KEY: "windows"}),
+                pinned_linux_spec(),
+                vec![set_label("linux")],
+            ),
+            (Kind::Pod, Operation::Create, json!({KEY: "linux"}), linux_spec(), vec![pin_linux()]),
+            (Kind::Pod, Operation::Create, json!({KEY: "linux"}), pinned_linux_spec(), vec![]),
+            (Kind::Pod, Operation::Create, json!({KEY: "windows"}), windows_spec(), vec![]),
+            // Gated pods are labelled but left unpinned: their placement may still be set.
+            (Kind::Pod, Operation::Create, json!({}), gated, vec![set_label("linux")]),
+            // The node decides.
+            (Kind::Pod, Operation::Create, json!({}), on_windows_node, vec![set_label("windows")]),
+            (Kind::Pod, Operation::Create, json!({}), on_linux_node, vec![set_label("linux")]),
+            // Validation denies these, saying why.
+            (Kind::Pod, Operation::Create, json!({}), on_unknown_node, vec![]),
+            (Kind::Pod, Operation::Create, json!({}), contradiction, vec![]),
+            (Kind::Pod, Operation::Update, json!({}), linux_spec(), vec![]),
+            (Kind::PodEphemeralContainers, Operation::Update, json!({}), linux_spec(), vec![]),
+            (Kind::PodStatus, Operation::Update, json!({}), linux_spec(), vec![]),
         ];
         let rule = rule(ScopePolicies::Mutate);
         for (kind, operation, labels, spec, want) in cases {
-            let object = pod(labels.clone(), spec);
+            let object = pod(labels.clone(), spec.clone());
             let view = view_of(kind, operation, &object, None);
-            let want: Vec<Mutation> = want
-                .map(|value| Mutation::SetLabel {
-                    labels_pointer: "/metadata/labels".into(),
-                    key: KEY.into(),
-                    value: value.into(),
-                })
-                .into_iter()
-                .collect();
-            assert_eq!(rule.mutate(&view), want, "{kind:?} {operation:?} {labels}");
+            assert_eq!(
+                rule.mutate(&view, &node_facts()),
+                want,
+                "{kind:?} {operation:?} {labels} {spec}"
+            );
         }
+    }
+
+    #[test]
+    fn a_gated_pod_re_pinned_by_an_update_is_relabelled_to_its_new_os() {
+        let rule = rule(ScopePolicies::Mutate);
+        let gated = |extra: Value| {
+            let mut spec =
+                json!({"schedulingGates": [{"name": "queue"}], "containers": [{"name": "app"}]});
+            if let (Value::Object(spec), Value::Object(extra)) = (&mut spec, extra) {
+                spec.extend(extra);
+            }
+            spec
+        };
+        let old = pod(json!({KEY: "linux"}), gated(json!({})));
+        let cases = [
+            (
+                gated(json!({"nodeSelector": {"beta.kubernetes.io/os": "windows"}})),
+                vec![set_label("windows")],
+            ),
+            (
+                gated(json!({"nodeSelector": {"node.kubernetes.io/windows-build": "10.0.20348"}})),
+                vec![set_label("windows")],
+            ),
+            (gated(json!({"nodeSelector": {"kubernetes.io/os": "linux"}})), vec![]),
+            (gated(json!({"nodeSelector": {"zone": "a"}})), vec![]),
+        ];
+        for (spec, want) in cases {
+            let new = pod(json!({KEY: "linux"}), spec.clone());
+            let view = view_of(Kind::Pod, Operation::Update, &new, Some(&old));
+            assert_eq!(rule.mutate(&view, &node_facts()), want, "{spec}");
+            // Validation asks for the new label, and the mutated update passes it.
+            let expect_label =
+                want.is_empty().then_some(()).map_or(Some("set it to \"windows\""), |()| None);
+            assert_finding(&rule, &view, expect_label, &format!("{spec}"));
+        }
+        // An ungated pod is not relabelled by an update (its signals are immutable).
+        let ungated_old = pod(json!({KEY: "linux"}), linux_spec());
+        let new = pod(json!({KEY: "linux"}), windows_spec());
+        let view = view_of(Kind::Pod, Operation::Update, &new, Some(&ungated_old));
+        assert_eq!(rule.mutate(&view, &node_facts()), vec![]);
     }
 
     #[test]
@@ -547,12 +883,24 @@ mod tests {
             "metadata": {"name": "d"},
             "spec": {"template": {"metadata": {"labels": {"app": "web"}}, "spec": windows_spec()}}});
         let view = view_of(Kind::Deployment, Operation::Create, &deployment, None);
-        assert_eq!(rule(ScopePolicies::Mutate).mutate(&view), vec![]);
+        assert_eq!(rule(ScopePolicies::Mutate).mutate(&view, &StaticFacts::default()), vec![]);
 
-        let spec = CalicoLinuxOnlySpec { label_pods: false, ..Default::default() };
+        let spec = CalicoLinuxOnlySpec {
+            label_pods: false,
+            scope_policies: ScopePolicies::Validate,
+            ..Default::default()
+        };
         let rule = CalicoLinuxOnly::compile(&spec).expect("compiles");
         let view = view_of(Kind::Pod, Operation::Create, &pod(json!({}), windows_spec()), None);
-        assert_eq!(rule.mutate(&view), vec![]);
+        assert_eq!(rule.mutate(&view, &StaticFacts::default()), vec![]);
+    }
+
+    #[test]
+    fn label_pods_off_with_mutated_scoping_is_refused() {
+        let spec = CalicoLinuxOnlySpec { label_pods: false, ..Default::default() };
+        let error = CalicoLinuxOnly::compile(&spec).expect_err("refused");
+        assert_eq!(error.field, "labelPods");
+        assert!(error.message.contains("Windows pods would stay selected"), "{}", error.message);
     }
 
     #[test]
@@ -564,8 +912,13 @@ mod tests {
             (Some("app == 'web'"), json!({}), true),
             (Some("arcguard.io/os == 'windows'"), json!({}), true),
             (Some("app =="), json!({}), true),
-            (Some("(app == 'web') && arcguard.io/os == 'linux'"), json!({}), false),
-            (Some("arcguard.io/os in {'linux'}"), json!({}), false),
+            // Legacy scoping is brought to the current form.
+            (Some("(app == 'web') && arcguard.io/os == 'linux'"), json!({}), true),
+            (Some("arcguard.io/os in {'linux'}"), json!({}), true),
+            (Some("(app == 'web') && arcguard.io/os != 'windows'"), json!({}), false),
+            (Some("arcguard.io/os not in {'windows'}"), json!({}), false),
+            // An ordinary (not preDNAT) host-endpoint policy is scoped: `!=` keeps host endpoints.
+            (Some("has(kubernetes-host)"), json!({}), true),
             (Some("has(host)"), json!({"preDNAT": true, "applyOnForward": true}), false),
             (Some("has(host)"), json!({"doNotTrack": true, "applyOnForward": true}), false),
             (Some("has(host)"), json!({"preDNAT": false, "doNotTrack": false}), true),
@@ -582,11 +935,15 @@ mod tests {
                         vec![]
                     };
                     assert_eq!(
-                        mutate.mutate(&view),
+                        mutate.mutate(&view, &StaticFacts::default()),
                         want,
                         "{kind:?} {operation:?} {selector:?} {extra}"
                     );
-                    assert_eq!(validate.mutate(&view), vec![], "validate mode never mutates");
+                    assert_eq!(
+                        validate.mutate(&view, &StaticFacts::default()),
+                        vec![],
+                        "validate mode never mutates"
+                    );
                 }
             }
         }
@@ -606,16 +963,29 @@ mod tests {
                 ),
                 true,
             ),
+            // The legacy requirement is replaced.
             (
                 Some(
                     json!({"matchExpressions": [{"key": KEY, "operator": "In", "values": ["linux"]}]}),
+                ),
+                true,
+            ),
+            (
+                Some(json!({"matchExpressions": [
+                    {"key": KEY, "operator": "In", "values": ["linux"]},
+                    {"key": KEY, "operator": "NotIn", "values": ["windows"]}]})),
+                true,
+            ),
+            (
+                Some(
+                    json!({"matchExpressions": [{"key": KEY, "operator": "NotIn", "values": ["windows"]}]}),
                 ),
                 false,
             ),
             (
                 Some(json!({"matchLabels": {"app": "web"}, "matchExpressions": [
                     {"key": "tier", "operator": "Exists"},
-                    {"key": KEY, "operator": "In", "values": ["linux"]}]})),
+                    {"key": KEY, "operator": "NotIn", "values": ["windows"]}]})),
                 false,
             ),
         ];
@@ -629,15 +999,18 @@ mod tests {
                 } else {
                     vec![]
                 };
-                assert_eq!(mutate.mutate(&view), want, "{selector:?}");
-                assert_eq!(rule(ScopePolicies::Validate).mutate(&view), vec![]);
+                assert_eq!(mutate.mutate(&view, &StaticFacts::default()), want, "{selector:?}");
+                assert_eq!(
+                    rule(ScopePolicies::Validate).mutate(&view, &StaticFacts::default()),
+                    vec![]
+                );
             }
         }
     }
 
     /// Runs `rule.validate` and checks it found exactly the expected violation (by fragment).
     fn assert_finding(rule: &CalicoLinuxOnly, view: &RequestView, want: Option<&str>, case: &str) {
-        let findings = rule.validate(view);
+        let findings = rule.validate(view, &node_facts());
         assert!(findings.advisories.is_empty(), "{case}");
         match want {
             None => assert_eq!(findings.violations, Vec::<String>::new(), "{case}"),
@@ -683,9 +1056,7 @@ mod tests {
                 ScopePolicies::Mutate,
                 Some("(arcguard.io/os in {'linux', 'windows'}) && arcguard.io/os == 'linux'"),
                 &none,
-                Some(
-                    "drop the arcguard.io/os terms that admit \"windows\" or require arcguard.io/os == 'linux'",
-                ),
+                Some("drop the arcguard.io/os terms that admit \"windows\""),
             ),
             (ScopePolicies::Mutate, Some("has(arcguard.io/os)"), &none, Some(targets)),
             (ScopePolicies::Mutate, Some("!(arcguard.io/os == 'linux')"), &none, Some(targets)),
@@ -694,7 +1065,7 @@ mod tests {
                 Some("(app ==) && arcguard.io/os == 'linux'"),
                 &none,
                 Some(
-                    "spec.selector \"(app ==) && arcguard.io/os == 'linux'\" is not a valid Calico selector: expected a quoted string at column 8, found `)`; fix its syntax",
+                    "spec.selector \"app ==\" is not a valid Calico selector: expected a quoted string at column 8, found `)`; fix its syntax",
                 ),
             ),
             // Validation mode: unscoped policies are denied with the selector to use.
@@ -703,7 +1074,7 @@ mod tests {
                 Some("app == 'web'"),
                 &none,
                 Some(
-                    "spec.selector \"app == 'web'\" is not scoped to Linux pods, and Calico network policy applies to Linux pods only on this platform (its Windows dataplane skips rules it cannot render); use selector \"(app == 'web') && arcguard.io/os == 'linux'\"",
+                    "spec.selector \"app == 'web'\" is not scoped to Linux pods, and Calico network policy applies to Linux pods only on this platform (its Windows dataplane skips rules it cannot render); use selector \"(app == 'web') && arcguard.io/os != 'windows'\"",
                 ),
             ),
             (
@@ -716,13 +1087,20 @@ mod tests {
                 ScopePolicies::Validate,
                 Some("all()"),
                 &none,
-                Some("use selector \"arcguard.io/os == 'linux'\""),
+                Some("use selector \"arcguard.io/os != 'windows'\""),
+            ),
+            (ScopePolicies::Validate, Some("arcguard.io/os != 'windows'"), &none, None),
+            (
+                ScopePolicies::Validate,
+                Some("has(app) && arcguard.io/os not in {'windows'}"),
+                &none,
+                None,
             ),
             (
                 ScopePolicies::Validate,
-                Some("arcguard.io/os != 'windows'"),
+                Some("arcguard.io/os != 'windows' || app == 'x'"),
                 &none,
-                Some("is not scoped"),
+                Some(targets),
             ),
             (ScopePolicies::Validate, Some("arcguard.io/os in {'linux'}"), &none, None),
             (
@@ -785,7 +1163,7 @@ mod tests {
                 ScopePolicies::Mutate,
                 Some(json!({"matchLabels": {"app": "web"},
                     "matchExpressions": [{"key": KEY, "operator": "NotIn", "values": ["linux"]}, linux]})),
-                Some("require {key: arcguard.io/os, operator: In, values: [linux]}"),
+                Some("drop the arcguard.io/os requirements that admit \"windows\""),
             ),
             (
                 ScopePolicies::Mutate,
@@ -802,7 +1180,7 @@ mod tests {
                 ScopePolicies::Validate,
                 Some(json!({})),
                 Some(
-                    "spec.podSelector is not scoped to Linux pods, and NetworkPolicy is enforced by Calico and Calico network policy applies to Linux pods only on this platform (its Windows dataplane skips rules it cannot render); add {key: arcguard.io/os, operator: In, values: [linux]} to spec.podSelector.matchExpressions",
+                    "spec.podSelector is not scoped to Linux pods, and NetworkPolicy is enforced by Calico and Calico network policy applies to Linux pods only on this platform (its Windows dataplane skips rules it cannot render); add {key: arcguard.io/os, operator: NotIn, values: [windows]} to spec.podSelector.matchExpressions",
                 ),
             ),
             (ScopePolicies::Validate, None, Some("is not scoped to Linux pods")),
@@ -834,11 +1212,28 @@ mod tests {
     fn validate_keeps_pods_from_falsifying_or_dropping_the_os_label() {
         let falsified = "label arcguard.io/os is managed by arcguard: this pod runs on linux; \
                          remove the label or set it to \"linux\"";
+        let not_pinned = "label arcguard.io/os=windows is managed by arcguard, and this pod is \
+                          not pinned to Windows";
+        let beta_windows = json!({"nodeSelector": {"beta.kubernetes.io/os": "windows"}, "containers": [{"name": "app"}]});
+        let on_windows_node = json!({"nodeName": "win1", "containers": [{"name": "app"}]});
+        let on_unknown_node = json!({"nodeName": "new", "containers": [{"name": "app"}]});
+        let contradiction =
+            json!({"os": {"name": "linux"}, "nodeSelector": {"kubernetes.io/os": "windows"}});
         let cases = [
             (Operation::Create, json!({}), linux_spec(), None, None),
             (Operation::Create, json!({KEY: "linux"}), linux_spec(), None, None),
+            (Operation::Create, json!({KEY: "linux"}), pinned_linux_spec(), None, None),
             (Operation::Create, json!({KEY: "windows"}), windows_spec(), None, None),
-            (Operation::Create, json!({KEY: "windows"}), linux_spec(), None, Some(falsified)),
+            (Operation::Create, json!({KEY: "windows"}), beta_windows.clone(), None, None),
+            (Operation::Create, json!({KEY: "windows"}), on_windows_node.clone(), None, None),
+            (Operation::Create, json!({KEY: "windows"}), linux_spec(), None, Some(not_pinned)),
+            (
+                Operation::Create,
+                json!({KEY: "windows"}),
+                pinned_linux_spec(),
+                None,
+                Some(falsified),
+            ),
             (Operation::Create, json!({KEY: ""}), linux_spec(), None, Some(falsified)),
             (
                 Operation::Create,
@@ -846,6 +1241,36 @@ mod tests {
                 windows_spec(),
                 None,
                 Some("this pod runs on windows; remove the label or set it to \"windows\""),
+            ),
+            (
+                Operation::Create,
+                json!({KEY: "linux"}),
+                beta_windows.clone(),
+                None,
+                Some("this pod runs on windows"),
+            ),
+            (
+                Operation::Create,
+                json!({KEY: "linux"}),
+                on_windows_node.clone(),
+                None,
+                Some("this pod runs on windows"),
+            ),
+            (
+                Operation::Create,
+                json!({}),
+                on_unknown_node.clone(),
+                None,
+                Some("spec.nodeName places this pod on node \"new\", which arcguard does not know"),
+            ),
+            (
+                Operation::Create,
+                json!({}),
+                contradiction.clone(),
+                None,
+                Some(
+                    "this pod can never run: spec.os.name \"linux\" admits Linux only, but nodeSelector kubernetes.io/os=windows admits Windows",
+                ),
             ),
             (
                 Operation::Update,
@@ -867,7 +1292,7 @@ mod tests {
             (
                 Operation::Update,
                 json!({KEY: "windows"}),
-                linux_spec(),
+                pinned_linux_spec(),
                 Some(json!({KEY: "linux"})),
                 Some("this pod runs on linux; set it to \"linux\""),
             ),
@@ -875,23 +1300,166 @@ mod tests {
                 Operation::Update,
                 json!({KEY: "windows"}),
                 linux_spec(),
+                Some(json!({KEY: "linux"})),
+                Some(
+                    "pin it with spec.os.name: windows and nodeSelector kubernetes.io/os: windows, or set the label to \"linux\"",
+                ),
+            ),
+            (
+                Operation::Update,
+                json!({KEY: "windows"}),
+                pinned_linux_spec(),
                 Some(json!({})),
                 Some(falsified),
+            ),
+            // A pod created before arcguard, pinned to Windows by the beta label: correcting
+            // its label is admitted, falsifying it is not.
+            (
+                Operation::Update,
+                json!({KEY: "windows"}),
+                beta_windows.clone(),
+                Some(json!({})),
+                None,
+            ),
+            (
+                Operation::Update,
+                json!({KEY: "linux"}),
+                beta_windows,
+                Some(json!({})),
+                Some("this pod runs on windows; remove the label or set it to \"windows\""),
+            ),
+            // Bound to a Windows node: the node is the truth.
+            (
+                Operation::Update,
+                json!({KEY: "windows"}),
+                on_windows_node.clone(),
+                Some(json!({})),
+                None,
+            ),
+            (
+                Operation::Update,
+                json!({KEY: "linux"}),
+                on_windows_node,
+                Some(json!({KEY: "windows"})),
+                Some("this pod runs on windows; set it to \"windows\""),
+            ),
+            // A node arcguard cannot see: the label may not change, other updates pass.
+            (
+                Operation::Update,
+                json!({KEY: "linux", "a": "b"}),
+                on_unknown_node.clone(),
+                Some(json!({KEY: "linux"})),
+                None,
+            ),
+            (
+                Operation::Update,
+                json!({KEY: "windows"}),
+                on_unknown_node,
+                Some(json!({KEY: "linux"})),
+                Some("label arcguard.io/os is managed by arcguard and cannot be changed now"),
             ),
         ];
         for rule in [rule(ScopePolicies::Mutate), rule(ScopePolicies::Validate)] {
             for (operation, labels, spec, old_labels, want) in &cases {
                 let object = pod(labels.clone(), spec.clone());
                 let old = old_labels.as_ref().map(|l| pod(l.clone(), spec.clone()));
-                let view = view_of(Kind::Pod, *operation, &object, old.as_ref());
-                assert_finding(
-                    &rule,
-                    &view,
-                    *want,
-                    &format!("{operation:?} {labels} {old_labels:?}"),
-                );
+                // A pods/status write is judged like an UPDATE of the pod.
+                let kinds: &[Kind] = match operation {
+                    Operation::Update => &[Kind::Pod, Kind::PodStatus],
+                    _ => &[Kind::Pod],
+                };
+                for kind in kinds {
+                    let view = view_of(*kind, *operation, &object, old.as_ref());
+                    assert_finding(
+                        &rule,
+                        &view,
+                        *want,
+                        &format!("{kind:?} {operation:?} {labels} {spec} {old_labels:?}"),
+                    );
+                }
             }
         }
+    }
+
+    fn binding_view(pod_name: &str, node: &str) -> RequestView {
+        let object = json!({"apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": pod_name, "namespace": "default"},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+        view_of(Kind::PodBinding, Operation::Create, &object, None)
+    }
+
+    fn with_pod(mut facts: StaticFacts, name: &str, object: &Value) -> StaticFacts {
+        let pod: crate::admission::objects::PodTemplateSpec =
+            serde_json::from_value(object.clone()).expect("pod decodes");
+        facts.pods.get_or_insert_with(BTreeMap::new).insert(
+            ("default".to_owned(), name.to_owned()),
+            crate::rules::PodFact::Found(Box::new(pod)),
+        );
+        facts
+    }
+
+    #[test]
+    fn bindings_may_not_put_a_pod_on_a_node_of_another_os_than_its_label() {
+        let rule = rule(ScopePolicies::Mutate);
+        let cases = [
+            (json!({KEY: "linux"}), pinned_linux_spec(), "lin1", None),
+            (json!({KEY: "windows"}), windows_spec(), "win1", None),
+            // Unlabelled and unpinned (created before arcguard): the labeller will label it.
+            (json!({}), linux_spec(), "win1", None),
+            (
+                json!({KEY: "linux"}),
+                linux_spec(),
+                "win1",
+                Some(
+                    "pod default/p is Linux (arcguard.io/os=linux) but node \"win1\" runs windows: bind it to a Linux node",
+                ),
+            ),
+            (
+                json!({KEY: "windows"}),
+                windows_spec(),
+                "lin1",
+                Some("but node \"lin1\" runs linux: bind it to a Windows node"),
+            ),
+            (json!({}), windows_spec(), "lin1", Some("pod default/p is Windows")),
+            (
+                json!({KEY: "linux"}),
+                linux_spec(),
+                "new",
+                Some("node \"new\" is not known to arcguard (yet)"),
+            ),
+        ];
+        for (labels, spec, node, want) in cases {
+            let facts = with_pod(node_facts(), "p", &pod(labels.clone(), spec.clone()));
+            let view = binding_view("p", node);
+            let findings = rule.validate(&view, &facts);
+            match want {
+                None => assert_eq!(findings.violations, Vec::<String>::new(), "{labels} {node}"),
+                Some(want) => {
+                    assert_eq!(findings.violations.len(), 1, "{labels} {node}");
+                    assert!(
+                        findings.violations[0].contains(want),
+                        "{labels} {node}: {:?}",
+                        findings.violations
+                    );
+                }
+            }
+        }
+        // A pod that could not be read: refused, to be retried; one that does not exist: the
+        // apiserver answers; standalone mode: not judged.
+        let mut facts = node_facts();
+        facts.pods = Some(BTreeMap::from([(
+            ("default".to_owned(), "p".to_owned()),
+            crate::rules::PodFact::Failed("timed out".to_owned()),
+        )]));
+        let findings = rule.validate(&binding_view("p", "win1"), &facts);
+        assert!(findings.violations[0].contains("could not be read"), "{findings:?}");
+        let mut facts = node_facts();
+        facts.pods = Some(BTreeMap::from([(
+            ("default".to_owned(), "p".to_owned()),
+            crate::rules::PodFact::NotFound,
+        )]));
+        assert!(rule.validate(&binding_view("p", "win1"), &facts).is_empty());
+        assert!(rule.validate(&binding_view("p", "win1"), &StaticFacts::default()).is_empty());
     }
 
     #[test]
@@ -910,7 +1478,8 @@ mod tests {
     /// Mutates `object`, applies the patch, and returns the patched object and its view.
     fn mutated(rule: &CalicoLinuxOnly, kind: Kind, object: &Value) -> (Value, RequestView) {
         let view = view_of(kind, Operation::Create, object, None);
-        let mutations: BTreeSet<Mutation> = rule.mutate(&view).into_iter().collect();
+        let mutations: BTreeSet<Mutation> =
+            rule.mutate(&view, &StaticFacts::default()).into_iter().collect();
         let mut patched = object.clone();
         if let Some(p) = patch::build(&raw(object), &mutations).expect("object is json") {
             json_patch::patch(&mut patched, &p).expect("patch applies");
@@ -954,14 +1523,15 @@ mod tests {
             let (patched, view) = mutated(&mutating, kind, &object);
             assert_finding(&mutating, &view, None, &format!("{kind:?} {patched}"));
             assert_finding(&validating, &view, None, &format!("validate mode {patched}"));
-            let again: BTreeSet<Mutation> = mutating.mutate(&view).into_iter().collect();
+            let again: BTreeSet<Mutation> =
+                mutating.mutate(&view, &StaticFacts::default()).into_iter().collect();
             assert_eq!(patch::build(&raw(&patched), &again).expect("json"), None, "{patched}");
             match kind {
                 Kind::Pod => {
                     let pod = view.pod().expect("pod view");
                     assert_eq!(
                         pod.labels.get(KEY).map(String::as_str),
-                        Some(os::detect(&pod.spec).as_str())
+                        Some(os::detect(&pod.spec).os().as_str())
                     );
                 }
                 Kind::NetworkPolicy => {
@@ -985,7 +1555,7 @@ mod tests {
             let (patched, view) = mutated(&rule, kind, &object);
             assert_eq!(
                 patched["spec"]["selector"],
-                "(arcguard.io/os == 'windows') && arcguard.io/os == 'linux'"
+                "(arcguard.io/os == 'windows') && arcguard.io/os != 'windows'"
             );
             assert_finding(
                 &rule,

@@ -6,12 +6,10 @@ pub mod content;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use std::collections::BTreeSet;
-
-use super::os::{self, Os};
-use super::{Access, Facts, FieldError, Findings, Mutation};
+use super::os::{self, NodeOs, Os};
+use super::{Access, FactNeeds, Facts, FieldError, Findings, Mutation, PodLookup};
 use crate::admission::objects::{ContainerList, PodSpec, WindowsOptions};
-use crate::admission::view::RequestView;
+use crate::admission::view::{BindingView, Kind, RequestView, Subject};
 
 /// The `gmsa` rule block.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -127,31 +125,67 @@ impl Gmsa {
         self.spec.authorize_service_account
     }
 
-    /// The credential spec names the object under review uses (for the shell to look up and
-    /// authorize before evaluation).
-    pub fn credential_spec_names(view: &RequestView) -> BTreeSet<String> {
-        let Some(pod) = view.pod().filter(|p| uses_gmsa(&p.spec)) else { return BTreeSet::new() };
+    /// Adds what the rule needs to judge the object under review: the credential specs it
+    /// names and, when `authorizeServiceAccount` is on, the `use` checks for its service account.
+    pub fn needs(&self, view: &RequestView, needs: &mut FactNeeds) {
+        let Some(pod) = view.pod().filter(|p| uses_gmsa(&p.spec)) else { return };
+        if view.kind == Kind::PodStatus {
+            return;
+        }
         let pointer = pod.spec_pointer();
-        sites(&pod.spec, &pointer).iter().filter_map(|s| s.name().map(str::to_owned)).collect()
+        let namespace = view.namespace.as_deref().unwrap_or("default");
+        let service_account = pod.spec.service_account();
+        for name in sites(&pod.spec, &pointer).iter().filter_map(Site::name) {
+            needs.credential_specs.insert(name.to_owned());
+            if self.spec.authorize_service_account {
+                needs.authorizations.insert((
+                    namespace.to_owned(),
+                    service_account.to_owned(),
+                    name.to_owned(),
+                ));
+            }
+        }
     }
 
     /// Violations of the rule by the object under review.
     ///
     /// On an UPDATE of a live pod only what the UPDATE adds is checked (new ephemeral
     /// containers), plus that existing gMSA settings did not change: a pod admitted earlier must
-    /// stay updatable (labels, finalizers) even if its credential spec has gone since.
+    /// stay updatable (labels, finalizers) even if its credential spec has gone since. The
+    /// exception is a scheduling-gated pod whose update changes its OS (a new nodeSelector or
+    /// affinity): it is judged as if it were being created. A `pods/status` write cannot change
+    /// the spec and is not judged. A binding to a Windows node is judged against the pod it binds.
     pub fn validate(&self, view: &RequestView, facts: &dyn Facts) -> Findings {
         let mut findings = Findings::default();
-        let Some(pod) = view.pod() else { return findings };
+        let Some(pod) = view.pod() else {
+            if let Subject::Binding(binding) = &view.subject {
+                findings.violations.extend(self.validate_binding(view, binding, facts));
+            }
+            return findings;
+        };
+        if view.kind == Kind::PodStatus {
+            return findings;
+        }
+        let node_os = |node: &str| facts.node_os(node);
+        let resolved = os::resolve(&pod.spec, &node_os);
+        let old = pod.old.as_deref().filter(|_| view.kind.is_pod());
+        let repinned = old.is_some_and(|old| {
+            old.spec.is_gated() && os::resolve(&old.spec, &node_os).os() != resolved.os()
+        });
+        let as_create = old.is_none() || repinned;
+        if as_create && let Some(problem) = resolved.problem() {
+            findings.violations.push(problem);
+            return findings;
+        }
         // Most pods are Linux pods without gMSA: nothing to check, nothing to allocate.
-        let old_uses_gmsa = pod.old.as_ref().is_some_and(|old| uses_gmsa(&old.spec));
-        if !uses_gmsa(&pod.spec) && !old_uses_gmsa && os::detect(&pod.spec) == Os::Linux {
+        let old_uses_gmsa = old.is_some_and(|old| uses_gmsa(&old.spec));
+        if !uses_gmsa(&pod.spec) && !old_uses_gmsa && !resolved.is_windows() {
             return findings;
         }
         let spec_pointer = pod.spec_pointer();
         let sites = sites(&pod.spec, &spec_pointer);
-        let old = pod.old.as_deref().filter(|_| view.kind.is_pod());
         let is_new = |site: &Site<'_>| match (old, site.container) {
+            _ if as_create => true,
             (None, _) => true,
             (Some(_), None) => false,
             (Some(old), Some((list, name))) => old.spec.container(list, name).is_none(),
@@ -185,14 +219,75 @@ impl Gmsa {
                 ));
             }
         }
-        let windows = os::detect(&pod.spec) == Os::Windows;
-        if self.spec.require_for_windows && windows && !uncovered.is_empty() {
-            findings.violations.push(format!(
-                "this Windows pod runs {} without a gMSA credential spec; set securityContext.windowsOptions.gmsaCredentialSpecName in the pod spec (for every container) or in each container, naming a GMSACredentialSpec that service account {service_account:?} may use",
-                uncovered.join(", ")
-            ));
+        if self.spec.require_for_windows && resolved.is_windows() && !uncovered.is_empty() {
+            let by = match &resolved {
+                os::PodOs::Pinned { by, .. } => by.as_str(),
+                _ => "its signals",
+            };
+            findings.violations.push(if repinned {
+                // The securityContext of a pod cannot change after creation: only a new pod
+                // can carry gMSA, so asking for a label or selector change would mislead.
+                format!(
+                    "this update pins the pod to Windows ({by}), but it runs {} without a gMSA credential spec, and a pod's securityContext cannot change after creation; delete the pod and create it with securityContext.windowsOptions.gmsaCredentialSpecName naming a GMSACredentialSpec that service account {service_account:?} may use",
+                    uncovered.join(", ")
+                )
+            } else {
+                format!(
+                    "this Windows pod ({by}) runs {} without a gMSA credential spec; set securityContext.windowsOptions.gmsaCredentialSpecName in the pod spec (for every container) or in each container, naming a GMSACredentialSpec that service account {service_account:?} may use",
+                    uncovered.join(", ")
+                )
+            });
         }
         findings
+    }
+
+    /// A binding of a pod to a Windows node: the pod must carry what a Windows pod needs.
+    fn validate_binding(
+        &self,
+        view: &RequestView,
+        binding: &BindingView,
+        facts: &dyn Facts,
+    ) -> Option<String> {
+        if !self.spec.require_for_windows {
+            return None;
+        }
+        let node = &binding.node;
+        let pod_name = view.display_name();
+        match facts.node_os(node) {
+            NodeOs::NotChecked | NodeOs::Known(Os::Linux) => return None,
+            NodeOs::Unknown => {
+                return Some(format!(
+                    "node {node:?} is not known to arcguard (yet), so whether pod {pod_name} may run there without gMSA cannot be checked; the binding is retried once the node is registered"
+                ));
+            }
+            NodeOs::Known(Os::Windows) => {}
+        }
+        let namespace = view.namespace.as_deref().unwrap_or_default();
+        let pod = match facts.pod(namespace, &view.name) {
+            PodLookup::NotChecked | PodLookup::NotFound => return None,
+            PodLookup::Failed(why) => {
+                return Some(format!(
+                    "pod {pod_name} could not be read to check its gMSA settings before binding it to Windows node {node:?}: {why}; retry"
+                ));
+            }
+            PodLookup::Found(pod) => pod,
+        };
+        let sites = sites(&pod.spec, "/spec");
+        if sites.first().and_then(Site::name).is_some() {
+            return None;
+        }
+        let uncovered: Vec<&str> = sites
+            .iter()
+            .filter(|s| s.container.is_some() && s.name().is_none())
+            .map(|s| s.description.as_str())
+            .collect();
+        (!uncovered.is_empty()).then(|| {
+            format!(
+                "binding pod {pod_name} to Windows node {node:?} would run {} without a gMSA credential spec; delete the pod and create it with spec.os.name: windows and securityContext.windowsOptions.gmsaCredentialSpecName naming a GMSACredentialSpec that service account {:?} may use",
+                uncovered.join(", "),
+                pod.spec.service_account()
+            )
+        })
     }
 
     #[allow(clippy::too_many_arguments)] // One call site; the arguments are the check's inputs.
@@ -269,7 +364,10 @@ impl Gmsa {
     /// The changes this rule makes to the object under review: for a live pod, inline the
     /// content of every named credential spec that has none (never overwriting content).
     pub fn mutate(&self, view: &RequestView, facts: &dyn Facts) -> Vec<Mutation> {
-        if !self.spec.resolve_credential_specs || !view.kind.is_pod() {
+        if !self.spec.resolve_credential_specs
+            || !view.kind.is_pod()
+            || view.kind == Kind::PodStatus
+        {
             return Vec::new();
         }
         let Some(pod) = view.pod() else { return Vec::new() };
@@ -339,6 +437,12 @@ mod tests {
         }
         fn namespace_labels(&self, _: &str) -> Option<&crate::admission::objects::Labels> {
             None
+        }
+        fn node_os(&self, node: &str) -> crate::rules::os::NodeOs {
+            self.0.node_os(node)
+        }
+        fn pod(&self, namespace: &str, name: &str) -> crate::rules::PodLookup<'_> {
+            self.0.pod(namespace, name)
         }
     }
 

@@ -1,12 +1,14 @@
 //! The three rules, as pure functions from a request view (and cluster facts) to findings
 //! and mutations.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use crate::admission::objects::Labels;
+use crate::admission::objects::{Labels, PodTemplateSpec};
 use crate::admission::view::RequestView;
+
+use self::os::{NodeOs, Os};
 
 pub mod calico;
 pub mod gmsa;
@@ -86,10 +88,19 @@ pub enum Mutation {
         /// The OS label key.
         key: String,
     },
-    /// Add `{key, In, [linux]}` to a Kubernetes NetworkPolicy's `spec.podSelector`.
+    /// Add `{key, NotIn, [windows]}` to a Kubernetes NetworkPolicy's `spec.podSelector`
+    /// (replacing the legacy `{key, In, [linux]}`).
     ScopeKubeSelector {
         /// The OS label key.
         key: String,
+    },
+    /// Pin a pod to nodes of `os`: `nodeSelector["kubernetes.io/os"] = os` in the pod spec at
+    /// `spec_pointer`, so the scheduler and kubelet keep the pod where its OS label says.
+    PinNodeOs {
+        /// JSON pointer of the pod spec.
+        spec_pointer: String,
+        /// The OS.
+        os: Os,
     },
 }
 
@@ -116,6 +127,55 @@ pub trait Facts {
     -> Access;
     /// Labels of a namespace; `None` when unknown (standalone mode, or not cached).
     fn namespace_labels(&self, namespace: &str) -> Option<&Labels>;
+    /// The operating system of a node, from the node cache.
+    fn node_os(&self, node: &str) -> NodeOs;
+    /// A pod as stored, for requests that do not carry it (a binding names its pod only).
+    fn pod(&self, namespace: &str, name: &str) -> PodLookup<'_>;
+}
+
+/// A pod looked up for a request that names it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PodLookup<'a> {
+    /// The pod: its labels and spec.
+    Found(&'a PodTemplateSpec),
+    /// No such pod (the apiserver will refuse the request itself).
+    NotFound,
+    /// The lookup failed; the text says why.
+    Failed(&'a str),
+    /// Pods are not looked up (standalone mode).
+    NotChecked,
+}
+
+/// A pod fact gathered for one request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodFact {
+    /// The pod: its labels and spec.
+    Found(Box<PodTemplateSpec>),
+    /// No such pod.
+    NotFound,
+    /// The lookup failed, with the reason.
+    Failed(String),
+}
+
+/// The cluster facts the policies that apply to one request need, so the shell looks up (and
+/// asks the API for) only those. Each rule adds its own ([`Rule::needs`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FactNeeds {
+    /// GMSACredentialSpecs to read from the cache.
+    pub credential_specs: BTreeSet<String>,
+    /// `use` checks to make: (namespace, service account, credential spec).
+    pub authorizations: BTreeSet<(String, String, String)>,
+    /// Nodes whose OS to read from the cache.
+    pub nodes: BTreeSet<String>,
+    /// A pod to read: (namespace, name).
+    pub pod: Option<(String, String)>,
+}
+
+impl FactNeeds {
+    /// Whether nothing beyond the request is needed.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Facts as plain data: in standalone mode the credential specs read from the policy
@@ -129,6 +189,11 @@ pub struct StaticFacts {
     /// Results of `use` checks by (namespace, service account, spec name); `None` when there
     /// is no authorizer (standalone mode), so the check is skipped.
     pub authorizations: Option<BTreeMap<(String, String, String), Access>>,
+    /// Node name to its OS (`None` when the node carries no OS label arcguard knows); `None`
+    /// when nodes are not looked up (standalone mode).
+    pub nodes: Option<BTreeMap<String, Option<Os>>>,
+    /// Pods looked up by (namespace, name); `None` when pods are not looked up.
+    pub pods: Option<BTreeMap<(String, String), PodFact>>,
 }
 
 impl Facts for StaticFacts {
@@ -152,6 +217,26 @@ impl Facts for StaticFacts {
 
     fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
         self.namespace_labels.get(namespace)
+    }
+
+    fn node_os(&self, node: &str) -> NodeOs {
+        match &self.nodes {
+            None => NodeOs::NotChecked,
+            Some(nodes) => match nodes.get(node) {
+                Some(Some(os)) => NodeOs::Known(*os),
+                _ => NodeOs::Unknown,
+            },
+        }
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> PodLookup<'_> {
+        let Some(pods) = &self.pods else { return PodLookup::NotChecked };
+        match pods.get(&(namespace.to_owned(), name.to_owned())) {
+            Some(PodFact::Found(pod)) => PodLookup::Found(pod),
+            Some(PodFact::NotFound) => PodLookup::NotFound,
+            Some(PodFact::Failed(why)) => PodLookup::Failed(why),
+            None => PodLookup::Failed("the pod was not looked up"),
+        }
     }
 }
 
@@ -181,7 +266,19 @@ impl Rule {
         match self {
             Self::TrustedRegistries(rule) => rule.validate(view),
             Self::Gmsa(rule) => rule.validate(view, facts),
-            Self::CalicoLinuxOnly(rule) => rule.validate(view),
+            Self::CalicoLinuxOnly(rule) => rule.validate(view, facts),
+        }
+    }
+
+    /// Adds the cluster facts this rule needs to judge the object under review.
+    pub fn needs(&self, view: &RequestView, needs: &mut FactNeeds) {
+        match self {
+            Self::TrustedRegistries(_) => {}
+            Self::Gmsa(rule) => {
+                rule.needs(view, needs);
+                os_needs(view, needs);
+            }
+            Self::CalicoLinuxOnly(_) => os_needs(view, needs),
         }
     }
 
@@ -190,7 +287,24 @@ impl Rule {
         match self {
             Self::TrustedRegistries(_) => Vec::new(),
             Self::Gmsa(rule) => rule.mutate(view, facts),
-            Self::CalicoLinuxOnly(rule) => rule.mutate(view),
+            Self::CalicoLinuxOnly(rule) => rule.mutate(view, facts),
         }
+    }
+}
+
+/// The facts deciding a pod's OS: the nodes it is placed on, or, for a binding, the pod and
+/// its target node.
+fn os_needs(view: &RequestView, needs: &mut FactNeeds) {
+    use crate::admission::view::Subject;
+    match &view.subject {
+        Subject::Pod(pod) => {
+            needs.nodes.extend(os::placement(&pod.spec).into_iter().map(str::to_owned));
+        }
+        Subject::Binding(binding) => {
+            needs.nodes.insert(binding.node.clone());
+            let namespace = view.namespace.clone().unwrap_or_default();
+            needs.pod = Some((namespace, view.name.clone()));
+        }
+        _ => {}
     }
 }

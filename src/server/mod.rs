@@ -72,11 +72,16 @@ impl Readiness {
     }
 }
 
-/// Looks up what the rules need to know about the cluster for one request (credential specs,
-/// namespace labels, `use` authorizations), so that evaluation itself stays pure.
+/// Looks up what the rules need to know about the cluster for one request (namespace labels,
+/// then what the policies that apply ask for: credential specs, node OSes, the pod a binding
+/// names, `use` authorizations), so that evaluation itself stays pure.
 pub trait FactSource: Send + Sync + std::fmt::Debug {
-    /// The facts for this request.
-    fn gather<'a>(&'a self, view: &'a RequestView) -> BoxFuture<'a, StaticFacts>;
+    /// The facts for this request under `policies`.
+    fn gather<'a>(
+        &'a self,
+        view: &'a RequestView,
+        policies: &'a PolicySet,
+    ) -> BoxFuture<'a, StaticFacts>;
 }
 
 /// State shared by every request.

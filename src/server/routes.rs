@@ -60,12 +60,13 @@ async fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &
         Ok(prepared) => prepared,
         Err(error) => return invalid(webhook, state, start, &error),
     };
+    // The facts are gathered for the policies that apply under this snapshot, and the request
+    // is decided on the same snapshot.
+    let snapshot = state.snapshot.load_full();
     let gathered = match (&state.facts, &prepared.view) {
-        (Some(source), Some(view)) => Some(source.gather(view).await),
+        (Some(source), Some(view)) => Some(source.gather(view, &snapshot.policies).await),
         _ => None,
     };
-    // Loaded after any await, so the request is decided on the newest policies.
-    let snapshot = state.snapshot.load();
     let facts = gathered.as_ref().unwrap_or(&snapshot.facts);
     match pipeline::decide(webhook, &prepared, &snapshot.policies, facts) {
         Ok(decision) => {

@@ -827,14 +827,26 @@ pub fn targets_windows(expr: &Expr, key: &str) -> bool {
     expr.mentions(key) && expr.evaluate(key, Some(WINDOWS)) != Truth::False
 }
 
-/// Whether the selector can select neither a pod labelled `key: windows` nor a pod without
-/// the `key` label, whatever their other labels.
+/// Whether the selector cannot select a pod labelled `key: windows`, whatever its other labels:
+/// the policy is scoped to Linux pods (and, if it selects them, pods without the label).
 pub fn is_scoped_to_linux(expr: &Expr, key: &str) -> bool {
-    expr.evaluate(key, Some(WINDOWS)) == Truth::False && expr.evaluate(key, None) == Truth::False
+    expr.evaluate(key, Some(WINDOWS)) == Truth::False
 }
 
-/// Whether `expr` is the Linux scoping term `key == 'linux'` or `key in {'linux'}`.
-pub fn is_linux_requirement(expr: &Expr, key: &str) -> bool {
+/// Whether `expr` is the scoping term `key != 'windows'` or `key not in {'windows'}`.
+pub fn is_scope_term(expr: &Expr, key: &str) -> bool {
+    match expr {
+        Expr::Compare { key: k, op: Comparison::Ne, value } => k == key && value == WINDOWS,
+        Expr::NotIn { key: k, values } => {
+            k == key && !values.is_empty() && values.iter().all(|v| v == WINDOWS)
+        }
+        _ => false,
+    }
+}
+
+/// Whether `expr` is the legacy scoping term `key == 'linux'` or `key in {'linux'}`, which
+/// earlier versions appended (it also left out pods without the label).
+pub fn is_legacy_scope_term(expr: &Expr, key: &str) -> bool {
     match expr {
         Expr::Compare { key: k, op: Comparison::Eq, value } => k == key && value == LINUX,
         Expr::In { key: k, values } => {
@@ -844,23 +856,23 @@ pub fn is_linux_requirement(expr: &Expr, key: &str) -> bool {
     }
 }
 
-/// Whether the top-level `&&` chain already holds the Linux scoping term for `key`.
-pub fn has_linux_requirement(expr: &Expr, key: &str) -> bool {
-    expr.conjuncts().into_iter().any(|t| is_linux_requirement(t, key))
+/// Whether the top-level `&&` chain already holds the scoping term for `key`.
+pub fn has_scope_term(expr: &Expr, key: &str) -> bool {
+    expr.conjuncts().into_iter().any(|t| is_scope_term(t, key))
 }
 
-/// The selector without the Linux scoping terms for `key` in its top-level `&&` chain: what
-/// the author wrote before the mutating webhook appended `&& key == 'linux'`.
+/// The selector without the scoping terms for `key` (current or legacy) in its top-level `&&`
+/// chain: what the author wrote before the mutating webhook appended one.
 ///
 /// Removing such a term can only widen what the rest selects on Windows pods, and a chain
 /// holding it selects no Windows pod at all; so the remainder is what to judge when asking
 /// whether the author meant to select Windows pods.
-pub fn without_linux_requirement(expr: &Expr, key: &str) -> Expr {
-    if !has_linux_requirement(expr, key) {
+pub fn without_scope_terms(expr: &Expr, key: &str) -> Expr {
+    let is_term = |t: &Expr| is_scope_term(t, key) || is_legacy_scope_term(t, key);
+    if !expr.conjuncts().into_iter().any(is_term) {
         return expr.clone();
     }
-    let rest =
-        expr.conjuncts().into_iter().filter(|t| !is_linux_requirement(t, key)).cloned().collect();
+    let rest = expr.conjuncts().into_iter().filter(|t| !is_term(t)).cloned().collect();
     Expr::conjunction(rest)
 }
 
@@ -1141,26 +1153,26 @@ mod tests {
     }
 
     #[test]
-    fn is_scoped_to_linux_requires_excluding_windows_and_unlabelled_pods() {
+    fn is_scoped_to_linux_requires_excluding_pods_labelled_windows_only() {
         let cases = [
+            ("arcguard.io/os != 'windows'", true),
+            ("arcguard.io/os not in {'windows'}", true),
+            ("!(arcguard.io/os == 'windows')", true),
+            ("(app == 'web') && arcguard.io/os != 'windows'", true),
+            ("(a == 'x' || b == 'y') && arcguard.io/os != 'windows'", true),
             ("arcguard.io/os == 'linux'", true),
             ("arcguard.io/os in {'linux'}", true),
             ("(app == 'web') && arcguard.io/os == 'linux'", true),
-            ("app == 'web' && arcguard.io/os in {'linux'}", true),
-            ("(a == 'x' || b == 'y') && arcguard.io/os == 'linux'", true),
-            ("arcguard.io/os == 'linux' && !(app == 'x')", true),
             ("arcguard.io/os starts with 'lin'", true),
             ("arcguard.io/os == 'linux' || arcguard.io/os == 'bsd'", true),
             ("arcguard.io/os == 'windows'", false),
-            ("arcguard.io/os != 'windows'", false),
-            ("arcguard.io/os not in {'windows'}", false),
             ("has(arcguard.io/os)", false),
-            ("arcguard.io/os == 'linux' || app == 'x'", false),
-            ("!(arcguard.io/os == 'windows')", false),
+            ("arcguard.io/os != 'windows' || app == 'x'", false),
+            ("arcguard.io/os != 'linux'", false),
             ("app == 'web'", false),
             ("all()", false),
             ("global()", false),
-            ("other.io/os == 'linux'", false),
+            ("other.io/os != 'windows'", false),
         ];
         for (input, want) in cases {
             assert_eq!(is_scoped_to_linux(&parsed(input), KEY), want, "{input:?}");
@@ -1168,40 +1180,45 @@ mod tests {
     }
 
     #[test]
-    fn the_linux_requirement_is_found_and_removed_in_the_top_level_chain_only() {
+    fn scope_terms_are_found_and_removed_in_the_top_level_chain_only() {
+        // (input, has the current term, without any scoping term)
         let cases = [
-            ("arcguard.io/os == 'linux'", true, "all()"),
-            ("arcguard.io/os in {'linux'}", true, "all()"),
-            ("arcguard.io/os in {'linux', 'linux'}", true, "all()"),
-            ("(app == 'web') && arcguard.io/os == 'linux'", true, "app == 'web'"),
+            ("arcguard.io/os != 'windows'", true, "all()"),
+            ("arcguard.io/os not in {'windows'}", true, "all()"),
+            ("arcguard.io/os not in {'windows', 'windows'}", true, "all()"),
+            ("(app == 'web') && arcguard.io/os != 'windows'", true, "app == 'web'"),
+            // The legacy term is removed too, but is not the current term.
+            ("arcguard.io/os == 'linux'", false, "all()"),
+            ("arcguard.io/os in {'linux'}", false, "all()"),
+            ("(app == 'web') && arcguard.io/os == 'linux'", false, "app == 'web'"),
             (
-                "(a == 'x' || arcguard.io/os == 'windows') && arcguard.io/os == 'linux'",
+                "(a == 'x' || arcguard.io/os == 'windows') && arcguard.io/os != 'windows'",
                 true,
                 "a == 'x' || arcguard.io/os == 'windows'",
             ),
             (
-                "((a == 'x') && arcguard.io/os == 'linux') && other/os == 'linux'",
+                "((a == 'x') && arcguard.io/os != 'windows') && other/os != 'windows'",
                 true,
-                "a == 'x' && other/os == 'linux'",
+                "a == 'x' && other/os != 'windows'",
             ),
             (
-                "arcguard.io/os == 'linux' || a == 'x'",
+                "arcguard.io/os != 'windows' || a == 'x'",
                 false,
-                "arcguard.io/os == 'linux' || a == 'x'",
+                "arcguard.io/os != 'windows' || a == 'x'",
             ),
-            ("!(arcguard.io/os == 'linux')", false, "!arcguard.io/os == 'linux'"),
+            ("!(arcguard.io/os != 'windows')", false, "!arcguard.io/os != 'windows'"),
             (
-                "arcguard.io/os in {'linux', 'windows'}",
+                "arcguard.io/os not in {'linux', 'windows'}",
                 false,
-                "arcguard.io/os in {'linux', 'windows'}",
+                "arcguard.io/os not in {'linux', 'windows'}",
             ),
-            ("arcguard.io/os in {}", false, "arcguard.io/os in {}"),
-            ("other/os == 'linux'", false, "other/os == 'linux'"),
+            ("arcguard.io/os not in {}", false, "arcguard.io/os not in {}"),
+            ("other/os != 'windows'", false, "other/os != 'windows'"),
         ];
         for (input, has, stripped) in cases {
             let expr = parsed(input);
-            assert_eq!(has_linux_requirement(&expr, KEY), has, "{input:?}");
-            assert_eq!(without_linux_requirement(&expr, KEY).to_string(), stripped, "{input:?}");
+            assert_eq!(has_scope_term(&expr, KEY), has, "{input:?}");
+            assert_eq!(without_scope_terms(&expr, KEY).to_string(), stripped, "{input:?}");
         }
     }
 
@@ -1272,8 +1289,9 @@ mod tests {
             (selector(&[], vec![req("Exists", &[])]), true, false),
             (selector(&[(KEY, "linux")], vec![]), false, true),
             (selector(&[("app", "web")], vec![req("In", &["linux"])]), false, true),
-            (selector(&[], vec![req("NotIn", &["windows"])]), false, false),
-            (selector(&[], vec![req("DoesNotExist", &[])]), false, false),
+            (selector(&[], vec![req("NotIn", &["windows"])]), false, true),
+            (selector(&[("app", "web")], vec![req("NotIn", &["windows"])]), false, true),
+            (selector(&[], vec![req("DoesNotExist", &[])]), false, true),
             (selector(&[("app", "web")], vec![]), false, false),
             (selector(&[], vec![]), false, false),
         ];
@@ -1355,15 +1373,25 @@ mod tests {
 
         #[test]
         fn stripping_the_appended_clause_recovers_what_the_author_selected(expr in expr_strategy()) {
-            let scoped = Expr::And(vec![expr.clone(), eq(KEY, "linux")]);
-            prop_assert!(has_linux_requirement(&scoped, KEY));
+            let scoped = Expr::And(vec![expr.clone(), cmp(KEY, Comparison::Ne, "windows")]);
+            prop_assert!(has_scope_term(&scoped, KEY));
             prop_assert!(!targets_windows(&scoped, KEY));
             prop_assert!(is_scoped_to_linux(&scoped, KEY));
-            if !has_linux_requirement(&expr, KEY) {
-                let stripped = without_linux_requirement(&scoped, KEY);
+            let is_term = |t: &Expr| is_scope_term(t, KEY) || is_legacy_scope_term(t, KEY);
+            if !expr.conjuncts().into_iter().any(is_term) {
+                let stripped = without_scope_terms(&scoped, KEY);
                 prop_assert_eq!(targets_windows(&stripped, KEY), targets_windows(&expr, KEY));
                 prop_assert_eq!(is_scoped_to_linux(&stripped, KEY), is_scoped_to_linux(&expr, KEY));
             }
+        }
+
+        #[test]
+        fn the_scoping_clause_keeps_unlabelled_pods_and_drops_windows_pods(expr in expr_strategy()) {
+            let scoped = Expr::And(vec![expr.clone(), cmp(KEY, Comparison::Ne, "windows")]);
+            // Pods without the label (and host endpoints) are selected exactly as before.
+            prop_assert_eq!(scoped.evaluate(KEY, None), expr.evaluate(KEY, None));
+            prop_assert_eq!(scoped.evaluate(KEY, Some("linux")), expr.evaluate(KEY, Some("linux")));
+            prop_assert_eq!(scoped.evaluate(KEY, Some("windows")), Truth::False);
         }
     }
 }
