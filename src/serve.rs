@@ -168,6 +168,7 @@ pub async fn listen(
         tls,
         webhook_app,
         limits.clone(),
+        state.readiness.draining(),
         stopped(stop.clone()),
     ));
     let metrics_app = server::metrics_router(state);

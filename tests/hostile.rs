@@ -133,6 +133,11 @@ impl Harness {
         connector.connect(name, self.tcp().await).await
     }
 
+    /// An idle HTTP/2 connection: preface and SETTINGS sent, nothing more.
+    async fn h2_idle(&self) -> TlsStream<TcpStream> {
+        common::h2_idle(self.running.webhook_addr, &self.ca()).await
+    }
+
     async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -772,5 +777,57 @@ async fn a_request_without_a_uid_gets_400_naming_the_uid() {
         }
     }
     h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_with_a_goaway() {
+    let _shared = MEMORY.read().await;
+    // Pings far apart, so only the idle timeout can close the connection.
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        keep_alive_interval: Duration::from_secs(3600),
+        ..small_limits()
+    };
+    let h = Harness::start(limits).await;
+    let mut stream = h.h2_idle().await;
+    let (frames, closed) = common::h2_frames(&mut stream, CLOSE_BOUND, None).await;
+    assert!(closed, "an idle HTTP/2 connection is still open after {CLOSE_BOUND:?}: {frames:?}");
+    assert!(frames.contains(&common::H2_GOAWAY), "closed without a GOAWAY: frames {frames:?}");
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_peers_that_stop_answering_pings_are_dropped() {
+    let _shared = MEMORY.read().await;
+    // No idle timeout to speak of: only unanswered PINGs can close the connection.
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(3600),
+        keep_alive_interval: Duration::from_millis(300),
+        keep_alive_timeout: Duration::from_millis(300),
+        ..small_limits()
+    };
+    let h = Harness::start(limits).await;
+    let mut stream = h.h2_idle().await;
+    let (frames, closed) = common::h2_frames(&mut stream, CLOSE_BOUND, None).await;
+    assert!(frames.contains(&common::H2_PING), "no keep-alive PING was sent: frames {frames:?}");
+    assert!(closed, "a peer that never answered a PING is still connected: {frames:?}");
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_http1_keep_alive_connections_close_after_the_header_timeout() {
+    let _shared = MEMORY.read().await;
+    // The HTTP/2 idle timeout is far longer: HTTP/1.1 keeps its own, shorter one.
+    let limits = Limits { idle_timeout: Duration::from_secs(3600), ..small_limits() };
+    let h = Harness::start(limits).await;
+    let mut stream = h.tls().await.expect("tls");
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").await.expect("request");
+    let (response, closed) = read_until_closed(&mut stream, CLOSE_BOUND).await;
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    assert!(!response.to_ascii_lowercase().contains("connection: close"), "{response}");
+    assert!(closed, "an idle HTTP/1.1 keep-alive connection is still open: {response}");
     h.shutdown().await;
 }

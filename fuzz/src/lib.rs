@@ -87,7 +87,7 @@ pub fn image(data: &[u8]) {
 }
 
 /// Calico selectors: never panics; printing round-trips; scoping is idempotent, and a
-/// selector that parses stays parseable and leaves out Windows pods once scoped.
+/// selector that parses stays parseable and leaves out pods labelled Windows once scoped.
 pub fn selector(data: &[u8]) {
     let Ok(input) = std::str::from_utf8(data) else { return };
     let parsed = selector::parse(input);
@@ -105,8 +105,9 @@ pub fn selector(data: &[u8]) {
             let scoped =
                 selector::parse(&once).unwrap_or_else(|e| panic!("scoped {once:?} parses: {e}"));
             assert!(
-                selector::has_scope_term(&scoped, key),
-                "scoped {once:?} requires {key} != 'windows'"
+                selector::has_scope_term(&scoped, key)
+                    && selector::is_scoped_to_linux(&scoped, key),
+                "scoped {once:?} leaves out pods labelled {key}=windows"
             );
         }
     }

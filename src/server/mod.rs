@@ -31,11 +31,24 @@ pub struct Snapshot {
 
 /// Whether the server should receive traffic: policies loaded, certificate served, not
 /// shutting down.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readiness {
     policies_loaded: AtomicBool,
     certificate_loaded: AtomicBool,
     shutting_down: AtomicBool,
+    /// Turns true with `shutting_down`: the webhook server then asks every connection to go.
+    draining: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            policies_loaded: AtomicBool::new(false),
+            certificate_loaded: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            draining: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl Readiness {
@@ -62,6 +75,12 @@ impl Readiness {
     /// Marks the server as draining: readiness turns false so endpoints stop routing here.
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        self.draining.send_replace(true);
+    }
+
+    /// Follows whether the server is shutting down (true from the start of the shutdown delay).
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// Whether the server is ready.
@@ -131,6 +150,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// An HTTP/2 connection with no request in flight for this long is closed (GOAWAY).
+    /// HTTP/1.1 keep-alive connections close sooner, after `header_timeout` without a request.
+    pub idle_timeout: Duration,
+    /// Time between HTTP/2 PINGs to a peer.
+    pub keep_alive_interval: Duration,
+    /// A peer that does not acknowledge a PING within this is dropped.
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -143,6 +169,9 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(10),
             max_connections: 4096,
             shutdown_grace: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            keep_alive_interval: Duration::from_secs(20),
+            keep_alive_timeout: Duration::from_secs(10),
         }
     }
 }
