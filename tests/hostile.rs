@@ -831,3 +831,62 @@ async fn idle_http1_keep_alive_connections_close_after_the_header_timeout() {
     assert!(closed, "an idle HTTP/1.1 keep-alive connection is still open: {response}");
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn concurrent_near_limit_reviews_stay_within_the_memory_budget() {
+    // Alone: the measurement must not count other tests' allocations.
+    let _exclusive = MEMORY.write().await;
+    let budget = 24 * MIB;
+    let limits = Limits {
+        max_body_bytes: 3 * MIB,
+        request_timeout: Duration::from_secs(10),
+        max_connections: 256,
+        memory_budget: budget,
+        ..Limits::default()
+    };
+    let h = Harness::start(limits).await;
+    // A pod review of nearly 3 MiB (the apiserver's request size limit), the bulk in an
+    // annotation arcguard never decodes: what anyone who may create pods can send.
+    let filler = "a".repeat(3 * MIB - 4096);
+    let object = format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"big","namespace":"shop","annotations":{{"x":"{filler}"}}}},"spec":{{"containers":[{{"name":"app","image":"contoso.azurecr.io/shop/web:1.0"}}]}}}}"#
+    );
+    let body = axum::body::Bytes::from(review_with_raw_object("", "Pod", &object));
+    drop(filler);
+    drop(object);
+    let client = h.client_with(|b| b.http1_only());
+    let concurrency = 48;
+    let peak = Peak::start();
+    let requests = (0..concurrency).map(|_| {
+        let request = client
+            .post(h.url("/validate"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        async move {
+            let response = request.send().await.expect("answered");
+            let status = response.status().as_u16();
+            (status, response.text().await.expect("body"))
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let growth = peak.growth();
+    let admitted = answers.iter().filter(|(status, _)| *status == 200).count();
+    for (status, text) in &answers {
+        match status {
+            200 => assert!(text.contains("\"allowed\":true"), "{text}"),
+            503 => assert!(text.contains("arcguard is at its memory budget"), "{text}"),
+            other => panic!("answered {other}: {text}"),
+        }
+    }
+    assert!(admitted > 0, "every request was refused");
+    // The budget bounds what the server holds; the rest is the client's shared body and the
+    // connections' buffers.
+    assert!(
+        growth < (budget + 16 * MIB) as u64,
+        "memory grew by {} MiB for a {} MiB budget ({admitted} of {concurrency} admitted)",
+        growth / MIB as u64,
+        budget / MIB
+    );
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}

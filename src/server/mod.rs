@@ -1,5 +1,6 @@
 //! The HTTPS webhook server and the plain-HTTP metrics server.
 
+pub mod budget;
 mod routes;
 mod tls;
 
@@ -157,6 +158,8 @@ pub struct Limits {
     pub keep_alive_interval: Duration,
     /// A peer that does not acknowledge a PING within this is dropped.
     pub keep_alive_timeout: Duration,
+    /// Bytes that webhook requests in flight may use ([`budget`]).
+    pub memory_budget: usize,
 }
 
 impl Default for Limits {
@@ -172,6 +175,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             keep_alive_interval: Duration::from_secs(20),
             keep_alive_timeout: Duration::from_secs(10),
+            memory_budget: budget::UNLIMITED_BUDGET,
         }
     }
 }
