@@ -78,6 +78,11 @@ pub struct ServeArgs {
     /// Connections served at once.
     #[arg(long, env = "ARCGUARD_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// The container's memory limit in bytes: webhook requests in flight may use half of it
+    /// (the rest of their load waits briefly, then gets 503). Without it, the cgroup's
+    /// `memory.max` is read; without either, the budget is 512 MiB.
+    #[arg(long, env = "ARCGUARD_MEMORY_LIMIT")]
+    pub memory_limit: Option<u64>,
     /// On SIGTERM, time between readiness turning false and the listeners closing.
     #[arg(long, env = "ARCGUARD_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,

@@ -60,6 +60,9 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         request_timeout: args.request_timeout,
         max_connections: args.max_connections,
         shutdown_grace: args.shutdown_grace,
+        memory_budget: server::budget::budget_for(
+            args.memory_limit.or_else(server::budget::cgroup_memory_limit),
+        ),
         ..server::Limits::default()
     };
     let addresses = server::Addresses { webhook: args.addr, metrics: args.metrics_addr };

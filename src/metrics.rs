@@ -86,6 +86,7 @@ pub struct Metrics {
     leader: Gauge,
     pods_unlabelled: Gauge,
     pods_labelled: Family<ResultLabels, Counter>,
+    budget_rejections: Counter,
 }
 
 impl Default for Metrics {
@@ -168,6 +169,12 @@ impl Metrics {
             "OS label writes to existing pods by the leader's labeller, by result (labelled, failed)",
             pods_labelled.clone(),
         );
+        let budget_rejections = Counter::default();
+        registry.register(
+            "memory_budget_rejections",
+            "Webhook requests refused with 503 because the in-flight memory budget stayed full for the wait",
+            budget_rejections.clone(),
+        );
         Self {
             registry,
             requests,
@@ -182,7 +189,13 @@ impl Metrics {
             leader,
             pods_unlabelled,
             pods_labelled,
+            budget_rejections,
         }
+    }
+
+    /// Counts one request refused for the memory budget.
+    pub fn record_budget_rejection(&self) {
+        self.budget_rejections.inc();
     }
 
     /// Records one reviewed request.

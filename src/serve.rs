@@ -108,6 +108,9 @@ pub async fn start(
     drop(snapshot);
     state.readiness.set_policies_loaded();
     state.readiness.set_certificate_loaded();
+    // Standalone facts come from the policy directory, loaded above.
+    state.readiness.set_caches_synced();
+    state.readiness.set_credential_specs_synced();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let listening =
@@ -168,6 +171,7 @@ pub async fn listen(
         tls,
         webhook_app,
         limits.clone(),
+        state.readiness.draining(),
         stopped(stop.clone()),
     ));
     let metrics_app = server::metrics_router(state);

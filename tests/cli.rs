@@ -132,6 +132,51 @@ fn warn_policies_print_but_do_not_fail() {
 }
 
 #[test]
+fn inlined_gmsa_content_is_what_the_cluster_would_store() {
+    // A policy file's `Version: 1.0` reaches a cluster as `1` (kubectl sends JSON, the apiserver
+    // stores Go's JSON); `check` inlines the same content, and a pod inlining `1.0` passes.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    std::fs::write(
+        policies.join("gmsa.yaml"),
+        "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {name: gmsa}\nspec:\n  gmsa: {}\n---\napiVersion: windows.k8s.io/v1\nkind: GMSACredentialSpec\nmetadata: {name: webapp1}\ncredspec: {Version: 1.0, CmsPlugins: [ActiveDirectory]}\n",
+    )
+    .expect("write");
+    let pod = |options: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: shop}}\nspec:\n  os: {{name: windows}}\n  securityContext: {{windowsOptions: {options}}}\n  containers:\n  - {{name: web, image: x}}\n"
+        )
+    };
+    let run = |manifest: &str| {
+        let file = write(&dir, "pod.yaml", manifest);
+        let out = Command::new(BIN)
+            .args(["check", "--output", "json", "--policies"])
+            .arg(&policies)
+            .arg(&file)
+            .output()
+            .expect("runs");
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json output");
+        doc["results"][0].clone()
+    };
+    let named = run(&pod("{gmsaCredentialSpecName: webapp1}"));
+    assert_eq!(named["verdict"], "pass", "{named}");
+    let patch = named["patch"].as_array().expect("a patch");
+    let inlined: Vec<&serde_json::Value> = patch
+        .iter()
+        .filter(|op| op["path"].as_str().is_some_and(|p| p.ends_with("/gmsaCredentialSpec")))
+        .map(|op| &op["value"])
+        .collect();
+    assert_eq!(inlined, [r#"{"CmsPlugins":["ActiveDirectory"],"Version":1}"#], "{patch:?}");
+    let written = run(&pod(
+        r#"{gmsaCredentialSpecName: webapp1, gmsaCredentialSpec: '{"Version": 1.0, "CmsPlugins": ["ActiveDirectory"]}'}"#,
+    ));
+    assert_eq!(written["verdict"], "pass", "{written}");
+    let empty = run(&pod("{gmsaCredentialSpecName: webapp1, gmsaCredentialSpec: ''}"));
+    assert_eq!(empty["verdict"], "deny", "{empty}");
+}
+
+#[test]
 fn bad_input_exits_two_with_a_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let invalid = write(&dir, "invalid.yaml", "kind: [unclosed\n");

@@ -133,6 +133,11 @@ impl Harness {
         connector.connect(name, self.tcp().await).await
     }
 
+    /// An idle HTTP/2 connection: preface and SETTINGS sent, nothing more.
+    async fn h2_idle(&self) -> TlsStream<TcpStream> {
+        common::h2_idle(self.running.webhook_addr, &self.ca()).await
+    }
+
     async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -771,6 +776,117 @@ async fn a_request_without_a_uid_gets_400_naming_the_uid() {
             assert!(text.contains("uid"), "{what} uid to {path}: {text}");
         }
     }
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_with_a_goaway() {
+    let _shared = MEMORY.read().await;
+    // Pings far apart, so only the idle timeout can close the connection.
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        keep_alive_interval: Duration::from_secs(3600),
+        ..small_limits()
+    };
+    let h = Harness::start(limits).await;
+    let mut stream = h.h2_idle().await;
+    let (frames, closed) = common::h2_frames(&mut stream, CLOSE_BOUND, None).await;
+    assert!(closed, "an idle HTTP/2 connection is still open after {CLOSE_BOUND:?}: {frames:?}");
+    assert!(frames.contains(&common::H2_GOAWAY), "closed without a GOAWAY: frames {frames:?}");
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_peers_that_stop_answering_pings_are_dropped() {
+    let _shared = MEMORY.read().await;
+    // No idle timeout to speak of: only unanswered PINGs can close the connection.
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(3600),
+        keep_alive_interval: Duration::from_millis(300),
+        keep_alive_timeout: Duration::from_millis(300),
+        ..small_limits()
+    };
+    let h = Harness::start(limits).await;
+    let mut stream = h.h2_idle().await;
+    let (frames, closed) = common::h2_frames(&mut stream, CLOSE_BOUND, None).await;
+    assert!(frames.contains(&common::H2_PING), "no keep-alive PING was sent: frames {frames:?}");
+    assert!(closed, "a peer that never answered a PING is still connected: {frames:?}");
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_http1_keep_alive_connections_close_after_the_header_timeout() {
+    let _shared = MEMORY.read().await;
+    // The HTTP/2 idle timeout is far longer: HTTP/1.1 keeps its own, shorter one.
+    let limits = Limits { idle_timeout: Duration::from_secs(3600), ..small_limits() };
+    let h = Harness::start(limits).await;
+    let mut stream = h.tls().await.expect("tls");
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").await.expect("request");
+    let (response, closed) = read_until_closed(&mut stream, CLOSE_BOUND).await;
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    assert!(!response.to_ascii_lowercase().contains("connection: close"), "{response}");
+    assert!(closed, "an idle HTTP/1.1 keep-alive connection is still open: {response}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_near_limit_reviews_stay_within_the_memory_budget() {
+    // Alone: the measurement must not count other tests' allocations.
+    let _exclusive = MEMORY.write().await;
+    let budget = 24 * MIB;
+    let limits = Limits {
+        max_body_bytes: 3 * MIB,
+        request_timeout: Duration::from_secs(10),
+        max_connections: 256,
+        memory_budget: budget,
+        ..Limits::default()
+    };
+    let h = Harness::start(limits).await;
+    // A pod review of nearly 3 MiB (the apiserver's request size limit), the bulk in an
+    // annotation arcguard never decodes: what anyone who may create pods can send.
+    let filler = "a".repeat(3 * MIB - 4096);
+    let object = format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"big","namespace":"shop","annotations":{{"x":"{filler}"}}}},"spec":{{"containers":[{{"name":"app","image":"contoso.azurecr.io/shop/web:1.0"}}]}}}}"#
+    );
+    let body = axum::body::Bytes::from(review_with_raw_object("", "Pod", &object));
+    drop(filler);
+    drop(object);
+    let client = h.client_with(|b| b.http1_only());
+    let concurrency = 48;
+    let peak = Peak::start();
+    let requests = (0..concurrency).map(|_| {
+        let request = client
+            .post(h.url("/validate"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        async move {
+            let response = request.send().await.expect("answered");
+            let status = response.status().as_u16();
+            (status, response.text().await.expect("body"))
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let growth = peak.growth();
+    let admitted = answers.iter().filter(|(status, _)| *status == 200).count();
+    for (status, text) in &answers {
+        match status {
+            200 => assert!(text.contains("\"allowed\":true"), "{text}"),
+            503 => assert!(text.contains("arcguard is at its memory budget"), "{text}"),
+            other => panic!("answered {other}: {text}"),
+        }
+    }
+    assert!(admitted > 0, "every request was refused");
+    // The budget bounds what the server holds; the rest is the client's shared body and the
+    // connections' buffers.
+    assert!(
+        growth < (budget + 16 * MIB) as u64,
+        "memory grew by {} MiB for a {} MiB budget ({admitted} of {concurrency} admitted)",
+        growth / MIB as u64,
+        budget / MIB
+    );
     h.assert_still_serving().await;
     h.shutdown().await;
 }

@@ -249,3 +249,103 @@ async fn shutdown_turns_readiness_false_and_drains() {
     assert!(!readiness.is_ready());
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
 }
+
+#[tokio::test]
+async fn a_draining_server_tells_every_connection_to_leave_while_it_still_answers() {
+    // A shutdown delay long enough for the checks below; they end it early by finishing.
+    let delay = Duration::from_secs(5);
+    let common::Started { dir, running, stop } =
+        common::start_server_with(Limits::default(), delay).await;
+    let h = Harness { dir, running, stop: Some(stop) };
+    let h1 = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(h.path("certs/ca.crt")).expect("ca"))
+                .expect("pem"),
+        )
+        .use_rustls_tls()
+        .http1_only()
+        .build()
+        .expect("client");
+    // Pooled connections made before the shutdown, as the apiserver holds them.
+    let response = h.post_fixture(&h1, "/validate", "pod-create-trusted").await.expect("h1");
+    assert_eq!(response.status(), 200);
+    assert_ne!(response.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
+    let mut h2 = common::h2_idle(h.running.webhook_addr, &h.path("certs/ca.crt")).await;
+    // The server's SETTINGS: the HTTP/2 connection is established.
+    let (frames, _) = common::h2_frames(&mut h2, Duration::from_secs(20), Some(4)).await;
+    assert_eq!(frames.first(), Some(&4), "no SETTINGS from the server: {frames:?}");
+
+    // Load on pooled HTTP/1.1 connections across the start of the drain: no request may fail.
+    let (stop_load, load_stopped) = tokio::sync::watch::channel(false);
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let client = h1.clone();
+        let url = h.url("/validate");
+        let body = std::fs::read(format!("{FIXTURES}/pod-create-trusted.json")).expect("fixture");
+        let stopped = load_stopped.clone();
+        load.push(tokio::spawn(async move {
+            let (mut sent, mut failed) = (0_u32, Vec::new());
+            while !*stopped.borrow() {
+                let result = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                sent += 1;
+                match result {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failed.push(format!("status {}", r.status())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (sent, failed)
+        }));
+    }
+
+    let readiness = h.running.state.readiness.clone();
+    let addr = h.running.webhook_addr;
+    let mut h = h;
+    if let Some(stop) = h.stop.take() {
+        let _ = stop.send(());
+    }
+    eventually("readiness to turn false", || {
+        let readiness = readiness.clone();
+        async move { !readiness.is_ready() }
+    })
+    .await;
+
+    // HTTP/2: a GOAWAY arrives while the listener still accepts.
+    let (frames, closed) =
+        common::h2_frames(&mut h2, Duration::from_secs(20), Some(common::H2_GOAWAY)).await;
+    assert_eq!(
+        frames.last(),
+        Some(&common::H2_GOAWAY),
+        "no GOAWAY while draining: {frames:?}, closed: {closed}"
+    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok(), "the listener closed first");
+    // HTTP/1.1: answered, and told to close the connection.
+    let response = h.post_fixture(&h1, "/validate", "pod-create-trusted").await.expect("answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "a response while draining must say Connection: close"
+    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok(), "the listener closed first");
+
+    let _ = stop_load.send(true);
+    let mut total = 0;
+    for task in load {
+        let (sent, failed) = task.await.expect("load task");
+        assert!(failed.is_empty(), "requests failed while draining: {failed:?}");
+        total += sent;
+    }
+    assert!(total > 0, "no load was sent");
+    tokio::time::timeout(Duration::from_secs(30), h.running.done)
+        .await
+        .expect("drains")
+        .expect("joins");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
+}

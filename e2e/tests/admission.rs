@@ -614,9 +614,12 @@ async fn pods_get_the_os_label() {
     run(|client| async move {
         let ns = namespace(&client, "os-label", &[]).await?;
         let pods: Api<Pod> = Api::namespaced(client, &ns);
-        let mut linux = pod("linux", "contoso.azurecr.io/shop/web:1.0");
-        // A user-set label cannot falsify the OS.
-        linux.metadata.labels = Some([("arcguard.io/os".to_owned(), "windows".to_owned())].into());
+        // A user-set label cannot falsify the OS: it is judged, not rewritten.
+        let mut lying = pod("lying", "contoso.azurecr.io/shop/web:1.0");
+        lying.metadata.labels = Some([("arcguard.io/os".to_owned(), "windows".to_owned())].into());
+        let message = denial(&pods.create(&create(), &lying).await);
+        ensure!(message.contains("this pod runs on linux"), "false label: {message}");
+        let linux = pod("linux", "contoso.azurecr.io/shop/web:1.0");
         let stored = pods.create(&create(), &linux).await?;
         let labels = stored.metadata.labels.unwrap_or_default();
         ensure!(

@@ -33,6 +33,9 @@ impl Setup {
         let control_plane = ControlPlane::start().await.context("starting the control plane")?;
         let kubectl = Cli::kubectl(&control_plane.kubeconfig, control_plane.dir())?;
         eprintln!("[e2e] {}", kubectl.version()?.lines().next().unwrap_or_default());
+        // What a cluster with Windows gMSA and Calico has before arcguard: the sample gMSA
+        // policy needs the GMSACredentialSpec CRD for arcguard to be ready.
+        kubectl.run(&["apply", "-f", "e2e/manifests/stand-in-crds.yaml"])?;
         let arcguard = Arcguard::new(
             "install-0",
             control_plane.dir().join("arcguard.kubeconfig"),
@@ -382,7 +385,11 @@ async fn helm_install(setup: &mut Setup) -> Result<()> {
     ensure!(policies.lines().count() == 3, "{policies}");
     check_ca_bundle(&kubectl)?;
     eventually(Duration::from_secs(30), || async { check_enforcing(&kubectl) }).await?;
-    ensure!(setup.arcguard.is_ready().await, "arcguard not ready after the upgrade");
+    eventually(Duration::from_secs(30), || async {
+        ensure!(setup.arcguard.is_ready().await, "arcguard not ready after the upgrade");
+        Ok(())
+    })
+    .await?;
 
     // Uninstall as the chart's NOTES say: the webhook configurations first, then the release.
     kubectl.run(&[

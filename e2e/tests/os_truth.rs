@@ -97,7 +97,7 @@ async fn pods_are_judged_by_the_node_they_are_placed_on_and_by_every_os_signal()
         );
         ensure!(message.contains("which arcguard does not know"), "unknown node: {message}");
 
-        // Placed on a Linux node: labelled linux, and the node pins it (no nodeSelector added).
+        // Placed on a Linux node: labelled linux, with the nodeSelector that agrees with it.
         let stored = pods.create(&pp, &pod_with("on-lin", json!({"nodeName": linux}))?).await?;
         ensure!(
             os_label(&stored).as_deref() == Some("linux"),
@@ -105,7 +105,10 @@ async fn pods_are_judged_by_the_node_they_are_placed_on_and_by_every_os_signal()
             stored.metadata.labels
         );
         let selector = stored.spec.and_then(|s| s.node_selector).unwrap_or_default();
-        ensure!(selector.is_empty(), "nodeSelector: {selector:?}");
+        ensure!(
+            selector.get("kubernetes.io/os").map(String::as_str) == Some("linux"),
+            "nodeSelector: {selector:?}"
+        );
         Ok(())
     })
     .await;
@@ -137,6 +140,16 @@ async fn a_binding_must_agree_with_the_pods_os_label() {
         let message = denial(&refused);
         ensure!(message.contains("bind it to a Linux node"), "binding to Windows: {message}");
         ensure!(message.contains("spec.os.name: windows"), "says what to change: {message}");
+        // The apiserver copies a binding's labels onto the pod: the OS label may not ride along.
+        let mut labelled = binding(&linux);
+        labelled["metadata"]["labels"] = json!({KEY: "windows"});
+        let refused =
+            pods.create_subresource::<Value, Value>("binding", "web", &pp, &labelled).await;
+        let message = denial(&refused);
+        ensure!(
+            message.contains("remove the label from the binding"),
+            "labelled binding: {message}"
+        );
         pods.create_subresource::<Value, Value>("binding", "web", &pp, &binding(&linux)).await?;
         let bound = pods.get("web").await?;
         let node = bound.spec.and_then(|s| s.node_name);

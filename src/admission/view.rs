@@ -188,6 +188,9 @@ pub enum PolicySubject {
 pub struct BindingView {
     /// `target.name`: the node.
     pub node: String,
+    /// The Binding's own `metadata.labels`: the apiserver copies them onto the pod
+    /// (PodTopologyLabelsAdmission, on by default since Kubernetes 1.35), overwriting.
+    pub labels: Labels,
 }
 
 /// What an inspected object carries for the rules.
@@ -473,10 +476,11 @@ pub fn decode_with<'de, D: serde::Deserializer<'de>>(
     let root = kind.pod_root().unwrap_or("");
     let (metadata, subject) = match kind {
         Kind::PodBinding => {
-            let b = <Binding>::deserialize(deserializer)?;
-            // The binding's labels are not the pod's: objectSelector reads the pod's own.
-            let metadata = ObjectMeta { labels: Labels::new(), ..b.metadata };
-            (metadata, Subject::Binding(BindingView { node: b.target.name }))
+            let mut b = <Binding>::deserialize(deserializer)?;
+            // objectSelector reads the pod's labels; the binding's own are what it would write
+            // onto the pod.
+            let labels = std::mem::take(&mut b.metadata.labels);
+            (b.metadata, Subject::Binding(BindingView { node: b.target.name, labels }))
         }
         Kind::Pod | Kind::PodEphemeralContainers | Kind::PodStatus => {
             let pod = <Pod>::deserialize(deserializer)?;

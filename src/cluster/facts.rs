@@ -118,6 +118,24 @@ impl ClusterFacts {
         }
     }
 
+    /// A namespace's labels from the cache.
+    pub fn namespace_labels_of(&self, name: &str) -> Option<crate::admission::objects::Labels> {
+        let namespace = self.namespaces.get(&ObjectRef::new(name))?;
+        Some(namespace.metadata.labels.clone().unwrap_or_default().into_iter().collect())
+    }
+
+    /// Completes once the namespace and node caches have been filled; a cache whose watch
+    /// fails keeps retrying, and this waits for it.
+    pub async fn synced(&self) {
+        let _ = futures::join!(self.namespaces.wait_until_ready(), self.nodes.wait_until_ready());
+    }
+
+    /// Completes once the GMSACredentialSpec cache has been filled (never, on a cluster
+    /// without the CRD).
+    pub async fn credential_specs_synced(&self) {
+        let _ = self.credential_specs.wait_until_ready().await;
+    }
+
     /// Whether the node cache has been filled once.
     pub fn nodes_synced(&self) -> bool {
         futures::FutureExt::now_or_never(self.nodes.wait_until_ready()).is_some_and(|r| r.is_ok())

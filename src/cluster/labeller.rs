@@ -24,9 +24,10 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use tokio::sync::watch;
 
 use super::facts::ClusterFacts;
-use crate::admission::objects::PodTemplateSpec;
-use crate::rules::Rule;
+use crate::admission::objects::{Labels, PodTemplateSpec};
+use crate::policy::Policy;
 use crate::rules::os::{self, NodeOs, Os, PodOs};
+use crate::rules::{Facts, Rule, StaticFacts};
 use crate::server::AppState;
 
 /// Pods per list page.
@@ -51,25 +52,31 @@ pub enum LabelAction {
 }
 
 /// Decides what to do with one pod's label `key`, from its signals and its node.
+///
+/// A value other than `linux` or `windows` is never overwritten: the key then belongs to
+/// something else, and the pod is left as it is.
 pub fn label_action(
     pod: &PodTemplateSpec,
     key: &str,
     node_os: &dyn Fn(&str) -> NodeOs,
 ) -> LabelAction {
+    let current = pod.metadata.labels.get(key).map(String::as_str);
+    if current.is_some_and(|value| Os::from_label(value).is_none()) {
+        return LabelAction::Keep;
+    }
     let os = match os::resolve(&pod.spec, node_os) {
         PodOs::Pinned { os, .. } => os,
+        // Labelled at creation and not yet placed: nothing to correct yet.
+        _ if current.is_some() => return LabelAction::Keep,
         PodOs::Unpinned | PodOs::Contradiction(_) | PodOs::UnknownNode(_) => {
             return LabelAction::Unknown;
         }
     };
-    match pod.metadata.labels.get(key) {
-        Some(value) if value == os.as_str() => LabelAction::Keep,
-        _ => LabelAction::Set(os),
-    }
+    if current == Some(os.as_str()) { LabelAction::Keep } else { LabelAction::Set(os) }
 }
 
-/// The OS label keys of the policies in force that label pods.
-fn label_keys(state: &AppState) -> BTreeSet<String> {
+/// The policies in force that label pods, each with its OS label key.
+fn labelling_policies(state: &AppState) -> Vec<(Policy, String)> {
     state
         .snapshot
         .load()
@@ -78,10 +85,25 @@ fn label_keys(state: &AppState) -> BTreeSet<String> {
         .iter()
         .filter_map(|p| match &p.rule {
             Rule::CalicoLinuxOnly(rule) if rule.labels_pods() => {
-                Some(rule.os_label_key().to_owned())
+                Some((p.clone(), rule.os_label_key().to_owned()))
             }
             _ => None,
         })
+        .collect()
+}
+
+/// The OS label keys `policies` give a pod in `namespace` with `labels`: only policies that
+/// apply to it, so a GuardPolicy labels pods of its own namespace and nothing else.
+fn keys_for(
+    policies: &[(Policy, String)],
+    namespace: &str,
+    labels: &Labels,
+    facts: &dyn Facts,
+) -> BTreeSet<String> {
+    policies
+        .iter()
+        .filter(|(policy, _)| policy.applies_to(namespace, labels, facts))
+        .map(|(_, key)| key.clone())
         .collect()
 }
 
@@ -96,7 +118,7 @@ pub async fn run(
     mut leader: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut done_keys: BTreeSet<String> = BTreeSet::new();
+    let mut done: Vec<(Policy, String)> = Vec::new();
     let mut next_pass = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -104,26 +126,28 @@ pub async fn run(
             changed = leader.changed() => {
                 if changed.is_err() { return }
                 // A new leader starts with a pass.
-                done_keys.clear();
+                done.clear();
                 next_pass = tokio::time::Instant::now();
             }
             () = tokio::time::sleep(KEY_CHECK_INTERVAL.min(interval)) => {}
         }
         if !*leader.borrow() {
-            continue;
-        }
-        let keys = label_keys(&state);
-        if keys.is_empty() {
+            // Only the leader's figure means anything.
             state.metrics.set_pods_unlabelled(0);
             continue;
         }
-        if keys == done_keys && tokio::time::Instant::now() < next_pass {
+        let policies = labelling_policies(&state);
+        if policies.is_empty() {
+            state.metrics.set_pods_unlabelled(0);
+            continue;
+        }
+        if policies == done && tokio::time::Instant::now() < next_pass {
             continue;
         }
         if !facts.nodes_synced() {
             continue;
         }
-        let pass = pass(&client, &state, &facts, &keys, &leader);
+        let pass = pass(&client, &state, &facts, &policies, &leader);
         let outcome = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             outcome = pass => outcome,
@@ -131,7 +155,7 @@ pub async fn run(
         match outcome {
             Ok(unlabelled) => {
                 state.metrics.set_pods_unlabelled(unlabelled);
-                done_keys = keys;
+                done = policies;
                 next_pass = tokio::time::Instant::now() + interval;
             }
             Err(error) => {
@@ -158,7 +182,7 @@ async fn pass(
     client: &kube::Client,
     state: &AppState,
     facts: &ClusterFacts,
-    keys: &BTreeSet<String>,
+    policies: &[(Policy, String)],
     leader: &watch::Receiver<bool>,
 ) -> Result<i64, PassError> {
     let api: Api<Pod> = Api::all(client.clone());
@@ -184,16 +208,23 @@ async fn pass(
             else {
                 continue;
             };
+            let mut namespace_facts = StaticFacts::default();
+            if let Some(labels) = facts.namespace_labels_of(namespace) {
+                namespace_facts.namespace_labels.insert(namespace.clone(), labels);
+            }
+            let keys = keys_for(policies, namespace, &template.metadata.labels, &namespace_facts);
             let mut labels = serde_json::Map::new();
-            for key in keys {
+            let mut unknown = false;
+            for key in &keys {
                 match label_action(&template, key, &node_os) {
                     LabelAction::Keep => {}
-                    LabelAction::Unknown => unlabelled += 1,
+                    LabelAction::Unknown => unknown = true,
                     LabelAction::Set(os) => {
                         labels.insert(key.clone(), os.as_str().into());
                     }
                 }
             }
+            unlabelled += i64::from(unknown);
             if labels.is_empty() {
                 continue;
             }
@@ -224,7 +255,7 @@ async fn pass(
         }
     }
     if labelled > 0 || unlabelled > 0 {
-        tracing::info!(labelled, unlabelled, keys = ?keys, "labelled existing pods with their OS");
+        tracing::info!(labelled, unlabelled, "labelled existing pods with their OS");
     }
     Ok(unlabelled)
 }
@@ -263,6 +294,16 @@ mod tests {
                 serde_json::json!({"spec": {"nodeSelector": {"beta.kubernetes.io/os": "windows"}}}),
                 LabelAction::Set(Os::Windows),
             ),
+            // A value that is not an OS: the key belongs to something else.
+            (
+                serde_json::json!({"metadata": {"labels": {key: "db"}}, "spec": {"nodeName": "win1"}}),
+                LabelAction::Keep,
+            ),
+            // Labelled at creation, not yet placed.
+            (
+                serde_json::json!({"metadata": {"labels": {key: "linux"}}, "spec": {}}),
+                LabelAction::Keep,
+            ),
             // Pending without a signal, or on a node not known yet: a later pass decides.
             (serde_json::json!({"spec": {}}), LabelAction::Unknown),
             (serde_json::json!({"spec": {"nodeName": "new"}}), LabelAction::Unknown),
@@ -270,5 +311,35 @@ mod tests {
         for (json, want) in cases {
             assert_eq!(label_action(&pod(json.clone()), key, &nodes), want, "{json}");
         }
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+    use crate::policy::{PolicySpec, Scope};
+
+    fn policy(name: &str, scope: Scope, key: &str) -> (Policy, String) {
+        let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+            "action": "Audit", "calicoLinuxOnly": {"osLabelKey": key}
+        }))
+        .expect("spec");
+        (Policy::compile(name, scope, &spec).expect("compiles"), key.to_owned())
+    }
+
+    #[test]
+    fn a_guard_policy_labels_pods_of_its_own_namespace_only() {
+        let policies = vec![
+            policy("cluster", Scope::Cluster, "arcguard.io/os"),
+            policy("tenant", Scope::Namespace("tenant-a".into()), "app"),
+        ];
+        let facts = StaticFacts::default();
+        let labels = Labels::new();
+        let keys = |ns: &str| keys_for(&policies, ns, &labels, &facts);
+        assert_eq!(
+            keys("tenant-a"),
+            BTreeSet::from(["app".to_owned(), "arcguard.io/os".to_owned()])
+        );
+        assert_eq!(keys("kube-system"), BTreeSet::from(["arcguard.io/os".to_owned()]));
     }
 }

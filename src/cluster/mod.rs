@@ -19,6 +19,9 @@ use crate::certs::CertResolver;
 use crate::serve::{Running, ServeError, drain_on, listen};
 use crate::server::{Addresses, AppState, Limits, Snapshot};
 
+/// How long readiness waits for the GMSACredentialSpec cache while a gMSA policy is in force.
+const CREDENTIAL_SPECS_WAIT: Duration = Duration::from_secs(60);
+
 /// Settings of cluster mode.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -76,6 +79,32 @@ pub async fn start(
     let tls = Arc::new(crate::certs::server_config(resolver.clone())?);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (synced_facts, readiness) = (facts.clone(), state.readiness.clone());
+    let mut caches_stop = stop_rx.clone();
+    let caches = tokio::spawn(async move {
+        let filled = async {
+            synced_facts.synced().await;
+            readiness.set_caches_synced();
+            tracing::info!("caches filled: namespaces, nodes");
+            // Bounded: on a cluster without the GMSACredentialSpec CRD the cache never fills,
+            // and a gMSA policy must not keep every replica unready (which would fail every
+            // inspected request closed); gMSA checks then deny, saying the spec does not exist.
+            let specs = synced_facts.credential_specs_synced();
+            match tokio::time::timeout(CREDENTIAL_SPECS_WAIT, specs).await {
+                Ok(()) => tracing::info!("caches filled: GMSACredentialSpecs"),
+                Err(_) => tracing::error!(
+                    wait = ?CREDENTIAL_SPECS_WAIT,
+                    "GMSACredentialSpecs could not be listed (is the windows.k8s.io CRD installed, and may arcguard list it?); ready anyway: gMSA policies deny pods whose credential spec arcguard cannot see"
+                ),
+            }
+            readiness.set_credential_specs_synced();
+        };
+        tokio::select! {
+            () = filled => {}
+            _ = caches_stop.wait_for(|stop| *stop) => {}
+        }
+    });
+
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -85,11 +114,14 @@ pub async fn start(
     };
     let (elector, leadership) = LeaderElector::new(client.clone(), lease);
     let election = elector.run(state.metrics.clone(), stopped(stop_rx.clone()));
-    let mut tasks = vec![tokio::spawn(async move {
-        if let Err(error) = election.await {
-            tracing::error!(%error, "leader election stopped");
-        }
-    })];
+    let mut tasks = vec![
+        caches,
+        tokio::spawn(async move {
+            if let Err(error) = election.await {
+                tracing::error!(%error, "leader election stopped");
+            }
+        }),
+    ];
     let controller = certs::run_controller(
         client.clone(),
         config.certs.clone(),

@@ -1,5 +1,6 @@
 //! Which objects a policy applies to (`spec.match`).
 
+use crate::admission::objects::Labels;
 use crate::admission::view::{RequestView, Subject};
 use crate::rules::{Facts, FieldError, PodLookup};
 
@@ -84,7 +85,38 @@ impl Matcher {
     /// switch enforcement off. The same holds for a binding's objectSelector, which reads the
     /// labels of the pod being bound.
     pub fn matches(&self, view: &RequestView, facts: &dyn Facts) -> bool {
-        if let Some(ns) = view.namespace.as_deref() {
+        if let Some(selector) = &self.object_selector
+            && let Subject::Binding(_) = &view.subject
+        {
+            // A binding is judged as its pod: the pod's labels, when they could be read.
+            let namespace = view.namespace.as_deref().unwrap_or_default();
+            if let PodLookup::Found(pod) = facts.pod(namespace, &view.name)
+                && !selector.matches(&pod.metadata.labels)
+            {
+                return false;
+            }
+            let no_labels = Labels::new();
+            let unselected = Self { object_selector: None, ..self.clone() };
+            return unselected.matches_object(view.namespace.as_deref(), &no_labels, None, facts);
+        }
+        self.matches_object(
+            view.namespace.as_deref(),
+            &view.labels,
+            view.old_labels.as_ref(),
+            facts,
+        )
+    }
+
+    /// Whether the policy applies to an object in `namespace` (`None`: cluster-scoped) with
+    /// `labels` (and `old_labels` before an UPDATE).
+    pub fn matches_object(
+        &self,
+        namespace: Option<&str>,
+        labels: &Labels,
+        old_labels: Option<&Labels>,
+        facts: &dyn Facts,
+    ) -> bool {
+        if let Some(ns) = namespace {
             if !self.namespaces.is_empty() && !self.namespaces.iter().any(|p| p.matches(ns)) {
                 return false;
             }
@@ -99,15 +131,6 @@ impl Matcher {
             }
         }
         let Some(selector) = &self.object_selector else { return true };
-        if let Subject::Binding(_) = &view.subject {
-            // A binding is judged as its pod: the pod's labels, when they could be read.
-            let namespace = view.namespace.as_deref().unwrap_or_default();
-            return match facts.pod(namespace, &view.name) {
-                PodLookup::Found(pod) => selector.matches(&pod.metadata.labels),
-                _ => true,
-            };
-        }
-        selector.matches(&view.labels)
-            || view.old_labels.as_ref().is_some_and(|old| selector.matches(old))
+        selector.matches(labels) || old_labels.is_some_and(|old| selector.matches(old))
     }
 }

@@ -8,11 +8,12 @@ pub mod selector;
 pub mod set;
 pub mod spec;
 
+use crate::admission::objects::Labels;
 use crate::admission::view::{Kind, RequestView, Subject};
 use crate::rules::calico::CalicoLinuxOnly;
 use crate::rules::gmsa::Gmsa;
 use crate::rules::registry::TrustedRegistries;
-use crate::rules::{FieldError, Rule};
+use crate::rules::{Facts, FieldError, Rule};
 
 pub use matching::Matcher;
 pub use set::{Evaluation, Outcome, PolicyResult, PolicySet};
@@ -81,6 +82,16 @@ impl Policy {
             None => Matcher::default(),
         };
         Ok(Self { name: name.to_owned(), scope, action: spec.action, matcher, rule })
+    }
+
+    /// Whether the policy applies to an object in `namespace` with `labels`: its scope (a
+    /// GuardPolicy only in its own namespace) and its `match`.
+    pub fn applies_to(&self, namespace: &str, labels: &Labels, facts: &dyn Facts) -> bool {
+        let in_scope = match &self.scope {
+            Scope::Cluster => true,
+            Scope::Namespace(ns) => ns == namespace,
+        };
+        in_scope && self.matcher.matches_object(Some(namespace), labels, None, facts)
     }
 
     /// `name` for cluster policies, `namespace/name` for namespaced ones.

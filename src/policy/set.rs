@@ -41,14 +41,20 @@ pub struct Evaluation<'p> {
 }
 
 impl Evaluation<'_> {
+    /// Violations of policies with `action`, each prefixed with the policies that found it: the
+    /// same finding from several policies (a pod that can never run, say) is listed once.
     fn failures(&self, action: Action) -> impl Iterator<Item = String> + '_ {
-        self.results.iter().filter(move |r| r.policy.action == action).flat_map(|r| {
-            let messages = match &r.outcome {
-                Outcome::Pass => &[][..],
-                Outcome::Fail(messages) => messages.as_slice(),
-            };
-            messages.iter().map(|m| format!("[{}] {m}", r.policy.id()))
-        })
+        let mut found: Vec<(&str, Vec<String>)> = Vec::new();
+        for result in self.results.iter().filter(|r| r.policy.action == action) {
+            let Outcome::Fail(messages) = &result.outcome else { continue };
+            for message in messages {
+                match found.iter_mut().find(|(m, _)| *m == message.as_str()) {
+                    Some((_, ids)) => ids.push(result.policy.id()),
+                    None => found.push((message, vec![result.policy.id()])),
+                }
+            }
+        }
+        found.into_iter().map(|(message, ids)| format!("[{}] {message}", ids.join(", ")))
     }
 
     /// Whether a Deny policy failed.
@@ -182,6 +188,21 @@ mod tests {
         let raw = RawValue::from_string(object.to_string()).expect("json");
         RequestView::build(Kind::Pod, Operation::Create, Some(namespace.into()), &raw, None)
             .expect("view")
+    }
+
+    #[test]
+    fn a_finding_of_several_policies_is_listed_once_naming_them_all() {
+        let policies =
+            set(&[&cluster("calico", "  calicoLinuxOnly: {}\n"), &cluster("gmsa", "  gmsa: {}\n")]);
+        let object = json!({"metadata": {"name": "p", "namespace": "x"},
+            "spec": {"os": {"name": "linux"}, "nodeSelector": {"kubernetes.io/os": "windows"},
+                     "containers": [{"name": "c", "image": "a.io/app:1"}]}});
+        let raw = RawValue::from_string(object.to_string()).expect("json");
+        let view = RequestView::build(Kind::Pod, Operation::Create, Some("x".into()), &raw, None)
+            .expect("view");
+        let denials = policies.validate(&view, &StaticFacts::default()).denials();
+        assert_eq!(denials.len(), 1, "{denials:?}");
+        assert!(denials[0].starts_with("[calico, gmsa] this pod can never run"), "{denials:?}");
     }
 
     #[test]

@@ -143,9 +143,12 @@ impl CalicoLinuxOnly {
             Subject::Pod(pod) if matches!(view.kind, Kind::Pod | Kind::PodStatus) => {
                 self.validate_pod(view.operation, pod, facts)
             }
+            // A workload's template: its pods will be judged on their label, so a false one is
+            // refused now rather than on every pod the controller makes.
+            Subject::Pod(pod) if !view.kind.is_pod() => self.validate_template(pod),
             Subject::Binding(binding) => self.validate_binding(view, binding, facts),
-            Subject::NetworkPolicy(PolicySubject::Calico { spec, .. }) => {
-                self.validate_calico(spec)
+            Subject::NetworkPolicy(PolicySubject::Calico { spec, global }) => {
+                self.validate_calico(spec, *global)
             }
             Subject::NetworkPolicy(PolicySubject::Kubernetes { pod_selector }) => {
                 self.validate_kubernetes(pod_selector.as_ref())
@@ -164,10 +167,10 @@ impl CalicoLinuxOnly {
             }
             Subject::NetworkPolicy(policy) if self.spec.scope_policies == ScopePolicies::Mutate => {
                 let scope = match policy {
-                    PolicySubject::Calico { spec, .. } => {
+                    PolicySubject::Calico { spec, global } => {
                         let current = spec.selector.as_deref().unwrap_or_default();
                         let unchanged = scope_selector(current, key) == current;
-                        (!unchanged && !is_host_endpoint_only(spec))
+                        (!unchanged && !is_host_endpoint_only(spec, *global))
                             .then(|| Mutation::ScopeCalicoSelector { key: key.clone() })
                     }
                     PolicySubject::Kubernetes { pod_selector } => {
@@ -191,44 +194,49 @@ impl CalicoLinuxOnly {
     fn mutate_pod(&self, operation: Operation, pod: &PodView, facts: &dyn Facts) -> Vec<Mutation> {
         let key = &self.spec.os_label_key;
         let node_os = |node: &str| facts.node_os(node);
-        let resolved = os::resolve(&pod.spec, &node_os);
-        match operation {
-            Operation::Create => {}
-            Operation::Update => {
-                let Some(old) = pod.old.as_deref().filter(|old| old.spec.is_gated()) else {
-                    return Vec::new();
-                };
-                if os::resolve(&old.spec, &node_os).os() == resolved.os() {
-                    return Vec::new();
-                }
-            }
-            _ => return Vec::new(),
+        if placed_where_unseen(pod, facts) {
+            return Vec::new();
         }
+        let resolved = os::resolve(&pod.spec, &node_os);
         if resolved.problem().is_some() {
             // Validation denies it, saying why.
             return Vec::new();
         }
         let os = resolved.os();
-        let mut mutations = Vec::new();
-        if pod.labels.get(key).map(String::as_str) != Some(os.as_str()) {
-            mutations.push(Mutation::SetLabel {
-                labels_pointer: pod.labels_pointer(),
-                key: key.clone(),
-                value: os.as_str().to_owned(),
-            });
+        let label = Mutation::SetLabel {
+            labels_pointer: pod.labels_pointer(),
+            key: key.clone(),
+            value: os.as_str().to_owned(),
+        };
+        match operation {
+            Operation::Create => {
+                let mut mutations = Vec::new();
+                // A label the author set is judged, never rewritten: a rewrite would take a
+                // controller's pod out of its selector, and the controller would make another.
+                if !pod.labels.contains_key(key.as_str()) {
+                    mutations.push(label);
+                }
+                // Pinned by its own signals or not at all, the pod gets the nodeSelector the
+                // scheduler honours, so it lands where its label says. Gated pods are left
+                // alone: a queueing controller may still set their placement, and a pin would
+                // contradict it.
+                let selector_pins = pod.spec.node_selector().contains_key(os::NODE_OS_LABEL);
+                if !pod.spec.is_gated() && !selector_pins {
+                    mutations.push(Mutation::PinNodeOs { spec_pointer: pod.spec_pointer(), os });
+                }
+                mutations
+            }
+            // An UPDATE that re-pins a scheduling-gated pod to another OS: the label arcguard
+            // set at creation follows.
+            Operation::Update => {
+                let repinned = pod.old.as_deref().is_some_and(|old| {
+                    old.spec.is_gated() && os::resolve(&old.spec, &node_os).os() != os
+                });
+                let current = pod.labels.get(key.as_str()).map(String::as_str);
+                if repinned && current != Some(os.as_str()) { vec![label] } else { Vec::new() }
+            }
+            _ => Vec::new(),
         }
-        // A pod nothing pins could be scheduled onto a Windows node, and its `linux` label
-        // would then be false. Gated pods are left unpinned: their nodeSelector may still be
-        // set by an update (a queueing controller), and a pin would contradict it. Pods placed
-        // on a node arcguard cannot see (standalone mode) are not pinned either.
-        let pin = resolved == PodOs::Unpinned
-            && operation == Operation::Create
-            && !pod.spec.is_gated()
-            && os::placement(&pod.spec).is_empty();
-        if pin {
-            mutations.push(Mutation::PinNodeOs { spec_pointer: pod.spec_pointer(), os: Os::Linux });
-        }
-        mutations
     }
 
     fn validate_pod(
@@ -239,6 +247,9 @@ impl CalicoLinuxOnly {
     ) -> Option<String> {
         let key = &self.spec.os_label_key;
         let node_os = |node: &str| facts.node_os(node);
+        if placed_where_unseen(pod, facts) {
+            return None;
+        }
         let resolved = os::resolve(&pod.spec, &node_os);
         let old = pod.old.as_deref();
         let repinned = old.is_some_and(|old| {
@@ -291,6 +302,28 @@ impl CalicoLinuxOnly {
         }
     }
 
+    /// A template's OS label must be what its pods' signals make true: each pod is created with
+    /// it and denied when it is false.
+    fn validate_template(&self, pod: &PodView) -> Option<String> {
+        let key = &self.spec.os_label_key;
+        let value = pod.labels.get(key.as_str())?;
+        // Templates are not bound to nodes: only their own signals count.
+        let resolved = os::detect(&pod.spec);
+        let fits = match &resolved {
+            PodOs::Pinned { os, .. } => value == os.as_str(),
+            PodOs::Unpinned => value == LINUX,
+            PodOs::Contradiction(_) | PodOs::UnknownNode(_) => true,
+        };
+        (!fits).then(|| {
+            let truth = resolved.os();
+            format!(
+                "the pod template's label {key}={value} is false: its pods run on {truth}, and \
+                 arcguard would deny each one; remove the label from the template (arcguard sets \
+                 it on every pod) or pin the template to the operating system it names"
+            )
+        })
+    }
+
     /// A binding must not put a pod on a node whose OS differs from the pod's label (or, for an
     /// unlabelled pod, from what its own signals pin).
     fn validate_binding(
@@ -303,6 +336,12 @@ impl CalicoLinuxOnly {
         let node = &binding.node;
         let pod_name = view.display_name();
         let node_os = match facts.node_os(node) {
+            NodeOs::NotChecked if binding.labels.contains_key(key.as_str()) => {
+                return Some(format!(
+                    "this binding sets label {key} on pod {pod_name}, which arcguard manages; \
+                     remove the label from the binding"
+                ));
+            }
             NodeOs::NotChecked => return None,
             NodeOs::Unknown => {
                 return Some(format!(
@@ -313,6 +352,16 @@ impl CalicoLinuxOnly {
             }
             NodeOs::Known(os) => os,
         };
+        // The apiserver copies a Binding's labels onto the pod, overwriting: one carrying the
+        // OS label would set it without any pod write arcguard sees.
+        if let Some(value) = binding.labels.get(key.as_str())
+            && value != node_os.as_str()
+        {
+            return Some(format!(
+                "this binding sets label {key}={value} on pod {pod_name}, but node {node:?} runs \
+                 {node_os}; remove the label from the binding (arcguard manages it)"
+            ));
+        }
         let namespace = view.namespace.as_deref().unwrap_or_default();
         let pod = match facts.pod(namespace, &view.name) {
             PodLookup::NotChecked | PodLookup::NotFound => return None,
@@ -344,7 +393,7 @@ impl CalicoLinuxOnly {
         }
     }
 
-    fn validate_calico(&self, spec: &CalicoPolicySpec) -> Option<String> {
+    fn validate_calico(&self, spec: &CalicoPolicySpec, global: bool) -> Option<String> {
         let key = &self.spec.os_label_key;
         let current = spec.selector.as_deref().unwrap_or_default();
         let expr = match selector::parse(current) {
@@ -359,7 +408,7 @@ impl CalicoLinuxOnly {
         };
         // preDNAT and doNotTrack policies apply to host endpoints only, and host endpoints
         // never carry a pod OS label.
-        if is_host_endpoint_only(spec) {
+        if is_host_endpoint_only(spec, global) {
             return None;
         }
         let written = selector::without_scope_terms(&expr, key);
@@ -404,9 +453,19 @@ impl CalicoLinuxOnly {
     }
 }
 
+/// Whether the pod is placed on a node (`spec.nodeName`, DaemonSet-style affinity) that
+/// arcguard cannot see (standalone mode): its OS is then unknown, and it is neither labelled
+/// nor judged on its label.
+fn placed_where_unseen(pod: &PodView, facts: &dyn Facts) -> bool {
+    os::placement(&pod.spec).into_iter().any(|node| facts.node_os(node) == NodeOs::NotChecked)
+}
+
 /// Whether a Calico policy applies to host endpoints only (`preDNAT` or `doNotTrack`).
-pub fn is_host_endpoint_only(spec: &CalicoPolicySpec) -> bool {
-    spec.pre_dnat == Some(true) || spec.do_not_track == Some(true)
+///
+/// Calico defines both fields on GlobalNetworkPolicy only; on a namespaced NetworkPolicy they
+/// mean nothing and exempt nothing, so callers pass `global`.
+pub fn is_host_endpoint_only(spec: &CalicoPolicySpec, global: bool) -> bool {
+    global && (spec.pre_dnat == Some(true) || spec.do_not_track == Some(true))
 }
 
 /// A selector for a message: quoted, or said to be empty (which Calico reads as `all()`).
@@ -774,53 +833,47 @@ mod tests {
         let on_unknown_node = json!({"nodeName": "new", "containers": [{"name": "app"}]});
         let contradiction =
             json!({"os": {"name": "linux"}, "nodeSelector": {"beta.kubernetes.io/os": "windows"}});
+        let beta_windows = json!({"nodeSelector": {"beta.kubernetes.io/os": "windows"}});
+        let pin_windows = Mutation::PinNodeOs { spec_pointer: "/spec".into(), os: Os::Windows };
+        let create = Operation::Create;
         let cases = [
+            (Kind::Pod, create, json!({}), linux_spec(), vec![set_label("linux"), pin_linux()]),
+            (Kind::Pod, create, Value::Null, linux_spec(), vec![set_label("linux"), pin_linux()]),
+            (Kind::Pod, create, json!({}), pinned_linux_spec(), vec![set_label("linux")]),
+            // Pinned by spec.os.name alone (which the scheduler ignores): the nodeSelector too.
             (
                 Kind::Pod,
-                Operation::Create,
-                json!({}),
-                linux_spec(),
-                vec![set_label("linux"), pin_linux()],
-            ),
-            (
-                Kind::Pod,
-                Operation::Create,
-                Value::Null,
-                linux_spec(),
-                vec![set_label("linux"), pin_linux()],
-            ),
-            (
-                Kind::Pod,
-                Operation::Create,
-                json!({}),
-                pinned_linux_spec(),
-                vec![set_label("linux")],
-            ),
-            (
-                Kind::Pod,
-                Operation::Create,
+                create,
                 json!({"app": "web"}),
                 windows_spec(),
-                vec![set_label("windows")],
+                vec![set_label("windows"), pin_windows.clone()],
             ),
             (
                 Kind::Pod,
-                Operation::Create,
-                json!({KEY: "windows"}),
-                pinned_linux_spec(),
-                vec![set_label("linux")],
+                create,
+                json!({}),
+                beta_windows,
+                vec![set_label("windows"), pin_windows.clone()],
             ),
-            (Kind::Pod, Operation::Create, json!({KEY: "linux"}), linux_spec(), vec![pin_linux()]),
-            (Kind::Pod, Operation::Create, json!({KEY: "linux"}), pinned_linux_spec(), vec![]),
-            (Kind::Pod, Operation::Create, json!({KEY: "windows"}), windows_spec(), vec![]),
+            // A label the author set is judged by validation, never rewritten.
+            (Kind::Pod, create, json!({KEY: "windows"}), pinned_linux_spec(), vec![]),
+            (Kind::Pod, create, json!({KEY: "linux"}), linux_spec(), vec![pin_linux()]),
+            (Kind::Pod, create, json!({KEY: "linux"}), pinned_linux_spec(), vec![]),
+            (Kind::Pod, create, json!({KEY: "windows"}), windows_spec(), vec![pin_windows.clone()]),
             // Gated pods are labelled but left unpinned: their placement may still be set.
-            (Kind::Pod, Operation::Create, json!({}), gated, vec![set_label("linux")]),
-            // The node decides.
-            (Kind::Pod, Operation::Create, json!({}), on_windows_node, vec![set_label("windows")]),
-            (Kind::Pod, Operation::Create, json!({}), on_linux_node, vec![set_label("linux")]),
+            (Kind::Pod, create, json!({}), gated, vec![set_label("linux")]),
+            // The node decides; the pin agrees with it.
+            (
+                Kind::Pod,
+                create,
+                json!({}),
+                on_windows_node,
+                vec![set_label("windows"), pin_windows],
+            ),
+            (Kind::Pod, create, json!({}), on_linux_node, vec![set_label("linux"), pin_linux()]),
             // Validation denies these, saying why.
-            (Kind::Pod, Operation::Create, json!({}), on_unknown_node, vec![]),
-            (Kind::Pod, Operation::Create, json!({}), contradiction, vec![]),
+            (Kind::Pod, create, json!({}), on_unknown_node, vec![]),
+            (Kind::Pod, create, json!({}), contradiction, vec![]),
             (Kind::Pod, Operation::Update, json!({}), linux_spec(), vec![]),
             (Kind::PodEphemeralContainers, Operation::Update, json!({}), linux_spec(), vec![]),
             (Kind::PodStatus, Operation::Update, json!({}), linux_spec(), vec![]),
@@ -835,6 +888,12 @@ mod tests {
                 "{kind:?} {operation:?} {labels} {spec}"
             );
         }
+        // Standalone mode does not know nodes: a pod placed on one is neither labelled nor
+        // pinned, nor judged on its label.
+        let placed = pod(json!({KEY: "windows"}), json!({"nodeName": "win1"}));
+        let view = view_of(Kind::Pod, Operation::Create, &placed, None);
+        assert_eq!(rule.mutate(&view, &StaticFacts::default()), vec![]);
+        assert!(rule.validate(&view, &StaticFacts::default()).is_empty());
     }
 
     #[test]
@@ -919,6 +978,8 @@ mod tests {
             (Some("arcguard.io/os not in {'windows'}"), json!({}), false),
             // An ordinary (not preDNAT) host-endpoint policy is scoped: `!=` keeps host endpoints.
             (Some("has(kubernetes-host)"), json!({}), true),
+            // Host-endpoint-only, on a GlobalNetworkPolicy (the only kind that has the
+            // fields; a namespaced NetworkPolicy is scoped whatever it says).
             (Some("has(host)"), json!({"preDNAT": true, "applyOnForward": true}), false),
             (Some("has(host)"), json!({"doNotTrack": true, "applyOnForward": true}), false),
             (Some("has(host)"), json!({"preDNAT": false, "doNotTrack": false}), true),
@@ -927,6 +988,8 @@ mod tests {
         let validate = rule(ScopePolicies::Validate);
         for (selector, extra, want) in cases {
             for (kind, object) in calico_policies(&calico_spec(selector, &extra)) {
+                let host_only_ignored = kind == Kind::CalicoNetworkPolicy && extra != json!({});
+                let want = want || host_only_ignored;
                 for operation in [Operation::Create, Operation::Update] {
                     let view = view_of(kind, operation, &object, Some(&object));
                     let want = if want {
@@ -1131,11 +1194,22 @@ mod tests {
         for (scope, selector, extra, want) in cases {
             let rule = rule(scope);
             for (kind, object) in calico_policies(&calico_spec(selector, extra)) {
+                // preDNAT and doNotTrack exist on GlobalNetworkPolicy only.
+                if kind == Kind::CalicoNetworkPolicy && *extra != none {
+                    continue;
+                }
                 for operation in [Operation::Create, Operation::Update] {
                     let view = view_of(kind, operation, &object, Some(&object));
                     let case = format!("{scope:?} {kind:?} {operation:?} {selector:?} {extra}");
                     assert_finding(&rule, &view, want, &case);
                 }
+            }
+        }
+        // On a namespaced NetworkPolicy they exempt nothing.
+        for (kind, object) in calico_policies(&calico_spec(Some("has(host)"), &no_track)) {
+            if kind == Kind::CalicoNetworkPolicy {
+                let view = view_of(kind, Operation::Create, &object, None);
+                assert_finding(&rule(ScopePolicies::Validate), &view, Some("is not scoped"), "ns");
             }
         }
     }
@@ -1382,8 +1456,12 @@ mod tests {
     }
 
     fn binding_view(pod_name: &str, node: &str) -> RequestView {
+        labelled_binding_view(pod_name, node, json!({}))
+    }
+
+    fn labelled_binding_view(pod_name: &str, node: &str, labels: Value) -> RequestView {
         let object = json!({"apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": pod_name, "namespace": "default"},
+            "metadata": {"name": pod_name, "namespace": "default", "labels": labels},
             "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
         view_of(Kind::PodBinding, Operation::Create, &object, None)
     }
@@ -1460,6 +1538,30 @@ mod tests {
         )]));
         assert!(rule.validate(&binding_view("p", "win1"), &facts).is_empty());
         assert!(rule.validate(&binding_view("p", "win1"), &StaticFacts::default()).is_empty());
+
+        // The apiserver copies a binding's labels onto the pod: the OS label may not ride along.
+        let facts = with_pod(node_facts(), "p", &pod(json!({KEY: "linux"}), pinned_linux_spec()));
+        for (node, labels, refused) in [
+            ("lin1", json!({KEY: "windows"}), true),
+            ("win1", json!({KEY: "linux"}), true),
+            ("lin1", json!({KEY: "linux", "topology.kubernetes.io/zone": "a"}), false),
+            ("lin1", json!({"topology.kubernetes.io/zone": "a"}), false),
+        ] {
+            let findings = rule.validate(&labelled_binding_view("p", node, labels.clone()), &facts);
+            assert_eq!(
+                findings.violations.len(),
+                usize::from(refused),
+                "{node} {labels}: {findings:?}"
+            );
+            if refused {
+                assert!(
+                    findings.violations[0].contains("remove the label from the binding"),
+                    "{findings:?}"
+                );
+            }
+        }
+        let standalone = labelled_binding_view("p", "lin1", json!({KEY: "windows"}));
+        assert!(!rule.validate(&standalone, &StaticFacts::default()).is_empty());
     }
 
     #[test]
@@ -1469,10 +1571,26 @@ mod tests {
         let view =
             view_of(Kind::PodEphemeralContainers, Operation::Update, &falsified, Some(&falsified));
         assert_finding(&rule, &view, None, "ephemeral containers");
-        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
-            "spec": {"template": {"metadata": {"labels": {KEY: "windows"}}, "spec": linux_spec()}}});
-        let view = view_of(Kind::Deployment, Operation::Create, &deployment, None);
-        assert_finding(&rule, &view, None, "deployment");
+        // A template's OS label is judged against the template's own signals.
+        let deployment = |labels: Value, spec: Value| {
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                "spec": {"template": {"metadata": {"labels": labels}, "spec": spec}}})
+        };
+        let false_label =
+            "the pod template's label arcguard.io/os=windows is false: its pods run on linux";
+        let cases = [
+            (json!({KEY: "windows"}), linux_spec(), Some(false_label)),
+            (json!({KEY: "windows"}), pinned_linux_spec(), Some(false_label)),
+            (json!({KEY: "linux"}), windows_spec(), Some("label arcguard.io/os=linux is false")),
+            (json!({KEY: "linux"}), linux_spec(), None),
+            (json!({KEY: "windows"}), windows_spec(), None),
+            (json!({"app": "web"}), windows_spec(), None),
+        ];
+        for (labels, spec, want) in cases {
+            let object = deployment(labels.clone(), spec.clone());
+            let view = view_of(Kind::Deployment, Operation::Create, &object, None);
+            assert_finding(&rule, &view, want, &format!("deployment {labels} {spec}"));
+        }
     }
 
     /// Mutates `object`, applies the patch, and returns the patched object and its view.
@@ -1495,7 +1613,6 @@ mod tests {
         let mut objects = vec![
             (Kind::Pod, pod(json!({}), linux_spec())),
             (Kind::Pod, pod(Value::Null, windows_spec())),
-            (Kind::Pod, pod(json!({KEY: "windows", "app": "web"}), linux_spec())),
             (Kind::NetworkPolicy, kube_policy(None)),
             (Kind::NetworkPolicy, kube_policy(Some(json!({})))),
             (Kind::NetworkPolicy, kube_policy(Some(json!({"matchLabels": {"app": "web"}})))),

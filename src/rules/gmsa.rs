@@ -1,10 +1,10 @@
 //! gmsa: Windows pods carry a gMSA credential spec that exists, that their service account
 //! may use, and whose content is inlined on admission.
 
+pub mod content;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-
-use serde_json::Value;
 
 use super::os::{self, NodeOs, Os};
 use super::{Access, FactNeeds, Facts, FieldError, Findings, Mutation, PodLookup};
@@ -68,8 +68,10 @@ impl Site<'_> {
         self.options?.gmsa_credential_spec_name.as_deref().filter(|n| !n.is_empty())
     }
 
+    /// The inlined content; an empty string is content too (the upstream webhook and the
+    /// apiserver's validation both reject it), never filled in.
     fn content(&self) -> Option<&str> {
-        self.options?.gmsa_credential_spec.as_deref().filter(|c| !c.is_empty())
+        self.options?.gmsa_credential_spec.as_deref()
     }
 }
 
@@ -95,7 +97,7 @@ fn sites<'a>(spec: &'a PodSpec, spec_pointer: &str) -> Vec<Site<'a>> {
 fn settings(options: Option<&WindowsOptions>) -> (Option<&str>, Option<&str>) {
     let name =
         options.and_then(|o| o.gmsa_credential_spec_name.as_deref()).filter(|n| !n.is_empty());
-    let content = options.and_then(|o| o.gmsa_credential_spec.as_deref()).filter(|c| !c.is_empty());
+    let content = options.and_then(|o| o.gmsa_credential_spec.as_deref());
     (name, content)
 }
 
@@ -326,8 +328,11 @@ impl Gmsa {
             }
         }
         if let Some(content) = content {
-            let matches = serde_json::from_str::<Value>(content).is_ok_and(|c| &c == credspec);
-            if !matches {
+            if content.is_empty() {
+                violations.push(format!(
+                    "{at} sets windowsOptions.gmsaCredentialSpec to an empty string; remove it and let arcguard inline GMSACredentialSpec {name:?}"
+                ));
+            } else if !self::content::matches(content, credspec) {
                 violations.push(format!(
                     "{at} inlines gMSA credential spec content that differs from GMSACredentialSpec {name:?}; remove windowsOptions.gmsaCredentialSpec and let arcguard inline it"
                 ));
@@ -383,8 +388,8 @@ impl Gmsa {
                 let credspec = facts.credential_spec(site.name()?)?;
                 Some(Mutation::InlineCredentialSpec {
                     windows_options_pointer: site.pointer,
-                    // Serialising a JSON value cannot fail.
-                    content: serde_json::to_string(credspec).unwrap_or_default(),
+                    // As the cluster stores it and the upstream webhook would inline it.
+                    content: content::to_go_json(credspec),
                 })
             })
             .collect()
@@ -404,8 +409,8 @@ fn uses_gmsa(spec: &PodSpec) -> bool {
 mod tests {
     use std::collections::BTreeMap;
 
-    use serde_json::json;
     use serde_json::value::RawValue;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::admission::review::Operation;
@@ -413,7 +418,7 @@ mod tests {
     use crate::rules::{Facts, StaticFacts};
 
     fn credspec() -> Value {
-        json!({"ActiveDirectoryConfig": {"GroupManagedServiceAccounts": [{"Name": "WebApp1", "Scope": "CONTOSO"}]}, "CmsPlugins": ["ActiveDirectory"]})
+        json!({"ActiveDirectoryConfig": {"GroupManagedServiceAccounts": [{"Name": "WebApp1", "Scope": "CONTOSO"}]}, "CmsPlugins": ["ActiveDirectory"], "Version": 1})
     }
 
     /// Facts with spec `webapp1`, which only service account `web` in `apps` may use.
@@ -520,6 +525,33 @@ mod tests {
                 vec!["differs from"],
             ),
             (
+                "inlined content equal as Go values",
+                windows_pod(
+                    "web",
+                    json!({"gmsaCredentialSpecName": "webapp1", "gmsaCredentialSpec": "{\"CmsPlugins\": [\"ActiveDirectory\"], \"ActiveDirectoryConfig\": {\"GroupManagedServiceAccounts\": [{\"Scope\": \"CONTOSO\", \"Name\": \"WebApp1\"}]}, \"Version\": 1.0}"}),
+                    json!({}),
+                ),
+                vec![],
+            ),
+            (
+                "empty inlined content",
+                windows_pod(
+                    "web",
+                    json!({"gmsaCredentialSpecName": "webapp1", "gmsaCredentialSpec": ""}),
+                    json!({}),
+                ),
+                vec!["empty string"],
+            ),
+            (
+                "empty inlined content without a name",
+                windows_pod(
+                    "web",
+                    json!({"gmsaCredentialSpecName": "webapp1"}),
+                    json!({"gmsaCredentialSpec": ""}),
+                ),
+                vec!["without gmsaCredentialSpecName"],
+            ),
+            (
                 "content without a name",
                 windows_pod(
                     "web",
@@ -619,9 +651,16 @@ mod tests {
             mutations,
             vec![Mutation::InlineCredentialSpec {
                 windows_options_pointer: "/spec/securityContext/windowsOptions".into(),
-                content: serde_json::to_string(&credspec()).expect("json"),
+                content: content::to_go_json(&credspec()),
             }]
         );
+        // An empty string is content: never filled in (validation denies it).
+        let empty = windows_pod(
+            "web",
+            json!({"gmsaCredentialSpecName": "webapp1", "gmsaCredentialSpec": ""}),
+            json!({"gmsaCredentialSpecName": "webapp1", "gmsaCredentialSpec": content}),
+        );
+        assert!(rule().mutate(&pod_view(Kind::Pod, empty, None), &facts()).is_empty());
         let unknown = windows_pod("web", json!({"gmsaCredentialSpecName": "nope"}), json!({}));
         assert!(rule().mutate(&pod_view(Kind::Pod, unknown, None), &facts()).is_empty());
         let off =

@@ -233,8 +233,12 @@ fn requirement_admits(req: &SelectorRequirement) -> Option<OsSet> {
     None
 }
 
-/// What one node-selector term admits (its requirements are ANDed).
+/// What one node-selector term admits (its requirements are ANDed). A term with no
+/// requirement at all matches no node (Kubernetes API docs, NodeSelectorTerm).
 fn term_admits(term: &NodeSelectorTerm) -> OsSet {
+    if term.match_expressions.is_empty() && term.match_fields.is_empty() {
+        return OsSet::NONE;
+    }
     term.match_expressions.iter().filter_map(requirement_admits).fold(OsSet::ANY, OsSet::and)
 }
 
@@ -325,7 +329,9 @@ pub fn resolve(spec: &PodSpec, node_os: &dyn Fn(&str) -> NodeOs) -> PodOs {
                     [node] => format!("node {node:?}"),
                     _ => format!("nodes {}", nodes.join(", ")),
                 };
-                constraints.push(Constraint { by, admits });
+                // The node first: it is the truth, and a nodeSelector arcguard itself added
+                // on creation should not be named as what made the pod Windows.
+                constraints.insert(0, Constraint { by, admits });
             }
         }
     }
@@ -501,6 +507,15 @@ mod tests {
                     {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}])),
                 "unpinned",
             ),
+            // An empty term matches no node: the other term alone decides.
+            (
+                "affinity: windows term and an empty term",
+                affinity(json!([
+                    {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["windows"]}]},
+                    {}])),
+                "windows",
+            ),
+            ("affinity: only an empty term", affinity(json!([{}])), "contradiction"),
             (
                 "affinity: one term contradicts itself",
                 affinity(json!([{"matchExpressions": [
@@ -613,7 +628,10 @@ mod tests {
         );
         let pod = spec(serde_json::json!({"nodeName": "lin1", "os": {"name": "windows"}}));
         let PodOs::Contradiction(why) = resolve(&pod, &nodes) else { panic!("contradiction") };
-        assert!(why.contains("but node \"lin1\" admits Linux"), "{why}");
+        assert_eq!(
+            why,
+            "node \"lin1\" admits Linux only, but spec.os.name \"windows\" admits Windows"
+        );
         let pod = spec(serde_json::json!({"nodeName": "win2"}));
         assert_eq!(
             resolve(&pod, &nodes),

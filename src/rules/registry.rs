@@ -204,7 +204,12 @@ impl Trusted {
         if let Some((scheme, _)) = entry.split_once("://") {
             return Err(format!("{entry:?} has a URL scheme; remove `{scheme}://`"));
         }
-        if entry.contains(['*', '?', '[', ']', '{', '}']) {
+        // Brackets belong only around an IPv6 host (`[fd00::1]:5000`).
+        let host_end = match entry.strip_prefix('[') {
+            Some(rest) => rest.find(']').map_or(0, |end| end + 2),
+            None => 0,
+        };
+        if entry.contains(['*', '?', '{', '}']) || entry[host_end..].contains(['[', ']']) {
             return Err(format!(
                 "{entry:?} has a wildcard; wildcards are not supported: a host matches exactly and a prefix matches whole path components, so write the host or prefix itself"
             ));
@@ -228,9 +233,9 @@ impl Trusted {
         };
         let tagged = match prefix {
             Some(prefix) => prefix.contains(':'),
-            None => host
-                .split_once(':')
-                .is_some_and(|(_, port)| !port.bytes().all(|b| b.is_ascii_digit())),
+            None => image::split_port(host)
+                .1
+                .is_some_and(|port| !port.bytes().all(|b| b.is_ascii_digit())),
         };
         if tagged {
             return Err(format!(
@@ -239,7 +244,7 @@ impl Trusted {
         }
         if !image::is_host(host) {
             return Err(format!(
-                "{host:?} is not a registry host: dot-separated labels of lowercase letters, digits and inner `-`, with an optional `:port`"
+                "{host:?} is not a registry host: dot-separated labels of lowercase letters, digits and inner `-`, or a bracketed IPv6 address, with an optional `:port`"
             ));
         }
         // An image's first path element names a registry only if it has a `.` or `:` or is
@@ -329,7 +334,12 @@ mod tests {
 
     #[test]
     fn known_bypasses_are_denied_and_trusted_images_admitted() {
-        let rule = rule(&["contoso.azurecr.io", "mcr.microsoft.com/oss", "localhost:5000"]);
+        let rule = rule(&[
+            "contoso.azurecr.io",
+            "mcr.microsoft.com/oss",
+            "localhost:5000",
+            "[fd00::1]:5000",
+        ]);
         let cases = [
             ("contoso.azurecr.io/app:1.0", true),
             ("contoso.azurecr.io/team/app", true),
@@ -337,6 +347,9 @@ mod tests {
             ("mcr.microsoft.com/oss/nginx/nginx:1.25", true),
             ("mcr.microsoft.com/oss", true),
             ("localhost:5000/app", true),
+            ("LOCALHOST:5000/app", true),
+            ("[fd00::1]:5000/app", true),
+            ("[FD00::1]:5000/app", true),
             // Raw prefix matches.
             ("contoso.azurecr.io.evil.com/x", false),
             ("contoso.azurecr.ioevil/x", false),
@@ -353,6 +366,11 @@ mod tests {
             ("contoso.azurecr.io:443/x", false),
             ("localhost/app", false),
             ("localhost:5001/app", false),
+            ("[fd00::1]/app", false),
+            ("[fd00::2]:5000/app", false),
+            // Addresses are compared as written: another spelling is not the trusted entry.
+            ("[fd00:0::1]:5000/app", false),
+            ("[fd00::1]:5000", false),
             ("nginx", false),
         ];
         for (image, admitted) in cases {
@@ -652,6 +670,13 @@ mod tests {
             (&["*.azurecr.io"], &[], "registries[0]", "wildcard"),
             (&["mcr.microsoft.com/oss/*"], &[], "registries[0]", "wildcard"),
             (&["contoso.azurecr.io", "mcr.microsoft.com/oss?"], &[], "registries[1]", "wildcard"),
+            (&["contoso.azurecr.io/[a]"], &[], "registries[0]", "wildcard"),
+            (&["[::1"], &[], "registries[0]", "wildcard"),
+            (&["[::1]]"], &[], "registries[0]", "wildcard"),
+            (&["[fd00::1]:latest"], &[], "registries[0]", "has a tag"),
+            (&["[1:2:3:4:5:6:7:8:9]"], &[], "registries[0]", "not a registry host"),
+            (&["[fd00::1]x"], &[], "registries[0]", "not a registry host"),
+            (&["[FD00::1]"], &[], "registries[0]", "uppercase"),
             (&["myregistry"], &[], "registries[0]", "not a registry host"),
             (&["contoso_acr.io"], &[], "registries[0]", "not a registry host"),
             (&["contoso.azurecr.io:"], &[], "registries[0]", "not a registry host"),
@@ -684,6 +709,8 @@ mod tests {
             "localhost:5000/team",
             "registry:5000",
             "10.0.0.1:5000",
+            "[::1]",
+            "[fd00::1]:5000/team",
             "mcr.microsoft.com/oss/a_b/c-d",
             "docker.io/library",
         ] {

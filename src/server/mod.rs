@@ -1,5 +1,6 @@
 //! The HTTPS webhook server and the plain-HTTP metrics server.
 
+pub mod budget;
 mod routes;
 mod tls;
 
@@ -14,7 +15,7 @@ use futures::future::BoxFuture;
 use crate::admission::RequestView;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
-use crate::rules::StaticFacts;
+use crate::rules::{Rule, StaticFacts};
 
 pub use routes::{metrics_router, webhook_router};
 pub use tls::serve_tls;
@@ -31,11 +32,31 @@ pub struct Snapshot {
 
 /// Whether the server should receive traffic: policies loaded, certificate served, not
 /// shutting down.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readiness {
     policies_loaded: AtomicBool,
     certificate_loaded: AtomicBool,
+    /// The namespace and node caches have been filled once.
+    caches_synced: AtomicBool,
+    /// The GMSACredentialSpec cache has been filled once (needed only while a gMSA policy is
+    /// in force: clusters without the CRD never fill it).
+    credential_specs_synced: AtomicBool,
     shutting_down: AtomicBool,
+    /// Turns true with `shutting_down`: the webhook server then asks every connection to go.
+    draining: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            policies_loaded: AtomicBool::new(false),
+            certificate_loaded: AtomicBool::new(false),
+            caches_synced: AtomicBool::new(false),
+            credential_specs_synced: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            draining: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl Readiness {
@@ -47,6 +68,25 @@ impl Readiness {
     /// Whether the policy set has been loaded.
     pub fn is_policies_loaded(&self) -> bool {
         self.policies_loaded.load(Ordering::Acquire)
+    }
+
+    /// Marks the caches the rules read as filled: until then a replica would deny valid gMSA
+    /// pods ("does not exist"), apply namespaceSelector policies everywhere, and refuse
+    /// bindings to nodes it has not listed yet.
+    pub fn set_caches_synced(&self) {
+        self.caches_synced.store(true, Ordering::Release);
+    }
+
+    /// Marks the GMSACredentialSpec cache as filled.
+    pub fn set_credential_specs_synced(&self) {
+        self.credential_specs_synced.store(true, Ordering::Release);
+    }
+
+    /// Whether the server is ready for the policies in force: with a gMSA policy, the
+    /// GMSACredentialSpec cache must be filled too.
+    pub fn is_ready_for(&self, policies: &PolicySet) -> bool {
+        let needs_specs = policies.policies().iter().any(|p| matches!(p.rule, Rule::Gmsa(_)));
+        self.is_ready() && (!needs_specs || self.credential_specs_synced.load(Ordering::Acquire))
     }
 
     /// Marks the serving certificate as loaded.
@@ -62,12 +102,19 @@ impl Readiness {
     /// Marks the server as draining: readiness turns false so endpoints stop routing here.
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        self.draining.send_replace(true);
+    }
+
+    /// Follows whether the server is shutting down (true from the start of the shutdown delay).
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// Whether the server is ready.
     pub fn is_ready(&self) -> bool {
         self.policies_loaded.load(Ordering::Acquire)
             && self.certificate_loaded.load(Ordering::Acquire)
+            && self.caches_synced.load(Ordering::Acquire)
             && !self.shutting_down.load(Ordering::Acquire)
     }
 }
@@ -131,6 +178,15 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// An HTTP/2 connection with no request in flight for this long is closed (GOAWAY).
+    /// HTTP/1.1 keep-alive connections close sooner, after `header_timeout` without a request.
+    pub idle_timeout: Duration,
+    /// Time between HTTP/2 PINGs to a peer.
+    pub keep_alive_interval: Duration,
+    /// A peer that does not acknowledge a PING within this is dropped.
+    pub keep_alive_timeout: Duration,
+    /// Bytes that webhook requests in flight may use ([`budget`]).
+    pub memory_budget: usize,
 }
 
 impl Default for Limits {
@@ -143,6 +199,10 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(10),
             max_connections: 4096,
             shutdown_grace: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            keep_alive_interval: Duration::from_secs(20),
+            keep_alive_timeout: Duration::from_secs(10),
+            memory_budget: budget::UNLIMITED_BUDGET,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! HTTP routes: the two webhooks and the probes on the TLS port; metrics on the plain port.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -11,15 +12,27 @@ use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
+use super::budget::Budget;
 use super::{AppState, Limits};
 use crate::admission::{self, ReviewError};
 use crate::pipeline::{self, Decision, Webhook};
 
 /// The router of the HTTPS port: `POST /validate`, `POST /mutate`, `GET /healthz`, `GET /readyz`.
 pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
-    Router::new()
+    // Requests wait for room at most a fifth of the request timeout, so a refusal arrives well
+    // before the apiserver gives up on the call.
+    let budget = Arc::new(Budget::new(
+        limits.memory_budget,
+        limits.max_body_bytes,
+        limits.request_timeout / 5,
+        state.metrics.clone(),
+    ));
+    let webhooks = Router::new()
         .route("/validate", post(validate))
         .route("/mutate", post(mutate))
+        .layer(axum::middleware::from_fn_with_state(budget, super::budget::admit));
+    Router::new()
+        .merge(webhooks)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
@@ -120,7 +133,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.readiness.is_ready() {
+    if state.readiness.is_ready_for(&state.snapshot.load().policies) {
         "ok\n".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()

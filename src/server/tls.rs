@@ -1,52 +1,82 @@
-//! The TLS accept loop: bounded connections, handshake, header and write-stall timeouts,
-//! graceful drain.
+//! The TLS accept loop: bounded connections, handshake, header and write-stall timeouts, HTTP/2
+//! keep-alive pings and idle timeout, and a drain that tells clients to move before the
+//! listener closes.
+//!
+//! Why a drain: the kube-apiserver pools keep-alive connections to a webhook Service and has no
+//! retry for a request that fails on one. From the moment a replica starts shutting down
+//! (readiness false, before `--shutdown-delay`), every connection is told to go: HTTP/1.1
+//! responses carry `Connection: close` and HTTP/2 connections get a GOAWAY, while requests are
+//! still answered. By the time the listener closes, no client holds a pooled connection to it.
+//! hyper-util's `GracefulShutdown` only signals when the listener closes, and its connection
+//! trait is sealed, so the per-connection loop below drives `graceful_shutdown` itself.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::http;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::time::Sleep;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
 use super::Limits;
 
 /// Serves `app` over TLS on `listener` until `shutdown` completes, then lets in-flight
-/// requests finish within `limits.shutdown_grace`.
+/// requests finish within `limits.shutdown_grace`. Once `draining` turns true, every
+/// connection, open or new, is told to close after what it has in flight.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
     limits: Limits,
+    mut draining: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender: when all are dropped, every connection is closed.
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    let (leave_tx, leave_rx) = watch::channel(*draining.borrow());
+    let (close_tx, close_rx) = watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        // A peer that stops answering PINGs (gone without a FIN) is dropped.
+        .keep_alive_interval(Some(limits.keep_alive_interval))
+        .keep_alive_timeout(limits.keep_alive_timeout);
+    // A connection that negotiated h2 by ALPN is served as HTTP/2 from its first byte, so a
+    // drain can send it a GOAWAY at once instead of cancelling protocol detection.
+    let h2_builder = Arc::new(builder.clone().http2_only());
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
+            changed = draining.changed(), if !*leave_tx.borrow() => {
+                if changed.is_err() || *draining.borrow() {
+                    let _ = leave_tx.send(true);
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Typically EMFILE: back off briefly instead of spinning.
                     tracing::warn!(%error, "failed to accept a connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -58,14 +88,16 @@ pub async fn serve_tls(
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let handshake_timeout = limits.handshake_timeout;
-        let header_timeout = limits.header_timeout;
-        let write_stall = limits.request_timeout;
+        let (builder, h2_builder) = (builder.clone(), h2_builder.clone());
+        let open = open_tx.clone();
+        let leave = leave_rx.clone();
+        let close = close_rx.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            let _open = open;
+            let handshake = acceptor.accept(stream);
+            let tls = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "TLS handshake failed");
@@ -76,17 +108,212 @@ pub async fn serve_tls(
                     return;
                 }
             };
-            let service = TowerToHyperService::new(app);
-            let tls = StallGuard::new(tls, header_timeout, write_stall);
+            // The negotiated protocol decides how the connection is told to leave.
+            let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let activity = Arc::new(Activity::new());
+            let service = Tracked {
+                inner: TowerToHyperService::new(app),
+                activity: activity.clone(),
+                leave: leave.clone(),
+            };
+            let tls = StallGuard::new(tls, limits.header_timeout, limits.request_timeout);
+            let builder = if http2 { &h2_builder } else { &builder };
             let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
+            let signals = Signals { leave, close, http2 };
+            drive(connection, signals, &activity, &limits, peer).await;
         });
     }
+    let _ = leave_tx.send(true);
+    let _ = close_tx.send(true);
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await.is_err() {
+    drop(open_tx);
+    let closed = open_rx.recv();
+    if tokio::time::timeout(limits.shutdown_grace, closed).await.is_err() {
         tracing::warn!(grace = ?limits.shutdown_grace, "in-flight requests did not finish within the shutdown grace period");
+    }
+}
+
+/// What tells one connection to go.
+struct Signals {
+    /// True from the start of the shutdown delay.
+    leave: watch::Receiver<bool>,
+    /// True once the listener has closed.
+    close: watch::Receiver<bool>,
+    /// Whether the connection speaks HTTP/2 (negotiated by ALPN).
+    http2: bool,
+}
+
+/// Runs one connection until it ends, and asks it to close after what it has in flight:
+/// - an HTTP/2 connection as soon as the server drains (a GOAWAY, which the client answers by
+///   opening a new connection for its next request: no request is lost);
+/// - an HTTP/1.1 connection through its responses: while draining, each carries
+///   `Connection: close` (see [`Tracked`]), and idle ones close once the listener has;
+/// - any connection with no request in flight for `idle_timeout`.
+///
+/// A connection that has not closed `request_timeout` after being asked to (an HTTP/2 peer that
+/// never acknowledges the PING of the graceful close, say) is dropped.
+async fn drive<C>(
+    connection: C,
+    mut signals: Signals,
+    activity: &Activity,
+    limits: &Limits,
+    peer: std::net::SocketAddr,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulClose,
+{
+    tokio::pin!(connection);
+    let idle_timeout = limits.idle_timeout;
+    // Set once the connection has been asked to close.
+    let mut deadline: Option<Instant> = None;
+    let leave_now =
+        |signals: &Signals| *signals.close.borrow() || (signals.http2 && *signals.leave.borrow());
+    let close = |connection: Pin<&mut C>, deadline: &mut Option<Instant>| {
+        connection.close_gracefully();
+        *deadline = Some(Instant::now() + limits.request_timeout);
+    };
+    if leave_now(&signals) {
+        close(connection.as_mut(), &mut deadline);
+    }
+    loop {
+        let closing = deadline.is_some();
+        let forced = deadline.unwrap_or_else(Instant::now);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(forced), if closing => {
+                tracing::debug!(%peer, "dropping a connection that did not close when asked");
+                return;
+            }
+            _ = signals.leave.changed(), if !closing && signals.http2 => {
+                if leave_now(&signals) {
+                    close(connection.as_mut(), &mut deadline);
+                }
+            }
+            _ = signals.close.changed(), if !closing => {
+                if leave_now(&signals) {
+                    close(connection.as_mut(), &mut deadline);
+                }
+            }
+            () = activity.idle_for(idle_timeout), if !closing => {
+                tracing::debug!(%peer, ?idle_timeout, "closing an idle connection");
+                close(connection.as_mut(), &mut deadline);
+            }
+        }
+    }
+}
+
+/// A connection that can be asked to finish what it has in flight and close.
+trait GracefulClose {
+    /// Starts the graceful close.
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulClose for auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: hyper::body::Body + Send + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Activity {
+    state: Mutex<(usize, Instant)>,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { state: Mutex::new((0, Instant::now())), changed: Notify::new() }
+    }
+
+    fn update(&self, delta: isize) {
+        if let Ok(mut state) = self.state.lock() {
+            state.0 = state.0.saturating_add_signed(delta);
+            state.1 = Instant::now();
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Completes once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            let (active, since) = self.state.lock().map(|s| *s).unwrap_or((0, Instant::now()));
+            if active == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep_until(since + timeout) => {
+                        let now = self.state.lock().map(|s| *s).unwrap_or((0, since));
+                        if now == (0, since) {
+                            return;
+                        }
+                    }
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// The connection's service: counts requests in flight (for the idle timeout) and, while the
+/// server drains, marks HTTP/1.1 responses `Connection: close`, which hyper honours by closing
+/// the connection once the response is written.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    leave: watch::Receiver<bool>,
+}
+
+/// Marks a request in flight until dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.update(-1);
+    }
+}
+
+impl<S, B> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
+where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        self.activity.update(1);
+        let in_flight = InFlight(self.activity.clone());
+        let http1 = request.version() < http::Version::HTTP_2;
+        let leave = self.leave.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await;
+            if http1
+                && *leave.borrow()
+                && let Ok(response) = &mut response
+            {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            drop(in_flight);
+            response
+        })
     }
 }
 

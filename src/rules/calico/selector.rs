@@ -1,10 +1,17 @@
 //! Calico selector expressions: parsing, printing, and what they select on a pod's OS label.
 //!
-//! The grammar and tokenisation follow Calico's own parser (libcalico-go `selector/parser`):
-//! `||` binds loosest, then `&&`, then prefix `!` (a run of `!` collapses to one or none);
-//! whitespace is spaces and tabs only; strings are single- or double-quoted with no escapes;
+//! The grammar and tokenisation follow Calico's own parser (libcalico-go
+//! `lib/selector/parser/parser.go` and `lib/selector/tokenizer/tokenizer.go`): `||` binds
+//! loosest, then `&&`, then prefix `!` (a run of `!` collapses to one or none); whitespace
+//! between tokens is spaces and tabs only, but inside `has( )`, `all( )`, `global( )` and
+//! between the words of `not in`, `starts with` and `ends with` it is the regex `\s`
+//! (`[\t\n\f\r ]`); a label key is at most 512 bytes of `[a-zA-Z0-9_./-]` (a longer run is
+//! read as two tokens, as Calico does); strings are single- or double-quoted with no escapes;
 //! operator words (`in`, `not in`, `contains`, `starts with`, `ends with`) are only recognised
 //! right after a label key; an empty selector means `all()`.
+//!
+//! The conformance suite (`conformance/`) compares this parser with Calico's on Calico's own
+//! test vectors and generated selectors. The one deliberate difference is [`MAX_DEPTH`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,8 +21,20 @@ use crate::admission::objects::LabelSelector;
 /// How deeply parentheses may nest before parsing stops with [`ParseError::TooDeep`].
 ///
 /// Parsing and every analysis recurse once per nesting level; the limit keeps hostile input
-/// from overflowing the stack. Real selectors nest a handful of levels.
+/// from overflowing the stack. Real selectors nest a handful of levels. Calico has no such
+/// limit: this is arcguard being stricter on purpose.
+///
+/// The limit applies to what a user writes. The Linux scoping rewrite,
+/// `(<selector>) && <key> != 'windows'` (or the legacy `... == 'linux'`), adds a level; a
+/// selector of exactly that shape may nest one level deeper, so a selector at the limit stays
+/// valid once scoped. The parser cannot tell the OS label key, so a selector written in that
+/// shape with another key (`(<100 levels>) && other != 'windows'`) gets the extra level too,
+/// and its own rewrite is then one level too deep (denied, never admitted unscoped).
 pub const MAX_DEPTH: usize = 100;
+
+/// Longest label key Calico's tokenizer reads as one token (`LabelKeyMatcher`,
+/// `[a-zA-Z0-9_./-]{1,512}`, in libcalico-go's `selector/tokenizer/tokenizer.go`).
+const MAX_KEY_LEN: usize = 512;
 
 /// What a selector says about one label's value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -149,7 +168,7 @@ pub enum ParseError {
 /// [`ParseError`] saying where and what, for anything Calico would reject.
 pub fn parse(input: &str) -> Result<Expr, ParseError> {
     let tokens = tokenize(input)?;
-    let mut parser = Parser { input, tokens, pos: 0 };
+    let mut parser = Parser { input, tokens, pos: 0, beyond: None };
     if parser.peek().tok == Tok::Eof {
         return Ok(Expr::All);
     }
@@ -158,7 +177,42 @@ pub fn parse(input: &str) -> Result<Expr, ParseError> {
     if next.tok != Tok::Eof {
         return Err(parser.unexpected(next, "`&&`, `||` or the end of the selector"));
     }
+    // One level beyond the limit is only for the scoping rewrite's own parentheses.
+    if let Some(offset) = parser.beyond
+        && !is_scoped_shape(&parser.tokens, &expr)
+    {
+        return Err(ParseError::TooDeep { column: column(input, offset) });
+    }
     Ok(expr)
+}
+
+/// Whether `expr`, parsed from `tokens`, is what the Linux scoping rewrite writes:
+/// `(<selector>) && <label> != 'windows'` or `(<selector>) && <label> == 'linux'`, the
+/// parentheses opening first and closing right before the one top-level `&&`.
+fn is_scoped_shape(tokens: &[Token<'_>], expr: &Expr) -> bool {
+    let Expr::And(terms) = expr else { return false };
+    let [_, clause] = terms.as_slice() else { return false };
+    let is_clause = matches!(clause, Expr::Compare { op: Comparison::Ne, value, .. } if value == WINDOWS)
+        || matches!(clause, Expr::Compare { op: Comparison::Eq, value, .. } if value == LINUX);
+    // `(` ... `)` `&&` label operator string end.
+    let n = tokens.len();
+    if !is_clause || n < 7 || tokens[0].tok != Tok::LParen || tokens[n - 5].tok != Tok::And {
+        return false;
+    }
+    let mut depth = 0usize;
+    for (i, token) in tokens.iter().enumerate() {
+        match token.tok {
+            Tok::LParen => depth += 1,
+            Tok::RParen => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return i == n - 6;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 impl FromStr for Expr {
@@ -214,7 +268,7 @@ fn column(input: &str, offset: usize) -> usize {
     input.get(..offset).map_or(offset, |s| s.chars().count()) + 1
 }
 
-/// The input from `offset` with leading spaces and tabs skipped, and the new offset.
+/// The offset after the spaces and tabs at `offset`: the blanks Calico skips between tokens.
 fn skip_blank(input: &str, mut offset: usize) -> usize {
     let bytes = input.as_bytes();
     while matches!(bytes.get(offset), Some(b' ' | b'\t')) {
@@ -223,10 +277,21 @@ fn skip_blank(input: &str, mut offset: usize) -> usize {
     offset
 }
 
+/// The offset after the `\s` characters (`[\t\n\f\r ]`, Go's RE2) at `offset`: the blanks
+/// Calico's regexes allow inside `has( )`, `all( )`, `global( )` and between operator words.
+fn skip_space(input: &str, mut offset: usize) -> usize {
+    let bytes = input.as_bytes();
+    while matches!(bytes.get(offset), Some(b' ' | b'\t' | b'\n' | b'\x0c' | b'\r')) {
+        offset += 1;
+    }
+    offset
+}
+
+/// The end of the label key at `offset`: at most [`MAX_KEY_LEN`] key bytes.
 fn key_end(input: &str, offset: usize) -> usize {
     let bytes = input.as_bytes();
     let mut end = offset;
-    while bytes.get(end).copied().is_some_and(is_key_byte) {
+    while end - offset < MAX_KEY_LEN && bytes.get(end).copied().is_some_and(is_key_byte) {
         end += 1;
     }
     end
@@ -285,13 +350,13 @@ fn tokenize(input: &str) -> Result<Vec<Token<'_>>, ParseError> {
                 if let Some(call) =
                     ["has(", "all(", "global("].into_iter().find(|p| text.starts_with(p))
                 {
-                    let inner = skip_blank(input, offset + call.len());
+                    let inner = skip_space(input, offset + call.len());
                     let (tok, close) = if call == "has(" {
                         let end = key_end(input, inner);
                         if end == inner {
                             return Err(unexpected_at(input, inner, "a label inside `has(`"));
                         }
-                        (Tok::Has(&input[inner..end]), skip_blank(input, end))
+                        (Tok::Has(&input[inner..end]), skip_space(input, end))
                     } else if call == "all(" {
                         (Tok::All, inner)
                     } else {
@@ -329,23 +394,38 @@ fn unexpected_at(input: &str, offset: usize, expected: &'static str) -> ParseErr
     }
 }
 
-/// The operator word at `offset` (right after a label) and its length, as Calico matches it:
-/// by prefix, with blanks allowed inside `not in`, `starts with` and `ends with`.
+/// The operator word at `offset` (right after a label) and its length, as Calico's regexes
+/// match it, in its order: `^contains`, `^starts\s*with`, `^ends\s*with`, `^not\s*in\b`,
+/// `^in\b`.
 fn operator_word(input: &str, offset: usize) -> Option<(Tok<'static>, usize)> {
     let text = input.get(offset..)?;
-    let two_words = |first: &str, second: &str, tok| {
-        let after = skip_blank(input, offset + first.len());
-        input.get(after..)?.starts_with(second).then(|| (tok, after + second.len() - offset))
+    // `\b` after `in`: the end, or a byte that is not `[0-9A-Za-z_]`.
+    let boundary = |end: usize| {
+        input.as_bytes().get(end).is_none_or(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
+    };
+    let two_words = |first: &str, second: &str, tok, bounded: bool| {
+        let after = skip_space(input, offset + first.len());
+        let end = after + second.len();
+        (input.get(after..)?.starts_with(second) && (!bounded || boundary(end)))
+            .then_some((tok, end - offset))
     };
     if text.starts_with("contains") {
         Some((Tok::Contains, "contains".len()))
-    } else if text.starts_with("starts") {
-        two_words("starts", "with", Tok::StartsWith)
-    } else if text.starts_with("ends") {
-        two_words("ends", "with", Tok::EndsWith)
-    } else if text.starts_with("not") {
-        two_words("not", "in", Tok::NotIn)
-    } else if text.starts_with("in") {
+    } else if let Some(found) = text
+        .starts_with("starts")
+        .then(|| two_words("starts", "with", Tok::StartsWith, false))
+        .flatten()
+    {
+        Some(found)
+    } else if let Some(found) =
+        text.starts_with("ends").then(|| two_words("ends", "with", Tok::EndsWith, false)).flatten()
+    {
+        Some(found)
+    } else if let Some(found) =
+        text.starts_with("not").then(|| two_words("not", "in", Tok::NotIn, true)).flatten()
+    {
+        Some(found)
+    } else if text.starts_with("in") && boundary(offset + 2) {
         Some((Tok::In, "in".len()))
     } else {
         None
@@ -370,6 +450,9 @@ struct Parser<'a> {
     input: &'a str,
     tokens: Vec<Token<'a>>,
     pos: usize,
+    /// Offset of the first `(` nested beyond [`MAX_DEPTH`], allowed only in the scoping
+    /// rewrite's shape (checked once the whole selector is parsed).
+    beyond: Option<usize>,
 }
 
 impl<'a> Parser<'a> {
@@ -448,7 +531,11 @@ impl<'a> Parser<'a> {
             Tok::Label(key) => self.parse_operation(key)?,
             Tok::LParen => {
                 if depth >= MAX_DEPTH {
-                    return Err(ParseError::TooDeep { column: column(self.input, token.offset) });
+                    let first = *self.beyond.get_or_insert(token.offset);
+                    // The rewrite adds one level; anything deeper stops here.
+                    if depth > MAX_DEPTH {
+                        return Err(ParseError::TooDeep { column: column(self.input, first) });
+                    }
                 }
                 let inner = self.parse_or(depth + 1)?;
                 let close = self.bump();
@@ -847,6 +934,13 @@ mod tests {
             ("env in{'a'}", Expr::In { key: "env".into(), values: set(&["a"]) }),
             ("env not in {'a'}", Expr::NotIn { key: "env".into(), values: set(&["a"]) }),
             ("env not  in {'a'}", Expr::NotIn { key: "env".into(), values: set(&["a"]) }),
+            ("env notin {'a'}", Expr::NotIn { key: "env".into(), values: set(&["a"]) }),
+            // Inside `has( )`, `all( )` and between operator words, Calico's regexes take `\s`.
+            ("env not\n\tin {'a'}", Expr::NotIn { key: "env".into(), values: set(&["a"]) }),
+            ("app starts\r\nwith 'w'", cmp("app", Comparison::StartsWith, "w")),
+            ("has(\n a\x0c)", Expr::Has("a".into())),
+            ("all(\r\n)", Expr::All),
+            ("global(\n)", Expr::Global),
             // Keywords are only operators right after a label, so they can be keys.
             ("in == 'x'", eq("in", "x")),
             ("has == 'x'", eq("has", "x")),
@@ -925,6 +1019,9 @@ mod tests {
             ("'x'", "found string 'x'"),
             ("&& a == 'x'", "at column 1, found `&&`"),
             ("!", "found the end of the selector"),
+            ("env in_ {'a'}", "at column 5, found `in_`"),
+            ("env not inx {'a'}", "at column 5, found `not`"),
+            ("a == 'x'\r&& b == 'y'", "unexpected character '\\r' at column 9"),
         ];
         for (input, want) in cases {
             let err = parse(input).expect_err(input).to_string();
@@ -933,11 +1030,47 @@ mod tests {
     }
 
     #[test]
+    fn label_keys_are_at_most_512_bytes_as_calico_reads_them() {
+        let key = "k".repeat(MAX_KEY_LEN);
+        assert_eq!(parse(&format!("{key} == 'x'")), Ok(eq(&key, "x")));
+        assert_eq!(parse(&format!("has({key})")), Ok(Expr::Has(key.clone())));
+        // Calico reads 513 key bytes as two labels, which no operator follows...
+        for long in [format!("{key}k == 'x'"), format!("has({key}k)"), format!("{key}kk in {{}}")] {
+            assert!(parse(&long).is_err(), "{long}");
+        }
+        // ...unless the rest is an operator word.
+        let glued = format!("{key}in {{'x'}}");
+        assert_eq!(parse(&glued), Ok(Expr::In { key: key.clone(), values: set(&["x"]) }));
+    }
+
+    #[test]
     fn nesting_beyond_the_limit_is_an_error_not_a_stack_overflow() {
         let ok = format!("{}a == 'x'{}", "(".repeat(MAX_DEPTH), ")".repeat(MAX_DEPTH));
         assert_eq!(parse(&ok), Ok(eq("a", "x")));
         let deep = format!("{}a == 'x'{}", "(".repeat(MAX_DEPTH + 1), ")".repeat(MAX_DEPTH + 1));
         assert_eq!(parse(&deep), Err(ParseError::TooDeep { column: MAX_DEPTH + 1 }));
+        // The scoping rewrite may add its one level to a selector at the limit, in its own
+        // shape only; the column names the first parenthesis beyond the limit.
+        let (open, close) = ("(".repeat(MAX_DEPTH), ")".repeat(MAX_DEPTH));
+        for clause in
+            ["arcguard.io/os != 'windows'", "arcguard.io/os == 'linux'", "os != 'windows'"]
+        {
+            let scoped = format!("({open}a == 'x'{close}) && {clause}");
+            assert!(parse(&scoped).is_ok(), "{clause}");
+        }
+        let not_scoped = [
+            format!("({open}a == 'x'{close}) && b == 'y'"),
+            format!("({open}a == 'x'{close}) && os != 'windows' && b == 'y'"),
+            format!("({open}a == 'x'{close}) || os != 'windows'"),
+            format!("!({open}a == 'x'{close}) && os != 'windows'"),
+            format!("(a == 'x') && ({open}b == 'y'{close}) && os != 'windows'"),
+            format!("(({open}a == 'x'{close})) && os != 'windows'"),
+        ];
+        for input in not_scoped {
+            assert!(matches!(parse(&input), Err(ParseError::TooDeep { .. })), "{input}");
+        }
+        let beyond = format!("(!({open}a == 'x'{close})) && os != 'windows'");
+        assert_eq!(parse(&beyond), Err(ParseError::TooDeep { column: MAX_DEPTH + 2 }));
         let hostile = "(!".repeat(1_000_000);
         assert!(matches!(parse(&hostile), Err(ParseError::TooDeep { .. })));
         // Long flat chains and long runs of `!` do not recurse at all.
