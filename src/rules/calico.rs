@@ -399,10 +399,12 @@ impl CalicoLinuxOnly {
         let expr = match selector::parse(current) {
             Ok(expr) => expr,
             Err(error) => {
+                // Columns count in what the user wrote, not in arcguard's wrapping of it.
+                let authored = authored_text(current, key);
+                let error = selector::parse(authored).err().unwrap_or(error);
                 return Some(format!(
-                    "spec.selector {:?} is not a valid Calico selector: {error}; fix its \
-                     syntax (e.g. \"app == 'web'\")",
-                    authored_text(current, key)
+                    "spec.selector {authored:?} is not a valid Calico selector: {error}; fix its \
+                     syntax (e.g. \"app == 'web'\")"
                 ));
             }
         };
@@ -1128,7 +1130,7 @@ mod tests {
                 Some("(app ==) && arcguard.io/os == 'linux'"),
                 &none,
                 Some(
-                    "spec.selector \"app ==\" is not a valid Calico selector: expected a quoted string at column 8, found `)`; fix its syntax",
+                    "spec.selector \"app ==\" is not a valid Calico selector: expected a quoted string at column 7, found the end of the selector; fix its syntax",
                 ),
             ),
             // Validation mode: unscoped policies are denied with the selector to use.
