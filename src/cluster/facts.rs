@@ -3,7 +3,7 @@
 //! LocalSubjectAccessReviews, cached briefly. Only what the policies that apply to a request
 //! need is looked up ([`crate::policy::PolicySet::needs`]).
 //!
-//! API calls (for RBAC; `tests/rbac.rs` checks the manifests grant exactly these):
+//! API calls (for RBAC; `tests/manifests.rs` checks the manifests grant exactly these):
 //! - `list windows.k8s.io/gmsacredentialspecs (cluster)`
 //! - `watch windows.k8s.io/gmsacredentialspecs (cluster)`
 //! - `list core/namespaces (cluster, metadata only)`

@@ -4,7 +4,7 @@
 //! A generation that fails to compile never removes enforcement: the last good generation of
 //! that policy stays in force, and its status says so.
 //!
-//! API calls (for RBAC; `tests/rbac.rs` checks the manifests grant exactly these):
+//! API calls (for RBAC; `tests/manifests.rs` checks the manifests grant exactly these):
 //! - `list arcguard.io/clusterguardpolicies (cluster)`
 //! - `watch arcguard.io/clusterguardpolicies (cluster)`
 //! - `list arcguard.io/guardpolicies (all namespaces)`
