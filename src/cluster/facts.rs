@@ -82,21 +82,25 @@ impl ClusterFacts {
         let specs_api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
         let writer = reflector::store::Writer::new(resource.clone());
         let credential_specs = writer.as_reader();
-        let specs =
-            watcher(specs_api, watcher::Config::default()).default_backoff().reflect(writer);
+        let specs = watcher(specs_api, watcher::Config::default())
+            .backoff(super::watch_backoff())
+            .reflect(writer);
         tokio::spawn(drive("GMSACredentialSpec", specs));
 
         let (namespaces, writer) = reflector::store();
         // Metadata-only: namespace labels are all that is needed.
         let ns_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
-        let ns = watcher(ns_api, watcher::Config::default()).default_backoff().reflect(writer);
+        let ns = watcher(ns_api, watcher::Config::default())
+            .backoff(super::watch_backoff())
+            .reflect(writer);
         tokio::spawn(drive("Namespace", ns));
 
         let (nodes, writer) = reflector::store();
         // Metadata-only: a node's OS label is all that is needed.
         let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
-        let node_stream =
-            watcher(node_api, watcher::Config::default()).default_backoff().reflect(writer);
+        let node_stream = watcher(node_api, watcher::Config::default())
+            .backoff(super::watch_backoff())
+            .reflect(writer);
         tokio::spawn(drive("Node", node_stream));
 
         std::sync::Arc::new(Self {
