@@ -237,8 +237,19 @@ async fn reload_loop(
     mut watcher: FileWatcher,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut last_policies = fingerprint_policies(&config.policies);
-    let mut last_cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
+    // File reads block: they run on the blocking pool, never on the threads that serve
+    // admission (a slow or hung volume must not stall requests).
+    let initial = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            (
+                fingerprint_policies(&config.policies),
+                fingerprint_files(&[&config.tls_cert, &config.tls_key]),
+            )
+        })
+        .await
+    };
+    let Ok((mut last_policies, mut last_cert)) = initial else { return };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.tick().await;
     loop {
@@ -247,15 +258,22 @@ async fn reload_loop(
             change = watcher.changed() => if change.is_none() { return },
             _ = rescan.tick() => {}
         }
-        let policies = fingerprint_policies(&config.policies);
-        if policies != last_policies {
-            last_policies = policies;
-            reload_policies(&config.policies, &state);
-        }
-        let cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
-        if cert != last_cert {
-            last_cert = cert;
-            reload_certificate(&config, &resolver, &state);
+        let (config, state, resolver) = (config.clone(), state.clone(), resolver.clone());
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let policies = fingerprint_policies(&config.policies);
+            if policies != last_policies {
+                reload_policies(&config.policies, &state);
+            }
+            let cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
+            if cert != last_cert {
+                reload_certificate(&config, &resolver, &state);
+            }
+            (policies, cert)
+        })
+        .await;
+        match reloaded {
+            Ok((policies, cert)) => (last_policies, last_cert) = (policies, cert),
+            Err(error) => tracing::error!(%error, "reloading policies and certificates failed"),
         }
     }
 }
