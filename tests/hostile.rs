@@ -12,8 +12,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arcguard::serve::Running;
 use arcguard::server::Limits;
+use arcguard::server::Running;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};

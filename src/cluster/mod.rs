@@ -18,8 +18,8 @@ use tokio::sync::watch;
 use self::certs::CertConfig;
 use self::leader::{LeaderElector, LeaseConfig};
 use crate::certs::CertResolver;
-use crate::serve::{Running, ServeError, drain_on, listen};
 use crate::server::{Addresses, AppState, Limits, Snapshot};
+use crate::server::{ListenError, Running, drain_on, listen};
 
 /// The back-off of every watch arcguard runs: 250 ms doubling to at most 2 s, with jitter,
 /// reset after two quiet minutes. kube-runtime's default goes up to 30 s, so after an apiserver
@@ -102,7 +102,7 @@ pub enum ClusterError {
     Tls(#[from] crate::certs::CertError),
     /// A listener could not be bound.
     #[error(transparent)]
-    Serve(#[from] ServeError),
+    Listen(#[from] ListenError),
 }
 
 /// Starts cluster mode; it runs until `shutdown` completes.

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arcguard::serve::{Running, ServeConfig, start};
+use arcguard::serve::{ServeConfig, start};
+use arcguard::server::Running;
 use arcguard::server::{Addresses, Limits};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
