@@ -14,6 +14,6 @@ pub mod pki;
 pub mod process;
 
 pub use cluster::{
-    Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, apply_yaml, denial, eventually, namespace,
-    pod, shared, wait_for_enforcement, webhook_configurations,
+    Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, apply_yaml, calico_api, denial, eventually,
+    namespace, pod, shared, wait_for_enforcement, webhook_configurations,
 };
