@@ -74,8 +74,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         }
     };
     if args.cluster {
-        let identity =
-            args.pod_name.clone().or_else(hostname).unwrap_or_else(|| "arcguard".to_owned());
+        let identity = cluster::identity(args.pod_name.as_deref(), hostname().as_deref());
         let mut extra_ip_addresses = Vec::new();
         let mut extra_dns_names = Vec::new();
         for san in &args.cert_extra_sans {

@@ -53,19 +53,24 @@ pub fn check_dns_label(name: &str) -> Result<(), String> {
 /// # Errors
 /// Why the name is invalid.
 pub fn check_dns_subdomain(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("the name is empty".to_owned());
+    check_subdomain("the name", name)
+}
+
+/// [`check_dns_subdomain`] for `value`, called `what` in messages.
+fn check_subdomain(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} is empty"));
     }
-    if name.len() > DNS_SUBDOMAIN_MAX {
+    if value.len() > DNS_SUBDOMAIN_MAX {
         return Err(format!(
-            "the name is {} characters long (at most {DNS_SUBDOMAIN_MAX})",
-            name.len()
+            "{what} is {} characters long (at most {DNS_SUBDOMAIN_MAX})",
+            value.len()
         ));
     }
-    if !name.split('.').all(is_dns_label_body) {
+    if !value.split('.').all(is_dns_label_body) {
         return Err(format!(
-            "{name:?} is not a DNS subdomain (lowercase letters, digits, `-` and `.`, starting \
-             and ending each part with a letter or digit)"
+            "{what} {value:?} is not a DNS subdomain (lowercase letters, digits, `-` and `.`, \
+             starting and ending each part with a letter or digit)"
         ));
     }
     Ok(())
@@ -82,21 +87,7 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        if prefix.is_empty() {
-            return Err("the prefix before `/` is empty".to_owned());
-        }
-        if prefix.len() > DNS_SUBDOMAIN_MAX {
-            return Err(format!(
-                "the prefix is {} characters long (at most {DNS_SUBDOMAIN_MAX})",
-                prefix.len()
-            ));
-        }
-        if !prefix.split('.').all(is_dns_label_body) {
-            return Err(format!(
-                "the prefix {prefix:?} is not a DNS subdomain (lowercase letters, digits, `-` \
-                 and `.`, starting and ending each part with a letter or digit)"
-            ));
-        }
+        check_subdomain("the prefix before `/`", prefix)?;
     }
     if name.is_empty() {
         return Err("the name is empty".to_owned());

@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::certs::{self, CertResolver};
 use crate::policy::load;
-use crate::server::{self, Addresses, AppState, Limits, Snapshot};
+use crate::server::{self, Addresses, AppState, Limits, Running, Snapshot, drain_on, listen};
 use crate::watch::FileWatcher;
 
 /// How often files are re-read even without a change notification, in case one was missed.
@@ -47,14 +46,8 @@ pub enum ServeError {
     #[error(transparent)]
     Certificate(#[from] certs::CertError),
     /// A listener could not be bound.
-    #[error("failed to listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] server::ListenError),
     /// Files could not be watched.
     #[error("failed to watch {path}: {source}")]
     Watch {
@@ -64,18 +57,6 @@ pub enum ServeError {
         #[source]
         source: notify::Error,
     },
-}
-
-/// A started server: where it listens and how to await it.
-pub struct Running {
-    /// The bound HTTPS address (useful when port 0 was asked for).
-    pub webhook_addr: std::net::SocketAddr,
-    /// The bound metrics address.
-    pub metrics_addr: std::net::SocketAddr,
-    /// Shared state (metrics, readiness, snapshot).
-    pub state: AppState,
-    /// Completes when both servers have drained after shutdown.
-    pub done: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the standalone server; it runs until `shutdown` completes.
@@ -132,79 +113,6 @@ pub async fn start(
     Ok(Running { webhook_addr, metrics_addr, state, done })
 }
 
-/// Both servers, bound and serving.
-pub struct Listening {
-    /// The bound HTTPS address.
-    pub webhook_addr: std::net::SocketAddr,
-    /// The bound metrics address.
-    pub metrics_addr: std::net::SocketAddr,
-    /// The server tasks; they end after `stop` turns true and in-flight requests finish.
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Binds the HTTPS webhook and plain-HTTP metrics listeners and serves them until `stop`
-/// turns true.
-///
-/// # Errors
-/// [`ServeError::Bind`] when an address cannot be bound.
-pub async fn listen(
-    addresses: &Addresses,
-    tls: Arc<rustls::ServerConfig>,
-    state: AppState,
-    limits: &server::Limits,
-    stop: watch::Receiver<bool>,
-) -> Result<Listening, ServeError> {
-    let bind = |addr| async move {
-        let listener =
-            TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
-        let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
-        Ok::<_, ServeError>((listener, local))
-    };
-    let (webhook_listener, webhook_addr) = bind(addresses.webhook).await?;
-    let (metrics_listener, metrics_addr) = bind(addresses.metrics).await?;
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let webhook_app = server::webhook_router(state.clone(), limits);
-    let webhook = tokio::spawn(server::serve_tls(
-        webhook_listener,
-        tls,
-        webhook_app,
-        limits.clone(),
-        state.readiness.draining(),
-        stopped(stop.clone()),
-    ));
-    let metrics_app = server::metrics_router(state);
-    let metrics = tokio::spawn(async move {
-        let serve =
-            axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stopped(stop));
-        if let Err(error) = serve.await {
-            tracing::error!(%error, "metrics server failed");
-        }
-    });
-    Ok(Listening { webhook_addr, metrics_addr, tasks: vec![webhook, metrics] })
-}
-
-/// On `shutdown`: readiness turns false, `delay` passes (so endpoints stop routing here),
-/// `stop` is sent, and the returned task completes when every task has finished.
-pub fn drain_on(
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    readiness: Arc<server::Readiness>,
-    delay: Duration,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        shutdown.await;
-        readiness.set_shutting_down();
-        tracing::info!(?delay, "shutting down: readiness is false; draining in-flight requests");
-        tokio::time::sleep(delay).await;
-        let _ = stop.send(true);
-        futures::future::join_all(tasks).await;
-        tracing::info!("shut down");
-    })
-}
-
 fn watch_targets(config: &ServeConfig) -> Vec<(PathBuf, bool)> {
     let parent = |p: &Path| match p.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
@@ -237,8 +145,19 @@ async fn reload_loop(
     mut watcher: FileWatcher,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut last_policies = fingerprint_policies(&config.policies);
-    let mut last_cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
+    // File reads block: they run on the blocking pool, never on the threads that serve
+    // admission (a slow or hung volume must not stall requests).
+    let initial = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            (
+                fingerprint_policies(&config.policies),
+                fingerprint_files(&[&config.tls_cert, &config.tls_key]),
+            )
+        })
+        .await
+    };
+    let Ok((mut last_policies, mut last_cert)) = initial else { return };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.tick().await;
     loop {
@@ -247,15 +166,22 @@ async fn reload_loop(
             change = watcher.changed() => if change.is_none() { return },
             _ = rescan.tick() => {}
         }
-        let policies = fingerprint_policies(&config.policies);
-        if policies != last_policies {
-            last_policies = policies;
-            reload_policies(&config.policies, &state);
-        }
-        let cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
-        if cert != last_cert {
-            last_cert = cert;
-            reload_certificate(&config, &resolver, &state);
+        let (config, state, resolver) = (config.clone(), state.clone(), resolver.clone());
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let policies = fingerprint_policies(&config.policies);
+            if policies != last_policies {
+                reload_policies(&config.policies, &state);
+            }
+            let cert = fingerprint_files(&[&config.tls_cert, &config.tls_key]);
+            if cert != last_cert {
+                reload_certificate(&config, &resolver, &state);
+            }
+            (policies, cert)
+        })
+        .await;
+        match reloaded {
+            Ok((policies, cert)) => (last_policies, last_cert) = (policies, cert),
+            Err(error) => tracing::error!(%error, "reloading policies and certificates failed"),
         }
     }
 }

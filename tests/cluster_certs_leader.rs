@@ -231,3 +231,24 @@ async fn a_follower_releases_nothing() {
         .expect("no call")
         .expect("nothing to release");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_renewal_hangs_steps_down_at_its_renew_deadline() {
+    let (mut elector, leadership, mut server, _) = leading().await;
+    // The apiserver accepts the renewal and never answers (hung, not down).
+    let scenario = tokio::spawn(async move {
+        let (_, send) = expect(&mut server, Method::PUT, LEASE_PATH).await;
+        (server, send)
+    });
+    // Renewed at t0; the renew deadline is 10 s: this round gets the 5 s left, not forever.
+    let started = tokio::time::Instant::now();
+    let result = elector.tick(at(5)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(result, Err(arcguard::cluster::leader::LeaderError::Timeout { .. })),
+        "{result:?}"
+    );
+    assert_eq!(waited, Duration::from_secs(5), "gave up exactly at the renew deadline");
+    assert!(!leadership.is_leader(), "a leader cut off from the apiserver keeps leading");
+    let (_server, _hung) = finished(scenario).await;
+}

@@ -132,8 +132,11 @@ fn facts(extra: usize, missing: Option<&str>, forbidden: Option<&str>) -> Static
     let authorizations = names
         .iter()
         .map(|name| {
-            let access =
-                if Some(name.as_str()) == forbidden { Access::Denied } else { Access::Allowed };
+            let access = if Some(name.as_str()) == forbidden {
+                Access::Denied("no RBAC rule allows it".to_owned())
+            } else {
+                Access::Allowed
+            };
             ((DUMMY_NAMESPACE.to_owned(), DUMMY_SERVICE_ACCOUNT.to_owned(), name.clone()), access)
         })
         .collect::<BTreeMap<_, _>>();

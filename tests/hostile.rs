@@ -12,10 +12,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arcguard::serve::Running;
 use arcguard::server::Limits;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use arcguard::server::Running;
+
+use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -108,18 +108,7 @@ impl Harness {
 
     /// A rustls client configuration trusting the server's CA, offering `alpn`.
     fn tls_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(self.ca()).expect("ca file") {
-            roots.add(cert.expect("ca pem")).expect("ca cert");
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
+        common::client_tls_config(&self.ca(), alpn)
     }
 
     async fn tcp(&self) -> TcpStream {

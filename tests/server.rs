@@ -6,8 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use arcguard::serve::Running;
 use arcguard::server::Limits;
+use arcguard::server::Running;
 use serde_json::Value;
 use tokio::sync::oneshot;
 

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use kube::discovery::Scope;
 use kube::runtime::wait::{await_condition, conditions};
 use serde::Deserialize as _;
@@ -361,5 +363,22 @@ pub fn denial<T: std::fmt::Debug>(result: &kube::Result<T>) -> String {
         Err(kube::Error::Api(status)) => status.message.clone(),
         Err(other) => format!("(not an API error) {other}"),
         Ok(_) => "(admitted)".to_owned(),
+    }
+}
+
+/// The API of a Calico kind (`projectcalico.org/v3` or `crd.projectcalico.org/v1`), in `ns`
+/// or cluster-wide.
+#[must_use]
+pub fn calico_api(
+    client: &kube::Client,
+    api_version: &str,
+    kind: &str,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
     }
 }

@@ -15,6 +15,6 @@ pub mod process;
 pub mod tools;
 
 pub use cluster::{
-    Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, apply_yaml, denial, eventually, namespace,
-    pod, shared, wait_for_enforcement, webhook_configurations,
+    Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, apply_yaml, calico_api, denial, eventually,
+    namespace, pod, shared, wait_for_enforcement, webhook_configurations,
 };

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use arcguard::policy::crd::{ClusterGuardPolicy, GuardPolicy};
-use arcguard_e2e::{UNTRUSTED_MESSAGE, apply, denial, eventually, namespace, pod, shared};
+use arcguard_e2e::{
+    UNTRUSTED_MESSAGE, apply, calico_api, denial, eventually, namespace, pod, shared,
+};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -15,7 +17,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{EphemeralContainer, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 /// Long enough for a watch event to reach arcguard on a loaded machine.
@@ -594,20 +595,6 @@ async fn windows_pods_need_a_credential_spec_their_service_account_may_use() {
 
 /// The scoping clause: pods labelled Windows drop out; unlabelled pods and host endpoints stay.
 const LINUX_CLAUSE: &str = "arcguard.io/os != 'windows'";
-
-fn calico_api(
-    client: &kube::Client,
-    api_version: &str,
-    kind: &str,
-    ns: Option<&str>,
-) -> Api<DynamicObject> {
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-    match ns {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    }
-}
 
 #[tokio::test]
 async fn pods_get_the_os_label() {

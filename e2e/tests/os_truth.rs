@@ -7,11 +7,10 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use arcguard_e2e::{apply, denial, eventually, namespace, shared};
+use arcguard_e2e::{apply, calico_api, denial, eventually, namespace, shared};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 const KEY: &str = "arcguard.io/os";
@@ -252,27 +251,14 @@ async fn a_gated_pod_re_pinned_to_windows_is_judged_like_a_create() {
     .await;
 }
 
-fn calico_api(
-    client: &kube::Client,
-    group: &str,
-    version: &str,
-    kind: &str,
-    ns: Option<&str>,
-) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-    match ns {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    }
-}
-
 #[tokio::test]
 async fn host_endpoint_policies_keep_selecting_host_endpoints() {
     run(|client| async move {
         let ns = namespace(&client, "hep", &[]).await?;
         for (group, version) in [("projectcalico.org", "v3"), ("crd.projectcalico.org", "v1")] {
             let name = format!("{ns}-{}", group.split('.').next().unwrap_or(group));
-            let api = calico_api(&client, group, version, "GlobalNetworkPolicy", None);
+            let api =
+                calico_api(&client, &format!("{group}/{version}"), "GlobalNetworkPolicy", None);
             let object: DynamicObject = serde_json::from_value(json!({
                 "apiVersion": format!("{group}/{version}"), "kind": "GlobalNetworkPolicy",
                 "metadata": {"name": name},
@@ -307,7 +293,7 @@ async fn existing_pods_stay_selected_get_labelled_and_legacy_scoping_is_migrated
             let stored = pods.create(&pp, &pod).await?;
             ensure!(os_label(&stored).is_none(), "{name} was labelled by a webhook");
         }
-        let calico = calico_api(&client, "projectcalico.org", "v3", "NetworkPolicy", Some(&ns));
+        let calico = calico_api(&client, "projectcalico.org/v3", "NetworkPolicy", Some(&ns));
         let legacy: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
             "metadata": {"name": "web", "namespace": ns},

@@ -586,15 +586,15 @@ fn changes(apis: &CertApis, config: &CertConfig) -> SelectAll<BoxStream<'static,
     let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     futures::stream::select_all([
         watcher(apis.secrets.clone(), by_name(&config.secret_name))
-            .default_backoff()
+            .backoff(super::watch_backoff())
             .map(drop)
             .boxed(),
         watcher(apis.validating.clone(), by_name(&config.validating_webhook_configuration))
-            .default_backoff()
+            .backoff(super::watch_backoff())
             .map(drop)
             .boxed(),
         watcher(apis.mutating.clone(), by_name(&config.mutating_webhook_configuration))
-            .default_backoff()
+            .backoff(super::watch_backoff())
             .map(drop)
             .boxed(),
     ])
@@ -890,15 +890,15 @@ pub async fn run_serving(
     let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = futures::stream::select_all([
         watcher(apis.secrets, by_name(&config.secret_name))
-            .default_backoff()
+            .backoff(super::watch_backoff())
             .map(|event| event.map(Change::Secret))
             .boxed(),
         watcher(apis.validating, by_name(&config.validating_webhook_configuration))
-            .default_backoff()
+            .backoff(super::watch_backoff())
             .map(|event| event.map(Change::Validating))
             .boxed(),
         watcher(apis.mutating, by_name(&config.mutating_webhook_configuration))
-            .default_backoff()
+            .backoff(super::watch_backoff())
             .map(|event| event.map(Change::Mutating))
             .boxed(),
     ]);

@@ -3,7 +3,7 @@
 //! LocalSubjectAccessReviews, cached briefly. Only what the policies that apply to a request
 //! need is looked up ([`crate::policy::PolicySet::needs`]).
 //!
-//! API calls (for RBAC; `tests/rbac.rs` checks the manifests grant exactly these):
+//! API calls (for RBAC; `tests/manifests.rs` checks the manifests grant exactly these):
 //! - `list windows.k8s.io/gmsacredentialspecs (cluster)`
 //! - `watch windows.k8s.io/gmsacredentialspecs (cluster)`
 //! - `list core/namespaces (cluster, metadata only)`
@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt as _, Shared};
 use k8s_openapi::api::authorization::v1::{
     LocalSubjectAccessReview, ResourceAttributes, SubjectAccessReviewSpec,
 };
@@ -55,6 +55,7 @@ pub struct ClusterFacts {
     namespaces: Store<PartialObjectMeta<Namespace>>,
     nodes: Store<PartialObjectMeta<Node>>,
     authorizations: Mutex<HashMap<AccessKey, (Instant, Access)>>,
+    in_flight: Mutex<HashMap<AccessKey, Shared<BoxFuture<'static, Access>>>>,
 }
 
 impl std::fmt::Debug for ClusterFacts {
@@ -82,21 +83,25 @@ impl ClusterFacts {
         let specs_api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
         let writer = reflector::store::Writer::new(resource.clone());
         let credential_specs = writer.as_reader();
-        let specs =
-            watcher(specs_api, watcher::Config::default()).default_backoff().reflect(writer);
+        let specs = watcher(specs_api, watcher::Config::default())
+            .backoff(super::watch_backoff())
+            .reflect(writer);
         tokio::spawn(drive("GMSACredentialSpec", specs));
 
         let (namespaces, writer) = reflector::store();
         // Metadata-only: namespace labels are all that is needed.
         let ns_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
-        let ns = watcher(ns_api, watcher::Config::default()).default_backoff().reflect(writer);
+        let ns = watcher(ns_api, watcher::Config::default())
+            .backoff(super::watch_backoff())
+            .reflect(writer);
         tokio::spawn(drive("Namespace", ns));
 
         let (nodes, writer) = reflector::store();
         // Metadata-only: a node's OS label is all that is needed.
         let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
-        let node_stream =
-            watcher(node_api, watcher::Config::default()).default_backoff().reflect(writer);
+        let node_stream = watcher(node_api, watcher::Config::default())
+            .backoff(super::watch_backoff())
+            .reflect(writer);
         tokio::spawn(drive("Node", node_stream));
 
         std::sync::Arc::new(Self {
@@ -106,6 +111,7 @@ impl ClusterFacts {
             namespaces,
             nodes,
             authorizations: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         })
     }
 
@@ -175,7 +181,24 @@ impl ClusterFacts {
         {
             return access.clone();
         }
-        let access = self.ask(namespace, service_account, name).await;
+        // One review in flight per key: concurrent requests for the same pod template (a
+        // Deployment scaling up) wait for the same answer instead of each sending their own.
+        let shared = {
+            let Ok(mut inflight) = self.in_flight.lock() else {
+                return Access::Unknown("the authorization cache is unavailable".to_owned());
+            };
+            inflight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let (ns, sa, spec) = key.clone();
+                    ask(self.client.clone(), ns, sa, spec).boxed().shared()
+                })
+                .clone()
+        };
+        let access = shared.await;
+        if let Ok(mut inflight) = self.in_flight.lock() {
+            inflight.remove(&key);
+        }
         if !matches!(access, Access::Unknown(_))
             && let Ok(mut cache) = self.authorizations.lock()
         {
@@ -186,50 +209,67 @@ impl ClusterFacts {
         }
         access
     }
+}
 
-    async fn ask(&self, namespace: &str, service_account: &str, name: &str) -> Access {
-        let review = LocalSubjectAccessReview {
-            metadata: kube::api::ObjectMeta {
+/// Asks the apiserver whether `system:serviceaccount:{namespace}:{service_account}` may `use`
+/// the named GMSACredentialSpec, within [`LOOKUP_DEADLINE`].
+async fn ask(
+    client: kube::Client,
+    namespace: String,
+    service_account: String,
+    name: String,
+) -> Access {
+    let (namespace, service_account, name) =
+        (namespace.as_str(), service_account.as_str(), name.as_str());
+    let review = LocalSubjectAccessReview {
+        metadata: kube::api::ObjectMeta {
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{namespace}:{service_account}")),
+            groups: Some(vec![
+                "system:serviceaccounts".to_owned(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".to_owned(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
                 namespace: Some(namespace.to_owned()),
+                verb: Some("use".to_owned()),
+                group: Some("windows.k8s.io".to_owned()),
+                resource: Some("gmsacredentialspecs".to_owned()),
+                name: Some(name.to_owned()),
                 ..Default::default()
-            },
-            spec: SubjectAccessReviewSpec {
-                user: Some(format!("system:serviceaccount:{namespace}:{service_account}")),
-                groups: Some(vec![
-                    "system:serviceaccounts".to_owned(),
-                    format!("system:serviceaccounts:{namespace}"),
-                    "system:authenticated".to_owned(),
-                ]),
-                resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(namespace.to_owned()),
-                    verb: Some("use".to_owned()),
-                    group: Some("windows.k8s.io".to_owned()),
-                    resource: Some("gmsacredentialspecs".to_owned()),
-                    name: Some(name.to_owned()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            status: None,
-        };
-        let api: Api<LocalSubjectAccessReview> = Api::namespaced(self.client.clone(), namespace);
-        let answer =
-            tokio::time::timeout(LOOKUP_DEADLINE, api.create(&PostParams::default(), &review))
-                .await;
-        match answer {
-            Ok(Ok(answer)) if answer.status.as_ref().is_some_and(|s| s.allowed) => Access::Allowed,
-            Ok(Ok(_)) => Access::Denied,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, namespace, service_account, name, "SubjectAccessReview failed");
-                Access::Unknown(format!("the authorization check failed: {error}"))
-            }
-            Err(_) => {
-                tracing::warn!(namespace, service_account, name, "SubjectAccessReview timed out");
-                Access::Unknown(format!(
-                    "the authorization check took longer than {}s",
-                    LOOKUP_DEADLINE.as_secs()
-                ))
-            }
+            }),
+            ..Default::default()
+        },
+        status: None,
+    };
+    let api: Api<LocalSubjectAccessReview> = Api::namespaced(client, namespace);
+    let answer =
+        tokio::time::timeout(LOOKUP_DEADLINE, api.create(&PostParams::default(), &review)).await;
+    match answer {
+        Ok(Ok(answer)) if answer.status.as_ref().is_some_and(|s| s.allowed) => Access::Allowed,
+        Ok(Ok(answer)) => {
+            let status = answer.status.unwrap_or_default();
+            let why = [status.reason, status.evaluation_error]
+                .into_iter()
+                .flatten()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            Access::Denied(if why.is_empty() { "no RBAC rule allows it".to_owned() } else { why })
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, namespace, service_account, name, "SubjectAccessReview failed");
+            Access::Unknown(format!("the authorization check failed: {error}"))
+        }
+        Err(_) => {
+            tracing::warn!(namespace, service_account, name, "SubjectAccessReview timed out");
+            Access::Unknown(format!(
+                "the authorization check took longer than {}s",
+                LOOKUP_DEADLINE.as_secs()
+            ))
         }
     }
 }

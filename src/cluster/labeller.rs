@@ -1,6 +1,7 @@
 //! The OS labeller: the leader gives pods that predate arcguard's webhooks (or that a webhook
-//! never saw: excluded namespaces, mirror pods) the OS label of every `calicoLinuxOnly` policy
-//! that labels pods, and corrects labels that are false, judged by the node a pod runs on.
+//! never saw: a namespace opted out for a while) the OS label of every `calicoLinuxOnly` policy
+//! that labels pods and applies to them, and corrects labels that are false, judged by the node
+//! a pod runs on.
 //!
 //! Scoped network policies leave out pods labelled Windows only, so an unlabelled Windows pod
 //! stays selected until it is labelled here. Pods are listed in pages (memory stays bounded

@@ -49,6 +49,17 @@ pub enum LeaderError {
     /// The timings could let two replicas lead at once, or cannot work.
     #[error("invalid leader election settings: {0}")]
     InvalidConfig(&'static str),
+    /// A call did not answer before the renew deadline (or, for a follower, the retry bound):
+    /// the apiserver hangs or cannot be reached.
+    #[error("the Lease {namespace}/{name} call did not answer within {after:?}")]
+    Timeout {
+        /// The Lease's namespace.
+        namespace: String,
+        /// The Lease's name.
+        name: String,
+        /// How long it was given.
+        after: Duration,
+    },
     /// The apiserver refused or failed a call (other than a lost race).
     #[error("failed to {action} Lease {namespace}/{name}: {source}")]
     Api {
@@ -294,10 +305,30 @@ impl LeaderElector {
     /// [`LeaderError`] when a call fails for another reason than a lost race. A leader that
     /// has not renewed within the renew deadline steps down before the error is returned.
     pub async fn tick(&mut self, now: OffsetDateTime) -> Result<Tick, LeaderError> {
-        let result = self.try_tick(now).await;
+        // The calls of a round get until the renew deadline (a leader) or one renew deadline
+        // (a follower): a hung apiserver cannot keep a leader leading past its deadline while
+        // another replica takes the Lease over.
+        let budget = match self.renewed_at.filter(|_| self.is_leader()) {
+            Some(at) => {
+                let left = at + self.config.renew_deadline - now;
+                Duration::try_from(left).unwrap_or(Duration::ZERO)
+            }
+            None => self.config.renew_deadline,
+        };
+        let started = tokio::time::Instant::now();
+        let result = match tokio::time::timeout(budget, self.try_tick(now)).await {
+            Ok(result) => result,
+            Err(_) => Err(LeaderError::Timeout {
+                namespace: self.config.namespace.clone(),
+                name: self.config.name.clone(),
+                after: budget,
+            }),
+        };
+        // The round may have taken up to the whole budget: judge the deadline at its end.
+        let ended = now + started.elapsed();
         if result.is_err()
             && self.is_leader()
-            && self.renewed_at.is_none_or(|at| now >= at + self.config.renew_deadline)
+            && self.renewed_at.is_none_or(|at| ended >= at + self.config.renew_deadline)
         {
             tracing::warn!(lease = %self.config.name, "could not renew the leader Lease in time; stepping down");
             self.set_leader(false);

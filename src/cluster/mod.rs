@@ -11,13 +11,58 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::runtime::utils::ResetTimerBackoff;
+use kube::runtime::watcher::ExponentialBackoff;
 use tokio::sync::watch;
 
 use self::certs::CertConfig;
 use self::leader::{LeaderElector, LeaseConfig};
 use crate::certs::CertResolver;
-use crate::serve::{Running, ServeError, drain_on, listen};
 use crate::server::{Addresses, AppState, Limits, Snapshot};
+use crate::server::{ListenError, Running, drain_on, listen};
+
+/// The back-off of every watch arcguard runs: 250 ms doubling to at most 2 s, with jitter,
+/// reset after two quiet minutes. kube-runtime's default goes up to 30 s, so after an apiserver
+/// outage policies and caches could lag for half a minute; with this they resume within about
+/// 2 s of the apiserver's return, for one list per watch every 2 s while it is down.
+pub fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(2))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(ExponentialBackoff::from(builder), Duration::from_secs(120))
+}
+
+/// The Kubernetes client of cluster mode (in-cluster configuration or KUBECONFIG), with a
+/// connect timeout and a read timeout: a hung apiserver connection never blocks a caller for
+/// good (each call made for a request or the Lease also has its own, shorter deadline). The
+/// read timeout stays above the 290 s a watch may stay quiet.
+///
+/// # Errors
+/// [`ClusterError::Client`] when no configuration can be found or used.
+pub async fn client() -> Result<kube::Client, ClusterError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| ClusterError::Client(kube::Error::InferConfig(e)))?;
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(Duration::from_secs(300));
+    kube::Client::try_from(config).map_err(ClusterError::Client)
+}
+
+/// This replica's leader-election identity: the pod name when given; otherwise the host name
+/// with the process id and start time, so two replicas on one host (out of cluster, or started
+/// without `POD_NAME`) can never share an identity and both lead.
+pub fn identity(pod_name: Option<&str>, hostname: Option<&str>) -> String {
+    if let Some(name) = pod_name.filter(|n| !n.is_empty()) {
+        return name.to_owned();
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{}-{nanos:08x}", hostname.unwrap_or("arcguard"), std::process::id())
+}
 
 /// How long readiness waits for the GMSACredentialSpec cache while a gMSA policy is in force.
 const CREDENTIAL_SPECS_WAIT: Duration = Duration::from_secs(60);
@@ -57,7 +102,7 @@ pub enum ClusterError {
     Tls(#[from] crate::certs::CertError),
     /// A listener could not be bound.
     #[error(transparent)]
-    Serve(#[from] ServeError),
+    Listen(#[from] ListenError),
 }
 
 /// Starts cluster mode; it runs until `shutdown` completes.
@@ -72,7 +117,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, ClusterError> {
     config.certs.validate()?;
-    let client = kube::Client::try_default().await.map_err(ClusterError::Client)?;
+    let client = client().await?;
     let facts = facts::ClusterFacts::start(client.clone());
     let state = AppState::new(Snapshot::default()).with_facts(facts.clone());
     let resolver = Arc::new(CertResolver::empty());
@@ -165,4 +210,18 @@ pub async fn start(
     tasks.extend(listening.tasks);
     let done = drain_on(shutdown, state.readiness.clone(), config.shutdown_delay, stop_tx, tasks);
     Ok(Running { webhook_addr, metrics_addr, state, done })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_pod_name_the_identity_is_unique_to_the_process() {
+        assert_eq!(identity(Some("arcguard-7d9f-x2"), Some("node-1")), "arcguard-7d9f-x2");
+        let fallback = identity(None, Some("node-1"));
+        assert!(fallback.starts_with(&format!("node-1-{}-", std::process::id())), "{fallback}");
+        assert!(identity(Some(""), None).starts_with("arcguard-"));
+        assert_ne!(identity(None, None), "arcguard", "never the shared default");
+    }
 }

@@ -4,7 +4,7 @@
 //! A generation that fails to compile never removes enforcement: the last good generation of
 //! that policy stays in force, and its status says so.
 //!
-//! API calls (for RBAC; `tests/rbac.rs` checks the manifests grant exactly these):
+//! API calls (for RBAC; `tests/manifests.rs` checks the manifests grant exactly these):
 //! - `list arcguard.io/clusterguardpolicies (cluster)`
 //! - `watch arcguard.io/clusterguardpolicies (cluster)`
 //! - `list arcguard.io/guardpolicies (all namespaces)`
@@ -183,10 +183,11 @@ pub async fn run(
     let namespaced_writer = reflector::store::Writer::new(namespaced_resource.clone());
     let cluster_store = cluster_writer.as_reader();
     let namespaced_store = namespaced_writer.as_reader();
-    let cluster_events =
-        watcher(cluster_api, watcher::Config::default()).default_backoff().reflect(cluster_writer);
+    let cluster_events = watcher(cluster_api, watcher::Config::default())
+        .backoff(super::watch_backoff())
+        .reflect(cluster_writer);
     let namespaced_events = watcher(namespaced_api, watcher::Config::default())
-        .default_backoff()
+        .backoff(super::watch_backoff())
         .reflect(namespaced_writer);
     let mut events = Box::pin(futures::stream::select(
         cluster_events.map(|e| e.map(|_| ())),

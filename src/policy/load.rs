@@ -27,6 +27,14 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// A symlink leads back into a directory being listed: the tree has no end.
+    #[error("symlink loop in the policy directory: {path} leads back to {target}; remove the link")]
+    SymlinkLoop {
+        /// The path that loops.
+        path: PathBuf,
+        /// The directory it leads back into.
+        target: PathBuf,
+    },
     /// A file could not be read.
     #[error("failed to read {path}: {source}")]
     Read {
@@ -121,8 +129,23 @@ fn is_policy_file(path: &Path) -> bool {
 /// [`LoadError::ReadDir`] when a directory cannot be listed.
 pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let mut files = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
+    // Each directory to list with the real paths of the directories above it on the way here:
+    // symlinks are followed (ConfigMap volumes link their files), so a link back up that chain
+    // would otherwise be walked forever. A directory reached twice otherwise (two links to it)
+    // is listed once.
+    let mut pending: Vec<(PathBuf, Vec<PathBuf>)> = vec![(dir.to_path_buf(), Vec::new())];
+    let mut listed: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+    while let Some((dir, above)) = pending.pop() {
+        let real = std::fs::canonicalize(&dir)
+            .map_err(|source| LoadError::ReadDir { path: dir.clone(), source })?;
+        if above.contains(&real) {
+            return Err(LoadError::SymlinkLoop { path: dir, target: real });
+        }
+        if !listed.insert(real.clone()) {
+            continue;
+        }
+        let mut chain = above;
+        chain.push(real);
         let entries = std::fs::read_dir(&dir)
             .map_err(|source| LoadError::ReadDir { path: dir.clone(), source })?;
         for entry in entries {
@@ -133,7 +156,7 @@ pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
             }
             // Follows symlinks, as ConfigMap volumes link their files.
             match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_dir() => pending.push(path),
+                Ok(meta) if meta.is_dir() => pending.push((path, chain.clone())),
                 Ok(meta) if meta.is_file() && is_policy_file(&path) => files.push(path),
                 _ => {}
             }
@@ -274,6 +297,28 @@ fn standalone_warnings(policy: &Policy) -> Vec<String> {
         ));
     }
     warnings
+}
+
+#[cfg(test)]
+mod symlink_tests {
+    use super::*;
+
+    #[test]
+    fn symlink_loops_are_reported_and_shared_directories_listed_once() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("policies");
+        std::fs::create_dir_all(dir.join("team/nested")).expect("mkdir");
+        std::fs::write(dir.join("team/a.yaml"), "").expect("write");
+        // Two links to one directory: listed once.
+        std::os::unix::fs::symlink(dir.join("team"), dir.join("also-team")).expect("link");
+        assert_eq!(policy_files(&dir).expect("lists").len(), 1);
+        // A link back up: a loop, named.
+        std::os::unix::fs::symlink(&dir, dir.join("team/nested/up")).expect("link");
+        match policy_files(&dir) {
+            Err(LoadError::SymlinkLoop { path, .. }) => assert!(path.ends_with("up"), "{path:?}"),
+            other => panic!("expected a symlink loop, got {other:?}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -145,7 +145,7 @@ impl CalicoLinuxOnly {
             }
             // A workload's template: its pods will be judged on their label, so a false one is
             // refused now rather than on every pod the controller makes.
-            Subject::Pod(pod) if !view.kind.is_pod() => self.validate_template(pod),
+            Subject::Pod(pod) if !view.kind.is_pod() => self.validate_template(pod, facts),
             Subject::Binding(binding) => self.validate_binding(view, binding, facts),
             Subject::NetworkPolicy(PolicySubject::Calico { spec, global }) => {
                 self.validate_calico(spec, *global)
@@ -246,10 +246,9 @@ impl CalicoLinuxOnly {
         facts: &dyn Facts,
     ) -> Option<String> {
         let key = &self.spec.os_label_key;
+        // A pod placed on a node arcguard cannot see (standalone mode) is judged by its own
+        // signals: a `windows` label needs them to pin Windows.
         let node_os = |node: &str| facts.node_os(node);
-        if placed_where_unseen(pod, facts) {
-            return None;
-        }
         let resolved = os::resolve(&pod.spec, &node_os);
         let old = pod.old.as_deref();
         let repinned = old.is_some_and(|old| {
@@ -304,11 +303,11 @@ impl CalicoLinuxOnly {
 
     /// A template's OS label must be what its pods' signals make true: each pod is created with
     /// it and denied when it is false.
-    fn validate_template(&self, pod: &PodView) -> Option<String> {
+    fn validate_template(&self, pod: &PodView, facts: &dyn Facts) -> Option<String> {
         let key = &self.spec.os_label_key;
         let value = pod.labels.get(key.as_str())?;
-        // Templates are not bound to nodes: only their own signals count.
-        let resolved = os::detect(&pod.spec);
+        // Decided as for the pods it makes (a template placed on a node: that node).
+        let resolved = os::resolve(&pod.spec, &|node| facts.node_os(node));
         let fits = match &resolved {
             PodOs::Pinned { os, .. } => value == os.as_str(),
             PodOs::Unpinned => value == LINUX,
@@ -345,9 +344,9 @@ impl CalicoLinuxOnly {
             NodeOs::NotChecked => return None,
             NodeOs::Unknown => {
                 return Some(format!(
-                    "node {node:?} is not known to arcguard (yet), so the OS label of pod \
-                     {pod_name} cannot be checked against it; the binding is retried once the \
-                     node is registered with a kubernetes.io/os label"
+                    "node {node:?} is not known to arcguard (yet) or has no kubernetes.io/os \
+                     label, so the OS label of pod {pod_name} cannot be checked against it; the \
+                     binding is retried once the node is registered with that label"
                 ));
             }
             NodeOs::Known(os) => os,
@@ -364,7 +363,15 @@ impl CalicoLinuxOnly {
         }
         let namespace = view.namespace.as_deref().unwrap_or_default();
         let pod = match facts.pod(namespace, &view.name) {
-            PodLookup::NotChecked | PodLookup::NotFound => return None,
+            PodLookup::NotChecked => return None,
+            // Refused rather than let through: a pod of that name created between this check
+            // and the binding's storage would otherwise be bound unchecked.
+            PodLookup::NotFound => {
+                return Some(format!(
+                    "pod {pod_name} was not found to check its OS label against node {node:?}; \
+                     retry once it exists"
+                ));
+            }
             PodLookup::Failed(why) => {
                 return Some(format!(
                     "pod {pod_name} could not be read to check its OS label against node \
@@ -399,10 +406,12 @@ impl CalicoLinuxOnly {
         let expr = match selector::parse(current) {
             Ok(expr) => expr,
             Err(error) => {
+                // Columns count in what the user wrote, not in arcguard's wrapping of it.
+                let authored = authored_text(current, key);
+                let error = selector::parse(authored).err().unwrap_or(error);
                 return Some(format!(
-                    "spec.selector {:?} is not a valid Calico selector: {error}; fix its \
-                     syntax (e.g. \"app == 'web'\")",
-                    authored_text(current, key)
+                    "spec.selector {authored:?} is not a valid Calico selector: {error}; fix its \
+                     syntax (e.g. \"app == 'web'\")"
                 ));
             }
         };
@@ -889,10 +898,14 @@ mod tests {
             );
         }
         // Standalone mode does not know nodes: a pod placed on one is neither labelled nor
-        // pinned, nor judged on its label.
+        // pinned, and its label is judged by its own signals.
         let placed = pod(json!({KEY: "windows"}), json!({"nodeName": "win1"}));
         let view = view_of(Kind::Pod, Operation::Create, &placed, None);
         assert_eq!(rule.mutate(&view, &StaticFacts::default()), vec![]);
+        let findings = rule.validate(&view, &StaticFacts::default());
+        assert!(findings.violations[0].contains("is not pinned to Windows"), "{findings:?}");
+        let placed = pod(json!({KEY: "linux"}), json!({"nodeName": "lin1"}));
+        let view = view_of(Kind::Pod, Operation::Create, &placed, None);
         assert!(rule.validate(&view, &StaticFacts::default()).is_empty());
     }
 
@@ -1128,7 +1141,7 @@ mod tests {
                 Some("(app ==) && arcguard.io/os == 'linux'"),
                 &none,
                 Some(
-                    "spec.selector \"app ==\" is not a valid Calico selector: expected a quoted string at column 8, found `)`; fix its syntax",
+                    "spec.selector \"app ==\" is not a valid Calico selector: expected a quoted string at column 7, found the end of the selector; fix its syntax",
                 ),
             ),
             // Validation mode: unscoped policies are denied with the selector to use.
@@ -1335,7 +1348,7 @@ mod tests {
                 json!({}),
                 on_unknown_node.clone(),
                 None,
-                Some("spec.nodeName places this pod on node \"new\", which arcguard does not know"),
+                Some("places this pod on node \"new\", which arcguard does not know"),
             ),
             (
                 Operation::Create,
@@ -1536,7 +1549,8 @@ mod tests {
             ("default".to_owned(), "p".to_owned()),
             crate::rules::PodFact::NotFound,
         )]));
-        assert!(rule.validate(&binding_view("p", "win1"), &facts).is_empty());
+        let findings = rule.validate(&binding_view("p", "win1"), &facts);
+        assert!(findings.violations[0].contains("was not found"), "{findings:?}");
         assert!(rule.validate(&binding_view("p", "win1"), &StaticFacts::default()).is_empty());
 
         // The apiserver copies a binding's labels onto the pod: the OS label may not ride along.

@@ -319,8 +319,8 @@ impl Gmsa {
         if self.spec.authorize_service_account {
             match facts.may_use_credential_spec(namespace, service_account, name) {
                 Access::Allowed | Access::NotChecked => {}
-                Access::Denied => violations.push(format!(
-                    "service account {namespace}/{service_account} may not use GMSACredentialSpec {name:?} (named by {at}); bind it to a role granting verb \"use\" on gmsacredentialspecs.windows.k8s.io with resourceNames [{name:?}]"
+                Access::Denied(answer) => violations.push(format!(
+                    "service account {namespace}/{service_account} may not use GMSACredentialSpec {name:?} (named by {at}; the SubjectAccessReview answered: {answer}); bind it to a role granting verb \"use\" on gmsacredentialspecs.windows.k8s.io with resourceNames [{name:?}]"
                 )),
                 Access::Unknown(reason) => violations.push(format!(
                     "could not check whether service account {namespace}/{service_account} may use GMSACredentialSpec {name:?}: {reason}; retry"
@@ -432,7 +432,7 @@ mod tests {
             match (ns, sa, name) {
                 ("apps", "web", "webapp1") => Access::Allowed,
                 ("apps", "broken", _) => Access::Unknown("apiserver unavailable".into()),
-                _ => Access::Denied,
+                _ => Access::Denied("no RBAC rule allows it".to_owned()),
             }
         }
         fn namespace_labels(&self, _: &str) -> Option<&crate::admission::objects::Labels> {

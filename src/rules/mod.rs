@@ -109,8 +109,9 @@ pub enum Mutation {
 pub enum Access {
     /// Allowed by RBAC.
     Allowed,
-    /// Not allowed by RBAC.
-    Denied,
+    /// Not allowed by RBAC; the SubjectAccessReview's answer (its reason, or that no rule
+    /// allows it).
+    Denied(String),
     /// The check could not be made (the API failed); treated as denied, with the reason.
     Unknown(String),
     /// No authorizer is available (standalone mode): the check is skipped.

@@ -188,8 +188,9 @@ impl PodOs {
                  (spec.os.name, nodeSelector and required node affinity on kubernetes.io/os)"
             )),
             Self::UnknownNode(node) => Some(format!(
-                "spec.nodeName places this pod on node {node:?}, which arcguard does not know \
-                 (yet); retry once the node is registered, or set spec.os.name to the node's \
+                "spec.nodeName (or node affinity on metadata.name) places this pod on node \
+                 {node:?}, which arcguard does not know (yet) or which has no kubernetes.io/os \
+                 label; retry once the node is registered, or set spec.os.name to the node's \
                  operating system"
             )),
             Self::Pinned { .. } | Self::Unpinned => None,

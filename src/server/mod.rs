@@ -1,6 +1,7 @@
 //! The HTTPS webhook server and the plain-HTTP metrics server.
 
 pub mod budget;
+pub mod listen;
 mod routes;
 mod tls;
 
@@ -17,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::rules::{Rule, StaticFacts};
 
+pub use listen::{ListenError, Listening, Running, drain_on, listen};
 pub use routes::{metrics_router, webhook_router};
 pub use tls::serve_tls;
 

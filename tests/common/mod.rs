@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arcguard::serve::{Running, ServeConfig, start};
+use arcguard::serve::{ServeConfig, start};
+use arcguard::server::Running;
 use arcguard::server::{Addresses, Limits};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -77,18 +78,7 @@ pub async fn start_server_with(limits: Limits, shutdown_delay: Duration) -> Star
 /// A TLS connection to `addr` trusting `ca`, negotiating HTTP/2 by ALPN, with the client preface
 /// and an empty SETTINGS frame sent: an HTTP/2 connection that then does nothing.
 pub async fn h2_idle(addr: std::net::SocketAddr, ca: &Path) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("ca file") {
-        roots.add(cert.expect("ca pem")).expect("ca cert");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = TlsConnector::from(Arc::new(config));
+    let connector = TlsConnector::from(client_tls_config(ca, &[b"h2"]));
     let name = ServerName::try_from("localhost").expect("name");
     let tcp = TcpStream::connect(addr).await.expect("tcp connect");
     let mut stream = connector.connect(name, tcp).await.expect("tls");
@@ -129,4 +119,20 @@ pub async fn h2_frames(
             }
         }
     }
+}
+
+/// A rustls client configuration trusting the CA in `ca`, offering `alpn`.
+pub fn client_tls_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("ca file") {
+        roots.add(cert.expect("ca pem")).expect("ca cert");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
 }

@@ -56,9 +56,73 @@ pub fn matches(content: &str, credspec: &Value) -> bool {
     if content == to_go_json(credspec) {
         return true;
     }
+    // Go (and serde_json) keep the last of two equal keys; the Windows side that reads the
+    // string may keep the first, and a pod could then run as another account than the one
+    // compared. No real credential spec repeats a key: such content never matches.
+    if has_duplicate_keys(content) {
+        return false;
+    }
     let Ok(inlined) = serde_json::from_str::<Value>(content) else { return false };
     let object = |v: &Value| matches!(v, Value::Object(_) | Value::Null);
     object(&inlined) && object(credspec) && GoValue::of(&inlined) == GoValue::of(credspec)
+}
+
+/// Whether any JSON object in `text` repeats a key (or `text` is not JSON).
+pub fn has_duplicate_keys(text: &str) -> bool {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    /// Walks a value; fails on the first object with a repeated key.
+    struct Unique;
+
+    impl<'de> DeserializeSeed<'de> for Unique {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Unique {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON without repeated object keys")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Unique)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if !seen.insert(key) {
+                    return Err(serde::de::Error::custom("repeated key"));
+                }
+                map.next_value_seed(Unique)?;
+            }
+            Ok(())
+        }
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let unique = Unique.deserialize(&mut deserializer).is_ok() && deserializer.end().is_ok();
+    !unique
 }
 
 /// `value` as Go's `json.Marshal` writes it once the cluster has decoded it: object keys sorted,
@@ -154,6 +218,20 @@ fn write_go_string(out: &mut String, s: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn content_with_a_repeated_key_never_matches() {
+        let spec = serde_json::json!({"ActiveDirectoryConfig": {"GroupManagedServiceAccounts": [{"Name": "WebApp1", "Scope": "CONTOSO"}]}, "CmsPlugins": ["ActiveDirectory"]});
+        let nested = r#"{"ActiveDirectoryConfig":{"GroupManagedServiceAccounts":[{"Name":"Evil","Name":"WebApp1","Scope":"CONTOSO"}]},"CmsPlugins":["ActiveDirectory"]}"#;
+        let top = r#"{"ActiveDirectoryConfig":{"GroupManagedServiceAccounts":[{"Name":"DomainAdmin","Scope":"CONTOSO"}]},"ActiveDirectoryConfig":{"GroupManagedServiceAccounts":[{"Name":"WebApp1","Scope":"CONTOSO"}]},"CmsPlugins":["ActiveDirectory"]}"#;
+        for content in [nested, top] {
+            assert!(has_duplicate_keys(content), "{content}");
+            assert!(!matches(content, &spec), "{content}");
+        }
+        assert!(!has_duplicate_keys(&to_go_json(&spec)));
+        assert!(matches(&to_go_json(&spec), &spec));
+        assert!(has_duplicate_keys("{} x"), "trailing garbage is not JSON");
+    }
+
     use serde_json::json;
 
     use super::*;
@@ -176,10 +254,11 @@ mod tests {
                 r#"{"Version": 1e0, "Ratio": 0.50, "ActiveDirectoryConfig": {"GroupManagedServiceAccounts": [{"Name": "WebApp1", "Scope": "CONTOSO"}]}}"#,
                 true,
             ),
-            // A duplicate key: the last one counts, as in Go.
+            // A duplicate key: Go keeps the last one and would match; arcguard refuses it, as
+            // what reads the string on Windows may keep the first.
             (
                 r#"{"Version": 2, "Version": 1, "Ratio": 0.5, "ActiveDirectoryConfig": {"GroupManagedServiceAccounts": [{"Name": "WebApp1", "Scope": "CONTOSO"}]}}"#,
-                true,
+                false,
             ),
             (
                 r#"{"Version": "1", "Ratio": 0.5, "ActiveDirectoryConfig": {"GroupManagedServiceAccounts": [{"Name": "WebApp1", "Scope": "CONTOSO"}]}}"#,
