@@ -408,6 +408,13 @@ fn helm_lint_passes_with_every_option_and_the_schema_refuses_bad_values() {
         ("--set-json", "networkPolicy.webhookFrom=[]", "webhookFrom"),
         ("--set-json", r#"networkPolicy.metricsFrom=[{"ipblock":{}}]"#, "metricsFrom"),
         ("--set", "unknownOption=1", "unknownOption"),
+        // At least two replicas, a memory limit (the in-flight budget is half of it), and a
+        // labeller that pauses between passes.
+        ("--set", "replicas=1", "replicas"),
+        ("--set", "resources.limits=null", "limits"),
+        ("--set", "labelPodsInterval=0s", "labelPodsInterval"),
+        // No namespace given: Helm's `default`, which the webhooks would exempt.
+        ("--set", "replicas=2", "namespace of its own"),
     ] {
         let output = Command::new(&helm)
             .current_dir(ROOT)
@@ -417,6 +424,30 @@ fn helm_lint_passes_with_every_option_and_the_schema_refuses_bad_values() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{set} was accepted");
         assert!(stderr.contains(complaint), "{set}: {stderr}");
+    }
+}
+
+#[test]
+fn the_chart_refuses_a_shared_namespace_and_broken_combinations() {
+    let Some(helm) = tools::tool("helm") else { return };
+    for (namespace, set, complaint) in [
+        ("kube-system", "replicas=2", "namespace of its own"),
+        ("y", "replicas=2", "YAML boolean"),
+        ("9lives", "replicas=2", "DNS label that starts with a letter"),
+        (
+            "arcguard-system",
+            "certManager.enabled=true,webhooks.url=https://x.example:8443",
+            "use one or the other",
+        ),
+    ] {
+        let output = Command::new(&helm)
+            .current_dir(ROOT)
+            .args(["template", "arcguard", CHART, "--namespace", namespace, "--set", set])
+            .output()
+            .expect("helm");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{namespace} {set} was accepted");
+        assert!(stderr.contains(complaint), "{namespace} {set}: {stderr}");
     }
 }
 
