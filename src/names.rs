@@ -23,12 +23,8 @@ fn is_dns_label_body(label: &str) -> bool {
         && bytes.iter().all(|&b| is_lower_alnum(b) || b == b'-')
 }
 
-/// Checks an RFC 1123 DNS label (a namespace name): at most 63 lowercase letters, digits and
-/// `-`, starting and ending with a letter or digit.
-///
-/// # Errors
-/// Why the name is invalid.
-pub fn check_dns_label(name: &str) -> Result<(), String> {
+/// A name part (a DNS label, a label key's name) is not empty and at most 63 characters.
+fn check_name_length(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the name is empty".to_owned());
     }
@@ -38,6 +34,16 @@ pub fn check_dns_label(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
+    Ok(())
+}
+
+/// Checks an RFC 1123 DNS label (a namespace name): at most 63 lowercase letters, digits and
+/// `-`, starting and ending with a letter or digit.
+///
+/// # Errors
+/// Why the name is invalid.
+pub fn check_dns_label(name: &str) -> Result<(), String> {
+    check_name_length(name)?;
     if !is_dns_label_body(name) {
         return Err(format!(
             "{name:?} must be lowercase letters, digits and `-`, starting and ending with a \
@@ -89,15 +95,7 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
     if let Some(prefix) = prefix {
         check_subdomain("the prefix before `/`", prefix)?;
     }
-    if name.is_empty() {
-        return Err("the name is empty".to_owned());
-    }
-    if name.len() > DNS_LABEL_MAX {
-        return Err(format!(
-            "the name is {} characters long (at most {DNS_LABEL_MAX})",
-            name.len()
-        ));
-    }
+    check_name_length(name)?;
     let bytes = name.as_bytes();
     let valid = bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)

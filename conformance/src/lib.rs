@@ -139,6 +139,17 @@ pub fn generate<S: Strategy>(runner: &mut TestRunner, strategy: S, count: usize)
         .collect()
 }
 
+/// Every input's [`mutations`] (`per_input` each, from a fresh [`runner`]), sorted and without
+/// repeats: the mutated vectors both suites compare.
+pub fn mutated_inputs(inputs: &[String], alphabet: &[char], per_input: usize) -> Vec<String> {
+    let mut runner = runner();
+    let mut out: Vec<String> =
+        inputs.iter().flat_map(|v| mutations(&mut runner, v, alphabet, per_input)).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Mutations of a vector: a character deleted, duplicated, case-flipped, or replaced or followed
 /// by one of `alphabet`, at positions drawn from `runner`; `per_input` of them.
 pub fn mutations(

@@ -6,7 +6,7 @@
 //! [`deliberate`] (listed in conformance/README.md), never more permissive.
 
 use arcguard::rules::image::{self, ImageError};
-use arcguard_conformance::{Report, ask, generate, mutations, oracles, runner, vectors};
+use arcguard_conformance::{Report, ask, generate, mutated_inputs, oracles, runner, vectors};
 use proptest::prelude::*;
 use serde::Deserialize;
 
@@ -154,14 +154,7 @@ fn upstream_vectors_agree_with_distribution_reference() {
 fn mutated_vectors_agree_with_distribution_reference() {
     let Some(dir) = oracles() else { return };
     let vectors = vectors(&dir, "reference");
-    let mut runner = runner();
-    let mut inputs: Vec<String> = vectors
-        .inputs
-        .iter()
-        .flat_map(|v| mutations(&mut runner, v, ALPHABET, MUTATIONS))
-        .collect();
-    inputs.sort();
-    inputs.dedup();
+    let inputs = mutated_inputs(&vectors.inputs, ALPHABET, MUTATIONS);
     run("mutated distribution/reference vectors", &inputs);
 }
 

@@ -129,12 +129,7 @@ pub fn decide(
             // bad edit never reaches the controller.
             if let Err(problem) = crate::policy::check_document(view) {
                 summary.denials = vec![problem];
-                response.allowed = false;
-                response.status = Some(review::Status {
-                    code: 422,
-                    message: denial_message(view, &summary.denials),
-                    reason: "Invalid",
-                });
+                deny(&mut response, view, &summary.denials, 422, "Invalid");
             }
         }
         Webhook::Validate => {
@@ -153,12 +148,7 @@ pub fn decide(
             response.warnings = capped(evaluation.warnings());
             summary.denials = evaluation.denials();
             if evaluation.is_denied() {
-                response.allowed = false;
-                response.status = Some(review::Status {
-                    code: 403,
-                    message: denial_message(view, &summary.denials),
-                    reason: "Forbidden",
-                });
+                deny(&mut response, view, &summary.denials, 403, "Forbidden");
             }
         }
         Webhook::Mutate => {
@@ -187,6 +177,18 @@ pub fn decide(
     summary.allowed = response.allowed;
     summary.patched = response.patch.is_some();
     Ok(Decision { response, summary })
+}
+
+/// Turns `response` into a denial with the message listing `denials`.
+fn deny(
+    response: &mut AdmissionResponse,
+    view: &RequestView,
+    denials: &[String],
+    code: u16,
+    reason: &'static str,
+) {
+    response.allowed = false;
+    response.status = Some(review::Status { code, message: denial_message(view, denials), reason });
 }
 
 /// Violations listed in one denial message, and warnings in one response: the message goes to
