@@ -439,9 +439,10 @@ async fn apiserver_down_mid_run(cluster: &mut Cluster) -> Result<()> {
     }
     let denied_after = restarted.elapsed();
 
-    // Watches resume: an edit made after the restart takes effect. arcguard's watch back-off
-    // is capped at 2 s (kube-runtime's default, like client-go's reflector, goes to 30 s: runs
-    // took 18-40 s here before), so the edit must take effect within 5 s of the restart.
+    // Watches resume: an edit made after the restart takes effect. Every wait of arcguard's
+    // watch back-off, jitter included, is under 2 s (kube-runtime's default, like client-go's
+    // reflector, goes to 30 s: runs took 18-40 s here before), so the edit must take effect
+    // within 5 s of the restart, the 403s of the restarted apiserver's RBAC sync included.
     apply(
         &client,
         &registries_policy(&name, &ns, &["contoso.azurecr.io/team-a", "contoso.azurecr.io/team-b"]),

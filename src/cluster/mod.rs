@@ -21,14 +21,17 @@ use crate::certs::CertResolver;
 use crate::server::{Addresses, AppState, Limits, Snapshot};
 use crate::server::{ListenError, Running, drain_on, listen};
 
-/// The back-off of every watch arcguard runs: 250 ms doubling to at most 2 s, with jitter,
-/// reset after two quiet minutes. kube-runtime's default goes up to 30 s, so after an apiserver
-/// outage policies and caches could lag for half a minute; with this they resume within about
-/// 2 s of the apiserver's return, for one list per watch every 2 s while it is down.
+/// The back-off of every watch arcguard runs: a base of 250 ms doubling to at most 1 s, plus a
+/// jitter of up to the base (backon adds `base × rand[0, 1)` on top of the capped base), so
+/// every wait is under 2 s; reset after two quiet minutes. kube-runtime's default goes up to
+/// 30 s, so after an apiserver outage policies and caches could lag for half a minute; with
+/// this they resume within 2 s of the apiserver answering again (also after the 403s a
+/// restarted apiserver gives while its RBAC caches sync), for at most one list per watch a
+/// second while it is down.
 pub fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
     let builder = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(2))
+        .with_max_delay(Duration::from_secs(1))
         .with_factor(2.0)
         .with_jitter()
         .without_max_times();
@@ -223,5 +226,16 @@ mod tests {
         assert!(fallback.starts_with(&format!("node-1-{}-", std::process::id())), "{fallback}");
         assert!(identity(Some(""), None).starts_with("arcguard-"));
         assert_ne!(identity(None, None), "arcguard", "never the shared default");
+    }
+
+    #[test]
+    fn every_watch_back_off_wait_is_under_two_seconds_and_grows_from_a_quarter_second() {
+        let mut backoff = watch_backoff();
+        let waits: Vec<Duration> = (0..2000).map_while(|_| backoff.next()).collect();
+        assert_eq!(waits.len(), 2000, "retries forever");
+        assert!(waits[0] >= Duration::from_millis(250) && waits[0] < Duration::from_millis(500));
+        let longest = waits.iter().max().copied().unwrap_or_default();
+        assert!(longest < Duration::from_secs(2), "longest wait {longest:?}");
+        assert!(longest > Duration::from_millis(1500), "jitter spreads the retries: {longest:?}");
     }
 }
