@@ -761,7 +761,7 @@ fn every_rbac_rule_says_which_code_path_uses_it() {
             );
         }
     }
-    assert_eq!(rules, 12);
+    assert_eq!(rules, 13);
 }
 
 // ---------------------------------------------------------------------------------------------

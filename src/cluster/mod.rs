@@ -6,6 +6,7 @@ pub mod facts;
 pub mod labeller;
 pub mod leader;
 pub mod policies;
+pub mod policy_status;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -203,6 +204,7 @@ pub async fn start(
     tasks.push(tokio::spawn(policies::run(
         client,
         state.clone(),
+        config.identity.clone(),
         leadership.receiver(),
         stop_rx.clone(),
     )));

@@ -1,36 +1,35 @@
 //! The policy controller: watches ClusterGuardPolicy and GuardPolicy, compiles them, swaps the
-//! policy set atomically, and reports each policy's status.
+//! policy set atomically, and hands each policy's status to the status writer
+//! ([`super::policy_status`]), which writes it off this loop.
 //!
 //! A generation that fails to compile never removes enforcement: the last good generation of
-//! that policy stays in force, and its status says so.
+//! that policy stays in force, and its status says so. The last good spec is recorded in the
+//! policy's status (`enforcedGeneration`, `enforcedSpec`), so a replica started after a bad
+//! edit enforces the same last good generation as the replicas that saw it: every replica
+//! enforces the same policies, whatever restarted when.
 //!
 //! API calls (for RBAC; `tests/manifests.rs` checks the manifests grant exactly these):
 //! - `list arcguard.io/clusterguardpolicies (cluster)`
 //! - `watch arcguard.io/clusterguardpolicies (cluster)`
 //! - `list arcguard.io/guardpolicies (all namespaces)`
 //! - `watch arcguard.io/guardpolicies (all namespaces)`
-//! - `patch arcguard.io/clusterguardpolicies/status (cluster)` (leader only)
-//! - `patch arcguard.io/guardpolicies/status (namespaced)` (leader only)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::{FutureExt as _, StreamExt as _};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject};
 use kube::core::ApiResource;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use super::policy_status::{self, Pending, StatusWriter};
 use crate::policy::crd::{ClusterGuardPolicy, GuardPolicy, PolicyStatus};
 use crate::policy::load::decode_spec;
 use crate::policy::{Policy, PolicySet, Scope};
 use crate::server::{AppState, Snapshot};
-
-/// The condition type arcguard maintains on its policies.
-pub const READY: &str = "Ready";
 
 /// Identity of a policy object: its scope and name.
 pub type Key = (Scope, String);
@@ -44,10 +43,35 @@ pub struct PolicyObject {
     pub uid: String,
     /// `metadata.generation`.
     pub generation: i64,
+    /// `metadata.resourceVersion`: a status write is redone when the object moved on.
+    pub resource_version: String,
     /// `spec`, undecoded: a spec the types cannot decode must not break the watch.
     pub spec: Value,
     /// The current status.
     pub status: Option<PolicyStatus>,
+}
+
+impl PolicyObject {
+    /// The last good generation and spec the status records, if it is not newer than the
+    /// object (a status claiming a future generation is not arcguard's).
+    fn recorded(&self) -> Option<(i64, &Value)> {
+        let status = self.status.as_ref()?;
+        let generation = status.enforced_generation?;
+        let spec = status.enforced_spec.as_ref()?;
+        (generation <= self.generation).then_some((generation, spec))
+    }
+}
+
+/// A compiled generation in force: its number, the policy, and the spec it was compiled from
+/// (recorded in status).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Enforced {
+    /// `metadata.generation` of the spec.
+    pub generation: i64,
+    /// The compiled policy.
+    pub policy: Policy,
+    /// The spec as written.
+    pub spec: Value,
 }
 
 /// What the controller knows about one policy.
@@ -57,56 +81,78 @@ pub struct Entry {
     pub uid: String,
     /// The generation last seen.
     pub generation: i64,
-    /// The last good compiled generation and its number.
-    pub enforced: Option<(i64, Policy)>,
+    /// The recorded last good generation last seen in status (see [`PolicyObject`]).
+    pub recorded: Option<i64>,
+    /// The last good generation.
+    pub enforced: Option<Enforced>,
     /// Why the generation last seen does not compile.
     pub error: Option<String>,
 }
 
-/// Brings the cache in line with the objects: compiles new generations, keeps the last good
-/// generation when a new one fails, and forgets deleted policies. Returns whether the set of
-/// enforced policies changed.
+fn compile(key: &Key, spec: &Value) -> Result<Policy, String> {
+    decode_spec(spec.clone()).map_err(|(field, message)| format!("{field}: {message}")).and_then(
+        |decoded| {
+            Policy::compile(&key.1, key.0.clone(), &decoded).map_err(|e| e.source.to_string())
+        },
+    )
+}
+
+/// Brings the cache in line with the objects: compiles new generations; when one fails, keeps
+/// the newer of the last good generation this replica compiled and the one the status
+/// records; forgets deleted policies. Returns whether the set of enforced policies changed.
 pub fn reconcile(cache: &mut BTreeMap<Key, Entry>, objects: &[PolicyObject]) -> bool {
     let mut changed = false;
-    let live: std::collections::BTreeSet<&Key> = objects.iter().map(|o| &o.key).collect();
+    let live: BTreeSet<&Key> = objects.iter().map(|o| &o.key).collect();
     cache.retain(|key, _| {
         let keep = live.contains(key);
         changed |= !keep;
         keep
     });
     for object in objects {
+        let recorded = object.recorded();
         let entry = cache.get(&object.key);
-        if entry.is_some_and(|e| e.uid == object.uid && e.generation == object.generation) {
+        if entry.is_some_and(|e| {
+            e.uid == object.uid
+                && e.generation == object.generation
+                && e.recorded == recorded.map(|(g, _)| g)
+        }) {
             continue;
         }
+        let before = entry.and_then(|e| e.enforced.as_ref()).map(|e| (e.generation, &e.spec));
         let kept = entry.filter(|e| e.uid == object.uid).and_then(|e| e.enforced.clone());
-        let compiled = decode_spec(object.spec.clone())
-            .map_err(|(field, message)| format!("{field}: {message}"))
-            .and_then(|spec| {
-                Policy::compile(&object.key.1, object.key.0.clone(), &spec)
-                    .map_err(|e| e.source.to_string())
-            });
-        let entry = match compiled {
-            Ok(policy) => {
-                changed = true;
-                Entry {
-                    uid: object.uid.clone(),
+        let next = match compile(&object.key, &object.spec) {
+            Ok(policy) => Entry {
+                uid: object.uid.clone(),
+                generation: object.generation,
+                recorded: recorded.map(|(g, _)| g),
+                enforced: Some(Enforced {
                     generation: object.generation,
-                    enforced: Some((object.generation, policy)),
-                    error: None,
-                }
-            }
+                    policy,
+                    spec: object.spec.clone(),
+                }),
+                error: None,
+            },
             Err(error) => {
-                changed |= kept.is_none() && entry.is_some();
+                let from_status = recorded
+                    .filter(|(g, _)| kept.as_ref().is_none_or(|k| k.generation < *g))
+                    .and_then(|(generation, spec)| match compile(&object.key, spec) {
+                        Ok(policy) => Some(Enforced { generation, policy, spec: spec.clone() }),
+                        Err(error) => {
+                            tracing::warn!(policy = ?object.key, generation, %error, "the last good spec recorded in status does not compile; ignoring it");
+                            None
+                        }
+                    });
                 Entry {
                     uid: object.uid.clone(),
                     generation: object.generation,
-                    enforced: kept,
+                    recorded: recorded.map(|(g, _)| g),
+                    enforced: from_status.or(kept),
                     error: Some(error),
                 }
             }
         };
-        cache.insert(object.key.clone(), entry);
+        changed |= before != next.enforced.as_ref().map(|e| (e.generation, &e.spec));
+        cache.insert(object.key.clone(), next);
     }
     changed
 }
@@ -114,41 +160,8 @@ pub fn reconcile(cache: &mut BTreeMap<Key, Entry>, objects: &[PolicyObject]) -> 
 /// The policy set the cache enforces.
 pub fn policy_set(cache: &BTreeMap<Key, Entry>) -> PolicySet {
     PolicySet::new(
-        cache.values().filter_map(|e| e.enforced.as_ref().map(|(_, p)| p.clone())).collect(),
+        cache.values().filter_map(|e| e.enforced.as_ref().map(|e| e.policy.clone())).collect(),
     )
-}
-
-/// The status a policy should show; `lastTransitionTime` moves only when the condition's
-/// status does.
-pub fn desired_status(entry: &Entry, existing: Option<&PolicyStatus>, now: &Time) -> PolicyStatus {
-    let (status, reason, message) = match (&entry.error, &entry.enforced) {
-        (None, _) => ("True", "Enforced", format!("generation {} is enforced", entry.generation)),
-        (Some(error), Some((kept, _))) => (
-            "False",
-            "InvalidSpec",
-            format!("{error}; generation {kept} stays enforced until this is fixed"),
-        ),
-        (Some(error), None) => {
-            ("False", "InvalidSpec", format!("{error}; the policy is not enforced"))
-        }
-    };
-    let previous = existing.and_then(|s| s.conditions.iter().find(|c| c.type_ == READY));
-    let last_transition_time = match previous {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => now.clone(),
-    };
-    PolicyStatus {
-        observed_generation: Some(entry.generation),
-        rule: entry.enforced.as_ref().map(|(_, p)| p.rule.name().to_owned()),
-        conditions: vec![Condition {
-            type_: READY.to_owned(),
-            status: status.to_owned(),
-            reason: reason.to_owned(),
-            message,
-            observed_generation: Some(entry.generation),
-            last_transition_time,
-        }],
-    }
 }
 
 fn to_object(object: &DynamicObject, namespaced: bool) -> Option<PolicyObject> {
@@ -162,17 +175,20 @@ fn to_object(object: &DynamicObject, namespaced: bool) -> Option<PolicyObject> {
         key: (scope, name),
         uid: object.metadata.uid.clone().unwrap_or_default(),
         generation: object.metadata.generation.unwrap_or_default(),
+        resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
         spec: object.data.get("spec").cloned().unwrap_or(Value::Null),
         status: object.data.get("status").cloned().and_then(|s| serde_json::from_value(s).ok()),
     })
 }
 
 /// Runs the controller until `stop` turns true. Every replica compiles and enforces; only the
-/// leader (`leader` true) writes status.
+/// leader (`leader` true) writes status, through a [`StatusWriter`] task so that a slow or
+/// failing status write never delays a policy change.
 pub async fn run(
     client: kube::Client,
     state: AppState,
-    mut leader: watch::Receiver<bool>,
+    identity: String,
+    leader: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let cluster_resource = ApiResource::erase::<ClusterGuardPolicy>(&());
@@ -193,22 +209,24 @@ pub async fn run(
         cluster_events.map(|e| e.map(|_| ())),
         namespaced_events.map(|e| e.map(|_| ())),
     ));
+    let (pending_tx, pending_rx) = watch::channel(Pending::new());
+    let writer = StatusWriter::new(client, identity, cluster_resource, namespaced_resource);
+    let writer = tokio::spawn(writer.run(pending_rx, leader, stop.clone()));
 
     let mut cache = BTreeMap::new();
-    let mut rejected = std::collections::BTreeSet::new();
+    let mut rejected = BTreeSet::new();
     let mut ready = false;
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
             event = events.next() => match event {
-                None => return,
+                None => break,
                 Some(Err(error)) => {
                     tracing::warn!(%error, "policy watch failed; retrying (the policies in force stay)");
                     continue;
                 }
                 Some(Ok(())) => {}
             },
-            changed = leader.changed() => if changed.is_err() { return },
         }
         // Coalesce a burst of events into one recompute.
         while let Some(Some(_)) = events.next().now_or_never() {}
@@ -232,21 +250,24 @@ pub async fn run(
             state.readiness.set_policies_loaded();
         }
         for (key, entry) in &cache {
-            if let Some(error) = &entry.error {
-                tracing::warn!(policy = ?key, %error, "policy generation rejected");
-                // Counted once per rejected generation (ArcguardPolicyReloadFailing alerts on it).
-                if rejected.insert((key.clone(), entry.generation)) {
-                    state.metrics.record_policy_reload(None);
-                }
+            if let Some(error) = &entry.error
+                && rejected.insert((key.clone(), entry.generation))
+            {
+                // Logged and counted once per rejected generation (ArcguardPolicyReloadFailing
+                // alerts on the count), however many events arrive while it stays rejected.
+                let kept = entry.enforced.as_ref().map(|e| e.generation);
+                tracing::warn!(policy = ?key, generation = entry.generation, kept_generation = ?kept, %error, "policy generation rejected");
+                state.metrics.record_policy_reload(None);
             }
         }
         rejected.retain(|(key, generation)| {
             cache.get(key).is_some_and(|e| e.error.is_some() && e.generation == *generation)
         });
-        if *leader.borrow() {
-            write_statuses(&client, &cache, &objects, &cluster_resource, &namespaced_resource)
-                .await;
-        }
+        pending_tx.send_replace(policy_status::pending(&cache, &objects, &policy_status::now()));
+    }
+    drop(pending_tx);
+    if let Err(error) = writer.await {
+        tracing::warn!(%error, "the policy status writer ended abnormally");
     }
 }
 
@@ -262,45 +283,21 @@ fn collect(
         .into_iter()
 }
 
-async fn write_statuses(
-    client: &kube::Client,
-    cache: &BTreeMap<Key, Entry>,
-    objects: &[PolicyObject],
-    cluster_resource: &ApiResource,
-    namespaced_resource: &ApiResource,
-) {
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    for object in objects {
-        let Some(entry) = cache.get(&object.key) else { continue };
-        let desired = desired_status(entry, object.status.as_ref(), &now);
-        if object.status.as_ref() == Some(&desired) {
-            continue;
-        }
-        let (scope, name) = &object.key;
-        let api: Api<DynamicObject> = match scope {
-            Scope::Cluster => Api::all_with(client.clone(), cluster_resource),
-            Scope::Namespace(ns) => Api::namespaced_with(client.clone(), ns, namespaced_resource),
-        };
-        let patch = serde_json::json!({"status": desired});
-        if let Err(error) =
-            api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await
-        {
-            tracing::warn!(%error, policy = %name, "failed to update policy status; will retry on the next change");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
     use super::*;
+    use crate::cluster::policy_status::desired_status;
 
     fn object(name: &str, uid: &str, generation: i64, spec: Value) -> PolicyObject {
         PolicyObject {
             key: (Scope::Cluster, name.to_owned()),
             uid: uid.to_owned(),
             generation,
+            resource_version: format!("{generation}"),
             spec,
             status: None,
         }
@@ -328,7 +325,7 @@ mod tests {
         // Generation 2 does not compile: generation 1 stays, and nothing changes.
         assert!(!reconcile(&mut cache, &[object("p", "u1", 2, registries(&["https://a.io"]))]));
         let entry = &cache[&(Scope::Cluster, "p".to_owned())];
-        assert_eq!(entry.enforced.as_ref().map(|(g, _)| *g), Some(1));
+        assert_eq!(entry.enforced.as_ref().map(|e| e.generation), Some(1));
         assert!(
             entry
                 .error
@@ -392,5 +389,78 @@ mod tests {
         assert_eq!(policy_set(&cache).len(), 1);
         let error = cache[&(Scope::Cluster, "bad".to_owned())].error.clone().unwrap_or_default();
         assert!(error.starts_with("spec.action:"), "{error}");
+    }
+
+    fn recording(mut object: PolicyObject, generation: i64, spec: Value) -> PolicyObject {
+        object.status = Some(PolicyStatus {
+            enforced_generation: Some(generation),
+            enforced_spec: Some(spec),
+            ..PolicyStatus::default()
+        });
+        object
+    }
+
+    fn enforced(cache: &BTreeMap<Key, Entry>) -> Option<(i64, Value)> {
+        cache[&(Scope::Cluster, "p".to_owned())]
+            .enforced
+            .as_ref()
+            .map(|e| (e.generation, e.spec.clone()))
+    }
+
+    #[test]
+    fn a_replica_started_after_a_bad_edit_enforces_the_last_good_spec_in_status() {
+        // The leader enforced generation 1 and recorded it; generation 2 is bad. A new replica
+        // (empty cache) enforces generation 1 too, not nothing.
+        let bad = registries(&["https://a.io"]);
+        let mut cache = BTreeMap::new();
+        let object = recording(object("p", "u1", 2, bad), 1, registries(&["a.io"]));
+        assert!(reconcile(&mut cache, &[object]));
+        assert_eq!(enforced(&cache), Some((1, registries(&["a.io"]))));
+        let status = desired_status(&cache[&(Scope::Cluster, "p".to_owned())], None, &time(1));
+        assert_eq!(status.enforced_generation, Some(1), "the record is kept, not dropped");
+        assert_eq!(status.enforced_spec, Some(registries(&["a.io"])));
+        assert!(ready(&status).2.contains("generation 1 stays enforced"), "{status:?}");
+    }
+
+    #[test]
+    fn the_newer_of_the_kept_and_the_recorded_last_good_generation_wins() {
+        let bad = registries(&[]);
+        // This replica saw generation 3 (good); the status still records generation 2 (the
+        // write had not landed): the kept generation 3 wins.
+        let mut cache = BTreeMap::new();
+        reconcile(&mut cache, &[object("p", "u1", 3, registries(&["c.io"]))]);
+        let stale = recording(object("p", "u1", 4, bad.clone()), 2, registries(&["b.io"]));
+        assert!(!reconcile(&mut cache, &[stale]));
+        assert_eq!(enforced(&cache).map(|(g, _)| g), Some(3));
+
+        // This replica only saw generation 1; the leader recorded generation 3: the record
+        // wins, and its arrival alone (same object generation) is enough to recompute.
+        let mut cache = BTreeMap::new();
+        reconcile(&mut cache, &[object("p", "u1", 1, registries(&["a.io"]))]);
+        reconcile(&mut cache, &[object("p", "u1", 4, bad.clone())]);
+        assert_eq!(enforced(&cache).map(|(g, _)| g), Some(1));
+        let newer = recording(object("p", "u1", 4, bad), 3, registries(&["c.io"]));
+        assert!(reconcile(&mut cache, &[newer]), "the recorded generation 3 replaces 1");
+        assert_eq!(enforced(&cache), Some((3, registries(&["c.io"]))));
+    }
+
+    #[test]
+    fn a_record_that_is_not_arcguards_is_ignored() {
+        let bad = registries(&[]);
+        // A status claiming a generation newer than the object (not written by arcguard for
+        // this object), and a recorded spec that does not compile, are both ignored.
+        for object in [
+            recording(object("p", "u1", 2, bad.clone()), 3, registries(&["a.io"])),
+            recording(object("p", "u1", 2, bad.clone()), 1, json!({"gmsa": {}, "x": 1})),
+        ] {
+            let mut cache = BTreeMap::new();
+            reconcile(&mut cache, &[object]);
+            assert_eq!(enforced(&cache), None);
+        }
+        // A good current generation is enforced whatever the status records.
+        let mut cache = BTreeMap::new();
+        let good = recording(object("p", "u1", 5, registries(&["e.io"])), 2, registries(&["b.io"]));
+        reconcile(&mut cache, &[good]);
+        assert_eq!(enforced(&cache), Some((5, registries(&["e.io"]))));
     }
 }

@@ -74,6 +74,20 @@ pub struct PolicyStatus {
     /// the offending field otherwise (the last good generation, if any, stays enforced).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The generation arcguard enforces: `observedGeneration` when it compiled, else the last
+    /// good generation before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced_generation: Option<i64>,
+    /// The spec of `enforcedGeneration`, as written then. The durable record of the last good
+    /// spec: a replica started after a bad edit enforces this, as the replicas that saw the
+    /// good generation do, so every replica enforces the same policy. Read only when the
+    /// current spec does not compile, and only for a generation not newer than the object's.
+    /// Whoever may write a policy's status may choose what it falls back to: grant status
+    /// writes to arcguard alone. Kept undecoded (a spec one version of arcguard cannot decode
+    /// must not hide the rest of the status); its schema is the spec's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<PolicySpec>")]
+    pub enforced_spec: Option<serde_json::Value>,
 }
 
 /// Both CRDs, cluster-scoped first.
