@@ -55,7 +55,10 @@ pub struct ClusterFacts {
     namespaces: Store<PartialObjectMeta<Namespace>>,
     nodes: Store<PartialObjectMeta<Node>>,
     authorizations: Mutex<HashMap<AccessKey, (Instant, Access)>>,
-    in_flight: Mutex<HashMap<AccessKey, Shared<BoxFuture<'static, Access>>>>,
+    /// Reviews in flight, with when they were sent: one whose callers were all cancelled is
+    /// never awaited to completion, so an entry older than [`LOOKUP_DEADLINE`] is replaced
+    /// rather than answering from a stale review.
+    in_flight: Mutex<HashMap<AccessKey, (Instant, Shared<BoxFuture<'static, Access>>)>>,
 }
 
 impl std::fmt::Debug for ClusterFacts {
@@ -187,13 +190,15 @@ impl ClusterFacts {
             let Ok(mut inflight) = self.in_flight.lock() else {
                 return Access::Unknown("the authorization cache is unavailable".to_owned());
             };
-            inflight
-                .entry(key.clone())
-                .or_insert_with(|| {
+            match inflight.get(&key) {
+                Some((sent, review)) if sent.elapsed() < LOOKUP_DEADLINE => review.clone(),
+                _ => {
                     let (ns, sa, spec) = key.clone();
-                    ask(self.client.clone(), ns, sa, spec).boxed().shared()
-                })
-                .clone()
+                    let review = ask(self.client.clone(), ns, sa, spec).boxed().shared();
+                    inflight.insert(key.clone(), (Instant::now(), review.clone()));
+                    review
+                }
+            }
         };
         let access = shared.await;
         if let Ok(mut inflight) = self.in_flight.lock() {
@@ -347,5 +352,124 @@ where
         if let Err(error) = event {
             tracing::warn!(%error, resource = what, "watch failed; retrying");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::future::join_all;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock::{Handle, SendResponse};
+
+    use super::*;
+
+    type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+    /// Facts on a mock apiserver, with empty caches (only reviews are exercised).
+    fn facts() -> (ClusterFacts, ApiServer) {
+        let (service, server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let resource = credential_spec_resource();
+        let facts = ClusterFacts {
+            client,
+            credential_specs: reflector::store::Writer::new(resource.clone()).as_reader(),
+            credential_spec_resource: resource,
+            namespaces: reflector::store().0,
+            nodes: reflector::store().0,
+            authorizations: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+        };
+        (facts, server)
+    }
+
+    /// The next LocalSubjectAccessReview the mock apiserver receives: the credential spec it
+    /// asks about, and the handle to answer it.
+    async fn next_review(server: &mut ApiServer) -> (String, SendResponse<Response<Body>>) {
+        let (request, send) = server.next_request().await.expect("a review is sent");
+        assert_eq!(
+            request.uri().path(),
+            "/apis/authorization.k8s.io/v1/namespaces/shop/localsubjectaccessreviews"
+        );
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        let body: Value = serde_json::from_slice(&bytes).expect("JSON");
+        let name = body["spec"]["resourceAttributes"]["name"].as_str().unwrap_or_default();
+        (name.to_owned(), send)
+    }
+
+    fn answer(send: SendResponse<Response<Body>>, allowed: bool, reason: &str) {
+        let review = json!({
+            "apiVersion": "authorization.k8s.io/v1", "kind": "LocalSubjectAccessReview",
+            "metadata": {"namespace": "shop"},
+            "spec": {},
+            "status": {"allowed": allowed, "reason": reason}
+        });
+        let body = serde_json::to_vec(&review).expect("JSON");
+        send.send_response(Response::builder().body(Body::from(body)).expect("response"));
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_for_one_key_share_one_review() {
+        let (facts, mut server) = facts();
+        let all = join_all((0..10).map(|_| facts.authorize("shop", "web", "webapp1")));
+        tokio::pin!(all);
+        // One poll registers every caller (each inserts or joins before its first await).
+        assert!(futures::poll!(&mut all).is_pending());
+        let (name, send) = next_review(&mut server).await;
+        assert_eq!(name, "webapp1");
+        answer(send, true, "");
+        let answers = all.await;
+        assert!(answers.iter().all(|a| *a == Access::Allowed), "{answers:?}");
+        assert!(server.next_request().now_or_never().is_none(), "a second review was sent");
+        // Cached: no review for the next request within the TTL either.
+        assert_eq!(facts.authorize("shop", "web", "webapp1").await, Access::Allowed);
+        assert!(server.next_request().now_or_never().is_none());
+    }
+
+    #[tokio::test]
+    async fn reviews_for_different_names_run_in_parallel_and_a_denial_says_why() {
+        let (facts, mut server) = facts();
+        let both = futures::future::join(
+            facts.authorize("shop", "web", "webapp1"),
+            facts.authorize("shop", "web", "webapp2"),
+        );
+        tokio::pin!(both);
+        assert!(futures::poll!(&mut both).is_pending());
+        // Both reviews are out before either is answered.
+        let first = next_review(&mut server).await;
+        let second = next_review(&mut server).await;
+        let mut names = [first.0.clone(), second.0.clone()];
+        names.sort();
+        assert_eq!(names, ["webapp1", "webapp2"]);
+        for (name, send) in [first, second] {
+            if name == "webapp1" {
+                answer(send, false, "RBAC: no rule grants use");
+            } else {
+                answer(send, true, "");
+            }
+        }
+        let (one, two) = both.await;
+        assert_eq!(one, Access::Denied("RBAC: no rule grants use".to_owned()));
+        assert_eq!(two, Access::Allowed);
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_review_ends_at_the_deadline_and_is_not_cached() {
+        let (facts, mut server) = facts();
+        let asking = facts.authorize("shop", "web", "webapp1");
+        tokio::pin!(asking);
+        assert!(futures::poll!(&mut asking).is_pending());
+        let (_, _held) = next_review(&mut server).await;
+        let access = asking.await;
+        assert_eq!(access, Access::Unknown("the authorization check took longer than 3s".into()));
+        // Not cached: the next request asks again.
+        let again = facts.authorize("shop", "web", "webapp1");
+        tokio::pin!(again);
+        assert!(futures::poll!(&mut again).is_pending());
+        let (name, send) = next_review(&mut server).await;
+        assert_eq!(name, "webapp1");
+        answer(send, true, "");
+        assert_eq!(again.await, Access::Allowed);
     }
 }
