@@ -46,6 +46,8 @@ const AUTHORIZATION_TTL: Duration = Duration::from_secs(10);
 const AUTHORIZATION_CACHE_LIMIT: usize = 10_000;
 
 type AccessKey = (String, String, String);
+/// A review in flight: when it was sent, and its answer for every caller waiting on it.
+type InFlight = (Instant, Shared<BoxFuture<'static, Access>>);
 
 /// Facts looked up from the cluster.
 pub struct ClusterFacts {
@@ -58,7 +60,7 @@ pub struct ClusterFacts {
     /// Reviews in flight, with when they were sent: one whose callers were all cancelled is
     /// never awaited to completion, so an entry older than [`LOOKUP_DEADLINE`] is replaced
     /// rather than answering from a stale review.
-    in_flight: Mutex<HashMap<AccessKey, (Instant, Shared<BoxFuture<'static, Access>>)>>,
+    in_flight: Mutex<HashMap<AccessKey, InFlight>>,
 }
 
 impl std::fmt::Debug for ClusterFacts {
