@@ -15,6 +15,7 @@ use x509_parser::extensions::ParsedExtension;
 use x509_parser::x509::X509Name;
 
 use super::*;
+use crate::certs::plan::{CA_COMMON_NAME_PREFIX, CaMaterial, Generate, format_time};
 
 /// A CA that issues serving certificates; its key never leaves this struct except via `key_pem`.
 pub struct CertificateAuthority {
@@ -272,6 +273,37 @@ fn distinguished_name(
         dn.push(ty, dn_value);
     }
     Ok(dn)
+}
+
+/// The planner's [`Generate`]: ECDSA P-256 keys and certificates from rcgen.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RcgenGenerator;
+
+impl Generate for RcgenGenerator {
+    fn ca(&self, validity: Duration, now: OffsetDateTime) -> Result<CaMaterial, CertError> {
+        let ca = CertificateAuthority::generate(
+            &format!("{CA_COMMON_NAME_PREFIX} {}", format_time(now)),
+            validity,
+            now,
+        )?;
+        Ok(CaMaterial { cert_pem: ca.cert_pem().to_owned(), key_pem: ca.key_pem().to_owned() })
+    }
+
+    fn serving(
+        &self,
+        ca: &CaMaterial,
+        dns_names: &[String],
+        ip_addresses: &[IpAddr],
+        validity: Duration,
+        now: OffsetDateTime,
+    ) -> Result<ServingCert, CertError> {
+        CertificateAuthority::from_pem(&ca.cert_pem, &ca.key_pem)?.issue_serving(
+            dns_names,
+            ip_addresses,
+            validity,
+            now,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -480,7 +480,9 @@ pub enum Action {
 
 // === generation ===
 
-/// Makes new keys and certificates; the only non-deterministic part of planning.
+/// Makes new keys and certificates; the only non-deterministic part of planning. The
+/// production implementation is [`super::RcgenGenerator`]; the planner never names it, so its
+/// decisions are tested with any generator.
 pub trait Generate {
     /// A new self-signed CA, valid from `now` for `validity`.
     ///
@@ -503,37 +505,6 @@ pub trait Generate {
         validity: Duration,
         now: OffsetDateTime,
     ) -> Result<ServingCert, CertError>;
-}
-
-/// ECDSA P-256 keys and certificates from rcgen.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RcgenGenerator;
-
-impl Generate for RcgenGenerator {
-    fn ca(&self, validity: Duration, now: OffsetDateTime) -> Result<CaMaterial, CertError> {
-        let ca = CertificateAuthority::generate(
-            &format!("{CA_COMMON_NAME_PREFIX} {}", format_time(now)),
-            validity,
-            now,
-        )?;
-        Ok(CaMaterial { cert_pem: ca.cert_pem().to_owned(), key_pem: ca.key_pem().to_owned() })
-    }
-
-    fn serving(
-        &self,
-        ca: &CaMaterial,
-        dns_names: &[String],
-        ip_addresses: &[IpAddr],
-        validity: Duration,
-        now: OffsetDateTime,
-    ) -> Result<ServingCert, CertError> {
-        CertificateAuthority::from_pem(&ca.cert_pem, &ca.key_pem)?.issue_serving(
-            dns_names,
-            ip_addresses,
-            validity,
-            now,
-        )
-    }
 }
 
 // === planning ===
@@ -865,7 +836,7 @@ fn serving_problem(
 }
 
 /// RFC 3339 in UTC, whole seconds (as annotations and CA names carry it).
-fn format_time(t: OffsetDateTime) -> String {
+pub(crate) fn format_time(t: OffsetDateTime) -> String {
     Timestamp::from_second(t.unix_timestamp())
         .map_or_else(|_| t.unix_timestamp().to_string(), |ts| ts.to_string())
 }
@@ -879,6 +850,7 @@ fn parse_time(text: &str) -> Option<OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::certs::RcgenGenerator;
 
     /// 2026-01-01T00:00:00Z.
     fn t0() -> OffsetDateTime {

@@ -62,9 +62,9 @@ use time::OffsetDateTime;
 use super::leader::Leadership;
 use crate::certs::plan::{
     self, Action, CA_CERT_KEY, Observed, PlanConfig, PlanError, PublishedBundle, REVOKE_ANNOTATION,
-    RcgenGenerator, Reason, StoredSecret, TLS_CERT_KEY, TLS_KEY_KEY,
+    Reason, StoredSecret, TLS_CERT_KEY, TLS_KEY_KEY,
 };
-use crate::certs::{CertInfo, CertResolver, load_pem};
+use crate::certs::{CertInfo, CertResolver, RcgenGenerator, load_pem};
 use crate::metrics::Metrics;
 use crate::server::Readiness;
 
