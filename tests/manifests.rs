@@ -1014,6 +1014,7 @@ fn the_alerts_use_metrics_arcguard_exports_and_scrape_the_metrics_port() {
         "ArcguardPolicyReloadFailing",
         "ArcguardDown",
         "ArcguardNoLeader",
+        "ArcguardMemoryBudgetExhausted",
         "ArcguardAuditViolations",
     ]
     .into_iter()

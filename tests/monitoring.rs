@@ -207,6 +207,7 @@ fn every_alert_has_a_promtool_test_that_fires_it() {
         "ArcguardWebhookErrors",
         "ArcguardHighLatency",
         "ArcguardNoLeader",
+        "ArcguardMemoryBudgetExhausted",
         "ArcguardPolicyReloadFailing",
         "ArcguardAuditViolations",
         "ArcguardDown",
