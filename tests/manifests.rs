@@ -433,12 +433,25 @@ fn the_webhooks_cover_every_inspected_resource_and_nothing_else() {
 }
 
 #[test]
-fn every_webhook_fails_closed_quickly_speaks_v1_and_has_no_side_effects() {
-    let hooks = webhooks(&base_documents());
+fn every_webhook_fails_closed_once_arcguard_answers_quickly_speaks_v1_and_has_no_side_effects() {
+    let docs = base_documents();
+    // Installed failing open; the leader sets the annotated Fail once a replica can answer
+    // (src/cluster/webhooks.rs), so applying the manifests never blocks anything by itself.
+    for kind in ["ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"] {
+        let config = find(&docs, kind, "arcguard");
+        assert_eq!(
+            config["metadata"]["annotations"]
+                [arcguard::cluster::webhooks::FAILURE_POLICY_ANNOTATION]
+                .as_str(),
+            Some("Fail"),
+            "{kind}"
+        );
+    }
+    let hooks = webhooks(&docs);
     for (name, (kind, hook)) in &hooks {
         assert_eq!(strings(&hook["admissionReviewVersions"]), ["v1"], "{name}");
         assert_eq!(hook["sideEffects"].as_str(), Some("None"), "{name}");
-        assert_eq!(hook["failurePolicy"].as_str(), Some("Fail"), "{name}");
+        assert_eq!(hook["failurePolicy"].as_str(), Some("Ignore"), "{name}");
         assert_eq!(hook["matchPolicy"].as_str(), Some("Equivalent"), "{name}");
         let timeout = hook["timeoutSeconds"].as_u64().expect("timeoutSeconds set");
         assert!((1..=10).contains(&timeout), "{name}: timeoutSeconds {timeout}");
@@ -1134,6 +1147,17 @@ fn kustomize_renders_the_install_every_overlay_and_every_component_cleanly() {
             && (r.contains("\"create\"") || r.contains("\"update\"") || r.contains("\"patch\""))),
         "with external certificates arcguard must not write the Secret: {overlay_rules:?}"
     );
+    // ...but still sets its webhooks' failurePolicy once a replica can answer.
+    for resource in ["validatingwebhookconfigurations", "mutatingwebhookconfigurations"] {
+        let patch = rule_key(
+            "ClusterRole",
+            &["admissionregistration.k8s.io"],
+            &[resource],
+            &["arcguard"],
+            &["patch"],
+        );
+        assert!(overlay_rules.contains(&patch), "{patch} missing: {overlay_rules:?}");
+    }
     assert_eq!(webhooks(&overlay), webhooks(&install));
     for doc in &overlay {
         let problems = kubernetes_schema_problems(doc).unwrap_or_default();

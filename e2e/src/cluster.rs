@@ -129,6 +129,15 @@ impl Cluster {
         cluster.arcguard.start().await?;
         if options.ready {
             cluster.arcguard.wait_ready(Duration::from_secs(90)).await?;
+            // The webhooks are applied failing open; scenarios that stop arcguard expect the
+            // Fail its leader sets once ready.
+            crate::failure_policy::wait_for_failure_policy(
+                &client,
+                "Fail",
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| anyhow!("{e:#}\n{}", cluster.diagnostics()))?;
             cluster.install_sample_policies(&client).await?;
             wait_for_enforcement(&client, Duration::from_secs(60))
                 .await

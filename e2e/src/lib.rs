@@ -10,6 +10,8 @@ pub mod arcguard;
 pub mod bins;
 pub mod cluster;
 pub mod controlplane;
+pub mod failure_policy;
+pub mod load;
 pub mod pki;
 pub mod process;
 pub mod tools;

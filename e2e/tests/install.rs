@@ -4,6 +4,12 @@
 //! with a token of the ServiceAccount the install created, so it has exactly the installed RBAC,
 //! and the webhooks the install registered call it (their clientConfig pointed at its URL: a
 //! kustomize patch, or the chart's `webhooks.url`). Then the documented uninstall order.
+//!
+//! Both scenarios run an admission load (a trusted pod created, dry-run, every 50 ms in
+//! `default`, which arcguard inspects) from before the install until after the uninstall: the
+//! webhooks are installed failing open, so nothing fails while nothing answers; arcguard's
+//! leader sets them to `Fail` once it is ready (the time is printed), enforcement then starts;
+//! and the uninstall in the documented order (webhooks first) fails nothing either.
 
 #[path = "../../tests/monitoring/queries.rs"]
 mod queries;
@@ -17,8 +23,13 @@ use arcguard_e2e::arcguard::{Arcguard, NAMESPACE};
 use arcguard_e2e::cluster::repo_root;
 use arcguard_e2e::controlplane::ControlPlane;
 use arcguard_e2e::eventually;
+use arcguard_e2e::failure_policy::{failure_policies, wait_for_failure_policy};
+use arcguard_e2e::load::{Load, Report, TRUSTED_IMAGE};
 use arcguard_e2e::tools::Cli;
 use serde_json::Value;
+
+/// Time between two requests of the admission load that runs through install and uninstall.
+const LOAD_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The scenario's control plane, arcguard (not started) and tools.
 struct Setup {
@@ -55,9 +66,10 @@ impl Setup {
         }
     }
 
-    /// Starts arcguard with a token of the installed ServiceAccount and waits until it is
-    /// ready (its certificate in the installed webhooks' caBundle).
-    async fn start_arcguard(&mut self) -> Result<()> {
+    /// Starts arcguard with a token of the installed ServiceAccount, waits until it is ready
+    /// (its certificate in the installed webhooks' caBundle) and then until its leader has set
+    /// every webhook's failurePolicy to the annotated Fail. Returns both times from the start.
+    async fn start_arcguard(&mut self) -> Result<(Duration, Duration)> {
         let token = self.kubectl.run(&[
             "create",
             "token",
@@ -68,8 +80,13 @@ impl Setup {
         ])?;
         let kubeconfig = self.control_plane.dir().join("arcguard.kubeconfig");
         self.control_plane.write_token_kubeconfig(&kubeconfig, token.trim())?;
+        let started = std::time::Instant::now();
         self.arcguard.start().await?;
-        self.arcguard.wait_ready(Duration::from_secs(90)).await
+        self.arcguard.wait_ready(Duration::from_secs(90)).await?;
+        let ready = started.elapsed();
+        let client = self.control_plane.client().await?;
+        wait_for_failure_policy(&client, "Fail", Duration::from_secs(30)).await?;
+        Ok((ready, started.elapsed()))
     }
 
     /// A base kustomization over `manifests/` in the scratch folder whose only change is the
@@ -259,6 +276,45 @@ fn check_ca_bundle(kubectl: &Cli) -> Result<()> {
     Ok(())
 }
 
+/// Every webhook of both configurations has `policy` now.
+async fn check_failure_policy(client: &kube::Client, policy: &str) -> Result<()> {
+    let policies = failure_policies(client).await?;
+    ensure!(policies.len() == 3 && policies.iter().all(|p| p == policy), "{policies:?}");
+    Ok(())
+}
+
+/// How many times arcguard's leader has set the webhooks' failurePolicy, from its log.
+fn failure_policy_writes(arcguard: &Arcguard) -> usize {
+    arcguard.log_text().matches("set the annotated failurePolicy").count()
+}
+
+/// After a re-apply of the manifests (which say `Ignore`): every webhook is `Fail` again within
+/// seconds; prints how long that took and how often the leader had to set it back (`writes`
+/// counted before the re-apply).
+async fn after_reapply(
+    client: &kube::Client,
+    arcguard: &Arcguard,
+    writes: usize,
+    what: &str,
+) -> Result<()> {
+    let again = wait_for_failure_policy(client, "Fail", Duration::from_secs(10)).await?;
+    eprintln!(
+        "[e2e] after {what}: all Fail within {} ms; the leader set it back in {} configuration(s) so far",
+        again.as_millis(),
+        failure_policy_writes(arcguard).saturating_sub(writes)
+    );
+    Ok(())
+}
+
+/// The load's report, failing on any failed request.
+fn check_no_failures(load: Load, what: &str) -> Result<Report> {
+    let report = load.stop()?;
+    eprintln!("[e2e] {what}: admission load {report}");
+    ensure!(report.requests >= 50, "too few requests to tell: {report}");
+    ensure!(report.failures.is_empty(), "requests failed during {what}: {report}");
+    Ok(report)
+}
+
 /// The alerts' and the dashboard's metrics, against `arcguard serve --cluster`'s /metrics.
 async fn check_metrics(arcguard: &Arcguard) -> Result<()> {
     let text = arcguard.metrics().await?;
@@ -277,44 +333,54 @@ async fn kubectl_apply_k_installs_arcguard_which_then_enforces_and_uninstalls_in
 
 async fn kustomize_install(setup: &mut Setup) -> Result<()> {
     let kubectl = setup.kubectl.clone();
+    let client = setup.control_plane.client().await?;
+    let load = Load::start(&setup.control_plane.kubeconfig, "default", LOAD_INTERVAL);
     let applied = kubectl.run(&["apply", "-k", "manifests/"])?;
     ensure!(applied.lines().count() >= 13, "{applied}");
     check_installed(&kubectl)?;
     let explained = check_explain(&kubectl)?;
     eprintln!("[e2e] kubectl explain described {explained} policy fields");
+    check_failure_policy(&client, "Ignore").await?;
 
-    // The webhooks at arcguard's URL, before arcguard runs: they fail closed, and the apiserver
-    // counts the calling errors ArcguardWebhookErrors alerts on.
+    // The webhooks at arcguard's URL, before arcguard runs: nothing answers, they fail open,
+    // and the apiserver counts the calls that failed open.
     let url_only = setup.overlay("url-only", &[])?;
     kubectl.run(&["apply", "-k", &url_only])?;
-    let stderr = kubectl.run_failing(&[
-        "run",
-        "probe",
-        "--namespace=default",
-        "--image=contoso.azurecr.io/app:1",
-        "--dry-run=server",
-    ])?;
-    ensure!(stderr.contains("failed calling webhook"), "{stderr}");
+    let image = format!("--image={TRUSTED_IMAGE}");
+    kubectl.run(&["run", "probe", "--namespace=default", &image, "--dry-run=server"])?;
     let apiserver_metrics = kubectl.run(&["get", "--raw", "/metrics"])?;
     ensure!(
         apiserver_metrics.lines().any(|l| {
-            l.starts_with("apiserver_admission_webhook_rejection_count{")
-                && l.contains(r#"error_type="calling_webhook_error""#)
+            l.starts_with("apiserver_admission_webhook_fail_open_count{")
                 && l.contains(r#".arcguard.io""#)
         }),
-        "the apiserver did not count the failed webhook call"
+        "the apiserver did not count the webhook calls that failed open"
     );
 
-    setup.start_arcguard().await?;
+    let before = load.requests();
+    let (ready, fail) = setup.start_arcguard().await?;
+    eprintln!(
+        "[e2e] kubectl install: {before} requests before arcguard started; ready {} ms after its start, failurePolicy Fail {} ms after its start",
+        ready.as_millis(),
+        fail.as_millis()
+    );
     // The sample policies through arcguard's own policies webhook (kubectl apply of the whole
-    // tree again: the injected caBundle must survive it).
+    // tree again: the injected caBundle must survive it; failurePolicy, which the manifests
+    // set to Ignore, is set back by the leader).
     let with_policies = setup.overlay("with-policies", &["policies"])?;
+    let writes = failure_policy_writes(&setup.arcguard);
     eventually(Duration::from_secs(30), || async { kubectl.run(&["apply", "-k", &with_policies]) })
         .await?;
+    after_reapply(&client, &setup.arcguard, writes, "kubectl apply -k").await?;
     let policies = kubectl.run(&["get", "clusterguardpolicies", "-o", "name"])?;
     ensure!(policies.lines().count() == 3, "{policies}");
     check_ca_bundle(&kubectl)?;
     eventually(Duration::from_secs(30), || async { check_enforcing(&kubectl) }).await?;
+    let writes = failure_policy_writes(&setup.arcguard);
+    kubectl.run(&["apply", "--server-side", "--force-conflicts", "-k", &with_policies])?;
+    let what = "kubectl apply --server-side --force-conflicts -k";
+    after_reapply(&client, &setup.arcguard, writes, what).await?;
+    check_ca_bundle(&kubectl)?;
     check_metrics(&setup.arcguard).await?;
 
     // Uninstall as manifests/README.md says: the webhook configurations first.
@@ -333,6 +399,7 @@ async fn kustomize_install(setup: &mut Setup) -> Result<()> {
     .await?;
     let left = kubectl.run(&["get", "clusterrole,clusterrolebinding", "-o", "name"])?;
     ensure!(!left.lines().any(|l| l.ends_with("/arcguard")), "{left}");
+    check_no_failures(load, "kubectl install and uninstall")?;
     Ok(())
 }
 
@@ -347,6 +414,8 @@ async fn helm_install(setup: &mut Setup) -> Result<()> {
     let kubectl = setup.kubectl.clone();
     let helm = Cli::helm(&setup.control_plane.kubeconfig, setup.control_plane.dir())?;
     eprintln!("[e2e] {}", helm.version()?.trim());
+    let client = setup.control_plane.client().await?;
+    let load = Load::start(&setup.control_plane.kubeconfig, "default", LOAD_INTERVAL);
     let url = format!("webhooks.url={}", setup.arcguard.url());
     let installed = helm.run(&[
         "install",
@@ -367,9 +436,20 @@ async fn helm_install(setup: &mut Setup) -> Result<()> {
         let out = kubectl.run(&["explain", field])?;
         ensure!(out.contains("DESCRIPTION"), "{out}");
     }
+    // Installed failing open while nothing answers.
+    check_failure_policy(&client, "Ignore").await?;
+    let image = format!("--image={TRUSTED_IMAGE}");
+    kubectl.run(&["run", "probe", "--namespace=default", &image, "--dry-run=server"])?;
 
-    setup.start_arcguard().await?;
+    let before = load.requests();
+    let (ready, fail) = setup.start_arcguard().await?;
+    eprintln!(
+        "[e2e] helm install: {before} requests before arcguard started; ready {} ms after its start, failurePolicy Fail {} ms after its start",
+        ready.as_millis(),
+        fail.as_millis()
+    );
     // The samples once arcguard is Ready, as the chart's NOTES say; caBundle survives the upgrade.
+    let writes = failure_policy_writes(&setup.arcguard);
     let upgraded = helm.run(&[
         "upgrade",
         "arcguard",
@@ -381,6 +461,7 @@ async fn helm_install(setup: &mut Setup) -> Result<()> {
         "policies.samples=true",
     ])?;
     ensure!(upgraded.contains("STATUS: deployed"), "{upgraded}");
+    after_reapply(&client, &setup.arcguard, writes, "helm upgrade").await?;
     let policies = kubectl.run(&["get", "clusterguardpolicies", "-o", "name"])?;
     ensure!(policies.lines().count() == 3, "{policies}");
     check_ca_bundle(&kubectl)?;
@@ -418,5 +499,6 @@ async fn helm_install(setup: &mut Setup) -> Result<()> {
     ])?;
     let policies = kubectl.run(&["get", "clusterguardpolicies", "-o", "name"])?;
     ensure!(policies.trim().is_empty(), "{policies}");
+    check_no_failures(load, "helm install and uninstall")?;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Cluster mode: policies from custom resources, facts from watch-backed caches, and the
-//! controller that manages arcguard's own serving certificate.
+//! Cluster mode: policies from custom resources, facts from watch-backed caches, the
+//! controller that manages arcguard's own serving certificate, and the failure policy of its
+//! webhooks.
 
 pub mod certs;
 pub mod facts;
@@ -7,6 +8,7 @@ pub mod labeller;
 pub mod leader;
 pub mod policies;
 pub mod policy_status;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -183,6 +185,14 @@ pub async fn start(
             tracing::error!(%error, "certificate controller stopped");
         }
     }));
+    // The webhooks fail closed only once this replica can answer (webhooks.rs).
+    tasks.push(tokio::spawn(webhooks::run(
+        client.clone(),
+        config.certs.clone(),
+        leadership.clone(),
+        state.clone(),
+        stopped(stop_rx.clone()),
+    )));
     tasks.push(tokio::spawn(certs::run_serving(
         client.clone(),
         config.certs.clone(),

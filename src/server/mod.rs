@@ -46,6 +46,9 @@ pub struct Readiness {
     shutting_down: AtomicBool,
     /// Turns true with `shutting_down`: the webhook server then asks every connection to go.
     draining: tokio::sync::watch::Sender<bool>,
+    /// Bumped by every setter, so a task that acts on readiness (the webhooks' failure policy)
+    /// wakes when it may have changed instead of polling.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Readiness {
@@ -57,6 +60,7 @@ impl Default for Readiness {
             credential_specs_synced: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             draining: tokio::sync::watch::Sender::new(false),
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -65,6 +69,7 @@ impl Readiness {
     /// Marks the policy set as loaded.
     pub fn set_policies_loaded(&self) {
         self.policies_loaded.store(true, Ordering::Release);
+        self.changed();
     }
 
     /// Whether the policy set has been loaded.
@@ -77,11 +82,13 @@ impl Readiness {
     /// bindings to nodes it has not listed yet.
     pub fn set_caches_synced(&self) {
         self.caches_synced.store(true, Ordering::Release);
+        self.changed();
     }
 
     /// Marks the GMSACredentialSpec cache as filled.
     pub fn set_credential_specs_synced(&self) {
         self.credential_specs_synced.store(true, Ordering::Release);
+        self.changed();
     }
 
     /// Whether the server is ready for the policies in force: with a gMSA policy, the
@@ -99,17 +106,29 @@ impl Readiness {
     /// Sets whether the served certificate is valid and trusted by the webhooks' CA bundle.
     pub fn set_certificate_ready(&self, ready: bool) {
         self.certificate_loaded.store(ready, Ordering::Release);
+        self.changed();
     }
 
     /// Marks the server as draining: readiness turns false so endpoints stop routing here.
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::Release);
         self.draining.send_replace(true);
+        self.changed();
     }
 
     /// Follows whether the server is shutting down (true from the start of the shutdown delay).
     pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+
+    /// Wakes on every readiness setter call (the value is a counter; read readiness itself
+    /// with [`Readiness::is_ready_for`]).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Whether the server is ready.
