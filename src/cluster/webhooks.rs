@@ -36,10 +36,13 @@
 //! certificate), which the certificate controller does not follow, and it also runs when the
 //! CA bundle is injected by someone else (cert-manager).
 //!
-//! Readiness is this replica's: with the Service in front, the apiserver reaches it once its
-//! readiness probe has passed and its endpoint is published (one probe period, 5 s in the
-//! Deployment, plus the endpoint's propagation). Requests in that window fail closed; the
-//! window replaces the one that lasted from apply to the first ready replica.
+//! Being ready is not enough when a webhook calls arcguard through its Service: the apiserver
+//! reaches a replica only once the replica's readiness probe has passed and its endpoint is
+//! published (one probe period, 5 s in the Deployment, plus propagation). So a webhook that
+//! names arcguard's own Service (`--service-name` in `--namespace`) is made fail-closed only
+//! once that Service's EndpointSlices hold a ready endpoint (`conditions.ready` true or unset,
+//! as the API defines it, and not terminating). A webhook with a `url`, or naming another
+//! Service (a proxy arcguard cannot see), needs this replica's readiness only.
 //!
 //! # API calls (for RBAC)
 //!
@@ -50,6 +53,8 @@
 //! - `list admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
 //! - `watch admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
 //! - `patch admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: by name)`
+//! - `list discovery.k8s.io/endpointslices (namespaced: arcguard's namespace, labelSelector kubernetes.io/service-name)`
+//! - `watch discovery.k8s.io/endpointslices (namespaced: arcguard's namespace, labelSelector kubernetes.io/service-name)`
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -59,8 +64,10 @@ use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client};
 use serde_json::json;
@@ -74,6 +81,8 @@ use crate::server::AppState;
 pub const FAILURE_POLICY_ANNOTATION: &str = "arcguard.io/failure-policy";
 /// Field manager recorded on every write.
 const FIELD_MANAGER: &str = "arcguard";
+/// The label the EndpointSlice controller puts on every slice of a Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Longest time one patch may take.
 const CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest time between two decisions without any change, in case a wake-up was missed.
@@ -153,6 +162,37 @@ pub struct WebhookView {
     pub failure_policy: Option<String>,
     /// Whether its `clientConfig.caBundle` is set and not empty.
     pub has_ca_bundle: bool,
+    /// The Service its `clientConfig` names, if any (else it has a `url`).
+    pub service: Option<ServiceRef>,
+}
+
+/// A Service, as a webhook's `clientConfig.service` names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceRef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// What decides whether arcguard can answer a webhook's calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reachability {
+    /// This replica is ready ([`crate::server::Readiness::is_ready_for`]).
+    pub ready: bool,
+    /// arcguard's own Service, and whether its EndpointSlices hold a ready endpoint (false
+    /// until they have been listed).
+    pub service: (ServiceRef, bool),
+}
+
+impl Reachability {
+    /// Whether calls through `webhook`'s client configuration reach a ready replica.
+    fn reaches(&self, webhook: &WebhookView) -> bool {
+        match &webhook.service {
+            Some(service) if *service == self.service.0 => self.ready && self.service.1,
+            _ => self.ready,
+        }
+    }
 }
 
 /// One webhook configuration as the decision sees it.
@@ -196,6 +236,10 @@ impl ConfigurationView {
                         .ca_bundle
                         .as_ref()
                         .is_some_and(|b| !b.0.is_empty()),
+                    service: client_config.service.as_ref().map(|s| ServiceRef {
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                    }),
                 })
                 .collect(),
         }
@@ -236,6 +280,12 @@ pub enum Decision {
     InForce(FailurePolicy),
     /// Some webhooks differ, but this replica cannot answer yet.
     NotReady(FailurePolicy),
+    /// Some webhooks differ, and this replica is ready, but this one calls arcguard's Service,
+    /// which has no ready endpoint yet: the apiserver could not reach any replica.
+    NoEndpoint {
+        /// The webhook's name.
+        webhook: String,
+    },
     /// Some webhooks differ, but this one has no `caBundle`: the apiserver could not verify
     /// any replica, so it is not made fail-closed yet.
     NoCaBundle {
@@ -251,9 +301,9 @@ pub enum Decision {
     },
 }
 
-/// Decides what to do with `configuration` when this replica is `ready` (or not). Pure.
+/// Decides what to do with `configuration` given what the apiserver can reach. Pure.
 #[must_use]
-pub fn decide(configuration: &ConfigurationView, ready: bool) -> Decision {
+pub fn decide(configuration: &ConfigurationView, reach: &Reachability) -> Decision {
     let Some(value) = configuration.annotation.as_deref() else {
         return Decision::Unmanaged;
     };
@@ -272,13 +322,16 @@ pub fn decide(configuration: &ConfigurationView, ready: bool) -> Decision {
     if differing.is_empty() {
         return Decision::InForce(policy);
     }
-    if !ready {
+    if !reach.ready {
         return Decision::NotReady(policy);
     }
-    if policy == FailurePolicy::Fail
-        && let Some((_, webhook)) = differing.iter().find(|(_, w)| !w.has_ca_bundle)
-    {
-        return Decision::NoCaBundle { webhook: webhook.name.clone() };
+    if policy == FailurePolicy::Fail {
+        if let Some((_, webhook)) = differing.iter().find(|(_, w)| !w.has_ca_bundle) {
+            return Decision::NoCaBundle { webhook: webhook.name.clone() };
+        }
+        if let Some((_, webhook)) = differing.iter().find(|(_, w)| !reach.reaches(w)) {
+            return Decision::NoEndpoint { webhook: webhook.name.clone() };
+        }
     }
     Decision::Set {
         policy,
@@ -364,7 +417,7 @@ async fn enforce<K>(
     api: &Api<K>,
     name: &str,
     view: &ConfigurationView,
-    ready: bool,
+    reach: &Reachability,
     reported: &mut Reported,
     leading_since: tokio::time::Instant,
 ) -> bool
@@ -372,7 +425,7 @@ where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let reference = view.reference.as_str();
-    match decide(view, ready) {
+    match decide(view, reach) {
         Decision::Unmanaged => {
             if reported.changed("unmanaged".to_owned()) {
                 tracing::info!(
@@ -404,6 +457,17 @@ where
                     configuration = reference,
                     policy = policy.as_str(),
                     "failurePolicy waits until this replica is ready to answer"
+                );
+            }
+            false
+        }
+        Decision::NoEndpoint { webhook } => {
+            if reported.changed(format!("no endpoint {webhook}")) {
+                tracing::info!(
+                    configuration = reference,
+                    webhook,
+                    service = %format!("{}/{}", reach.service.0.namespace, reach.service.0.name),
+                    "failurePolicy Fail waits until the Service has a ready endpoint"
                 );
             }
             false
@@ -455,10 +519,12 @@ where
     }
 }
 
-/// A watch event for one of the two configurations.
+/// A watch event for one of the two configurations or the Service's EndpointSlices.
 enum Change {
     Validating(Event<ValidatingWebhookConfiguration>),
     Mutating(Event<MutatingWebhookConfiguration>),
+    /// An EndpointSlice of arcguard's Service changed (the store holds them all).
+    Endpoints,
 }
 
 /// Keeps the failure policy of arcguard's two webhook configurations at the annotated one while
@@ -495,6 +561,9 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
     let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let validating_name = config.validating_webhook_configuration.as_str();
     let mutating_name = config.mutating_webhook_configuration.as_str();
+    let slices_api: Api<EndpointSlice> = Api::namespaced(client.clone(), &config.namespace);
+    let (slices, slices_writer) = reflector::store();
+    let of_service = format!("{SERVICE_NAME_LABEL}={}", config.service_name);
     let mut events = futures::stream::select_all([
         watcher(validating_api.clone(), by_name(validating_name))
             .backoff(super::watch_backoff())
@@ -504,7 +573,14 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
             .backoff(super::watch_backoff())
             .map(|event| event.map(Change::Mutating))
             .boxed(),
+        watcher(slices_api, watcher::Config::default().labels(&of_service))
+            .backoff(super::watch_backoff())
+            .reflect(slices_writer)
+            .map(|event| event.map(|_| Change::Endpoints))
+            .boxed(),
     ]);
+    let service =
+        ServiceRef { namespace: config.namespace.clone(), name: config.service_name.clone() };
     let mut readiness = state.readiness.changes();
     let mut validating = Latest::<ValidatingWebhookConfiguration>::default();
     let mut mutating = Latest::<MutatingWebhookConfiguration>::default();
@@ -518,6 +594,7 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
             event = events.next() => match event {
                 Some(Ok(Change::Validating(event))) => validating.apply(event),
                 Some(Ok(Change::Mutating(event))) => mutating.apply(event),
+                Some(Ok(Change::Endpoints)) => {}
                 Some(Err(error)) => tracing::warn!(%error, "watching the webhook configurations failed; retrying"),
                 None => return,
             },
@@ -526,7 +603,10 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
             },
             () = tokio::time::sleep(retry_in) => {}
         }
-        let ready = state.readiness.is_ready_for(&state.snapshot.load().policies);
+        let reach = Reachability {
+            ready: state.readiness.is_ready_for(&state.snapshot.load().policies),
+            service: (service.clone(), has_ready_endpoint(&slices.state())),
+        };
         let mut retry = false;
         if let Some(configuration) = validating.get() {
             let view = ConfigurationView::validating(
@@ -537,7 +617,7 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
                 &validating_api,
                 validating_name,
                 &view,
-                ready,
+                &reach,
                 &mut validating_reported,
                 leading_since,
             )
@@ -552,7 +632,7 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
                 &mutating_api,
                 mutating_name,
                 &view,
-                ready,
+                &reach,
                 &mut mutating_reported,
                 leading_since,
             )
@@ -567,8 +647,23 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
     }
 }
 
+/// Whether any of the Service's EndpointSlices holds an endpoint the apiserver may be routed
+/// to: `conditions.ready` true or unset ("a nil value should be interpreted as true", the
+/// EndpointConditions API) and not terminating.
+#[must_use]
+pub fn has_ready_endpoint(slices: &[std::sync::Arc<EndpointSlice>]) -> bool {
+    slices.iter().flat_map(|slice| slice.endpoints.iter().flatten()).any(|endpoint| {
+        endpoint
+            .conditions
+            .as_ref()
+            .is_none_or(|c| c.ready != Some(false) && c.terminating != Some(true))
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn view(
@@ -585,9 +680,19 @@ mod tests {
                     name: (*name).to_owned(),
                     failure_policy: policy.map(str::to_owned),
                     has_ca_bundle: *bundle,
+                    service: None,
                 })
                 .collect(),
         }
+    }
+
+    fn own_service() -> ServiceRef {
+        ServiceRef { namespace: "arcguard-system".to_owned(), name: "arcguard".to_owned() }
+    }
+
+    /// This replica `ready` or not; the Service's endpoints not ready.
+    fn reach(ready: bool) -> Reachability {
+        Reachability { ready, service: (own_service(), false) }
     }
 
     /// The decision, written as a short string for the table.
@@ -598,6 +703,7 @@ mod tests {
             Decision::InForce(p) => format!("in force {}", p.as_str()),
             Decision::NotReady(p) => format!("not ready {}", p.as_str()),
             Decision::NoCaBundle { webhook } => format!("no caBundle {webhook}"),
+            Decision::NoEndpoint { webhook } => format!("no endpoint {webhook}"),
             Decision::Set { policy, webhooks } => {
                 let names: Vec<String> = webhooks.iter().map(|(i, n)| format!("{i}:{n}")).collect();
                 format!("set {} {}", policy.as_str(), names.join(","))
@@ -646,14 +752,92 @@ mod tests {
             ("Ignore, already", ignore, &[("v", ignore, true)], true, "in force Ignore"),
         ];
         for (label, annotation, webhooks, ready, expected) in cases {
-            assert_eq!(summary(&decide(&view(annotation, webhooks), ready)), expected, "{label}");
+            let decision = decide(&view(annotation, webhooks), &reach(ready));
+            assert_eq!(summary(&decision), expected, "{label}");
         }
-        assert_eq!(summary(&decide(&view(fail, &[]), true)), "in force Fail", "no webhooks");
+        assert_eq!(
+            summary(&decide(&view(fail, &[]), &reach(true))),
+            "in force Fail",
+            "no webhooks"
+        );
+    }
+
+    #[test]
+    fn a_webhook_through_arcguards_service_fails_closed_only_once_the_service_has_a_ready_endpoint()
+    {
+        let through = |service: ServiceRef| {
+            let mut configuration = view(Some("Fail"), &[("v", Some("Ignore"), true)]);
+            configuration.webhooks[0].service = Some(service);
+            configuration
+        };
+        let other = ServiceRef { namespace: "proxy".to_owned(), name: "arcguard".to_owned() };
+        let with_endpoint = |ready| Reachability { ready, service: (own_service(), true) };
+        let cases = [
+            (
+                "own Service, no ready endpoint",
+                through(own_service()),
+                reach(true),
+                "no endpoint v",
+            ),
+            (
+                "own Service, ready endpoint",
+                through(own_service()),
+                with_endpoint(true),
+                "set Fail 0:v",
+            ),
+            (
+                "own Service, endpoint, replica not ready",
+                through(own_service()),
+                with_endpoint(false),
+                "not ready Fail",
+            ),
+            ("another Service: readiness only", through(other), reach(true), "set Fail 0:v"),
+            (
+                "a url: readiness only",
+                view(Some("Fail"), &[("v", Some("Ignore"), true)]),
+                reach(true),
+                "set Fail 0:v",
+            ),
+        ];
+        for (label, configuration, reachability, expected) in cases {
+            assert_eq!(summary(&decide(&configuration, &reachability)), expected, "{label}");
+        }
+        // Relaxing to Ignore never waits for an endpoint.
+        let mut relax = through(own_service());
+        relax.annotation = Some("Ignore".to_owned());
+        relax.webhooks[0].failure_policy = Some("Fail".to_owned());
+        assert_eq!(summary(&decide(&relax, &reach(true))), "set Ignore 0:v");
+    }
+
+    #[test]
+    fn ready_endpoints_are_ready_or_unset_and_not_terminating() {
+        let slice = |conditions: Value| -> std::sync::Arc<EndpointSlice> {
+            std::sync::Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": "arcguard-x"},
+                    "addressType": "IPv4",
+                    "endpoints": [{"addresses": ["10.0.0.7"], "conditions": conditions}],
+                }))
+                .expect("valid EndpointSlice"),
+            )
+        };
+        let empty: std::sync::Arc<EndpointSlice> = std::sync::Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "e"}, "addressType": "IPv4"}))
+                .expect("valid"),
+        );
+        assert!(!has_ready_endpoint(&[]), "no slice yet");
+        assert!(!has_ready_endpoint(&[empty.clone()]), "a slice without endpoints");
+        assert!(has_ready_endpoint(&[slice(json!({"ready": true}))]));
+        assert!(has_ready_endpoint(&[slice(json!({}))]), "unset means ready (API docs)");
+        assert!(!has_ready_endpoint(&[slice(json!({"ready": false}))]));
+        assert!(!has_ready_endpoint(&[slice(json!({"ready": true, "terminating": true}))]));
+        assert!(has_ready_endpoint(&[empty, slice(json!({"ready": false})), slice(json!({}))]));
     }
 
     #[test]
     fn a_garbage_annotation_is_refused_naming_the_configuration_and_the_value() {
-        let Decision::Invalid(error) = decide(&view(Some("Closed"), &[("v", None, true)]), true)
+        let Decision::Invalid(error) =
+            decide(&view(Some("Closed"), &[("v", None, true)]), &reach(true))
         else {
             panic!("garbage must be refused");
         };
