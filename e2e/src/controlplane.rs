@@ -120,6 +120,19 @@ impl ControlPlane {
         self.apiserver.kill();
     }
 
+    /// Pauses kube-apiserver with SIGSTOP: hung, not dead. Its connections stay open and
+    /// nothing answers, as with an apiserver stuck on a dead etcd or starved of CPU, so clients
+    /// see timeouts rather than refused connections. [`ControlPlane::resume_apiserver`]
+    /// continues it; dropping the control plane (a failed test) resumes and kills it.
+    pub fn pause_apiserver(&mut self) {
+        self.apiserver.pause();
+    }
+
+    /// Continues a paused kube-apiserver (SIGCONT); does nothing when it is not paused.
+    pub fn resume_apiserver(&mut self) {
+        self.apiserver.resume();
+    }
+
     /// Starts kube-apiserver again with the same arguments (same port, certificates and
     /// etcd) and waits until it is ready.
     ///
