@@ -165,12 +165,6 @@ impl Proc {
         }
     }
 
-    /// Whether the group is paused.
-    #[must_use]
-    pub fn is_paused(&self) -> bool {
-        self.paused
-    }
-
     /// Sends SIGTERM to the group and waits up to `grace` before SIGKILL.
     pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
         if self.exited().is_none() {
