@@ -17,6 +17,23 @@ use crate::process::{Proc, Scratch, free_port};
 /// How long etcd and kube-apiserver get to become ready (cold starts on 2 busy cores are slow).
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// The audit log's file name in the scratch folder.
+const AUDIT_LOG: &str = "audit.log";
+
+/// The user the apiserver names arcguard's ServiceAccount token as.
+pub const ARCGUARD_USER: &str = "system:serviceaccount:arcguard-system:arcguard";
+
+/// The audit policy: every request of arcguard's ServiceAccount at Metadata level (verb,
+/// resource, namespace, name, the authorizer's decision; no bodies), nothing else. So
+/// `tests/rbac.rs` can check the shipped RBAC against the calls arcguard really makes. The
+/// RequestReceived stage is left out: ResponseStarted (watches) and ResponseComplete carry the
+/// same request with its decision.
+fn audit_policy() -> String {
+    format!(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  users: [\"{ARCGUARD_USER}\"]\n- level: None\n"
+    )
+}
+
 /// A running etcd and kube-apiserver. Dropping it stops both and removes their data.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -58,6 +75,9 @@ impl ControlPlane {
         let serving_key = write("apiserver.key", &pki.apiserver.key_pem)?;
         let sa_key = write("sa.key", &pki.service_account_key_pem)?;
         let sa_public = write("sa.pub", &pki.service_account_public_pem)?;
+        let audit_policy_file = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy_file, audit_policy())
+            .with_context(|| format!("writing {}", audit_policy_file.display()))?;
 
         let (etcd_port, peer_port) = (free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -103,6 +123,11 @@ impl ControlPlane {
             format!("--service-account-issuer=https://127.0.0.1:{port}/"),
             format!("--service-account-key-file={}", sa_public.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
+            format!("--audit-policy-file={}", audit_policy_file.display()),
+            format!("--audit-log-path={}", dir.join(AUDIT_LOG).display()),
+            // Each event is written before the request completes: the log is whole when a
+            // test reads it.
+            "--audit-log-mode=blocking".to_owned(),
         ];
         let apiserver_command = (bin.join("kube-apiserver"), apiserver_args);
         let mut apiserver = spawn_apiserver(&apiserver_command, &dir)?;
@@ -118,6 +143,19 @@ impl ControlPlane {
     /// running with the data.
     pub fn stop_apiserver(&mut self) {
         self.apiserver.kill();
+    }
+
+    /// Pauses kube-apiserver with SIGSTOP: hung, not dead. Its connections stay open and
+    /// nothing answers, as with an apiserver stuck on a dead etcd or starved of CPU, so clients
+    /// see timeouts rather than refused connections. [`ControlPlane::resume_apiserver`]
+    /// continues it; dropping the control plane (a failed test) resumes and kills it.
+    pub fn pause_apiserver(&mut self) {
+        self.apiserver.pause();
+    }
+
+    /// Continues a paused kube-apiserver (SIGCONT); does nothing when it is not paused.
+    pub fn resume_apiserver(&mut self) {
+        self.apiserver.resume();
     }
 
     /// Starts kube-apiserver again with the same arguments (same port, certificates and
@@ -140,6 +178,13 @@ impl ControlPlane {
     /// When the kubeconfig cannot be read.
     pub async fn client(&self) -> Result<kube::Client> {
         client_for(&self.kubeconfig).await
+    }
+
+    /// The audit log (JSON lines, one `audit.k8s.io/v1` Event each) of arcguard's requests;
+    /// restarts of kube-apiserver append to it.
+    #[must_use]
+    pub fn audit_log(&self) -> PathBuf {
+        self.scratch.path().join(AUDIT_LOG)
     }
 
     /// The scratch folder (logs, data, kubeconfig).

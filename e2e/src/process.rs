@@ -89,6 +89,8 @@ pub struct Proc {
     child: Child,
     log: PathBuf,
     done: Option<ExitStatus>,
+    /// Stopped with SIGSTOP and not continued yet.
+    paused: bool,
 }
 
 impl Proc {
@@ -120,7 +122,7 @@ impl Proc {
             .map_err(|_| anyhow!("the spawner thread is gone"))?
             .with_context(|| format!("starting {name}"))?;
         register_group(pid_of(&child));
-        Ok(Self { name: name.to_owned(), child, log: log.to_owned(), done: None })
+        Ok(Self { name: name.to_owned(), child, log: log.to_owned(), done: None, paused: false })
     }
 
     /// The process id (and process group id).
@@ -146,10 +148,29 @@ impl Proc {
         self.done
     }
 
+    /// Stops the group with SIGSTOP: the process hangs (its sockets stay open, nothing is
+    /// answered) until [`Proc::resume`]; stopping or dropping it resumes it first.
+    pub fn pause(&mut self) {
+        if self.exited().is_none() {
+            self.signal(libc::SIGSTOP);
+            self.paused = true;
+        }
+    }
+
+    /// Continues a paused group with SIGCONT; does nothing when it is not paused.
+    pub fn resume(&mut self) {
+        if self.paused {
+            self.signal(libc::SIGCONT);
+            self.paused = false;
+        }
+    }
+
     /// Sends SIGTERM to the group and waits up to `grace` before SIGKILL.
     pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
         if self.exited().is_none() {
             self.signal(libc::SIGTERM);
+            // A stopped process only handles SIGTERM once continued.
+            self.resume();
             let deadline = tokio::time::Instant::now() + grace;
             while self.exited().is_none() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -189,7 +210,9 @@ impl Proc {
     }
 
     fn kill_now(&mut self) {
+        // SIGKILL ends a stopped process too; the SIGCONT leaves no group member stopped.
         self.signal(libc::SIGKILL);
+        self.resume();
         self.done = self.child.wait().ok();
         deregister_group(pid_of(&self.child));
     }

@@ -2,11 +2,12 @@
 //! working, and enforcement resumes on restart without manual steps); a crashed leader (a
 //! second replica takes over the certificate); the certificate Secret deleted; the webhook
 //! configurations deleted and re-applied without a caBundle; the apiserver unavailable
-//! mid-run and at arcguard's start.
+//! mid-run and at arcguard's start; the apiserver hung (SIGSTOP) under two replicas.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context as _, Result, anyhow, ensure};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use arcguard::cluster::leader::DEFAULT_RENEW_DEADLINE;
 use arcguard::policy::crd::ClusterGuardPolicy;
 use arcguard_e2e::arcguard::Arcguard;
 use arcguard_e2e::{
@@ -336,9 +337,9 @@ fn registries_policy(name: &str, ns: &str, registries: &[&str]) -> Value {
     })
 }
 
-/// Posts an AdmissionReview for a CREATE of `pod` in `ns` straight to arcguard's `/validate`
+/// Posts an AdmissionReview for a CREATE of `pod` in `ns` straight to `arcguard`'s `/validate`
 /// (trusting `bundle`), as the apiserver would, and returns the response.
-async fn review(cluster: &Cluster, bundle: &[u8], ns: &str, pod: &Pod) -> Result<Value> {
+async fn review(arcguard: &Arcguard, bundle: &[u8], ns: &str, pod: &Pod) -> Result<Value> {
     let mut builder = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .pool_max_idle_per_host(0)
@@ -362,7 +363,7 @@ async fn review(cluster: &Cluster, bundle: &[u8], ns: &str, pod: &Pod) -> Result
     });
     let response = builder
         .build()?
-        .post(format!("{}/validate", cluster.arcguard.url()))
+        .post(format!("{}/validate", arcguard.url()))
         .header("content-type", "application/json")
         .body(serde_json::to_vec(&body)?)
         .send()
@@ -406,7 +407,7 @@ async fn apiserver_down_mid_run(cluster: &mut Cluster) -> Result<()> {
     while down.elapsed() < OUTAGE {
         ensure!(cluster.arcguard.is_running(), "arcguard exited while the apiserver was down");
         ensure!(cluster.arcguard.is_ready().await, "arcguard turned unready during the outage");
-        let response = review(cluster, &bundle, &ns, &team_b).await?;
+        let response = review(&cluster.arcguard, &bundle, &ns, &team_b).await?;
         let message = response["status"]["message"].as_str().unwrap_or_default();
         ensure!(
             response["allowed"] == json!(false) && message.contains(&format!("[{name}]")),
@@ -513,4 +514,198 @@ async fn apiserver_down_at_start(cluster: &mut Cluster) -> Result<()> {
     ensure!(cluster.arcguard.is_running(), "still the first process");
     let ns = namespace(&client, "late-apiserver", &[]).await?;
     admission_works(&client, &ns, "after-late-apiserver").await
+}
+
+#[tokio::test]
+async fn with_the_apiserver_hung_the_leader_steps_down_on_its_own_timer_and_leads_again_after() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("the cluster starts");
+    let mut replica = cluster.arcguard.replica("e2e-1").expect("a second replica");
+    let result = apiserver_hung(&mut cluster, &mut replica).await;
+    // A scenario that failed mid-pause must not leave the apiserver stopped (dropping the
+    // control plane would resume it too; this also lets the diagnostics below be complete).
+    cluster.control_plane.resume_apiserver();
+    if result.is_err() {
+        eprintln!("{}", replica.log_tail(60));
+    }
+    cluster.check(result);
+}
+
+/// How long the apiserver stays hung: past the renew deadline (the leader must step down on
+/// its own timer) and past the Lease duration (on resume the follower sees an expired Lease and
+/// races the old holder for it).
+const HANG: Duration = Duration::from_secs(20);
+/// Slack for the step-down: the renew deadline is a local timer, `arcguard_leader` follows it
+/// at the end of the timed-out round, and the samples here are paced at about 250 ms.
+const STEP_DOWN_MARGIN: Duration = Duration::from_secs(2);
+/// How long, after the apiserver is continued, leadership and enforcement through it may take:
+/// a follower retries every 2 s, and a call in flight during the pause is answered on resume.
+const RECOVERY: Duration = Duration::from_secs(15);
+
+/// `arcguard_leader` of each replica; fails when more than one reports 1.
+async fn leaders(replicas: [&Arcguard; 2]) -> Result<[bool; 2]> {
+    let mut leading = [false; 2];
+    for (slot, replica) in leading.iter_mut().zip(replicas) {
+        *slot = replica.metric("arcguard_leader").await? == 1.0;
+    }
+    ensure!(leading != [true, true], "both replicas report arcguard_leader 1");
+    Ok(leading)
+}
+
+/// When the Lease was last renewed and how long it was promised for, on arcguard's clock (the
+/// same host's as this test's).
+async fn lease_renewal(leases: &Api<Lease>) -> Result<(Option<String>, SystemTime, Duration)> {
+    let spec = leases.get("arcguard").await?.spec.unwrap_or_default();
+    let renewed = spec.renew_time.ok_or_else(|| anyhow!("the Lease has no renewTime"))?.0;
+    let micros = u64::try_from(renewed.as_microsecond())?;
+    let duration = u64::try_from(spec.lease_duration_seconds.unwrap_or_default())?;
+    ensure!(duration > 0, "the Lease has no duration");
+    Ok((
+        spec.holder_identity,
+        SystemTime::UNIX_EPOCH + Duration::from_micros(micros),
+        Duration::from_secs(duration),
+    ))
+}
+
+async fn apiserver_hung(cluster: &mut Cluster, replica: &mut Arcguard) -> Result<()> {
+    let client = cluster.client().await?;
+    let ns = namespace(&client, "apiserver-hung", &[]).await?;
+    let name = format!("e2e-{ns}");
+    apply(&client, &registries_policy(&name, &ns, &["contoso.azurecr.io/team-a"])).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let team_b = pod("team-b", "contoso.azurecr.io/team-b/app:1");
+    let denied_by_policy = |response: &Value| {
+        let message = response["status"]["message"].as_str().unwrap_or_default();
+        response["allowed"] == json!(false) && message.contains(&format!("[{name}]"))
+    };
+    replica.start().await?;
+    replica.wait_ready(Duration::from_secs(60)).await?;
+    let (bundle, _) = secret_bundle(&client).await?;
+    let replicas = [&cluster.arcguard, &*replica];
+    // Both replicas enforce the scenario's policy, and e2e-0 (started first) leads.
+    for arcguard in replicas {
+        eventually(Duration::from_secs(30), || async {
+            let response = review(arcguard, &bundle, &ns, &team_b).await?;
+            ensure!(denied_by_policy(&response), "team-b before the pause: {response}");
+            Ok(())
+        })
+        .await?;
+    }
+    ensure!(leaders(replicas).await? == [true, false], "e2e-0 leads, e2e-1 follows");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+
+    // Hung: connections stay open, nothing answers. The pause follows a renewal seen here at
+    // once (renewals come every 5 s), so that renewal is the last one and the Lease cannot be
+    // taken over before it plus the Lease duration, on any replica's clock.
+    let (_, before, _) = lease_renewal(&leases).await?;
+    let waiting = Instant::now();
+    let (holder, renewed, lease_duration) = loop {
+        let lease = lease_renewal(&leases).await?;
+        if lease.1 != before {
+            break lease;
+        }
+        ensure!(waiting.elapsed() < Duration::from_secs(15), "the leader stopped renewing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(holder.as_deref() == Some("e2e-0"), "the Lease names the leader: {holder:?}");
+    cluster.control_plane.pause_apiserver();
+    let paused = Instant::now();
+    let renewal_age = SystemTime::now().duration_since(renewed).unwrap_or_default();
+    let takeover_possible = renewed + lease_duration;
+    let mut stepped_down = None;
+    let (mut samples, mut reviews) = (0u32, 0u32);
+    while paused.elapsed() < HANG {
+        for arcguard in [&mut cluster.arcguard, &mut *replica] {
+            ensure!(arcguard.is_running(), "a replica exited while the apiserver hung");
+        }
+        let replicas = [&cluster.arcguard, &*replica];
+        let leading = leaders(replicas).await?;
+        samples += 1;
+        ensure!(!leading[1], "e2e-1 leads although nothing can be written");
+        match (stepped_down, leading[0]) {
+            (None, false) => {
+                let now = SystemTime::now();
+                ensure!(
+                    now < takeover_possible,
+                    "e2e-0 stepped down only {:?} after the Lease could be taken over",
+                    now.duration_since(takeover_possible).unwrap_or_default()
+                );
+                stepped_down = Some(paused.elapsed());
+            }
+            (Some(at), true) => bail!("e2e-0 leads again {at:?} after stepping down, while hung"),
+            _ => {}
+        }
+        ensure!(
+            stepped_down.is_some() || paused.elapsed() <= DEFAULT_RENEW_DEADLINE + STEP_DOWN_MARGIN,
+            "e2e-0 still leads {:.1}s into the pause (renew deadline {DEFAULT_RENEW_DEADLINE:?})",
+            paused.elapsed().as_secs_f64()
+        );
+        for arcguard in replicas {
+            let response = review(arcguard, &bundle, &ns, &team_b).await?;
+            ensure!(
+                denied_by_policy(&response),
+                "{} enforces the last policies while the apiserver hangs: {response}",
+                arcguard.url()
+            );
+            reviews += 1;
+            // Its certificate is still valid and trusted, and it still enforces: a hung
+            // apiserver is no reason to leave the Service's endpoints.
+            ensure!(arcguard.is_ready().await, "{} turned unready while hung", arcguard.url());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let stepped_down = stepped_down.ok_or_else(|| anyhow!("e2e-0 never stepped down"))?;
+
+    cluster.control_plane.resume_apiserver();
+    let resumed = Instant::now();
+    let (new_leader, relead) = loop {
+        let leading = leaders([&cluster.arcguard, &*replica]).await?;
+        samples += 1;
+        if leading != [false, false] {
+            let leader = if leading[0] { "e2e-0" } else { "e2e-1" };
+            let (holder, _, _) = lease_renewal(&leases).await?;
+            if holder.as_deref() == Some(leader) {
+                break (leader, resumed.elapsed());
+            }
+        }
+        ensure!(
+            resumed.elapsed() < RECOVERY,
+            "no leader {RECOVERY:?} after the apiserver was continued (sample: {leading:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut refusals = Vec::new();
+    let enforced = loop {
+        let result = pods.create(&dry_run(), &team_b).await;
+        ensure!(result.is_err(), "team-b admitted after the resume (before: {refusals:?})");
+        let message = denial(&result);
+        if message.contains(&format!("[{name}]")) {
+            break resumed.elapsed();
+        }
+        ensure!(
+            resumed.elapsed() < RECOVERY,
+            "no denial by arcguard through the apiserver {RECOVERY:?} after the resume: {refusals:?}"
+        );
+        refusals.push(message);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // Leadership holds: one leader, the one the Lease names, a few rounds later.
+    let settled = Instant::now();
+    while settled.elapsed() < Duration::from_secs(6) {
+        let leading = leaders([&cluster.arcguard, &*replica]).await?;
+        samples += 1;
+        ensure!(leading != [false, false], "no leader after {new_leader} took the lead");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "[e2e] apiserver hung {:.1}s (SIGSTOP): e2e-0 stepped down {:.1}s into the pause ({:.1}s after its last renewal; renew deadline {:.0}s, takeover possible {:.1}s after it), {reviews} reviews denied, both ready throughout; after SIGCONT: {new_leader} leads at {:.1}s, denied through the apiserver at {:.1}s ({} earlier refusals); {samples} leader samples, never two",
+        HANG.as_secs_f64(),
+        stepped_down.as_secs_f64(),
+        (renewal_age + stepped_down).as_secs_f64(),
+        DEFAULT_RENEW_DEADLINE.as_secs_f64(),
+        lease_duration.as_secs_f64(),
+        relead.as_secs_f64(),
+        enforced.as_secs_f64(),
+        refusals.len(),
+    );
+    Ok(())
 }
