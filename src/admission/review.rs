@@ -361,6 +361,11 @@ pub struct AdmissionResponse {
     /// Base64 of the JSON Patch document.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patch: Option<String>,
+    /// Annotations for the apiserver's audit log: the apiserver prefixes each key with the
+    /// webhook's name (`validate.arcguard.io/audit-violations`) and records it on the
+    /// request's audit event (admission.k8s.io/v1 AdmissionResponse.auditAnnotations).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub audit_annotations: std::collections::BTreeMap<&'static str, String>,
 }
 
 impl AdmissionResponse {
@@ -373,6 +378,7 @@ impl AdmissionResponse {
             warnings: Vec::new(),
             patch_type: None,
             patch: None,
+            audit_annotations: std::collections::BTreeMap::new(),
         }
     }
 }

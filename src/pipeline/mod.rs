@@ -145,6 +145,7 @@ pub fn decide(
                 })
                 .collect();
             summary.audits = evaluation.audits();
+            response.audit_annotations = audit_annotations(&evaluation, &summary.audits);
             response.warnings = capped(evaluation.warnings());
             summary.denials = evaluation.denials();
             if evaluation.is_denied() {
@@ -216,6 +217,64 @@ pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
 }
 
 /// At most [`MAX_LISTED`] warnings, then one saying how many more.
+/// The longest value of an audit annotation, in bytes: the apiserver keeps audit events in
+/// memory and writes them to every audit backend, so a pod with thousands of violations must
+/// not make each event megabytes long.
+pub const MAX_AUDIT_ANNOTATION_BYTES: usize = 4096;
+
+/// The AdmissionResponse's `auditAnnotations` for violations of Audit policies (the request is
+/// admitted; the apiserver's audit log then says what an Audit policy found, next to who made
+/// the request): `audit-policies`, the policies that failed, comma-separated, and
+/// `audit-violations`, the violations (`[policy] message`) separated by `; `, cut at
+/// [`MAX_AUDIT_ANNOTATION_BYTES`] with a count of what was left out. Empty when no Audit policy
+/// failed.
+fn audit_annotations(
+    evaluation: &crate::policy::Evaluation<'_>,
+    audits: &[String],
+) -> std::collections::BTreeMap<&'static str, String> {
+    let mut annotations = std::collections::BTreeMap::new();
+    if audits.is_empty() {
+        return annotations;
+    }
+    let mut policies: Vec<String> = evaluation
+        .results
+        .iter()
+        .filter(|r| r.policy.action == Action::Audit && matches!(r.outcome, Outcome::Fail(_)))
+        .map(|r| r.policy.id())
+        .collect();
+    policies.dedup();
+    annotations.insert("audit-policies", cut(&policies.join(","), MAX_AUDIT_ANNOTATION_BYTES));
+    let mut violations = String::new();
+    for (listed, audit) in audits.iter().enumerate() {
+        let separator = if violations.is_empty() { "" } else { "; " };
+        let left = audits.len() - listed;
+        // Room for this one, and for the note that would follow if it is not the last.
+        let note = format!("; and {left} more");
+        if violations.len() + separator.len() + audit.len() + note.len()
+            > MAX_AUDIT_ANNOTATION_BYTES
+        {
+            violations.push_str(if violations.is_empty() { &note[2..] } else { &note });
+            break;
+        }
+        violations.push_str(separator);
+        violations.push_str(audit);
+    }
+    annotations.insert("audit-violations", violations);
+    annotations
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 fn capped(mut warnings: Vec<String>) -> Vec<String> {
     if warnings.len() > MAX_LISTED {
         let more = warnings.len() - MAX_LISTED;
@@ -237,5 +296,104 @@ mod tests {
         let capped = capped(many);
         assert_eq!(capped.len(), MAX_LISTED + 1);
         assert_eq!(capped[MAX_LISTED], "and 7 more warnings");
+    }
+
+    fn policies(yaml: &[(&str, &str)]) -> PolicySet {
+        let sources: Vec<(String, String)> = yaml
+            .iter()
+            .map(|(name, spec)| {
+                let doc = format!(
+                    "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+                );
+                (format!("{name}.yaml"), doc)
+            })
+            .collect();
+        crate::policy::load::load_sources(&sources).expect("valid policies").policies
+    }
+
+    fn pod_review(images: &[String]) -> Vec<u8> {
+        let containers: Vec<serde_json::Value> = images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| serde_json::json!({"name": format!("c{i}"), "image": image}))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1", "operation": "CREATE", "namespace": "shop",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "userInfo": {"username": "alice"},
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"name": "web", "namespace": "shop"},
+                           "spec": {"containers": containers}}
+            }
+        }))
+        .expect("json")
+    }
+
+    #[test]
+    fn audit_violations_reach_the_apiservers_audit_log_as_audit_annotations() {
+        let set = policies(&[
+            ("audit-a", "  action: Audit\n  trustedRegistries: {registries: [a.io]}\n"),
+            ("audit-b", "  action: Audit\n  trustedRegistries: {registries: [b.io]}\n"),
+            ("warn-c", "  action: Warn\n  trustedRegistries: {registries: [c.io]}\n"),
+        ]);
+        let facts = crate::rules::StaticFacts::default();
+        let decision =
+            review(Webhook::Validate, &pod_review(&["d.io/app:1".to_owned()]), &set, &facts)
+                .expect("reviews");
+        assert!(decision.response.allowed);
+        let annotations = &decision.response.audit_annotations;
+        assert_eq!(annotations.get("audit-policies").map(String::as_str), Some("audit-a,audit-b"));
+        let violations = &annotations["audit-violations"];
+        assert!(violations.starts_with("[audit-a] container \"c0\""), "{violations}");
+        assert!(violations.contains("; [audit-b] "), "{violations}");
+        assert!(
+            !violations.contains("warn-c"),
+            "Warn findings are warnings, not audit: {violations}"
+        );
+        let body =
+            String::from_utf8(crate::admission::review::encode(&decision.response)).expect("utf-8");
+        assert!(body.contains("\"auditAnnotations\":{\"audit-policies\":"), "{body}");
+
+        // Nothing to say: no field at all.
+        let clean = review(
+            Webhook::Validate,
+            &pod_review(&["a.io/x:1".to_owned()]),
+            &policies(&[(
+                "audit-a",
+                "  action: Audit\n  trustedRegistries: {registries: [a.io]}\n",
+            )]),
+            &facts,
+        )
+        .expect("reviews");
+        assert!(clean.response.audit_annotations.is_empty());
+        let body =
+            String::from_utf8(crate::admission::review::encode(&clean.response)).expect("utf-8");
+        assert!(!body.contains("auditAnnotations"), "{body}");
+    }
+
+    #[test]
+    fn audit_annotations_are_cut_with_a_count_of_what_was_left_out() {
+        let set =
+            policies(&[("audit", "  action: Audit\n  trustedRegistries: {registries: [a.io]}\n")]);
+        let images: Vec<String> = (0..500).map(|i| format!("z.io/app-{i}:1")).collect();
+        let decision = review(
+            Webhook::Validate,
+            &pod_review(&images),
+            &set,
+            &crate::rules::StaticFacts::default(),
+        )
+        .expect("reviews");
+        let violations = &decision.response.audit_annotations["audit-violations"];
+        assert!(violations.len() <= MAX_AUDIT_ANNOTATION_BYTES, "{}", violations.len());
+        let (listed, rest) = violations.rsplit_once("; and ").expect("a count of the rest");
+        let more: usize = rest.trim_end_matches(" more").parse().expect("a count");
+        assert_eq!(
+            listed.matches("[audit]").count() + more,
+            500,
+            "every violation listed or counted"
+        );
     }
 }
