@@ -27,6 +27,21 @@ fn path(relative: &str) -> PathBuf {
     Path::new(ROOT).join(relative)
 }
 
+/// Every `.rs` file under `dir`, subdirectories included (a module split into a directory
+/// keeps its docs in several files), sorted.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry").path()) {
+        if entry.is_dir() {
+            files.extend(rust_files(&entry));
+        } else if entry.extension().is_some_and(|e| e == "rs") {
+            files.push(entry);
+        }
+    }
+    files.sort();
+    files
+}
+
 fn read(relative: &str) -> String {
     std::fs::read_to_string(path(relative)).unwrap_or_else(|e| panic!("read {relative}: {e}"))
 }
@@ -668,14 +683,12 @@ fn rule_set(docs: &[Value]) -> BTreeSet<String> {
 }
 
 /// The API calls the ServiceAccount makes, from the `- \`verb group/resource (scope)\``
-/// lines in the module docs of src/cluster/*.rs: (role kind, group, resource, resource names,
-/// verb). Calls under a heading about `certs revoke` are made by the user, not arcguard.
+/// lines in the module docs of src/cluster/**/*.rs: (role kind, group, resource, resource
+/// names, verb). Calls under a heading about `certs revoke` are made by the user, not arcguard.
 fn documented_api_calls() -> BTreeSet<(&'static str, String, String, Vec<&'static str>, String)> {
     let mut calls = BTreeSet::new();
-    let dir = format!("{}/src/cluster", env!("CARGO_MANIFEST_DIR"));
-    for entry in std::fs::read_dir(&dir).expect("src/cluster") {
-        let path = entry.expect("entry").path();
-        let text = std::fs::read_to_string(&path).expect("source");
+    for file in rust_files(&path("src/cluster")) {
+        let text = std::fs::read_to_string(&file).expect("source");
         let mut by_user = false;
         for line in text.lines().filter_map(|l| l.strip_prefix("//!")).map(str::trim) {
             let Some(item) = line.strip_prefix("- `") else {
@@ -736,7 +749,7 @@ fn rbac_grants_exactly_what_the_code_uses_and_no_wildcards() {
     assert_eq!(
         rule_set(&docs),
         expected,
-        "manifests/base/rbac.yaml and the API calls in src/cluster/*.rs differ"
+        "manifests/base/rbac.yaml and the API calls in src/cluster/**/*.rs differ"
     );
 
     for kind in ["ClusterRoleBinding", "RoleBinding"] {
@@ -987,12 +1000,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 fn rust_sources(dir: &Path, out: &mut String) {
-    for entry in std::fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry").path()) {
-        if entry.is_dir() {
-            rust_sources(&entry, out);
-        } else if entry.extension().is_some_and(|e| e == "rs") {
-            out.push_str(&std::fs::read_to_string(&entry).expect("read source"));
-        }
+    for file in rust_files(dir) {
+        out.push_str(&std::fs::read_to_string(&file).expect("read source"));
     }
 }
 
