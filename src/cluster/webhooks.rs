@@ -826,7 +826,7 @@ mod tests {
                 .expect("valid"),
         );
         assert!(!has_ready_endpoint(&[]), "no slice yet");
-        assert!(!has_ready_endpoint(&[empty.clone()]), "a slice without endpoints");
+        assert!(!has_ready_endpoint(std::slice::from_ref(&empty)), "a slice without endpoints");
         assert!(has_ready_endpoint(&[slice(json!({"ready": true}))]));
         assert!(has_ready_endpoint(&[slice(json!({}))]), "unset means ready (API docs)");
         assert!(!has_ready_endpoint(&[slice(json!({"ready": false}))]));
