@@ -6,6 +6,7 @@
 //! the HTTPS shell around them and [`serve`] the standalone wiring.
 
 pub mod admission;
+pub mod audit;
 pub mod certs;
 pub mod check;
 pub mod cli;

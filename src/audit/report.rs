@@ -1,0 +1,308 @@
+//! OpenReports reports of the audit: one `Report` per namespace (one `ClusterReport` for
+//! cluster-scoped objects), never one per object.
+//!
+//! The format is `openreports.io/v1alpha1` (module `github.com/openreports/reports-api`,
+//! `apis/openreports.io/v1alpha1/report_types.go`): `source`, `summary` (pass, fail, warn,
+//! error, skip) and `results`, each with `policy`, `rule`, `result`, `severity`, `message`,
+//! `timestamp` and the object in `resources`. A report lists at most `max_results` entries
+//! (failures first, then warnings, then passes) while its summary counts every finding, and
+//! says so in `configuration.limits.maxResults`: a namespace with ten thousand pods costs one
+//! bounded object in etcd, not ten thousand.
+//!
+//! A report is written only when its content changed ([`same_content`]): an entry that is
+//! unchanged since the previous report keeps its timestamp, so re-auditing an unchanged
+//! namespace yields the same object.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::{AuditResult, Finding, Subject, severity};
+
+/// `apiVersion` of the reports.
+pub const API_VERSION: &str = "openreports.io/v1alpha1";
+/// `source` of the reports and their results.
+pub const SOURCE: &str = "arcguard";
+/// The name of arcguard's report in each namespace, and of its ClusterReport.
+pub const REPORT_NAME: &str = "arcguard";
+/// The label marking arcguard's reports.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "arcguard");
+/// Entries listed per report by default.
+pub const DEFAULT_MAX_RESULTS: usize = 1000;
+
+/// The findings of one scope: a namespace, or the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// (object, finding) pairs; the order does not matter.
+    pub entries: Vec<(Subject, Finding)>,
+}
+
+/// Counts by result, as `summary` holds them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Passed.
+    pub pass: usize,
+    /// Failed (Deny and Audit policies).
+    pub fail: usize,
+    /// Warned (Warn policies).
+    pub warn: usize,
+}
+
+impl Summary {
+    /// The counts of `entries`.
+    #[must_use]
+    pub fn of(entries: &[(Subject, Finding)]) -> Self {
+        let mut summary = Self::default();
+        for (_, finding) in entries {
+            match finding.result {
+                AuditResult::Pass => summary.pass += 1,
+                AuditResult::Fail => summary.fail += 1,
+                AuditResult::Warn => summary.warn += 1,
+            }
+        }
+        summary
+    }
+}
+
+/// A report's timestamp: seconds and nanoseconds since the Unix epoch
+/// (`metav1.Timestamp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timestamp {
+    /// Seconds.
+    pub seconds: i64,
+    /// Nanoseconds within the second.
+    pub nanos: i32,
+}
+
+/// The identity of an entry across reports: an unchanged entry keeps its timestamp.
+fn entry_key(entry: &Value) -> String {
+    let pick = |path: &str| entry.pointer(path).map(Value::to_string).unwrap_or_default();
+    [
+        pick("/policy"),
+        pick("/result"),
+        pick("/message"),
+        pick("/resources/0/uid"),
+        pick("/resources/0/kind"),
+        pick("/resources/0/namespace"),
+        pick("/resources/0/name"),
+    ]
+    .join("\u{1f}")
+}
+
+/// The report for `namespace` (`None`: the ClusterReport) holding `findings`, listing at most
+/// `max_results` entries. Entries equal to one in `previous` (the report as stored) keep its
+/// timestamp; new ones get `now`.
+#[must_use]
+pub fn build(
+    namespace: Option<&str>,
+    findings: &Findings,
+    max_results: usize,
+    previous: Option<&Value>,
+    now: Timestamp,
+) -> Value {
+    let mut entries: Vec<&(Subject, Finding)> = findings.entries.iter().collect();
+    // Failures first, then warnings, then passes; then by policy and object, so the listed
+    // subset and its order are stable from one audit to the next.
+    entries.sort_by(|(sa, fa), (sb, fb)| {
+        (fa.result, &fa.policy, sa).cmp(&(fb.result, &fb.policy, sb))
+    });
+    let summary = Summary::of(&findings.entries);
+    let stamps: BTreeMap<String, Value> = previous
+        .and_then(|p| p.get("results"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some((entry_key(r), r.get("timestamp")?.clone())))
+        .collect();
+    let results: Vec<Value> = entries
+        .into_iter()
+        .take(max_results)
+        .map(|(subject, finding)| {
+            let mut resource = json!({
+                "apiVersion": subject.api_version,
+                "kind": subject.kind,
+                "name": subject.name,
+            });
+            if let Some(ns) = &subject.namespace {
+                resource["namespace"] = json!(ns);
+            }
+            if !subject.uid.is_empty() {
+                resource["uid"] = json!(subject.uid);
+            }
+            let mut entry = json!({
+                "source": SOURCE,
+                "policy": finding.policy,
+                "rule": finding.rule,
+                "category": "arcguard",
+                "severity": severity(finding.action),
+                "result": finding.result.as_str(),
+                "scored": true,
+                "message": finding.message,
+                "properties": {"action": finding.action.as_str()},
+                "resources": [resource],
+            });
+            entry["timestamp"] = stamps
+                .get(&entry_key(&entry))
+                .cloned()
+                .unwrap_or_else(|| json!({"seconds": now.seconds, "nanos": now.nanos}));
+            entry
+        })
+        .collect();
+    let kind = if namespace.is_some() { "Report" } else { "ClusterReport" };
+    let mut metadata = json!({
+        "name": REPORT_NAME,
+        "labels": {MANAGED_BY.0: MANAGED_BY.1},
+    });
+    if let Some(ns) = namespace {
+        metadata["namespace"] = json!(ns);
+    }
+    json!({
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": metadata,
+        "source": SOURCE,
+        "configuration": {"limits": {"maxResults": max_results}},
+        "summary": {
+            "pass": summary.pass,
+            "fail": summary.fail,
+            "warn": summary.warn,
+            "error": 0,
+            "skip": 0,
+        },
+        "results": results,
+    })
+}
+
+/// Whether `stored` (as read from the API) already says what `next` says: the same summary,
+/// limits and results. Fields the API adds (metadata, defaults) are not compared.
+#[must_use]
+pub fn same_content(stored: &Value, next: &Value) -> bool {
+    ["summary", "results", "configuration", "source"].iter().all(|field| {
+        stored.get(*field).unwrap_or(&Value::Null) == next.get(*field).unwrap_or(&Value::Null)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Action;
+
+    fn subject(ns: &str, name: &str) -> Subject {
+        Subject {
+            api_version: "v1".to_owned(),
+            kind: "Pod".to_owned(),
+            namespace: Some(ns.to_owned()),
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+        }
+    }
+
+    fn finding(policy: &str, action: Action, result: AuditResult, message: &str) -> Finding {
+        Finding {
+            policy: policy.to_owned(),
+            rule: "trustedRegistries",
+            action,
+            result,
+            message: message.to_owned(),
+        }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp { seconds, nanos: 0 }
+    }
+
+    fn findings(count: usize) -> Findings {
+        let mut entries = Vec::new();
+        for i in 0..count {
+            let name = format!("pod-{i:03}");
+            let (result, message) = if i % 3 == 0 {
+                (AuditResult::Fail, "bad image")
+            } else {
+                (AuditResult::Pass, "passed")
+            };
+            entries.push((
+                subject("shop", &name),
+                finding("registries", Action::Deny, result, message),
+            ));
+            entries.push((
+                subject("shop", &name),
+                finding(
+                    "registries-warn",
+                    Action::Warn,
+                    if i % 3 == 0 { AuditResult::Warn } else { AuditResult::Pass },
+                    message,
+                ),
+            ));
+        }
+        Findings { entries }
+    }
+
+    #[test]
+    fn one_report_per_namespace_in_the_openreports_format() {
+        let report = build(Some("shop"), &findings(3), 100, None, at(100));
+        assert_eq!(report["apiVersion"], "openreports.io/v1alpha1");
+        assert_eq!(report["kind"], "Report");
+        assert_eq!(report["metadata"]["namespace"], "shop");
+        assert_eq!(report["metadata"]["name"], "arcguard");
+        assert_eq!(report["source"], "arcguard");
+        assert_eq!(
+            report["summary"],
+            json!({"pass": 4, "fail": 1, "warn": 1, "error": 0, "skip": 0})
+        );
+        let first = &report["results"][0];
+        assert_eq!(first["result"], "fail");
+        assert_eq!(first["severity"], "high");
+        assert_eq!(first["policy"], "registries");
+        assert_eq!(first["message"], "bad image");
+        assert_eq!(first["timestamp"], json!({"seconds": 100, "nanos": 0}));
+        assert_eq!(
+            first["resources"],
+            json!([{"apiVersion": "v1", "kind": "Pod", "namespace": "shop", "name": "pod-000", "uid": "uid-pod-000"}])
+        );
+        assert_eq!(report["results"][1]["result"], "warn");
+        assert_eq!(report["results"][1]["severity"], "low");
+        let cluster = build(None, &Findings::default(), 100, None, at(1));
+        assert_eq!(cluster["kind"], "ClusterReport");
+        assert!(cluster["metadata"].get("namespace").is_none());
+    }
+
+    #[test]
+    fn a_report_lists_a_bounded_number_of_entries_failures_first_and_counts_them_all() {
+        let report = build(Some("shop"), &findings(900), 50, None, at(1));
+        let results = report["results"].as_array().expect("results");
+        assert_eq!(results.len(), 50);
+        assert!(results.iter().all(|r| r["result"] == "fail"), "300 failures come first");
+        assert_eq!(report["summary"]["fail"], 300);
+        assert_eq!(report["summary"]["warn"], 300);
+        assert_eq!(report["summary"]["pass"], 1200);
+        assert_eq!(report["configuration"]["limits"]["maxResults"], 50);
+    }
+
+    #[test]
+    fn an_unchanged_audit_yields_the_same_report_and_only_new_entries_get_a_new_time() {
+        let first = build(Some("shop"), &findings(6), 100, None, at(100));
+        // The same findings in another order, an hour later: the same content, nothing to write.
+        let mut shuffled = findings(6);
+        shuffled.entries.reverse();
+        let again = build(Some("shop"), &shuffled, 100, Some(&first), at(3700));
+        assert!(same_content(&first, &again));
+        // A fixed pod: its entry changes (and gets the new time); the others keep theirs.
+        let mut fixed = findings(6);
+        fixed.entries[0].1 = finding("registries", Action::Deny, AuditResult::Pass, "passed");
+        let next = build(Some("shop"), &fixed, 100, Some(&first), at(7300));
+        assert!(!same_content(&first, &next));
+        let stamps: Vec<i64> = next["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| r["timestamp"]["seconds"].as_i64().unwrap_or_default())
+            .collect();
+        assert_eq!(stamps.iter().filter(|s| **s == 7300).count(), 1, "{stamps:?}");
+        assert_eq!(next["summary"]["fail"], 1);
+        // Stored with what the API adds: still the same content.
+        let mut stored = first.clone();
+        stored["metadata"]["resourceVersion"] = json!("42");
+        stored["metadata"]["uid"] = json!("u");
+        assert!(same_content(&stored, &again));
+    }
+}
