@@ -87,6 +87,17 @@ pub struct Metrics {
     pods_unlabelled: Gauge,
     pods_labelled: Family<ResultLabels, Counter>,
     budget_rejections: Counter,
+    webhooks_fail_open: Gauge,
+    failure_policy_decisions: Counter,
+    audit_results: Family<AuditLabels, Gauge>,
+    audit_last_run: Gauge,
+}
+
+/// Labels of the audit's results: the policy (bounded by the policies in force) and the result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditLabels {
+    policy: String,
+    result: &'static str,
 }
 
 impl Default for Metrics {
@@ -175,7 +186,35 @@ impl Metrics {
             "Webhook requests refused with 503 because the in-flight memory budget stayed full for the wait",
             budget_rejections.clone(),
         );
+        let webhooks_fail_open = Gauge::default();
+        registry.register(
+            "webhooks_fail_open",
+            "On the leader: arcguard's webhooks whose failurePolicy is not yet the annotated one (Fail), because the leader is not ready, a caBundle is missing or the Service has no ready endpoint; 0 on followers",
+            webhooks_fail_open.clone(),
+        );
+        let failure_policy_decisions = Counter::default();
+        registry.register(
+            "webhook_failure_policy_decisions",
+            "Decisions the leader took about its webhooks' failurePolicy (one per configuration and wake-up)",
+            failure_policy_decisions.clone(),
+        );
+        let audit_results = Family::<AuditLabels, Gauge>::default();
+        registry.register(
+            "audit_results",
+            "On the leader: existing objects by policy and result (pass, fail, warn) in the last background audit",
+            audit_results.clone(),
+        );
+        let audit_last_run = Gauge::default();
+        registry.register(
+            "audit_last_run_timestamp_seconds",
+            "On the leader: Unix time at which the last background audit finished",
+            audit_last_run.clone(),
+        );
         Self {
+            webhooks_fail_open,
+            failure_policy_decisions,
+            audit_results,
+            audit_last_run,
             registry,
             requests,
             duration,
@@ -191,6 +230,34 @@ impl Metrics {
             pods_labelled,
             budget_rejections,
         }
+    }
+
+    /// Sets how many of arcguard's webhooks are not yet at their annotated failurePolicy.
+    pub fn set_webhooks_fail_open(&self, count: i64) {
+        self.webhooks_fail_open.set(count);
+    }
+
+    /// Counts one failurePolicy decision of the leader.
+    pub fn record_failure_policy_decision(&self) {
+        self.failure_policy_decisions.inc();
+    }
+
+    /// Replaces the audit's results: `(policy, [pass, fail, warn])` for every policy in force,
+    /// and the time the audit finished (Unix seconds).
+    pub fn set_audit_results(
+        &self,
+        results: impl IntoIterator<Item = (String, [u64; 3])>,
+        finished: i64,
+    ) {
+        self.audit_results.clear();
+        for (policy, counts) in results {
+            for (result, count) in ["pass", "fail", "warn"].into_iter().zip(counts) {
+                self.audit_results
+                    .get_or_create(&AuditLabels { policy: policy.clone(), result })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+        self.audit_last_run.set(finished);
     }
 
     /// Counts one request refused for the memory budget.

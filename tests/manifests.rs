@@ -1038,6 +1038,7 @@ fn the_alerts_use_metrics_arcguard_exports_and_scrape_the_metrics_port() {
         "ArcguardDown",
         "ArcguardNoLeader",
         "ArcguardMemoryBudgetExhausted",
+        "ArcguardWebhooksFailOpen",
         "ArcguardAuditViolations",
     ]
     .into_iter()

@@ -208,6 +208,7 @@ fn every_alert_has_a_promtool_test_that_fires_it() {
         "ArcguardHighLatency",
         "ArcguardNoLeader",
         "ArcguardMemoryBudgetExhausted",
+        "ArcguardWebhooksFailOpen",
         "ArcguardPolicyReloadFailing",
         "ArcguardAuditViolations",
         "ArcguardDown",

@@ -10,7 +10,7 @@ use anyhow::{Result, ensure};
 use arcguard_e2e::failure_policy::failure_policies;
 use arcguard_e2e::{Cluster, ClusterOptions, apply, eventually};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use serde_json::json;
 
 /// Long enough for a watch event to reach arcguard on a loaded machine.
@@ -63,25 +63,35 @@ async fn through_the_service(cluster: &mut Cluster) -> Result<()> {
     let policies = failure_policies(&client).await?;
     ensure!(policies.last().map(String::as_str) == Some("Ignore"), "still Ignore: {policies:?}");
 
-    // An endpoint that is not ready changes nothing; the webhook is still Ignore once the
-    // leader has seen the slice (a later, unrelated change makes it decide again).
+    // An endpoint that is not ready changes nothing: once the leader has decided on the new
+    // slice (its decision counter moved), the webhook is still Ignore.
+    let decisions = "arcguard_webhook_failure_policy_decisions_total";
+    let before = cluster.arcguard.metric(decisions).await?;
     apply(&client, &endpoint_slice("arcguard-not-ready", false)).await?;
-    let touch = json!({"metadata": {"labels": {"e2e-touch": "1"}}});
-    mutating.patch("arcguard", &PatchParams::default(), &Patch::Merge(&touch)).await?;
     eventually(PROPAGATION, || async {
-        let seen = mutating.get("arcguard").await?;
-        ensure!(seen.metadata.labels.is_some_and(|l| l.contains_key("e2e-touch")));
+        let now = cluster.arcguard.metric(decisions).await?;
+        ensure!(now > before, "the leader has not decided on the slice yet ({now})");
         Ok(())
     })
     .await?;
     let policies = failure_policies(&client).await?;
     ensure!(policies.last().map(String::as_str) == Some("Ignore"), "not ready: {policies:?}");
+    ensure!(
+        cluster.arcguard.metric("arcguard_webhooks_fail_open").await? == 1.0,
+        "the fail-open gauge counts the webhook"
+    );
 
     // A ready endpoint: the webhook fails closed.
     apply(&client, &endpoint_slice("arcguard-ready", true)).await?;
     eventually(PROPAGATION, || async {
         let policies = failure_policies(&client).await?;
         ensure!(policies.iter().all(|p| p == "Fail"), "every webhook Fail: {policies:?}");
+        Ok(())
+    })
+    .await?;
+    eventually(PROPAGATION, || async {
+        let open = cluster.arcguard.metric("arcguard_webhooks_fail_open").await?;
+        ensure!(open == 0.0, "the fail-open gauge returns to 0 ({open})");
         Ok(())
     })
     .await?;

@@ -14,6 +14,7 @@ pub mod report;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::admission::view::RequestView;
 use crate::admission::{self, Kind};
 use crate::manifest;
 use crate::policy::{Action, Outcome, PolicySet};
@@ -144,46 +145,60 @@ pub fn subject_of(object: &Value) -> Result<(Subject, bool), AuditError> {
     Ok((subject, inspected))
 }
 
-/// Audits one existing object: every policy that applies to it, judged as the validating
-/// webhook judges a CREATE of it (the same view and facts). Empty for a kind arcguard does
-/// not inspect and for an object no policy applies to.
-///
-/// # Errors
-/// [`AuditError`] when the object is not a Kubernetes object or does not decode as its kind.
-pub fn audit_object(
-    object: &Value,
-    policies: &PolicySet,
-    facts: &dyn Facts,
-) -> Result<(Subject, Vec<Finding>), AuditError> {
-    let (subject, inspected) = subject_of(object)?;
-    if !inspected || policies.is_empty() {
-        return Ok((subject, Vec::new()));
-    }
-    let (group, version) =
-        subject.api_version.rsplit_once('/').unwrap_or(("", &subject.api_version));
-    let body = json!({
-        "apiVersion": admission::review::API_VERSION,
-        "kind": admission::review::KIND,
-        "request": {
-            "uid": "audit",
-            "kind": {"group": group, "version": version, "kind": subject.kind},
-            "operation": "CREATE",
-            "namespace": subject.namespace.clone().unwrap_or_default(),
-            "name": subject.name,
-            "object": object,
+/// One existing object, ready to be judged: its subject and the CREATE AdmissionReview the
+/// validating webhook would receive for it.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    /// The object.
+    pub subject: Subject,
+    body: String,
+}
+
+impl Audit {
+    /// The audit of `object`; `None` for a kind arcguard does not inspect.
+    ///
+    /// # Errors
+    /// [`AuditError::NotAnObject`] without apiVersion, kind or name.
+    pub fn of(object: &Value) -> Result<Option<Self>, AuditError> {
+        let (subject, inspected) = subject_of(object)?;
+        if !inspected {
+            return Ok(None);
         }
-    })
-    .to_string();
-    let invalid = |message: String| AuditError::Invalid {
-        subject: format!("{} {}", subject.kind, subject.display()),
-        message,
-    };
-    let prepared = admission::prepare(body.as_bytes()).map_err(|e| invalid(e.to_string()))?;
-    let Some(view) = prepared.view.as_ref() else {
-        return Ok((subject, Vec::new()));
-    };
+        let (group, version) =
+            subject.api_version.rsplit_once('/').unwrap_or(("", &subject.api_version));
+        let body = json!({
+            "apiVersion": admission::review::API_VERSION,
+            "kind": admission::review::KIND,
+            "request": {
+                "uid": "audit",
+                "kind": {"group": group, "version": version, "kind": subject.kind},
+                "operation": "CREATE",
+                "namespace": subject.namespace.clone().unwrap_or_default(),
+                "name": subject.name,
+                "object": object,
+            }
+        })
+        .to_string();
+        Ok(Some(Self { subject, body }))
+    }
+
+    /// The request as the webhook would decode it (its view is what facts are gathered for).
+    ///
+    /// # Errors
+    /// [`AuditError::Invalid`] when the object does not decode as its kind.
+    pub fn prepare(&self) -> Result<admission::Prepared<'_>, AuditError> {
+        admission::prepare(self.body.as_bytes()).map_err(|e| AuditError::Invalid {
+            subject: format!("{} {}", self.subject.kind, self.subject.display()),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Judges a view with every policy that applies to it: one [`Finding`] per policy.
+#[must_use]
+pub fn judge(view: &RequestView, policies: &PolicySet, facts: &dyn Facts) -> Vec<Finding> {
     let evaluation = policies.validate(view, facts);
-    let findings = evaluation
+    evaluation
         .results
         .iter()
         .map(|r| {
@@ -206,8 +221,29 @@ pub fn audit_object(
                 message,
             }
         })
-        .collect();
-    Ok((subject, findings))
+        .collect()
+}
+
+/// Audits one existing object with facts known up front: every policy that applies to it,
+/// judged as the validating webhook judges a CREATE of it. Empty for a kind arcguard does not
+/// inspect and for an object no policy applies to.
+///
+/// # Errors
+/// [`AuditError`] when the object is not a Kubernetes object or does not decode as its kind.
+pub fn audit_object(
+    object: &Value,
+    policies: &PolicySet,
+    facts: &dyn Facts,
+) -> Result<(Subject, Vec<Finding>), AuditError> {
+    let Some(audit) = Audit::of(object)? else {
+        return Ok((subject_of(object)?.0, Vec::new()));
+    };
+    if policies.is_empty() {
+        return Ok((audit.subject, Vec::new()));
+    }
+    let prepared = audit.prepare()?;
+    let findings = prepared.view.as_ref().map(|v| judge(v, policies, facts)).unwrap_or_default();
+    Ok((audit.subject.clone(), findings))
 }
 
 #[cfg(test)]

@@ -202,8 +202,12 @@ impl ClusterFacts {
                 }
             }
         };
-        let access = shared.await;
-        if let Ok(mut inflight) = self.in_flight.lock() {
+        let access = shared.clone().await;
+        if let Ok(mut inflight) = self.in_flight.lock()
+            && inflight.get(&key).is_some_and(|(_, review)| review.ptr_eq(&shared))
+        {
+            // Only this review's entry: a newer one (this review outlived its deadline and was
+            // replaced) stays for its own callers.
             inflight.remove(&key);
         }
         if !matches!(access, Access::Unknown(_))

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod facts;
 pub mod labeller;
 pub mod leader;
+pub mod objects;
 pub mod policies;
 pub mod policy_status;
 pub mod webhooks;
@@ -173,8 +174,12 @@ pub async fn start(
             }
         }),
     ];
+    // arcguard's Secret and webhook configurations, each watched once for every task below.
+    let (objects, watches) = objects::Objects::watch(&client, &config.certs, &stop_rx);
+    tasks.extend(watches);
     let controller = certs::run_controller(
         client.clone(),
+        objects.clone(),
         config.certs.clone(),
         leadership.clone(),
         state.metrics.clone(),
@@ -188,13 +193,14 @@ pub async fn start(
     // The webhooks fail closed only once this replica can answer (webhooks.rs).
     tasks.push(tokio::spawn(webhooks::run(
         client.clone(),
+        objects.clone(),
         config.certs.clone(),
         leadership.clone(),
         state.clone(),
         stopped(stop_rx.clone()),
     )));
     tasks.push(tokio::spawn(certs::run_serving(
-        client.clone(),
+        objects,
         config.certs.clone(),
         resolver,
         state.readiness.clone(),

@@ -52,13 +52,14 @@ pub struct PolicyObject {
 }
 
 impl PolicyObject {
-    /// The last good generation and spec the status records, if it is not newer than the
-    /// object (a status claiming a future generation is not arcguard's).
+    /// The last good generation and spec the status records, if it is older than the object:
+    /// a record is only read when the current generation does not compile, so one claiming the
+    /// current generation (or a future one) is not a last good generation arcguard recorded.
     fn recorded(&self) -> Option<(i64, &Value)> {
         let status = self.status.as_ref()?;
         let generation = status.enforced_generation?;
         let spec = status.enforced_spec.as_ref()?;
-        (generation <= self.generation).then_some((generation, spec))
+        (generation < self.generation).then_some((generation, spec))
     }
 }
 
@@ -97,9 +98,11 @@ fn compile(key: &Key, spec: &Value) -> Result<Policy, String> {
     )
 }
 
-/// Brings the cache in line with the objects: compiles new generations; when one fails, keeps
-/// the newer of the last good generation this replica compiled and the one the status
-/// records; forgets deleted policies. Returns whether the set of enforced policies changed.
+/// Brings the cache in line with the objects: compiles new generations; when one fails,
+/// enforces the last good generation the status records (the leader's, so every replica
+/// enforces the same one), or, before any is recorded, the last good generation this replica
+/// compiled (the leader then records its own); forgets deleted policies. Returns whether the
+/// set of enforced policies changed.
 pub fn reconcile(cache: &mut BTreeMap<Key, Entry>, objects: &[PolicyObject]) -> bool {
     let mut changed = false;
     let live: BTreeSet<&Key> = objects.iter().map(|o| &o.key).collect();
@@ -134,7 +137,6 @@ pub fn reconcile(cache: &mut BTreeMap<Key, Entry>, objects: &[PolicyObject]) -> 
             },
             Err(error) => {
                 let from_status = recorded
-                    .filter(|(g, _)| kept.as_ref().is_none_or(|k| k.generation < *g))
                     .and_then(|(generation, spec)| match compile(&object.key, spec) {
                         Ok(policy) => Some(Enforced { generation, policy, spec: spec.clone() }),
                         Err(error) => {
@@ -423,18 +425,19 @@ mod tests {
     }
 
     #[test]
-    fn the_newer_of_the_kept_and_the_recorded_last_good_generation_wins() {
+    fn the_recorded_last_good_generation_wins_over_this_replicas_memory() {
         let bad = registries(&[]);
-        // This replica saw generation 3 (good); the status still records generation 2 (the
-        // write had not landed): the kept generation 3 wins.
+        // This replica saw generation 3 (good); the leader never compiled it (events merged,
+        // a relist) and recorded generation 2: every replica enforces the record, 2, so they
+        // agree; this one too.
         let mut cache = BTreeMap::new();
         reconcile(&mut cache, &[object("p", "u1", 3, registries(&["c.io"]))]);
-        let stale = recording(object("p", "u1", 4, bad.clone()), 2, registries(&["b.io"]));
-        assert!(!reconcile(&mut cache, &[stale]));
-        assert_eq!(enforced(&cache).map(|(g, _)| g), Some(3));
+        let recorded = recording(object("p", "u1", 4, bad.clone()), 2, registries(&["b.io"]));
+        assert!(reconcile(&mut cache, &[recorded]), "3 gives way to the record");
+        assert_eq!(enforced(&cache), Some((2, registries(&["b.io"]))));
 
-        // This replica only saw generation 1; the leader recorded generation 3: the record
-        // wins, and its arrival alone (same object generation) is enough to recompute.
+        // Before any record (the leader's write has not landed), memory is kept; the record's
+        // arrival alone (same object generation) is enough to recompute.
         let mut cache = BTreeMap::new();
         reconcile(&mut cache, &[object("p", "u1", 1, registries(&["a.io"]))]);
         reconcile(&mut cache, &[object("p", "u1", 4, bad.clone())]);
@@ -451,6 +454,9 @@ mod tests {
         // this object), and a recorded spec that does not compile, are both ignored.
         for object in [
             recording(object("p", "u1", 2, bad.clone()), 3, registries(&["a.io"])),
+            // Claiming the current generation: never a record arcguard reads (it reads one
+            // only when the current generation does not compile).
+            recording(object("p", "u1", 2, bad.clone()), 2, registries(&["docker.io"])),
             recording(object("p", "u1", 2, bad.clone()), 1, json!({"gmsa": {}, "x": 1})),
         ] {
             let mut cache = BTreeMap::new();

@@ -101,8 +101,18 @@ pub fn desired_status(entry: &Entry, existing: Option<&PolicyStatus>, now: &Time
             observed_generation: Some(entry.generation),
             last_transition_time,
         }],
-        enforced_generation: entry.enforced.as_ref().map(|e| e.generation),
-        enforced_spec: entry.enforced.as_ref().map(|e| e.spec.clone()),
+        // With nothing enforced (a generation this version refuses, and no record it can
+        // compile: after an upgrade with stricter validation, say) the record stays as it is,
+        // never erased, so a downgrade or a fix finds it.
+        enforced_generation: match &entry.enforced {
+            Some(e) => Some(e.generation),
+            None => existing.and_then(|s| s.enforced_generation),
+        },
+        enforced_spec: match &entry.enforced {
+            Some(e) => Some(e.spec.clone()),
+            None => existing.and_then(|s| s.enforced_spec.clone()),
+        },
+        audit: None,
     }
 }
 
@@ -116,8 +126,14 @@ pub fn pending(cache: &BTreeMap<Key, Entry>, objects: &[PolicyObject], now: &Tim
         .iter()
         .filter_map(|object| {
             let entry = cache.get(&object.key)?;
-            let status = desired_status(entry, object.status.as_ref(), now);
-            (object.status.as_ref() != Some(&status)).then(|| {
+            let mut status = desired_status(entry, object.status.as_ref(), now);
+            // `audit` belongs to the audit's field manager: compared as it is, never written
+            // here (absent from the applied status, so this manager does not own it).
+            let audit = object.status.as_ref().and_then(|s| s.audit.clone());
+            let differs = object.status.as_ref()
+                != Some(&PolicyStatus { audit: audit.clone(), ..status.clone() });
+            status.audit = None;
+            differs.then(|| {
                 let target = Target {
                     status,
                     previous_ready: object.status.as_ref().and_then(ready_condition).cloned(),
@@ -350,6 +366,26 @@ mod tests {
     }
 
     #[test]
+    fn a_record_this_version_cannot_compile_is_kept_not_erased() {
+        // Generation 4 was recorded by a version that accepted it; this one refuses it.
+        let mut status = PolicyStatus {
+            enforced_generation: Some(4),
+            enforced_spec: Some(json!({"trustedRegistries": {"registries": ["https://a.io"]}})),
+            ..PolicyStatus::default()
+        };
+        status.observed_generation = Some(4);
+        let object = PolicyObject {
+            spec: json!({"trustedRegistries": {"registries": ["https://a.io"]}}),
+            ..policy(4, "unused", Some(status.clone()))
+        };
+        let pending = pending_for(&[object], 5);
+        let target = pending.values().next().expect("the condition changes");
+        assert_eq!(target.status.enforced_generation, Some(4));
+        assert_eq!(target.status.enforced_spec, status.enforced_spec);
+        assert!(target.status.conditions[0].message.contains("the policy is not enforced"));
+    }
+
+    #[test]
     fn only_statuses_that_differ_are_pending_and_events_follow_ready_changes() {
         // A new policy: its status is pending, and writing it records Enforced.
         let fresh = pending_for(&[policy(1, "a.io", None)], 10);
@@ -365,6 +401,15 @@ mod tests {
             pending_for(std::slice::from_ref(&shown), 99).is_empty(),
             "no rewrite for the clock alone"
         );
+        // The audit's totals (another field manager's) neither cause a write nor are written.
+        let mut audited_status = target.status.clone();
+        audited_status.audit =
+            Some(crate::policy::crd::AuditStatus { fail: 3, ..Default::default() });
+        let audited = policy(1, "a.io", Some(audited_status));
+        assert!(pending_for(std::slice::from_ref(&audited), 99).is_empty(), "audit is not ours");
+        let moved = policy(2, "b.io", audited.status.clone());
+        let pending = pending_for(&[moved], 99);
+        assert_eq!(pending.values().next().map(|t| t.status.audit.clone()), Some(None));
 
         // A bad generation 2 (seen by a replica that knows generation 1 from the status only):
         // pending, with a Warning naming the field and what stays.

@@ -46,12 +46,9 @@
 //!
 //! # API calls (for RBAC)
 //!
-//! [`run`] (the leader):
-//! - `list admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
-//! - `watch admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
+//! [`run`] (the leader; the configurations themselves come from the shared watches of
+//! [`super::objects`]):
 //! - `patch admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: by name)`
-//! - `list admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
-//! - `watch admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
 //! - `patch admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: by name)`
 //! - `list discovery.k8s.io/endpointslices (namespaced: arcguard's namespace, labelSelector kubernetes.io/service-name)`
 //! - `watch discovery.k8s.io/endpointslices (namespaced: arcguard's namespace, labelSelector kubernetes.io/service-name)`
@@ -68,12 +65,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector;
-use kube::runtime::watcher::{self, Event, watcher};
+use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
 use serde_json::json;
 
-use super::certs::{Backoff, CertConfig, Latest};
+use super::certs::{Backoff, CertConfig};
 use super::leader::Leadership;
+use super::objects::Objects;
 use crate::server::AppState;
 
 /// The annotation on arcguard's webhook configurations naming the failure policy the leader
@@ -243,6 +241,16 @@ impl ConfigurationView {
                 })
                 .collect(),
         }
+    }
+
+    /// How many webhooks are fail-open while the annotation asks for `Fail` (0 without the
+    /// annotation or when it asks for `Ignore`): what `arcguard_webhooks_fail_open` exports.
+    #[must_use]
+    pub fn short_of_annotated(&self) -> usize {
+        if self.annotation.as_deref() != Some(FailurePolicy::Fail.as_str()) {
+            return 0;
+        }
+        self.webhooks.iter().filter(|w| w.failure_policy.as_deref() != Some("Fail")).count()
     }
 
     /// The view of a ValidatingWebhookConfiguration named `reference` in logs.
@@ -519,18 +527,11 @@ where
     }
 }
 
-/// A watch event for one of the two configurations or the Service's EndpointSlices.
-enum Change {
-    Validating(Event<ValidatingWebhookConfiguration>),
-    Mutating(Event<MutatingWebhookConfiguration>),
-    /// An EndpointSlice of arcguard's Service changed (the store holds them all).
-    Endpoints,
-}
-
 /// Keeps the failure policy of arcguard's two webhook configurations at the annotated one while
 /// this replica leads and is ready, until `shutdown` completes ([module docs](self)).
 pub async fn run(
     client: Client,
+    objects: Objects,
     config: CertConfig,
     mut leadership: Leadership,
     state: AppState,
@@ -549,70 +550,68 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => return,
             _ = follower.wait_for(false) => {}
-            () = lead(&client, &config, &state) => {}
+            () = lead(&client, objects.clone(), &config, &state) => {}
         }
+        // Only the leader's figure means anything.
+        state.metrics.set_webhooks_fail_open(0);
     }
 }
 
-/// The loop of a leader; runs until dropped.
-async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
+/// The loop of a leader; runs until dropped. The configurations come from the shared watches
+/// of [`super::objects`]; the Service's EndpointSlices from a watch of this leader's.
+async fn lead(client: &Client, mut objects: Objects, config: &CertConfig, state: &AppState) {
     let validating_api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let mutating_api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let validating_name = config.validating_webhook_configuration.as_str();
     let mutating_name = config.mutating_webhook_configuration.as_str();
     let slices_api: Api<EndpointSlice> = Api::namespaced(client.clone(), &config.namespace);
     let (slices, slices_writer) = reflector::store();
     let of_service = format!("{SERVICE_NAME_LABEL}={}", config.service_name);
-    let mut events = futures::stream::select_all([
-        watcher(validating_api.clone(), by_name(validating_name))
-            .backoff(super::watch_backoff())
-            .map(|event| event.map(Change::Validating))
-            .boxed(),
-        watcher(mutating_api.clone(), by_name(mutating_name))
-            .backoff(super::watch_backoff())
-            .map(|event| event.map(Change::Mutating))
-            .boxed(),
+    let mut slice_events = Box::pin(
         watcher(slices_api, watcher::Config::default().labels(&of_service))
             .backoff(super::watch_backoff())
-            .reflect(slices_writer)
-            .map(|event| event.map(|_| Change::Endpoints))
-            .boxed(),
-    ]);
+            .reflect(slices_writer),
+    );
     let service =
         ServiceRef { namespace: config.namespace.clone(), name: config.service_name.clone() };
     let mut readiness = state.readiness.changes();
-    let mut validating = Latest::<ValidatingWebhookConfiguration>::default();
-    let mut mutating = Latest::<MutatingWebhookConfiguration>::default();
     let (mut validating_reported, mut mutating_reported) =
         (Reported::default(), Reported::default());
     let mut backoff = Backoff::default();
     let mut retry_in = RECHECK;
     let leading_since = tokio::time::Instant::now();
+    let mut first = true;
     loop {
-        tokio::select! {
-            event = events.next() => match event {
-                Some(Ok(Change::Validating(event))) => validating.apply(event),
-                Some(Ok(Change::Mutating(event))) => mutating.apply(event),
-                Some(Ok(Change::Endpoints)) => {}
-                Some(Err(error)) => tracing::warn!(%error, "watching the webhook configurations failed; retrying"),
-                None => return,
-            },
-            changed = readiness.changed() => if changed.is_err() {
-                return;
-            },
-            () = tokio::time::sleep(retry_in) => {}
+        if !first {
+            tokio::select! {
+                event = slice_events.next() => match event {
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => tracing::warn!(%error, "watching the Service's EndpointSlices failed; retrying (failurePolicy stays as it is meanwhile)"),
+                    None => return,
+                },
+                changed = objects.changed() => if !changed {
+                    return;
+                },
+                changed = readiness.changed() => if changed.is_err() {
+                    return;
+                },
+                () = tokio::time::sleep(retry_in) => {}
+            }
         }
+        first = false;
+        let (validating, mutating) = (objects.validating(), objects.mutating());
         let reach = Reachability {
             ready: state.readiness.is_ready_for(&state.snapshot.load().policies),
             service: (service.clone(), has_ready_endpoint(&slices.state())),
         };
         let mut retry = false;
+        let mut fail_open = 0usize;
         if let Some(configuration) = validating.get() {
             let view = ConfigurationView::validating(
                 configuration,
                 format!("ValidatingWebhookConfiguration/{validating_name}"),
             );
+            fail_open += view.short_of_annotated();
             retry |= enforce(
                 &validating_api,
                 validating_name,
@@ -628,6 +627,7 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
                 configuration,
                 format!("MutatingWebhookConfiguration/{mutating_name}"),
             );
+            fail_open += view.short_of_annotated();
             retry |= enforce(
                 &mutating_api,
                 mutating_name,
@@ -638,6 +638,8 @@ async fn lead(client: &Client, config: &CertConfig, state: &AppState) {
             )
             .await;
         }
+        state.metrics.set_webhooks_fail_open(i64::try_from(fail_open).unwrap_or(i64::MAX));
+        state.metrics.record_failure_policy_decision();
         retry_in = if retry {
             backoff.next_delay()
         } else {
@@ -802,6 +804,12 @@ mod tests {
         for (label, configuration, reachability, expected) in cases {
             assert_eq!(summary(&decide(&configuration, &reachability)), expected, "{label}");
         }
+        // What the fail-open gauge counts: webhooks short of an annotated Fail.
+        assert_eq!(through(own_service()).short_of_annotated(), 1);
+        let mixed = view(Some("Fail"), &[("v", Some("Fail"), true), ("p", None, true)]);
+        assert_eq!(mixed.short_of_annotated(), 1, "unset is not Fail yet");
+        assert_eq!(view(Some("Ignore"), &[("v", Some("Ignore"), true)]).short_of_annotated(), 0);
+        assert_eq!(view(None, &[("v", Some("Ignore"), true)]).short_of_annotated(), 0);
         // Relaxing to Ignore never waits for an endpoint.
         let mut relax = through(own_service());
         relax.annotation = Some("Ignore".to_owned());

@@ -88,6 +88,25 @@ pub struct PolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<PolicySpec>")]
     pub enforced_spec: Option<serde_json::Value>,
+    /// What the last background audit found for this policy (written by the audit under its
+    /// own field manager, `arcguard-audit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditStatus>,
+}
+
+/// A policy's totals from the last background audit of existing objects.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditStatus {
+    /// Existing objects that pass.
+    pub pass: u64,
+    /// Existing objects that fail (Deny and Audit policies).
+    pub fail: u64,
+    /// Existing objects that warn (Warn policies).
+    pub warn: u64,
+    /// When the audit that counted them finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// Both CRDs, cluster-scoped first.

@@ -107,6 +107,13 @@ impl Matcher {
         )
     }
 
+    /// Whether the policy may apply to some object in `namespace` (`None`: cluster-scoped):
+    /// [`Self::matches_object`] without the objectSelector, which depends on each object.
+    pub fn may_match_in(&self, namespace: Option<&str>, facts: &dyn Facts) -> bool {
+        let unselected = Self { object_selector: None, ..self.clone() };
+        unselected.matches_object(namespace, &Labels::new(), None, facts)
+    }
+
     /// Whether the policy applies to an object in `namespace` (`None`: cluster-scoped) with
     /// `labels` (and `old_labels` before an UPDATE).
     pub fn matches_object(

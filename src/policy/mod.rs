@@ -94,6 +94,18 @@ impl Policy {
         in_scope && self.matcher.matches_object(Some(namespace), labels, None, facts)
     }
 
+    /// Whether the policy may apply to some object in `namespace` (`None`: cluster-scoped
+    /// objects, which only cluster policies reach): its scope and `spec.match` without the
+    /// objectSelector. The audit re-judges only the namespaces a changed policy may reach.
+    pub fn may_apply_in(&self, namespace: Option<&str>, facts: &dyn Facts) -> bool {
+        let in_scope = match (&self.scope, namespace) {
+            (Scope::Cluster, _) => true,
+            (Scope::Namespace(ns), Some(namespace)) => ns == namespace,
+            (Scope::Namespace(_), None) => false,
+        };
+        in_scope && self.matcher.may_match_in(namespace, facts)
+    }
+
     /// `name` for cluster policies, `namespace/name` for namespaced ones.
     pub fn id(&self) -> String {
         match &self.scope {

@@ -4,17 +4,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use futures::stream::{BoxStream, SelectAll};
-use futures::{FutureExt, StreamExt};
 use kube::Client;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, watcher};
 use time::OffsetDateTime;
 
 use super::reconcile::{Outcome, reconcile_once};
 use super::{CertApis, CertConfig, ControllerError};
 use crate::cluster::leader::Leadership;
-use crate::cluster::watch_backoff;
+use crate::cluster::objects::Objects;
 use crate::metrics::Metrics;
 
 /// Longest time between two plans even without changes, in case a watch event was missed.
@@ -49,30 +45,11 @@ impl Backoff {
     }
 }
 
-/// Changes to any of the three objects, as wake-ups (a watch error also wakes: the next
-/// reconcile reads afresh and reports what is wrong).
-fn changes(apis: &CertApis, config: &CertConfig) -> SelectAll<BoxStream<'static, ()>> {
-    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
-    futures::stream::select_all([
-        watcher(apis.secrets.clone(), by_name(&config.secret_name))
-            .backoff(watch_backoff())
-            .map(drop)
-            .boxed(),
-        watcher(apis.validating.clone(), by_name(&config.validating_webhook_configuration))
-            .backoff(watch_backoff())
-            .map(drop)
-            .boxed(),
-        watcher(apis.mutating.clone(), by_name(&config.mutating_webhook_configuration))
-            .backoff(watch_backoff())
-            .map(drop)
-            .boxed(),
-    ])
-}
-
 /// Manages the certificate while this replica leads, until `shutdown` completes.
 ///
-/// Plans on every change of the Secret or either webhook configuration and at the planner's
-/// due time (at least hourly); after a write it plans again at once, after a conflict or error
+/// Plans on every change of the Secret or either webhook configuration (the shared watches of
+/// [`crate::cluster::objects`]; a plan reads the objects afresh) and at the planner's due time
+/// (at least hourly); after a write it plans again at once, after a conflict or error
 /// it backs off (1 s doubling to 5 min), and it backs off too when writes do not settle or
 /// another writer keeps resetting the CA bundle.
 ///
@@ -81,6 +58,7 @@ fn changes(apis: &CertApis, config: &CertConfig) -> SelectAll<BoxStream<'static,
 /// [`ControllerError::Config`] for invalid settings; everything else is logged and retried.
 pub async fn run_controller(
     client: Client,
+    objects: Objects,
     config: CertConfig,
     mut leadership: Leadership,
     metrics: Arc<Metrics>,
@@ -103,14 +81,13 @@ pub async fn run_controller(
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             _ = follower.wait_for(false) => tracing::info!("no longer leading: stopped managing the serving certificate"),
-            () = lead(&apis, &config, &metrics) => {}
+            () = lead(&apis, objects.clone(), &config, &metrics) => {}
         }
     }
 }
 
 /// The reconcile loop of a leader; runs until dropped.
-async fn lead(apis: &CertApis, config: &CertConfig, metrics: &Metrics) {
-    let mut changes = changes(apis, config);
+async fn lead(apis: &CertApis, mut changes: Objects, config: &CertConfig, metrics: &Metrics) {
     let mut backoff = Backoff::default();
     let mut injection_fight = Backoff::default();
     let mut last_injection: Option<tokio::time::Instant> = None;
@@ -192,12 +169,12 @@ async fn lead(apis: &CertApis, config: &CertConfig, metrics: &Metrics) {
         } else {
             delay
         };
-        // Events caused by our own writes are folded into the next plan, which reads afresh.
-        while changes.next().now_or_never().flatten().is_some() {}
+        // Changes caused by our own writes are folded into the next plan, which reads afresh.
+        changes.mark_seen();
         if wake_on_change {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                _ = changes.next() => {}
+                _ = changes.changed() => {}
             }
         } else if !delay.is_zero() {
             tokio::time::sleep(delay).await;

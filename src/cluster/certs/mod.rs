@@ -17,32 +17,21 @@
 //!
 //! [`run_controller`] and [`reconcile_once`] (the leader):
 //! - `get core/secrets (namespaced: the Secret, by name)`
-//! - `list core/secrets (namespaced: fieldSelector metadata.name=the Secret)`
-//! - `watch core/secrets (namespaced: fieldSelector metadata.name=the Secret)`
 //! - `create core/secrets (namespaced)` (not with `external`)
 //! - `update core/secrets (namespaced: the Secret, by name)` (not with `external`)
 //! - `get admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: by name)`
-//! - `list admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
-//! - `watch admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
 //! - `patch admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: by name)` (with `inject_ca_bundle`)
 //! - `get admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: by name)`
-//! - `list admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
-//! - `watch admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
 //! - `patch admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: by name)` (with `inject_ca_bundle`)
 //!
-//! [`run_serving`] (every replica):
-//! - `list core/secrets (namespaced: fieldSelector metadata.name=the Secret)`
-//! - `watch core/secrets (namespaced: fieldSelector metadata.name=the Secret)`
-//! - `list admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
-//! - `watch admissionregistration.k8s.io/validatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
-//! - `list admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
-//! - `watch admissionregistration.k8s.io/mutatingwebhookconfigurations (cluster: fieldSelector metadata.name)`
+//! [`run_serving`] (every replica) and the controller's wake-ups follow the shared watches of
+//! [`crate::cluster::objects`], which lists those calls.
 //!
 //! [`request_revoke`] (`arcguard certs revoke`):
 //! - `patch core/secrets (namespaced: the Secret, by name)`
 //!
 //! RBAC can restrict `list`/`watch` with `resourceNames` only when the request carries the
-//! `metadata.name` field selector, which every list and watch here does.
+//! `metadata.name` field selector, which every list and watch of these objects does.
 
 mod controller;
 mod reconcile;
@@ -54,7 +43,7 @@ mod test_support;
 pub use controller::{Backoff, run_controller};
 pub use reconcile::{Outcome, observe, reconcile_once, stored_secret};
 pub use revoke::request_revoke;
-pub use serving::{Latest, ServingState, run_serving};
+pub use serving::{ServingState, run_serving};
 
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,

@@ -4,89 +4,48 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::core::v1::Secret;
-use kube::Client;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event, watcher};
 use time::OffsetDateTime;
 
+use super::CertConfig;
 use super::reconcile::{observe, stored_secret};
-use super::{CertApis, CertConfig};
 use crate::certs::plan::{CA_CERT_KEY, TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::certs::{CertInfo, CertResolver, load_pem};
-use crate::cluster::watch_backoff;
+use crate::cluster::objects::{Objects, Seen};
 use crate::metrics::Metrics;
 use crate::server::Readiness;
 
 /// Longest time between two readiness checks of the served certificate.
 const READINESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The newest state of one object watched by name, following watcher events (a re-list
-/// replaces it atomically at `InitDone`).
-#[derive(Clone, Debug)]
-pub struct Latest<K> {
-    current: Option<K>,
-    relisting: Option<Option<K>>,
-    synced: bool,
-}
-
-impl<K> Default for Latest<K> {
-    fn default() -> Self {
-        Self { current: None, relisting: None, synced: false }
-    }
-}
-
-impl<K: Clone> Latest<K> {
-    /// Applies one watcher event.
-    pub fn apply(&mut self, event: Event<K>) {
-        match event {
-            Event::Apply(object) => {
-                self.current = Some(object);
-                self.synced = true;
-            }
-            Event::Delete(_) => {
-                self.current = None;
-                self.synced = true;
-            }
-            Event::Init => self.relisting = Some(None),
-            Event::InitApply(object) => self.relisting = Some(Some(object)),
-            Event::InitDone => {
-                self.current = self.relisting.take().flatten();
-                self.synced = true;
-            }
-        }
-    }
-
-    /// The object, if it exists (as of the last complete list or event).
-    #[must_use]
-    pub fn get(&self) -> Option<&K> {
-        self.current.as_ref()
-    }
-
-    /// Whether the first list has completed.
-    #[must_use]
-    pub fn is_synced(&self) -> bool {
-        self.synced
-    }
-}
-
 /// The serving side's view: the Secret and the webhooks, and the pair last loaded.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServingState {
     /// The Secret.
-    pub secret: Latest<Secret>,
+    pub secret: Seen<Secret>,
     /// arcguard's ValidatingWebhookConfiguration.
-    pub validating: Latest<ValidatingWebhookConfiguration>,
+    pub validating: Seen<ValidatingWebhookConfiguration>,
     /// arcguard's MutatingWebhookConfiguration.
-    pub mutating: Latest<MutatingWebhookConfiguration>,
+    pub mutating: Seen<MutatingWebhookConfiguration>,
     /// The `tls.crt` and `tls.key` last tried, loaded or not, so a bad pair is reported once.
     tried: Option<(Vec<u8>, Vec<u8>)>,
     /// The `ca.crt` last reported.
     ca: Option<Vec<u8>>,
+}
+
+impl Default for ServingState {
+    fn default() -> Self {
+        Self {
+            secret: Seen::NotListed,
+            validating: Seen::NotListed,
+            mutating: Seen::NotListed,
+            tried: None,
+            ca: None,
+        }
+    }
 }
 
 impl ServingState {
@@ -134,7 +93,7 @@ impl ServingState {
 
     fn is_ready(&self, config: &CertConfig, now: OffsetDateTime, resolver: &CertResolver) -> bool {
         let synced =
-            self.secret.is_synced() && self.validating.is_synced() && self.mutating.is_synced();
+            self.secret.is_listed() && self.validating.is_listed() && self.mutating.is_listed();
         let Some(served) = resolver.current_info().filter(|_| synced) else {
             return false;
         };
@@ -151,59 +110,28 @@ impl ServingState {
     }
 }
 
-/// A watch event for one of the three objects.
-enum Change {
-    Secret(Event<Secret>),
-    Validating(Event<ValidatingWebhookConfiguration>),
-    Mutating(Event<MutatingWebhookConfiguration>),
-}
-
 /// Serves the Secret's certificate on this replica until `shutdown` completes, and keeps
 /// readiness in step.
 ///
-/// Watches the Secret and both webhook configurations through the API (no volume, so no
-/// kubelet delay), swaps a changed `tls.crt`/`tls.key` into `resolver` atomically, and sets
-/// `readiness.set_certificate_ready` on every change and at least every minute (certificates
-/// expire without any event).
+/// Follows the Secret and both webhook configurations through the API (the shared watches of
+/// [`crate::cluster::objects`]; no volume, so no kubelet delay), swaps a changed
+/// `tls.crt`/`tls.key` into `resolver` atomically, and sets `readiness.set_certificate_ready`
+/// on every change and at least every minute (certificates expire without any event).
 pub async fn run_serving(
-    client: Client,
+    mut objects: Objects,
     config: CertConfig,
     resolver: Arc<CertResolver>,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let apis = CertApis::new(client, &config.namespace);
-    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = futures::stream::select_all([
-        watcher(apis.secrets, by_name(&config.secret_name))
-            .backoff(watch_backoff())
-            .map(|event| event.map(Change::Secret))
-            .boxed(),
-        watcher(apis.validating, by_name(&config.validating_webhook_configuration))
-            .backoff(watch_backoff())
-            .map(|event| event.map(Change::Validating))
-            .boxed(),
-        watcher(apis.mutating, by_name(&config.mutating_webhook_configuration))
-            .backoff(watch_backoff())
-            .map(|event| event.map(Change::Mutating))
-            .boxed(),
-    ]);
     let mut state = ServingState::default();
     let mut was_ready = None;
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            event = events.next() => match event {
-                Some(Ok(Change::Secret(event))) => state.secret.apply(event),
-                Some(Ok(Change::Validating(event))) => state.validating.apply(event),
-                Some(Ok(Change::Mutating(event))) => state.mutating.apply(event),
-                Some(Err(error)) => tracing::warn!(%error, "watching the certificate objects failed; retrying"),
-                None => break,
-            },
-            () = tokio::time::sleep(READINESS_RECHECK) => {}
-        }
+        state.secret = objects.secret();
+        state.validating = objects.validating();
+        state.mutating = objects.mutating();
         let ready = state.refresh(&config, OffsetDateTime::now_utc(), &resolver, &metrics);
         readiness.set_certificate_ready(ready);
         if was_ready != Some(ready) {
@@ -216,6 +144,11 @@ pub async fn run_serving(
             }
             was_ready = Some(ready);
         }
+        tokio::select! {
+            () = &mut shutdown => break,
+            changed = objects.changed() => if !changed { break },
+            () = tokio::time::sleep(READINESS_RECHECK) => {}
+        }
     }
 }
 
@@ -226,30 +159,8 @@ mod tests {
     use super::super::test_support::{contents, mutating, secret, t0, validating};
     use super::*;
 
-    #[test]
-    fn latest_follows_events_and_replaces_its_object_only_when_a_relist_completes() {
-        let mut latest = Latest::<u32>::default();
-        assert!(!latest.is_synced());
-        latest.apply(Event::Init);
-        latest.apply(Event::InitApply(1));
-        assert_eq!((latest.get(), latest.is_synced()), (None, false), "not before InitDone");
-        latest.apply(Event::InitDone);
-        assert_eq!((latest.get(), latest.is_synced()), (Some(&1), true));
-        latest.apply(Event::Apply(2));
-        assert_eq!(latest.get(), Some(&2));
-        latest.apply(Event::Init);
-        assert_eq!(latest.get(), Some(&2), "kept while relisting");
-        latest.apply(Event::InitDone);
-        assert_eq!(latest.get(), None, "a relist without it means it is gone");
-        latest.apply(Event::Apply(3));
-        latest.apply(Event::Delete(3));
-        assert_eq!(latest.get(), None);
-    }
-
-    fn listed<K: Clone>(latest: &mut Latest<K>, object: K) {
-        for event in [Event::Init, Event::InitApply(object), Event::InitDone] {
-            latest.apply(event);
-        }
+    fn listed<K>(object: K) -> Seen<K> {
+        Seen::Present(Arc::new(object))
     }
 
     /// A serving state whose three watches have listed: the Secret, and both configurations
@@ -259,14 +170,12 @@ mod tests {
         validating_bundles: &[(&str, Option<&str>)],
         mutating_bundles: &[(&str, Option<&str>)],
     ) -> ServingState {
-        let mut state = ServingState::default();
-        match secret {
-            Some(secret) => listed(&mut state.secret, secret),
-            None => state.secret.apply(Event::InitDone),
+        ServingState {
+            secret: secret.map_or(Seen::Absent, listed),
+            validating: listed(validating(validating_bundles)),
+            mutating: listed(mutating(mutating_bundles)),
+            ..ServingState::default()
         }
-        listed(&mut state.validating, validating(validating_bundles));
-        listed(&mut state.mutating, mutating(mutating_bundles));
-        state
     }
 
     #[test]
@@ -286,7 +195,7 @@ mod tests {
         if let Some(data) = broken.data.as_mut() {
             data.insert(TLS_KEY_KEY.to_owned(), ByteString(b"garbage".to_vec()));
         }
-        state.secret.apply(Event::Apply(broken));
+        state.secret = listed(broken);
         assert!(state.refresh(&config, t0(), &resolver, &metrics), "the old pair is still good");
         assert_eq!(resolver.current_info().expect("serving"), served, "previous pair stays");
         let text = metrics.encode();
@@ -300,7 +209,7 @@ mod tests {
         );
 
         let second = contents(&config, t0() + time::Duration::days(1));
-        state.secret.apply(Event::Apply(secret(&second)));
+        state.secret = listed(secret(&second));
         state.refresh(&config, t0(), &resolver, &metrics);
         assert_ne!(resolver.current_info().expect("serving"), served, "new pair swapped in");
     }
@@ -361,8 +270,7 @@ mod tests {
         assert!(!state.refresh(&config, t0(), &resolver, &metrics), "nothing to serve");
 
         let served = contents(&config, t0());
-        let mut state = ServingState::default();
-        state.secret.apply(Event::Apply(secret(&served)));
+        let mut state = ServingState { secret: listed(secret(&served)), ..ServingState::default() };
         assert!(!state.refresh(&config, t0(), &resolver, &metrics), "webhooks not listed yet");
         assert!(resolver.current_info().is_some(), "served as soon as it is known");
     }
