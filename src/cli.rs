@@ -130,6 +130,14 @@ pub struct ServeArgs {
     /// a replica starts leading and when a policy brings a new OS label key).
     #[arg(long, env = "ARCGUARD_LABEL_PODS_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub label_pods_interval: Duration,
+    /// Cluster mode: time between two background audits of existing objects by the leader
+    /// (it also audits when it starts leading, and the namespaces a policy change may reach
+    /// when policies change); 0 turns the audit off.
+    #[arg(long, env = "ARCGUARD_AUDIT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub audit_interval: Duration,
+    /// Cluster mode: entries listed per audit report (the report's summary counts them all).
+    #[arg(long, env = "ARCGUARD_AUDIT_MAX_RESULTS", default_value_t = 1000)]
+    pub audit_max_results: usize,
     /// Cluster mode: lifetime of a new CA (default five years).
     #[arg(long, env = "ARCGUARD_CA_VALIDITY", value_parser = parse_duration)]
     pub ca_validity: Option<Duration>,

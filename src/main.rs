@@ -116,6 +116,10 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             certs,
             label_existing_pods: args.label_existing_pods,
             label_pods_interval: args.label_pods_interval,
+            audit: cluster::audit::AuditConfig {
+                interval: args.audit_interval,
+                max_results: args.audit_max_results,
+            },
         };
         return runtime.block_on(async {
             match cluster::start(config, shutdown_signal()).await {

@@ -135,6 +135,14 @@ impl ClusterFacts {
         Some(namespace.metadata.labels.clone().unwrap_or_default().into_iter().collect())
     }
 
+    /// The names of the namespaces in the cache, sorted.
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.namespaces.state().iter().filter_map(|ns| ns.metadata.name.clone()).collect();
+        names.sort();
+        names
+    }
+
     /// Completes once the namespace and node caches have been filled; a cache whose watch
     /// fails keeps retrying, and this waits for it.
     pub async fn synced(&self) {

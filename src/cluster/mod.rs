@@ -2,6 +2,7 @@
 //! controller that manages arcguard's own serving certificate, and the failure policy of its
 //! webhooks.
 
+pub mod audit;
 pub mod certs;
 pub mod facts;
 pub mod labeller;
@@ -93,6 +94,8 @@ pub struct ClusterConfig {
     pub label_existing_pods: bool,
     /// Time between two labeller passes over every pod.
     pub label_pods_interval: Duration,
+    /// The background audit's settings ([`audit`]).
+    pub audit: audit::AuditConfig,
 }
 
 /// Why cluster mode could not start.
@@ -207,6 +210,7 @@ pub async fn start(
         state.metrics.clone(),
         stopped(stop_rx.clone()),
     )));
+    let audit_facts = facts.clone();
     if config.label_existing_pods {
         tasks.push(tokio::spawn(labeller::run(
             client.clone(),
@@ -217,6 +221,14 @@ pub async fn start(
             stop_rx.clone(),
         )));
     }
+    tasks.push(tokio::spawn(audit::run(
+        client.clone(),
+        state.clone(),
+        audit_facts,
+        config.audit,
+        leadership.receiver(),
+        stop_rx.clone(),
+    )));
     tasks.push(tokio::spawn(policies::run(
         client,
         state.clone(),

@@ -1,0 +1,635 @@
+//! The background audit in cluster mode: the leader judges existing objects of every inspected
+//! kind against the policies in force ([`crate::audit`]) and reports what it finds.
+//!
+//! When: when a replica starts leading (once policies and caches are loaded), when the policies
+//! in force change (then only the namespaces a changed, added or removed policy may reach), and
+//! every `--audit-interval` (default 1 h; 0 turns the audit off).
+//!
+//! How: one namespace at a time, each kind listed in pages of [`PAGE_SIZE`] (`limit` and
+//! `continue`), so memory holds one page and one namespace's findings whatever the cluster's
+//! size; the task yields to the runtime every [`YIELD_EVERY`] objects, so admission requests,
+//! served on the same runtime, never wait behind it. Facts come from the same caches and
+//! SubjectAccessReviews as admission.
+//!
+//! What it writes:
+//! - one OpenReports `Report` named `arcguard` per namespace (a `ClusterReport` for
+//!   cluster-scoped objects), only when its content changed, by server-side apply (field
+//!   manager `arcguard`); a namespace with nothing to report loses its report. Without the
+//!   OpenReports CRDs (`manifests/components/reports`) the audit still runs and says once that
+//!   reports are off;
+//! - each policy's `status.audit` (pass, fail and warn counts, `lastRun`), by server-side apply
+//!   under its own field manager `arcguard-audit`, so it never contends with the policy status;
+//! - the gauges `arcguard_audit_results{policy,result}` and
+//!   `arcguard_audit_last_run_timestamp_seconds`, and a log line per run with its figures.
+//!
+//! API calls (for RBAC; `tests/manifests.rs` checks the manifests grant exactly these):
+//! - `list core/pods (cluster)`
+//! - `list core/replicationcontrollers (cluster)`
+//! - `list core/podtemplates (cluster)`
+//! - `list apps/deployments (cluster)`
+//! - `list apps/replicasets (cluster)`
+//! - `list apps/statefulsets (cluster)`
+//! - `list apps/daemonsets (cluster)`
+//! - `list batch/jobs (cluster)`
+//! - `list batch/cronjobs (cluster)`
+//! - `list networking.k8s.io/networkpolicies (cluster)`
+//! - `list projectcalico.org/networkpolicies (cluster)`
+//! - `list projectcalico.org/globalnetworkpolicies (cluster)`
+//! - `list crd.projectcalico.org/networkpolicies (cluster)`
+//! - `list crd.projectcalico.org/globalnetworkpolicies (cluster)`
+//! - `get openreports.io/reports (all namespaces: by name)`
+//! - `patch openreports.io/reports (all namespaces: by name)` (server-side apply; creates)
+//! - `delete openreports.io/reports (all namespaces: by name)`
+//! - `get openreports.io/clusterreports (cluster: by name)`
+//! - `patch openreports.io/clusterreports (cluster: by name)` (server-side apply; creates)
+//! - `delete openreports.io/clusterreports (cluster: by name)`
+//! - `patch arcguard.io/clusterguardpolicies/status (cluster)` (server-side apply, `status.audit`)
+//! - `patch arcguard.io/guardpolicies/status (namespaced)` (server-side apply, `status.audit`)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use tokio::sync::watch;
+
+use super::facts::ClusterFacts;
+use crate::audit::report::{self, Findings, Timestamp};
+use crate::audit::{Audit, AuditResult, judge};
+use crate::policy::crd::{AuditStatus, ClusterGuardPolicy, GuardPolicy};
+use crate::policy::{Policy, PolicySet, Scope};
+use crate::rules::StaticFacts;
+use crate::server::{AppState, FactSource};
+
+/// Objects per list page.
+pub const PAGE_SIZE: u32 = 250;
+/// Objects judged between two yields to the runtime.
+pub const YIELD_EVERY: usize = 16;
+/// Deadline of one API call.
+const CALL_DEADLINE: Duration = Duration::from_secs(20);
+/// How often the policies in force are compared with those last audited.
+const POLICY_CHECK: Duration = Duration::from_secs(5);
+/// The field manager of the audit's status writes.
+pub const STATUS_FIELD_MANAGER: &str = "arcguard-audit";
+/// The field manager of the reports.
+const REPORT_FIELD_MANAGER: &str = "arcguard";
+
+/// The audit's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Time between two full audits; zero turns the audit off.
+    pub interval: Duration,
+    /// Entries listed per report (the summary counts them all).
+    pub max_results: usize,
+}
+
+/// Why an audit run stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditRunError {
+    /// A call failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was being done.
+        what: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A call took longer than its deadline.
+    #[error("{what} took longer than {}s", CALL_DEADLINE.as_secs())]
+    Timeout {
+        /// What was being done.
+        what: String,
+    },
+    /// This replica stopped leading.
+    #[error("leadership moved")]
+    NotLeading,
+}
+
+/// One listable kind: its resource and whether it is namespaced.
+#[derive(Clone, Debug)]
+struct Listed {
+    resource: ApiResource,
+    namespaced: bool,
+}
+
+/// Every kind the audit lists, in the order it lists them. Calico's kinds are served either by
+/// its API server (`projectcalico.org/v3`) or as CRDs (`crd.projectcalico.org/v1`), the same
+/// objects either way: the first group that answers is used.
+fn kinds() -> Vec<(Listed, Option<Listed>)> {
+    let of = |group: &str, version: &str, kind: &str, plural: &str, namespaced: bool| Listed {
+        resource: ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, kind),
+            plural,
+        ),
+        namespaced,
+    };
+    vec![
+        (of("", "v1", "Pod", "pods", true), None),
+        (of("", "v1", "ReplicationController", "replicationcontrollers", true), None),
+        (of("", "v1", "PodTemplate", "podtemplates", true), None),
+        (of("apps", "v1", "Deployment", "deployments", true), None),
+        (of("apps", "v1", "ReplicaSet", "replicasets", true), None),
+        (of("apps", "v1", "StatefulSet", "statefulsets", true), None),
+        (of("apps", "v1", "DaemonSet", "daemonsets", true), None),
+        (of("batch", "v1", "Job", "jobs", true), None),
+        (of("batch", "v1", "CronJob", "cronjobs", true), None),
+        (of("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", true), None),
+        (
+            of("projectcalico.org", "v3", "NetworkPolicy", "networkpolicies", true),
+            Some(of("crd.projectcalico.org", "v1", "NetworkPolicy", "networkpolicies", true)),
+        ),
+        (
+            of("projectcalico.org", "v3", "GlobalNetworkPolicy", "globalnetworkpolicies", false),
+            Some(of(
+                "crd.projectcalico.org",
+                "v1",
+                "GlobalNetworkPolicy",
+                "globalnetworkpolicies",
+                false,
+            )),
+        ),
+    ]
+}
+
+/// The namespaces (and `None`, the cluster scope) a change from `before` to `after` may
+/// affect: those any added, removed or changed policy may apply in.
+#[must_use]
+pub fn affected_scopes(
+    before: &PolicySet,
+    after: &PolicySet,
+    namespaces: &[String],
+    facts: &dyn crate::rules::Facts,
+) -> BTreeSet<Option<String>> {
+    let ids = |set: &PolicySet| -> BTreeMap<String, Policy> {
+        set.policies().iter().map(|p| (p.id(), p.clone())).collect()
+    };
+    let (old, new) = (ids(before), ids(after));
+    let changed: Vec<&Policy> = old
+        .iter()
+        .filter(|(id, p)| new.get(*id) != Some(*p))
+        .map(|(_, p)| p)
+        .chain(new.iter().filter(|(id, p)| old.get(*id) != Some(*p)).map(|(_, p)| p))
+        .collect();
+    let mut scopes = BTreeSet::new();
+    for scope in namespaces.iter().map(|n| Some(n.clone())).chain([None]) {
+        if changed.iter().any(|p| p.may_apply_in(scope.as_deref(), facts)) {
+            scopes.insert(scope);
+        }
+    }
+    scopes
+}
+
+/// Facts holding every namespace's labels from the cache: what deciding which namespaces a
+/// policy may reach needs.
+fn namespace_facts(facts: &ClusterFacts, namespaces: &[String]) -> StaticFacts {
+    let mut labels = StaticFacts::default();
+    for namespace in namespaces {
+        if let Some(of) = facts.namespace_labels_of(namespace) {
+            labels.namespace_labels.insert(namespace.clone(), of);
+        }
+    }
+    labels
+}
+
+/// Runs the audit while this replica leads, until `stop` turns true.
+pub async fn run(
+    client: kube::Client,
+    state: AppState,
+    facts: Arc<ClusterFacts>,
+    config: AuditConfig,
+    mut leader: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if config.interval.is_zero() {
+        tracing::info!("background audit off (--audit-interval 0)");
+        return;
+    }
+    let mut auditor = Auditor::new(client, config);
+    // The policies last audited; `None`: audit everything next.
+    let mut audited: Option<PolicySet> = None;
+    let mut next_full = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            changed = leader.changed() => {
+                if changed.is_err() { return }
+                audited = None;
+            }
+            () = tokio::time::sleep(POLICY_CHECK) => {}
+        }
+        if !*leader.borrow() || !state.readiness.is_policies_loaded() || !facts.nodes_synced() {
+            continue;
+        }
+        let policies = state.snapshot.load().policies.clone();
+        let namespaces = facts.namespace_names();
+        let labels = namespace_facts(&facts, &namespaces);
+        let scopes: Option<BTreeSet<Option<String>>> = match &audited {
+            _ if tokio::time::Instant::now() >= next_full => None,
+            None => None,
+            Some(before) if *before == policies => continue,
+            Some(before) => Some(affected_scopes(before, &policies, &namespaces, &labels)),
+        };
+        let run =
+            auditor.run(&state, &facts, &labels, &policies, &namespaces, scopes.as_ref(), &leader);
+        let outcome = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            outcome = run => outcome,
+        };
+        match outcome {
+            Ok(()) => {
+                if scopes.is_none() {
+                    next_full = tokio::time::Instant::now() + config.interval;
+                }
+                audited = Some(policies);
+            }
+            Err(AuditRunError::NotLeading) => {}
+            Err(error) => tracing::warn!(%error, "background audit failed; retrying"),
+        }
+    }
+}
+
+/// The audit's state across runs.
+struct Auditor {
+    client: kube::Client,
+    config: AuditConfig,
+    /// Which of a kind's alternatives answered last (Calico's two API groups), by kind.
+    served: BTreeMap<String, Option<usize>>,
+    /// Whether the OpenReports CRDs were found; `None` until first tried.
+    reports_on: Option<bool>,
+    /// Totals by policy and result from the last run of every scope.
+    totals: BTreeMap<Option<String>, BTreeMap<String, [u64; 3]>>,
+}
+
+impl Auditor {
+    fn new(client: kube::Client, config: AuditConfig) -> Self {
+        Self { client, config, served: BTreeMap::new(), reports_on: None, totals: BTreeMap::new() }
+    }
+
+    /// One run over `scopes` (all namespaces and the cluster scope when `None`).
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        &mut self,
+        state: &AppState,
+        facts: &ClusterFacts,
+        labels: &StaticFacts,
+        policies: &PolicySet,
+        namespaces: &[String],
+        scopes: Option<&BTreeSet<Option<String>>>,
+        leader: &watch::Receiver<bool>,
+    ) -> Result<(), AuditRunError> {
+        let started = tokio::time::Instant::now();
+        let all: Vec<Option<String>> =
+            namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
+        let todo: Vec<Option<String>> = match scopes {
+            Some(scopes) => all.into_iter().filter(|s| scopes.contains(s)).collect(),
+            None => all,
+        };
+        // Scopes that no longer exist (a deleted namespace) drop out of the totals.
+        let live: BTreeSet<Option<String>> =
+            namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
+        self.totals.retain(|scope, _| live.contains(scope));
+        let mut objects = 0usize;
+        let mut written = 0usize;
+        for scope in &todo {
+            if !*leader.borrow() {
+                return Err(AuditRunError::NotLeading);
+            }
+            let findings =
+                self.audit_scope(facts, labels, policies, scope.as_deref(), &mut objects).await?;
+            let mut totals: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+            for (_, finding) in &findings.entries {
+                let slot = match finding.result {
+                    AuditResult::Pass => 0,
+                    AuditResult::Fail => 1,
+                    AuditResult::Warn => 2,
+                };
+                totals.entry(finding.policy.clone()).or_default()[slot] += 1;
+            }
+            self.totals.insert(scope.clone(), totals);
+            if self.write_report(scope.as_deref(), &findings).await? {
+                written += 1;
+            }
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let by_policy = self.by_policy();
+        state.metrics.set_audit_results(
+            policies.policies().iter().map(|p| {
+                let counts = by_policy.get(&p.id()).copied().unwrap_or_default();
+                (p.id(), counts)
+            }),
+            now.as_second(),
+        );
+        self.write_statuses(policies, &by_policy, &Time(now)).await;
+        tracing::info!(
+            scopes = todo.len(),
+            objects,
+            reports_written = written,
+            reports = self.reports_on.unwrap_or(false),
+            duration_ms = started.elapsed().as_millis(),
+            "background audit done"
+        );
+        Ok(())
+    }
+
+    /// Totals by policy over every scope.
+    fn by_policy(&self) -> BTreeMap<String, [u64; 3]> {
+        let mut out: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+        for totals in self.totals.values() {
+            for (policy, counts) in totals {
+                let slot = out.entry(policy.clone()).or_default();
+                for (sum, n) in slot.iter_mut().zip(counts) {
+                    *sum += n;
+                }
+            }
+        }
+        out
+    }
+
+    /// Lists and judges every object of one scope.
+    async fn audit_scope(
+        &mut self,
+        facts: &ClusterFacts,
+        labels: &StaticFacts,
+        policies: &PolicySet,
+        namespace: Option<&str>,
+        objects: &mut usize,
+    ) -> Result<Findings, AuditRunError> {
+        let mut findings = Findings::default();
+        if !policies.policies().iter().any(|p| p.may_apply_in(namespace, labels)) {
+            return Ok(findings);
+        }
+        for (index, (first, second)) in kinds().into_iter().enumerate() {
+            if first.namespaced != namespace.is_some() {
+                continue;
+            }
+            let label = index.to_string();
+            let alternatives: Vec<Listed> = [Some(first), second].into_iter().flatten().collect();
+            // Known to be served by one alternative, known to be served by none (no Calico:
+            // a 404 each), or not tried yet.
+            let order: Vec<usize> = match self.served.get(&label).copied() {
+                Some(Some(i)) => vec![i],
+                Some(None) => continue,
+                None => (0..alternatives.len()).collect(),
+            };
+            let mut served = None;
+            for i in order {
+                match self
+                    .list_kind(&alternatives[i], namespace, facts, policies, &mut findings, objects)
+                    .await
+                {
+                    Ok(()) => {
+                        served = Some(i);
+                        break;
+                    }
+                    Err(AuditRunError::Api { source: kube::Error::Api(status), .. })
+                        if status.code == 404 => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            self.served.entry(label).or_insert(served);
+        }
+        Ok(findings)
+    }
+
+    /// Lists one kind in `namespace` page by page, judging each object.
+    async fn list_kind(
+        &self,
+        kind: &Listed,
+        namespace: Option<&str>,
+        facts: &ClusterFacts,
+        policies: &PolicySet,
+        findings: &mut Findings,
+        objects: &mut usize,
+    ) -> Result<(), AuditRunError> {
+        let api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &kind.resource),
+            None => Api::all_with(self.client.clone(), &kind.resource),
+        };
+        let what =
+            format!("listing {} in {}", kind.resource.plural, namespace.unwrap_or("the cluster"));
+        let mut params = ListParams::default().limit(PAGE_SIZE);
+        loop {
+            let page = match tokio::time::timeout(CALL_DEADLINE, api.list(&params)).await {
+                Ok(Ok(page)) => page,
+                Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+                Err(_) => return Err(AuditRunError::Timeout { what }),
+            };
+            for object in page.items {
+                *objects += 1;
+                if (*objects).is_multiple_of(YIELD_EVERY) {
+                    tokio::task::yield_now().await;
+                }
+                let mut value = match serde_json::to_value(&object) {
+                    Ok(value) => value,
+                    Err(error) => {
+                        tracing::warn!(%error, "an object does not serialise; skipped");
+                        continue;
+                    }
+                };
+                // Items of a list carry no apiVersion and kind of their own.
+                value["apiVersion"] = serde_json::json!(kind.resource.api_version);
+                value["kind"] = serde_json::json!(kind.resource.kind);
+                let audit = match Audit::of(&value) {
+                    Ok(Some(audit)) => audit,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        tracing::warn!(%error, "an object cannot be audited; skipped");
+                        continue;
+                    }
+                };
+                let prepared = match audit.prepare() {
+                    Ok(prepared) => prepared,
+                    Err(error) => {
+                        tracing::warn!(%error, "an object does not decode; skipped");
+                        continue;
+                    }
+                };
+                let Some(view) = prepared.view.as_ref() else { continue };
+                let gathered = facts.gather(view, policies).await;
+                for finding in judge(view, policies, &gathered) {
+                    findings.entries.push((audit.subject.clone(), finding));
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes the scope's report when its content changed (deletes it when there is nothing
+    /// to report). Returns whether it wrote.
+    async fn write_report(
+        &mut self,
+        namespace: Option<&str>,
+        findings: &Findings,
+    ) -> Result<bool, AuditRunError> {
+        if self.reports_on == Some(false) {
+            return Ok(false);
+        }
+        let (kind, plural) = match namespace {
+            Some(_) => ("Report", "reports"),
+            None => ("ClusterReport", "clusterreports"),
+        };
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("openreports.io", "v1alpha1", kind),
+            plural,
+        );
+        let api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+            None => Api::all_with(self.client.clone(), &resource),
+        };
+        let what = format!("the {kind} in {}", namespace.unwrap_or("the cluster"));
+        let stored = match tokio::time::timeout(CALL_DEADLINE, api.get_opt(report::REPORT_NAME))
+            .await
+        {
+            Ok(Ok(stored)) => {
+                if self.reports_on.is_none() {
+                    tracing::info!(
+                        "OpenReports CRDs found: the audit writes Reports and ClusterReports"
+                    );
+                }
+                self.reports_on = Some(true);
+                stored.and_then(|s| serde_json::to_value(s).ok())
+            }
+            Ok(Err(kube::Error::Api(status)))
+                if status.code == 404 && self.reports_on.is_none() =>
+            {
+                tracing::info!(
+                    "the OpenReports CRDs (openreports.io) are not installed: the audit reports through policy status, metrics and logs only (install manifests/components/reports for Reports)"
+                );
+                self.reports_on = Some(false);
+                return Ok(false);
+            }
+            Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+            Err(_) => return Err(AuditRunError::Timeout { what }),
+        };
+        if findings.entries.is_empty() {
+            if stored.is_some() {
+                let params = DeleteParams::default();
+                let call = api.delete(report::REPORT_NAME, &params);
+                match tokio::time::timeout(CALL_DEADLINE, call).await {
+                    Ok(Ok(_)) => return Ok(true),
+                    Ok(Err(kube::Error::Api(status))) if status.code == 404 => return Ok(false),
+                    Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+                    Err(_) => return Err(AuditRunError::Timeout { what }),
+                }
+            }
+            return Ok(false);
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let now = Timestamp { seconds: now.as_second(), nanos: now.subsec_nanosecond() };
+        let next =
+            report::build(namespace, findings, self.config.max_results, stored.as_ref(), now);
+        if stored.as_ref().is_some_and(|s| report::same_content(s, &next)) {
+            return Ok(false);
+        }
+        let params = PatchParams::apply(REPORT_FIELD_MANAGER).force();
+        let patch = Patch::Apply(&next);
+        match tokio::time::timeout(CALL_DEADLINE, api.patch(report::REPORT_NAME, &params, &patch))
+            .await
+        {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(source)) => Err(AuditRunError::Api { what, source }),
+            Err(_) => Err(AuditRunError::Timeout { what }),
+        }
+    }
+
+    /// Writes every policy's `status.audit`; failures are logged (the next run writes again).
+    async fn write_statuses(
+        &self,
+        policies: &PolicySet,
+        by_policy: &BTreeMap<String, [u64; 3]>,
+        now: &Time,
+    ) {
+        for policy in policies.policies() {
+            let [pass, fail, warn] = by_policy.get(&policy.id()).copied().unwrap_or_default();
+            let status = AuditStatus { pass, fail, warn, last_run: Some(now.clone()) };
+            let (api, api_version, kind): (Api<DynamicObject>, _, _) = match &policy.scope {
+                Scope::Cluster => {
+                    let resource = ApiResource::erase::<ClusterGuardPolicy>(&());
+                    (
+                        Api::all_with(self.client.clone(), &resource),
+                        resource.api_version,
+                        resource.kind,
+                    )
+                }
+                Scope::Namespace(ns) => {
+                    let resource = ApiResource::erase::<GuardPolicy>(&());
+                    (
+                        Api::namespaced_with(self.client.clone(), ns, &resource),
+                        resource.api_version,
+                        resource.kind,
+                    )
+                }
+            };
+            let patch = serde_json::json!({
+                "apiVersion": api_version, "kind": kind,
+                "metadata": {"name": policy.name},
+                "status": {"audit": status},
+            });
+            let params = PatchParams::apply(STATUS_FIELD_MANAGER).force();
+            let patch = Patch::Apply(&patch);
+            match tokio::time::timeout(
+                CALL_DEADLINE,
+                api.patch_status(&policy.name, &params, &patch),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, policy = %policy.id(), "failed to write the policy's audit status")
+                }
+                Err(_) => {
+                    tracing::warn!(policy = %policy.id(), "writing the policy's audit status timed out")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(specs: &[(&str, &str)]) -> PolicySet {
+        let sources: Vec<(String, String)> = specs
+            .iter()
+            .map(|(name, spec)| {
+                let doc = format!(
+                    "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+                );
+                (format!("{name}.yaml"), doc)
+            })
+            .collect();
+        crate::policy::load::load_sources(&sources).expect("valid").policies
+    }
+
+    #[test]
+    fn a_policy_change_reaudits_only_the_scopes_it_may_reach() {
+        let namespaces: Vec<String> = ["shop", "team-a", "team-b"].map(str::to_owned).to_vec();
+        let facts = StaticFacts::default();
+        let shop = "  match: {namespaces: [shop]}\n  trustedRegistries: {registries: [a.io]}\n";
+        let teams = "  match: {namespaces: [team-*]}\n  trustedRegistries: {registries: [a.io]}\n";
+        let before = set(&[("shop", shop), ("teams", teams)]);
+        // Nothing changed: nothing to do.
+        assert!(affected_scopes(&before, &before, &namespaces, &facts).is_empty());
+        // The teams policy tightened: the team namespaces only.
+        let tightened = "  match: {namespaces: [team-*]}\n  trustedRegistries: {registries: [a.io], requireDigest: true}\n";
+        let after = set(&[("shop", shop), ("teams", tightened)]);
+        let scopes = affected_scopes(&before, &after, &namespaces, &facts);
+        assert_eq!(scopes, [Some("team-a".to_owned()), Some("team-b".to_owned())].into());
+        // The shop policy deleted: its namespace, whose entries must go.
+        let after = set(&[("teams", teams)]);
+        assert_eq!(
+            affected_scopes(&before, &after, &namespaces, &facts),
+            [Some("shop".to_owned())].into()
+        );
+        // A new unscoped policy: every namespace and the cluster scope.
+        let after = set(&[("shop", shop), ("teams", teams), ("all", "  calicoLinuxOnly: {}\n")]);
+        assert_eq!(affected_scopes(&before, &after, &namespaces, &facts).len(), 4);
+    }
+}
