@@ -47,6 +47,14 @@ const COPIES: &[(&str, &str)] = &[
         "manifests/components/policies/trusted-registries.yaml",
     ),
     ("files/policies/windows-gmsa.yaml", "manifests/components/policies/windows-gmsa.yaml"),
+    (
+        "files/reports/openreports.io_reports.yaml",
+        "manifests/components/reports/openreports.io_reports.yaml",
+    ),
+    (
+        "files/reports/openreports.io_clusterreports.yaml",
+        "manifests/components/reports/openreports.io_clusterreports.yaml",
+    ),
 ];
 
 fn path(relative: &str) -> PathBuf {
@@ -253,6 +261,7 @@ fn helm_and_kustomize_render_the_same_objects_for_the_same_settings() {
             "manifests",
             &["policies"],
         ),
+        ("reports", &["namespace.create=true", "reports.enabled=true"], "manifests", &["reports"]),
         (
             "cert-manager",
             &["namespace.create=true", "certManager.enabled=true"],
@@ -266,10 +275,11 @@ fn helm_and_kustomize_render_the_same_objects_for_the_same_settings() {
                 "monitoring.enabled=true",
                 "networkPolicy.enabled=true",
                 "policies.samples=true",
+                "reports.enabled=true",
                 "certManager.enabled=true",
             ],
             "manifests/overlays/cert-manager",
-            &["monitoring", "networkpolicy", "policies"],
+            &["monitoring", "networkpolicy", "policies", "reports"],
         ),
     ];
     let mut problems = Vec::new();
@@ -308,6 +318,30 @@ fn by_default_the_chart_leaves_the_namespace_to_helm_and_renders_everything_else
     // The CRDs outlive the release unless asked otherwise (deleting them deletes every policy).
     let text = run(&helm, &["template", "arcguard", CHART, "--namespace", NAMESPACE]);
     assert_eq!(text.matches("helm.sh/resource-policy: keep").count(), 2);
+    // The OpenReports CRDs only when asked for, kept likewise (deleting them would delete every
+    // tool's reports), and independent of crds.install, which is about arcguard's own CRDs.
+    assert!(!text.contains("openreports.io"));
+    let keep = |set: &str| {
+        let args = ["template", "arcguard", CHART, "--namespace", NAMESPACE, "--set", set];
+        let text = run(&helm, &args);
+        let crds: Vec<String> = objects(&text, set)
+            .into_keys()
+            .filter(|k| k.starts_with("CustomResourceDefinition "))
+            .collect();
+        (crds, text.matches("helm.sh/resource-policy: keep").count())
+    };
+    let reports = [
+        "CustomResourceDefinition /clusterreports.openreports.io",
+        "CustomResourceDefinition /reports.openreports.io",
+    ];
+    let (crds, kept) = keep("reports.enabled=true");
+    assert_eq!((crds.len(), kept), (4, 4), "{crds:?}");
+    assert!(reports.iter().all(|r| crds.iter().any(|c| c == r)), "{crds:?}");
+    assert_eq!(keep("reports.enabled=true,crds.keep=false").1, 0);
+    assert_eq!(
+        keep("reports.enabled=true,crds.install=false"),
+        (reports.map(String::from).to_vec(), 2)
+    );
 }
 
 fn deployment(objects: &BTreeMap<String, Value>, namespace: &str) -> Value {
@@ -393,7 +427,7 @@ fn helm_lint_passes_with_every_option_and_the_schema_refuses_bad_values() {
     let Some(helm) = tools::tool("helm") else { return };
     for set in [
         "namespace.create=false",
-        "namespace.create=true,monitoring.enabled=true,networkPolicy.enabled=true,policies.samples=true,certManager.enabled=true",
+        "namespace.create=true,monitoring.enabled=true,networkPolicy.enabled=true,policies.samples=true,reports.enabled=true,certManager.enabled=true",
         "labelExistingPods=false,labelPodsInterval=1h,webhooks.url=https://arcguard.example:8443,crds.keep=false",
     ] {
         let output =
@@ -408,6 +442,7 @@ fn helm_lint_passes_with_every_option_and_the_schema_refuses_bad_values() {
         ("--set-json", "networkPolicy.webhookFrom=[]", "webhookFrom"),
         ("--set-json", r#"networkPolicy.metricsFrom=[{"ipblock":{}}]"#, "metricsFrom"),
         ("--set", "unknownOption=1", "unknownOption"),
+        ("--set", "reports.enabled=yes", "reports"),
         // At least two replicas, a memory limit (the in-flight budget is half of it), and a
         // labeller that pauses between passes.
         ("--set", "replicas=1", "replicas"),

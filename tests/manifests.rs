@@ -982,6 +982,139 @@ fn the_policies_component_holds_exact_copies_of_every_sample_policy() {
     assert_eq!(listed, expected);
 }
 
+// ---------------------------------------------------------------------------------------------
+// OpenReports CRDs (components/reports)
+
+/// The Go module the OpenReports CRDs come from, and the version and module hash (go.sum's `h1:`
+/// line) the component pins. `manifests/components/reports/update.sh` rewrites the two `const`
+/// lines below with the kustomization's go.sum line; keep each on one line.
+const OPENREPORTS_MODULE: &str = "github.com/openreports/reports-api";
+const OPENREPORTS_VERSION: &str = "v0.2.1";
+const OPENREPORTS_SUM: &str = "h1:g9KS3yle9Y1elmww4TK9EkD1rl6inIaiIJPX6e+u680=";
+/// The component, and the module's files it holds (under `config/crd/` in the module).
+const REPORTS_COMPONENT: &str = "manifests/components/reports";
+const OPENREPORTS_FILES: [&str; 2] =
+    ["openreports.io_reports.yaml", "openreports.io_clusterreports.yaml"];
+
+#[test]
+fn the_reports_component_holds_the_openreports_crds_arcguard_writes_and_records_their_pin() {
+    // Exactly the two CRDs, listed by their upstream names, plus the kustomization and update.sh.
+    assert_eq!(kustomization_resources(REPORTS_COMPONENT), OPENREPORTS_FILES);
+    let mut present: Vec<String> = std::fs::read_dir(path(REPORTS_COMPONENT))
+        .expect("component")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    present.sort();
+    let mut expected: Vec<String> = OPENREPORTS_FILES.iter().map(|f| (*f).to_owned()).collect();
+    expected.extend(["kustomization.yaml".to_owned(), "update.sh".to_owned()]);
+    expected.sort();
+    assert_eq!(present, expected);
+
+    // The pin the comments record is the one the download test checks (update.sh moves both).
+    let kustomization = read(&format!("{REPORTS_COMPONENT}/kustomization.yaml"));
+    let pins: Vec<&str> = kustomization
+        .lines()
+        .filter(|l| l.starts_with(&format!("# {OPENREPORTS_MODULE} ")))
+        .collect();
+    assert_eq!(pins, [format!("# {OPENREPORTS_MODULE} {OPENREPORTS_VERSION} {OPENREPORTS_SUM}")]);
+    let docs = documents(&kustomization, "reports kustomization");
+    assert_eq!(docs[0]["kind"].as_str(), Some("Component"));
+
+    // They define the kinds arcguard writes (src/audit/report.rs), at the scope it writes them,
+    // and serve and store the version it writes.
+    let (group, version) = arcguard::audit::report::API_VERSION.split_once('/').expect("group/v");
+    let crds: Vec<Value> = OPENREPORTS_FILES
+        .iter()
+        .flat_map(|f| documents(&read(&format!("{REPORTS_COMPONENT}/{f}")), f))
+        .collect();
+    let defined: Vec<(&str, &str, &str)> = crds
+        .iter()
+        .map(|crd| {
+            assert_eq!(crd["kind"].as_str(), Some("CustomResourceDefinition"));
+            assert_eq!(crd["spec"]["group"].as_str(), Some(group));
+            let versions = crd["spec"]["versions"].as_sequence().expect("versions");
+            let ours = versions
+                .iter()
+                .find(|v| v["name"].as_str() == Some(version))
+                .unwrap_or_else(|| panic!("{:?} does not define {version}", crd["metadata"]));
+            assert_eq!(ours["served"].as_bool(), Some(true), "{version} not served");
+            assert_eq!(ours["storage"].as_bool(), Some(true), "{version} not stored");
+            (
+                crd["metadata"]["name"].as_str().expect("name"),
+                crd["spec"]["names"]["kind"].as_str().expect("kind"),
+                crd["spec"]["scope"].as_str().expect("scope"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        defined,
+        [
+            ("reports.openreports.io", "Report", "Namespaced"),
+            ("clusterreports.openreports.io", "ClusterReport", "Cluster"),
+        ]
+    );
+}
+
+/// Runs `go mod download -json` of the pinned module in an empty folder (outside any module or
+/// workspace): the Go module proxy (`GOPROXY`, proxy.golang.org by default) serves it, and `go`
+/// checks it against the checksum database, unless the module cache already holds it. None when
+/// `go` is not installed.
+fn download_openreports() -> Option<serde_json::Value> {
+    if Command::new("go").arg("version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "go is missing in CI: it is needed to check {REPORTS_COMPONENT} against \
+             {OPENREPORTS_MODULE}@{OPENREPORTS_VERSION}"
+        );
+        eprintln!(
+            "note: no go on PATH; skipping the check of {REPORTS_COMPONENT} against \
+             {OPENREPORTS_MODULE}@{OPENREPORTS_VERSION} (it needs go and the Go module proxy)"
+        );
+        return None;
+    }
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let output = Command::new("go")
+        .args(["mod", "download", "-json", &format!("{OPENREPORTS_MODULE}@{OPENREPORTS_VERSION}")])
+        .current_dir(scratch.path())
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOWORK", "off")
+        .output()
+        .expect("run go");
+    // On failure `go mod download -json` prints the error in the JSON's "Error" too.
+    assert!(
+        output.status.success(),
+        "go mod download {OPENREPORTS_MODULE}@{OPENREPORTS_VERSION} failed (it needs the Go \
+         module proxy, GOPROXY, or the module in the Go module cache):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(serde_json::from_slice(&output.stdout).expect("go mod download -json prints JSON"))
+}
+
+#[test]
+fn the_reports_crds_are_the_pinned_modules_files_byte_for_byte() {
+    let Some(module) = download_openreports() else { return };
+    assert_eq!(module["Version"].as_str(), Some(OPENREPORTS_VERSION), "{module}");
+    assert_eq!(
+        module["Sum"].as_str(),
+        Some(OPENREPORTS_SUM),
+        "{OPENREPORTS_MODULE}@{OPENREPORTS_VERSION} is not the module pinned: {module}"
+    );
+    let dir = PathBuf::from(module["Dir"].as_str().expect("Dir"));
+    for file in OPENREPORTS_FILES {
+        let upstream = dir.join("config/crd").join(file);
+        let upstream =
+            std::fs::read(&upstream).unwrap_or_else(|e| panic!("{}: {e}", upstream.display()));
+        let committed = std::fs::read(path(&format!("{REPORTS_COMPONENT}/{file}"))).expect("copy");
+        assert!(
+            committed == upstream,
+            "{REPORTS_COMPONENT}/{file} differs from config/crd/{file} of \
+             {OPENREPORTS_MODULE}@{OPENREPORTS_VERSION}: run \
+             `bash {REPORTS_COMPONENT}/update.sh {OPENREPORTS_VERSION}`"
+        );
+    }
+}
+
 /// Every `arcguard_...` metric name in `text`, without the suffixes Prometheus adds.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -1184,16 +1317,18 @@ fn kustomize_renders_the_install_every_overlay_and_every_component_cleanly() {
     let root = std::fs::canonicalize(ROOT).expect("root");
     let here = std::fs::canonicalize(scratch.path()).expect("scratch");
     let to = |p: &str| relative(&here, &root.join(p)).display().to_string();
-    let cases: [(&str, &[&str]); 4] = [
+    let cases: [(&str, &[&str]); 5] = [
         ("monitoring", &["manifests/components/monitoring"]),
         ("policies", &["manifests/components/policies"]),
         ("networkpolicy", &["manifests/components/networkpolicy"]),
+        ("reports", &["manifests/components/reports"]),
         (
             "all",
             &[
                 "manifests/components/monitoring",
                 "manifests/components/policies",
                 "manifests/components/networkpolicy",
+                "manifests/components/reports",
             ],
         ),
     ];
@@ -1235,6 +1370,25 @@ fn kustomize_renders_the_install_every_overlay_and_every_component_cleanly() {
                 doc["kind"],
                 doc["metadata"]["name"]
             );
+        }
+        let reports = of_kind(&rendered, "CustomResourceDefinition")
+            .filter(|d| d["spec"]["group"].as_str() == Some("openreports.io"))
+            .collect::<Vec<_>>();
+        if components.iter().any(|c| c.ends_with("reports")) {
+            // The upstream CRDs as they are, plus arcguard's labels (checked above).
+            for file in OPENREPORTS_FILES {
+                let mut upstream = documents(&read(&format!("{REPORTS_COMPONENT}/{file}")), file);
+                assert_eq!(upstream.len(), 1, "{file}");
+                let mut upstream = upstream.remove(0);
+                let name = upstream["metadata"]["name"].as_str().expect("name").to_owned();
+                let mut rendered = find(&rendered, "CustomResourceDefinition", &name).clone();
+                rendered["metadata"].as_mapping_mut().expect("metadata").remove("labels");
+                upstream["metadata"].as_mapping_mut().expect("metadata").remove("labels");
+                assert_eq!(rendered, upstream, "{case}: kustomize changed {file}");
+            }
+            assert_eq!(reports.len(), 2, "{case}");
+        } else {
+            assert_eq!(reports.len(), 0, "{case}");
         }
         if components.iter().any(|c| c.ends_with("policies")) {
             let policies = of_kind(&rendered, "ClusterGuardPolicy").count();
