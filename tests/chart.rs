@@ -320,7 +320,11 @@ fn by_default_the_chart_leaves_the_namespace_to_helm_and_renders_everything_else
     assert_eq!(text.matches("helm.sh/resource-policy: keep").count(), 2);
     // The OpenReports CRDs only when asked for, kept likewise (deleting them would delete every
     // tool's reports), and independent of crds.install, which is about arcguard's own CRDs.
-    assert!(!text.contains("openreports.io"));
+    assert!(
+        !text.contains("name: reports.openreports.io")
+            && !text.contains("name: clusterreports.openreports.io"),
+        "no OpenReports CRD by default"
+    );
     let keep = |set: &str| {
         let args = ["template", "arcguard", CHART, "--namespace", NAMESPACE, "--set", set];
         let text = run(&helm, &args);

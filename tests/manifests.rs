@@ -789,7 +789,7 @@ fn every_rbac_rule_says_which_code_path_uses_it() {
             );
         }
     }
-    assert_eq!(rules, 20);
+    assert_eq!(rules, 21);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -38,10 +38,12 @@
 //! - `list crd.projectcalico.org/networkpolicies (cluster)`
 //! - `list crd.projectcalico.org/globalnetworkpolicies (cluster)`
 //! - `get openreports.io/reports (all namespaces: by name)`
-//! - `patch openreports.io/reports (all namespaces: by name)` (server-side apply; creates)
+//! - `patch openreports.io/reports (all namespaces: by name)` (server-side apply)
+//! - `create openreports.io/reports (all namespaces)` (a server-side apply that creates)
 //! - `delete openreports.io/reports (all namespaces: by name)`
 //! - `get openreports.io/clusterreports (cluster: by name)`
-//! - `patch openreports.io/clusterreports (cluster: by name)` (server-side apply; creates)
+//! - `patch openreports.io/clusterreports (cluster: by name)` (server-side apply)
+//! - `create openreports.io/clusterreports (cluster)` (a server-side apply that creates)
 //! - `delete openreports.io/clusterreports (cluster: by name)`
 //! - `patch arcguard.io/clusterguardpolicies/status (cluster)` (server-side apply, `status.audit`)
 //! - `patch arcguard.io/guardpolicies/status (namespaced)` (server-side apply, `status.audit`)
@@ -257,15 +259,25 @@ struct Auditor {
     config: AuditConfig,
     /// Which of a kind's alternatives answered last (Calico's two API groups), by kind.
     served: BTreeMap<String, Option<usize>>,
-    /// Whether the OpenReports CRDs were found; `None` until first tried.
+    /// Whether the OpenReports CRDs are served, as this run's discovery said (every run asks
+    /// again, so installing them later turns reports on without a restart).
     reports_on: Option<bool>,
+    /// Whether "reports are off" has been logged (once, until they are on again).
+    said_off: bool,
     /// Totals by policy and result from the last run of every scope.
     totals: BTreeMap<Option<String>, BTreeMap<String, [u64; 3]>>,
 }
 
 impl Auditor {
     fn new(client: kube::Client, config: AuditConfig) -> Self {
-        Self { client, config, served: BTreeMap::new(), reports_on: None, totals: BTreeMap::new() }
+        Self {
+            client,
+            config,
+            served: BTreeMap::new(),
+            reports_on: None,
+            said_off: false,
+            totals: BTreeMap::new(),
+        }
     }
 
     /// One run over `scopes` (all namespaces and the cluster scope when `None`).
@@ -281,6 +293,7 @@ impl Auditor {
         leader: &watch::Receiver<bool>,
     ) -> Result<(), AuditRunError> {
         let started = tokio::time::Instant::now();
+        self.probe_reports().await;
         let all: Vec<Option<String>> =
             namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
         let todo: Vec<Option<String>> = match scopes {
@@ -460,6 +473,33 @@ impl Auditor {
         }
     }
 
+    /// Asks API discovery whether the OpenReports CRDs are served (a read of an absent report
+    /// and of an absent resource type both answer 404 NotFound, so only discovery tells them
+    /// apart), and says so once when that changes. Discovery needs no RBAC rule.
+    async fn probe_reports(&mut self) {
+        let probe = self.client.list_api_group_resources(report::API_VERSION);
+        let on = match tokio::time::timeout(CALL_DEADLINE, probe).await {
+            Ok(Ok(list)) => list.resources.iter().any(|r| r.name == "reports"),
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => false,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not tell whether the OpenReports CRDs are installed; trying again next run");
+                false
+            }
+            Err(_) => false,
+        };
+        if on && self.said_off {
+            tracing::info!("OpenReports CRDs found: the audit writes Reports and ClusterReports");
+            self.said_off = false;
+        }
+        if !on && !self.said_off {
+            tracing::info!(
+                "the OpenReports CRDs (openreports.io) are not installed: the audit reports through policy status, metrics and logs only (install manifests/components/reports for Reports)"
+            );
+            self.said_off = true;
+        }
+        self.reports_on = Some(on);
+    }
+
     /// Writes the scope's report when its content changed (deletes it when there is nothing
     /// to report). Returns whether it wrote.
     async fn write_report(
@@ -467,7 +507,7 @@ impl Auditor {
         namespace: Option<&str>,
         findings: &Findings,
     ) -> Result<bool, AuditRunError> {
-        if self.reports_on == Some(false) {
+        if self.reports_on != Some(true) {
             return Ok(false);
         }
         let (kind, plural) = match namespace {
@@ -483,30 +523,12 @@ impl Auditor {
             None => Api::all_with(self.client.clone(), &resource),
         };
         let what = format!("the {kind} in {}", namespace.unwrap_or("the cluster"));
-        let stored = match tokio::time::timeout(CALL_DEADLINE, api.get_opt(report::REPORT_NAME))
-            .await
-        {
-            Ok(Ok(stored)) => {
-                if self.reports_on.is_none() {
-                    tracing::info!(
-                        "OpenReports CRDs found: the audit writes Reports and ClusterReports"
-                    );
-                }
-                self.reports_on = Some(true);
-                stored.and_then(|s| serde_json::to_value(s).ok())
-            }
-            Ok(Err(kube::Error::Api(status)))
-                if status.code == 404 && self.reports_on.is_none() =>
-            {
-                tracing::info!(
-                    "the OpenReports CRDs (openreports.io) are not installed: the audit reports through policy status, metrics and logs only (install manifests/components/reports for Reports)"
-                );
-                self.reports_on = Some(false);
-                return Ok(false);
-            }
-            Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
-            Err(_) => return Err(AuditRunError::Timeout { what }),
-        };
+        let stored =
+            match tokio::time::timeout(CALL_DEADLINE, api.get_opt(report::REPORT_NAME)).await {
+                Ok(Ok(stored)) => stored.and_then(|s| serde_json::to_value(s).ok()),
+                Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+                Err(_) => return Err(AuditRunError::Timeout { what }),
+            };
         if findings.entries.is_empty() {
             if stored.is_some() {
                 let params = DeleteParams::default();
