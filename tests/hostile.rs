@@ -8,8 +8,10 @@
 
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arcguard::server::Limits;
@@ -29,6 +31,64 @@ const MIB: usize = 1024 * 1024;
 /// How long a connection may stay open after the timeout that should close it.
 const CLOSE_BOUND: Duration = Duration::from_secs(10);
 
+/// Counts the bytes the process has allocated and not freed, and the most since a reset: what
+/// decoding and deciding a review really uses, whatever the allocator keeps resident.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static HIGH: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are kept.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            HIGH.fetch_max(live, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as is.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            // Counted as the new block allocated before the old one is freed, as may happen.
+            let live = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            HIGH.fetch_max(live, Ordering::Relaxed);
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The most bytes allocated at once since [`Allocated::start`], beyond what was then.
+struct Allocated {
+    baseline: usize,
+}
+
+impl Allocated {
+    fn start() -> Self {
+        let baseline = LIVE.load(Ordering::Relaxed);
+        HIGH.store(baseline, Ordering::Relaxed);
+        Self { baseline }
+    }
+
+    fn growth(&self) -> usize {
+        HIGH.load(Ordering::Relaxed).saturating_sub(self.baseline)
+    }
+}
+
 /// Tests that measure the process's memory hold this exclusively; the others share it, so their
 /// allocations do not count against a measurement.
 static MEMORY: RwLock<()> = RwLock::const_new(());
@@ -41,6 +101,8 @@ fn small_limits() -> Limits {
         header_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_secs(2),
         max_connections: 8,
+        // Every test client connects from 127.0.0.1.
+        max_connections_per_client: Some(8),
         ..Limits::default()
     }
 }
@@ -843,7 +905,9 @@ async fn concurrent_near_limit_reviews_stay_within_the_memory_budget() {
     let body = axum::body::Bytes::from(review_with_raw_object("", "Pod", &object));
     drop(filler);
     drop(object);
-    let client = h.client_with(|b| b.http1_only());
+    // Over one HTTP/2 connection, as the apiserver sends them: the 24 connection slots a 24 MiB
+    // budget allows would not hold 48 HTTP/1.1 requests at once.
+    let client = h.client_with(reqwest::ClientBuilder::http2_prior_knowledge);
     let concurrency = 48;
     let peak = Peak::start();
     let requests = (0..concurrency).map(|_| {
@@ -877,5 +941,372 @@ async fn concurrent_near_limit_reviews_stay_within_the_memory_budget() {
         budget / MIB
     );
     h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+/// A pod review of about `size` bytes in one of the shapes whose decoding costs most for its
+/// size: many labels, many node affinity values, many containers each with its own violation.
+fn dense_pod_review(shape: &str, size: usize) -> Vec<u8> {
+    let mut object = String::with_capacity(size + 1024);
+    object.push_str(
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"dense","namespace":"shop""#,
+    );
+    match shape {
+        "labels" => {
+            object.push_str(r#","labels":{"#);
+            let mut i = 0;
+            while object.len() < size {
+                if i > 0 {
+                    object.push(',');
+                }
+                object.push_str(&format!(r#""{i:x}":"""#));
+                i += 1;
+            }
+            object.push_str(
+                r#"}},"spec":{"containers":[{"name":"a","image":"contoso.azurecr.io/a:1"}]}}"#,
+            );
+        }
+        "affinity values" => {
+            object.push_str(r#"},"spec":{"containers":[{"name":"a","image":"contoso.azurecr.io/a:1"}],"affinity":{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"kubernetes.io/os","operator":"In","values":["linux""#);
+            while object.len() < size {
+                object.push_str(r#","x""#);
+            }
+            object.push_str("]}]}]}}}}}");
+        }
+        "containers" => {
+            object.push_str(r#"},"spec":{"containers":["#);
+            let mut i = 0;
+            while object.len() < size {
+                if i > 0 {
+                    object.push(',');
+                }
+                object.push_str(&format!(r#"{{"name":"{i:x}","image":"e/{i:x}"}}"#));
+                i += 1;
+            }
+            object.push_str("]}}");
+        }
+        other => panic!("no shape {other}"),
+    }
+    review_with_raw_object("", "Pod", &object)
+}
+
+const DENSE_SHAPES: [&str; 3] = ["labels", "affinity values", "containers"];
+
+#[tokio::test]
+async fn dense_reviews_use_no_more_than_they_are_charged() {
+    let _exclusive = MEMORY.write().await;
+    let limits = Limits {
+        max_body_bytes: 3 * MIB,
+        request_timeout: Duration::from_secs(60),
+        ..small_limits()
+    };
+    let h = Harness::start(limits).await;
+    h.assert_still_serving().await;
+    let client = h.client_with(|b| b.http1_only());
+    for shape in DENSE_SHAPES {
+        // Near the apiserver's request size limit.
+        let body = axum::body::Bytes::from(dense_pod_review(shape, 3 * MIB - 8 * 1024));
+        let charge = arcguard::server::budget::cost(&body);
+        let tokens = arcguard::server::budget::structural_tokens(&body);
+        for path in ["/validate", "/mutate"] {
+            let allocated = Allocated::start();
+            let response = client
+                .post(h.url(path))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .expect("answered");
+            let status = response.status().as_u16();
+            let text = response.text().await.expect("body");
+            let growth = allocated.growth();
+            eprintln!(
+                "{shape} to {path}: {} bytes, {tokens} tokens, {status}; peak {:.1} MiB allocated, \
+                 charged {:.1} MiB ({:.0} bytes per token beyond twice the body)",
+                body.len(),
+                growth as f64 / MIB as f64,
+                charge as f64 / MIB as f64,
+                growth.saturating_sub(2 * body.len()) as f64 / tokens as f64,
+            );
+            assert_eq!(status, 200, "{shape} to {path}: {}", &text[..text.len().min(300)]);
+            let review: Value = serde_json::from_str(&text).expect("json review");
+            assert_eq!(review["response"]["uid"], "hostile-1");
+            // Everything the server held for the request, and what the client held for the
+            // response, within what the request was charged.
+            assert!(
+                growth <= charge,
+                "{shape} to {path}: {growth} bytes allocated at the peak, {charge} charged"
+            );
+        }
+    }
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_dense_reviews_stay_within_the_memory_budget() {
+    let _exclusive = MEMORY.write().await;
+    // Each dense review is charged 120 to 200 MiB of the 256 MiB left to requests once the
+    // connection slots have their share: one fits at a time.
+    let budget = 320 * MIB;
+    let limits = Limits {
+        max_body_bytes: 3 * MIB,
+        request_timeout: Duration::from_secs(60),
+        max_connections: 256,
+        max_connections_per_client: Some(256),
+        memory_budget: budget,
+        ..Limits::default()
+    };
+    let h = Harness::start(limits).await;
+    let client = h.client_with(|b| b.http1_only());
+    for shape in DENSE_SHAPES {
+        let body = axum::body::Bytes::from(dense_pod_review(shape, 3 * MIB - 8 * 1024));
+        let concurrency = 8;
+        let allocated = Allocated::start();
+        let requests = (0..concurrency).map(|_| {
+            let request = client
+                .post(h.url("/validate"))
+                .header("content-type", "application/json")
+                .body(body.clone());
+            async move {
+                let response = request.send().await.expect("answered");
+                let status = response.status().as_u16();
+                (status, response.text().await.expect("body"))
+            }
+        });
+        let answers = futures::future::join_all(requests).await;
+        let growth = allocated.growth();
+        eprintln!(
+            "{concurrency} × {shape}: peak {:.1} MiB allocated for a {} MiB budget; answers {:?}",
+            growth as f64 / MIB as f64,
+            budget / MIB,
+            answers.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+        );
+        for (status, text) in &answers {
+            match status {
+                200 => assert!(text.contains("\"uid\":\"hostile-1\""), "{text}"),
+                503 => assert!(text.contains("arcguard is at its memory budget"), "{text}"),
+                413 => assert!(text.contains("more than arcguard's whole memory budget"), "{text}"),
+                other => panic!("{shape}: answered {other}: {text}"),
+            }
+        }
+        // The budget bounds what the server holds; the clients' bodies are shared.
+        assert!(
+            growth < budget,
+            "{shape}: {growth} bytes allocated at the peak for a {budget} byte budget"
+        );
+    }
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_review_that_would_cost_more_than_the_whole_budget_gets_413() {
+    let _shared = MEMORY.read().await;
+    let limits = Limits { max_body_bytes: 3 * MIB, memory_budget: 64 * MIB, ..small_limits() };
+    let h = Harness::start(limits).await;
+    for shape in DENSE_SHAPES {
+        let body = dense_pod_review(shape, 3 * MIB - 8 * 1024);
+        let (status, text) = h.post("/validate", "application/json", body).await;
+        assert_eq!(status, 413, "{shape}: {text}");
+        assert!(text.contains("more than arcguard's whole memory budget"), "{shape}: {text}");
+    }
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn fifty_thousand_violating_containers_are_all_counted_before_the_request_timeout() {
+    let _exclusive = MEMORY.write().await;
+    // Deduplicating the violations by a linear search took minutes here; the server would
+    // answer 408 at its request timeout.
+    let limits = Limits {
+        max_body_bytes: 3 * MIB,
+        request_timeout: Duration::from_secs(10),
+        ..small_limits()
+    };
+    let h = Harness::start(limits).await;
+    let count = 50_000;
+    let body = crowded_pod_review(count, |i| format!("e/{i:x}"));
+    let (status, text) = h.post("/validate", "application/json", body).await;
+    assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
+    let answer: Value = serde_json::from_str(&text).expect("json review");
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().expect("message");
+    let listed = message.lines().filter(|l| l.starts_with("- [")).count();
+    assert_eq!(listed, arcguard::pipeline::MAX_LISTED);
+    // Every container's violation was found and counted, each once.
+    let more = format!("and {} more violations", count - listed);
+    assert!(message.contains(&more), "{}", &message[message.len().saturating_sub(300)..]);
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+/// An HTTP/2 frame header: payload length, type, flags, stream.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("frame length").to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A HEADERS frame (END_HEADERS) opening `stream`: a POST of a JSON body of `length` bytes to
+/// /validate, its fields as HPACK literals without indexing.
+fn h2_post_headers(stream: u32, length: usize) -> Vec<u8> {
+    let length = length.to_string();
+    let fields: [(&str, &str); 6] = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", "/validate"),
+        (":authority", "localhost"),
+        ("content-type", "application/json"),
+        ("content-length", &length),
+    ];
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0);
+        block.push(u8::try_from(name.len()).expect("short name"));
+        block.extend_from_slice(name.as_bytes());
+        block.push(u8::try_from(value.len()).expect("short value"));
+        block.extend_from_slice(value.as_bytes());
+    }
+    h2_frame(0x1, 0x4, stream, &block)
+}
+
+/// A near-limit pod review whose bulk is one annotation: charged about twice its size.
+fn near_limit_review() -> Vec<u8> {
+    let filler = "a".repeat(3 * MIB - 4096);
+    let object = format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"big","namespace":"shop","annotations":{{"x":"{filler}"}}}},"spec":{{"containers":[{{"name":"app","image":"contoso.azurecr.io/shop/web:1.0"}}]}}}}"#
+    );
+    review_with_raw_object("", "Pod", &object)
+}
+
+#[tokio::test]
+async fn http2_streams_that_declare_large_bodies_and_stall_do_not_hold_the_budget() {
+    let _shared = MEMORY.read().await;
+    // 12 MiB for requests: two near-limit reviews, or two streams charged their declared
+    // 4 MiB up front.
+    let limits = Limits {
+        max_body_bytes: 5 * MIB,
+        memory_budget: 16 * MIB,
+        body_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(10),
+        max_connections: 16,
+        ..small_limits()
+    };
+    let h = Harness::start(limits).await;
+    let mut attacker = h.h2_idle().await;
+    attacker.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.expect("settings ack");
+    // 32 streams (the most a connection may open), each declaring 4 MiB and sending 2 KiB:
+    // the 64 KiB a connection may send before the server widens its window.
+    let piece = vec![b' '; 2 * 1024 - 1];
+    for stream in (1..64).step_by(2) {
+        attacker.write_all(&h2_post_headers(stream, 4 * MIB)).await.expect("headers");
+        attacker.write_all(&h2_frame(0x0, 0, stream, &piece)).await.expect("data");
+    }
+    attacker.flush().await.expect("flush");
+    // While they stall, a near-limit review is admitted.
+    let (status, text) = h.post("/validate", "application/json", near_limit_review()).await;
+    assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
+    // The stalled streams are answered (408) at the body deadline; the attacker never reads,
+    // so the connection is then closed by the idle timeout or the write-stall guard, if not
+    // before.
+    let (frames, _) = common::h2_frames(&mut attacker, CLOSE_BOUND, None).await;
+    let answered = frames.iter().filter(|&&kind| kind == 0x1).count();
+    assert!(answered >= 32, "{answered} of the 32 stalled streams were answered: {frames:?}");
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_that_stall_their_bodies_buffer_no_more_than_their_share() {
+    let _exclusive = MEMORY.write().await;
+    // 16 connection slots (a quarter of the budget at 256 KiB each).
+    let budget = 16 * MIB;
+    let limits = Limits {
+        max_body_bytes: 5 * MIB,
+        memory_budget: budget,
+        body_timeout: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(10),
+        max_connections: 4096,
+        max_connections_per_client: Some(4096),
+        ..small_limits()
+    };
+    assert_eq!(limits.connection_slots(), 16);
+    let h = Harness::start(limits).await;
+    h.assert_still_serving().await;
+    let allocated = Allocated::start();
+    // 64 connections, each sending 1 MiB of bodies (16 streams of 64 KiB) and never reading:
+    // what default HTTP/2 windows (1 MiB a connection) would let a server buffer.
+    let piece = vec![b' '; 16 * 1024];
+    let mut attackers = Vec::new();
+    for _ in 0..64 {
+        let connector = TlsConnector::from(h.tls_config(&[b"h2"]));
+        let name = ServerName::try_from("localhost").expect("name");
+        let Ok(mut stream) = connector.connect(name, h.tcp().await).await else { continue };
+        let mut sent = true;
+        let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        frames.extend(h2_frame(0x4, 0, 0, &[]));
+        frames.extend(h2_frame(0x4, 0x1, 0, &[]));
+        sent &= stream.write_all(&frames).await.is_ok();
+        for id in (1..32).step_by(2) {
+            sent &= stream.write_all(&h2_post_headers(id, 4 * MIB)).await.is_ok();
+            for _ in 0..4 {
+                sent &= stream.write_all(&h2_frame(0x0, 0, id, &piece)).await.is_ok();
+            }
+        }
+        let _ = stream.flush().await;
+        if sent {
+            attackers.push(stream);
+        }
+    }
+    // Let the server read what it will.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let growth = allocated.growth();
+    eprintln!(
+        "64 stalling connections: peak {:.1} MiB allocated for a {} MiB budget",
+        growth as f64 / MIB as f64,
+        budget / MIB
+    );
+    assert!(growth < budget, "{growth} bytes allocated for a {budget} byte budget");
+    drop(attackers);
+    h.assert_still_serving().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_client_cannot_take_every_connection_slot() {
+    let _shared = MEMORY.read().await;
+    let limits = Limits {
+        handshake_timeout: Duration::from_secs(3),
+        header_timeout: Duration::from_secs(3),
+        max_connections: 8,
+        max_connections_per_client: None,
+        ..small_limits()
+    };
+    assert_eq!(limits.connections_per_client(), 4);
+    let h = Harness::start(limits).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(h.tls().await.expect("a connection within the client's share"));
+    }
+    let refused = timeout(CLOSE_BOUND, h.tls()).await.expect("answered");
+    assert!(refused.is_err(), "a fifth connection from one client was served");
+    // Another address (the apiserver's, say) is still served.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+    let tcp = socket.connect(h.running.webhook_addr).await.expect("tcp connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut other =
+        TlsConnector::from(h.tls_config(&[b"http/1.1"])).connect(name, tcp).await.expect("tls");
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let (response, _) = read_until_closed(&mut other, CLOSE_BOUND).await;
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    drop(held);
     h.shutdown().await;
 }

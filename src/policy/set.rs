@@ -1,6 +1,6 @@
 //! An immutable set of compiled policies and its evaluation against a request view.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::admission::view::RequestView;
 use crate::rules::{FactNeeds, Facts, Mutation};
@@ -42,15 +42,27 @@ pub struct Evaluation<'p> {
 
 impl Evaluation<'_> {
     /// Violations of policies with `action`, each prefixed with the policies that found it: the
-    /// same finding from several policies (a pod that can never run, say) is listed once.
+    /// same finding from several policies (a pod that can never run, say) is listed once, in
+    /// the order first found. Linear in the number of violations (a pod may have thousands).
     fn failures(&self, action: Action) -> impl Iterator<Item = String> + '_ {
         let mut found: Vec<(&str, Vec<String>)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
         for result in self.results.iter().filter(|r| r.policy.action == action) {
             let Outcome::Fail(messages) = &result.outcome else { continue };
             for message in messages {
-                match found.iter_mut().find(|(m, _)| *m == message.as_str()) {
-                    Some((_, ids)) => ids.push(result.policy.id()),
-                    None => found.push((message, vec![result.policy.id()])),
+                match index.get(message.as_str()) {
+                    Some(&at) => {
+                        let ids = &mut found[at].1;
+                        let id = result.policy.id();
+                        // A policy reporting the same finding twice is named once.
+                        if ids.last() != Some(&id) {
+                            ids.push(id);
+                        }
+                    }
+                    None => {
+                        index.insert(message, found.len());
+                        found.push((message, vec![result.policy.id()]));
+                    }
                 }
             }
         }
@@ -114,10 +126,11 @@ impl PolicySet {
     /// Evaluates every applicable policy (the validating webhook).
     pub fn validate<'p>(&'p self, view: &RequestView, facts: &dyn Facts) -> Evaluation<'p> {
         let mut evaluation = Evaluation::default();
+        let mut advised = HashSet::new();
         for policy in self.policies.iter().filter(|p| applies(p, view, facts)) {
             let findings = policy.rule.validate(view, facts);
             for advisory in findings.advisories {
-                if !evaluation.advisories.contains(&advisory) {
+                if advised.insert(advisory.clone()) {
                     evaluation.advisories.push(advisory);
                 }
             }
@@ -203,6 +216,34 @@ mod tests {
         let denials = policies.validate(&view, &StaticFacts::default()).denials();
         assert_eq!(denials.len(), 1, "{denials:?}");
         assert!(denials[0].starts_with("[calico, gmsa] this pod can never run"), "{denials:?}");
+    }
+
+    #[test]
+    fn thousands_of_findings_are_deduplicated_in_order_each_naming_its_policies() {
+        let policies = set(&[
+            &cluster("a", "  trustedRegistries: {registries: [a.io]}\n"),
+            &cluster("b", "  trustedRegistries: {registries: [a.io]}\n"),
+        ]);
+        let [a, b] = policies.policies() else { panic!("two policies") };
+        let count = 50_000;
+        let messages: Vec<String> = (0..count).map(|i| format!("finding {i}")).collect();
+        // Policy a finds every one (one of them twice), b every other one.
+        let mut of_a = messages.clone();
+        of_a.push("finding 7".into());
+        let of_b: Vec<String> = messages.iter().step_by(2).cloned().collect();
+        let evaluation = Evaluation {
+            results: vec![
+                PolicyResult { policy: a, outcome: Outcome::Fail(of_a) },
+                PolicyResult { policy: b, outcome: Outcome::Fail(of_b) },
+            ],
+            advisories: Vec::new(),
+        };
+        let denials = evaluation.denials();
+        assert_eq!(denials.len(), count);
+        assert_eq!(denials[0], "[a, b] finding 0");
+        assert_eq!(denials[1], "[a] finding 1");
+        assert_eq!(denials[7], "[a] finding 7");
+        assert_eq!(denials[count - 2], format!("[a, b] finding {}", count - 2));
     }
 
     #[test]

@@ -1,23 +1,42 @@
-//! The memory budget: request bodies in flight (and what is decoded from them) are bounded, so
-//! no load, hostile or not, can push arcguard past its container's memory limit.
+//! The memory budget: request bodies in flight, what is decoded from them, the responses built
+//! from them, and the connections' buffers are bounded together, so no load, hostile or not,
+//! can push arcguard past its container's memory limit.
 //!
 //! Anyone who may create pods in one namespace can make the apiserver send reviews of nearly
 //! 3 MiB each (its request size limit), as many at once as they like; buffered together they
 //! would exceed a 128 Mi container limit and get every replica OOM-killed, which stops pod
-//! creation in the whole cluster. Each request is charged before its body is read: twice its
-//! `Content-Length` (the body, plus the decoded view and the response built from it), or the
-//! body limit when it is sent without a length. A request that does not fit waits up to
-//! [`Budget::wait`] for others to finish, then gets 503 with a message saying why; the server
-//! itself never runs out of memory.
+//! creation in the whole cluster. Anyone who can reach the webhook port can open connections
+//! and streams and send bodies slowly. So:
+//!
+//! - every connection slot is set aside [`PER_CONNECTION`] bytes of the budget (its TLS and
+//!   HTTP buffers: HTTP/2 flow-control windows are kept that small), and the number of slots is
+//!   derived from the budget ([`super::Limits::connection_slots`]);
+//! - a request's body is charged as it arrives, twice its bytes (the body, and its copy while
+//!   the pieces are joined): a client that declares 4 MiB and sends 64 KiB holds 128 KiB, and
+//!   only until the body deadline ([`super::Limits::body_timeout`]);
+//! - once the body is complete, it is charged what decoding and deciding it can cost:
+//!   `2 × body + TOKEN_COST × structural tokens` ([`cost`]), measured with a counting allocator
+//!   on the costliest shapes (many labels, many affinity values, many containers each with its
+//!   own violation): a review of many tiny values is charged far more than its size;
+//! - the charge is held until the response has been written (or the connection dropped), and
+//!   by the decision itself when the request times out before it ends.
+//!
+//! A charge that does not fit waits up to [`Budget::wait`] for others to finish, then gets 503
+//! with a message saying why; a review whose charge alone exceeds the whole budget gets 413.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
@@ -27,6 +46,19 @@ pub const LIMIT_SHARE: f64 = 0.5;
 
 /// The in-flight budget when no memory limit is known: 512 MiB.
 pub const UNLIMITED_BUDGET: usize = 512 * 1024 * 1024;
+
+/// What one connection's buffers may hold: the HTTP/2 connection window (128 KiB, see
+/// [`super::tls`]) or the HTTP/1.1 read buffer (64 KiB), rustls's buffers, HPACK tables and
+/// frame buffers. Measured by `tests/hostile.rs`
+/// (`stalled_http2_connections_use_no_more_than_their_share`).
+pub const PER_CONNECTION: usize = 256 * 1024;
+
+/// Bytes charged per structural JSON token (`{`, `[`, `,`, `:` outside strings) of a body: the
+/// most that decoding and deciding allocates per token, measured with a counting allocator
+/// (`tests/hostile.rs`, `dense_reviews_use_no_more_than_they_are_charged`, debug build): about
+/// 91 for labels, 45 for node affinity values, 198 for containers each with its own violation
+/// (some 930 bytes a container), with headroom.
+pub const TOKEN_COST: usize = 256;
 
 /// The in-flight budget for a container memory limit of `limit` bytes (`None`: no limit known).
 pub fn budget_for(limit: Option<u64>) -> usize {
@@ -48,6 +80,40 @@ pub fn cgroup_memory_limit() -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// The structural tokens of a JSON text: `{`, `[`, `,` and `:` outside strings. Every decoded
+/// value (a string, a number, an object, a map entry) sits next to at least one, so what
+/// decoding allocates is bounded by a cost per token. One linear pass, no allocation; the text
+/// need not be valid JSON.
+pub fn structural_tokens(body: &[u8]) -> usize {
+    let mut tokens = 0;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b'{' | b'[' | b',' | b':' => tokens += 1,
+                _ => {}
+            }
+        }
+    }
+    tokens
+}
+
+/// What deciding a complete body can cost, in bytes: the body, its decoded view and the
+/// response (twice the body), and [`TOKEN_COST`] per structural token.
+pub fn cost(body: &[u8]) -> usize {
+    body.len().saturating_mul(2).saturating_add(structural_tokens(body).saturating_mul(TOKEN_COST))
+}
+
 /// Bytes per permit: the budget is counted in KiB so that any budget fits a semaphore.
 const UNIT: usize = 1024;
 
@@ -59,81 +125,292 @@ pub struct Budget {
     total: u32,
     /// How long a request waits for room before it is refused.
     wait: Duration,
-    /// The body limit: what a request without `Content-Length` is charged.
+    /// The body limit (larger bodies get 413).
     max_body_bytes: usize,
+    /// How long a body may take to arrive (then 408).
+    body_timeout: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// A charge held against the budget; released when the last holder drops it. The webhook
+/// handlers take a clone into the decision, so that a decision outliving its request (timed
+/// out) stays charged until it ends.
+#[derive(Clone, Debug)]
+pub struct Charge(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// Why a charge could not be taken.
+enum Refusal {
+    /// The budget stayed full for the whole wait.
+    Full,
+    /// More than the whole budget.
+    TooLarge,
 }
 
 impl Budget {
     /// A budget of `bytes` in flight.
-    pub fn new(bytes: usize, max_body_bytes: usize, wait: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        bytes: usize,
+        max_body_bytes: usize,
+        wait: Duration,
+        body_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let total = u32::try_from((bytes / UNIT).max(1)).unwrap_or(u32::MAX);
         Self {
             permits: Arc::new(Semaphore::new(total as usize)),
             total,
             wait,
             max_body_bytes,
+            body_timeout,
             metrics,
         }
     }
 
-    /// What a request is charged, in units: twice its body, at least one unit, at most the
-    /// whole budget (so that any single request the body limit allows can run alone).
-    fn charge(&self, content_length: Option<usize>) -> u32 {
-        let body = content_length.unwrap_or(self.max_body_bytes).min(self.max_body_bytes);
-        let units = (body.saturating_mul(2)).div_ceil(UNIT).max(1);
-        u32::try_from(units).unwrap_or(u32::MAX).min(self.total)
+    /// Units for `bytes`, at least one; `None` beyond the whole budget.
+    fn units(&self, bytes: usize) -> Option<u32> {
+        let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).ok()?;
+        (units <= self.total).then_some(units)
+    }
+
+    /// Grows `held` to cover `bytes`, waiting until `deadline` for room.
+    async fn grow(
+        &self,
+        held: &mut Option<OwnedSemaphorePermit>,
+        bytes: usize,
+        deadline: Instant,
+    ) -> Result<(), Refusal> {
+        let units = self.units(bytes).ok_or(Refusal::TooLarge)?;
+        let have = held.as_ref().map_or(0, |p| u32::try_from(p.num_permits()).unwrap_or(0));
+        if units <= have {
+            return Ok(());
+        }
+        let acquire = self.permits.clone().acquire_many_owned(units - have);
+        let Ok(Ok(more)) = tokio::time::timeout_at(deadline, acquire).await else {
+            return Err(Refusal::Full);
+        };
+        match held {
+            Some(permit) => permit.merge(more),
+            None => *held = Some(more),
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, refusal: &Refusal, bytes: usize) -> Response {
+        self.metrics.record_budget_rejection();
+        let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+        let total = mib(f64::from(self.total) * UNIT as f64);
+        #[allow(clippy::cast_precision_loss)]
+        let wanted = mib(bytes as f64);
+        match refusal {
+            Refusal::Full => {
+                let message = format!(
+                    "arcguard is at its memory budget ({total:.0} MiB for requests in flight, \
+                     from its container's memory limit) and could not take this request \
+                     ({wanted:.1} MiB to read and decide) within {}s; retry\n",
+                    self.wait.as_secs_f64()
+                );
+                (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
+            }
+            Refusal::TooLarge => {
+                let message = format!(
+                    "this review would take {wanted:.1} MiB to decode and decide, more than \
+                     arcguard's whole memory budget ({total:.0} MiB, from its container's memory \
+                     limit): the object has too many values\n"
+                );
+                (StatusCode::PAYLOAD_TOO_LARGE, message).into_response()
+            }
+        }
     }
 }
 
-/// Admits a webhook request once its charge fits the budget, and holds it until the response
-/// is built; answers 503 when it does not fit within the wait.
+/// Reads a webhook request's body under the budget (charged as it arrives, within the body
+/// deadline), charges what deciding it can cost, and holds the charge until the response has
+/// been written. Answers 413 for a body over the limit or a review over the whole budget, 408
+/// for a body that does not arrive in time, and 503 when the budget has no room within the
+/// wait.
 pub async fn admit(State(budget): State<Arc<Budget>>, request: Request, next: Next) -> Response {
-    let content_length = request
+    let start = Instant::now();
+    let wait_until = start + budget.wait;
+    let body_until = start + budget.body_timeout;
+    let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let charge = budget.charge(content_length);
-    let acquire = budget.permits.clone().acquire_many_owned(charge);
-    let Ok(Ok(permit)) = tokio::time::timeout(budget.wait, acquire).await else {
-        budget.metrics.record_budget_rejection();
-        let mib = |units: u32| f64::from(units) * UNIT as f64 / (1024.0 * 1024.0);
-        let message = format!(
-            "arcguard is at its memory budget ({:.0} MiB of request bodies in flight, from its \
-             container's memory limit) and could not take this {:.1} MiB request within {}s; \
-             retry\n",
-            mib(budget.total),
-            mib(charge) / 2.0,
-            budget.wait.as_secs_f64()
-        );
-        return (StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+    if declared.is_some_and(|length| length > budget.max_body_bytes) {
+        return too_large_body(budget.max_body_bytes);
+    }
+    let (parts, body) = request.into_parts();
+    let mut held = None;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received = 0usize;
+    let mut stream = body.into_data_stream();
+    loop {
+        let next_chunk = tokio::time::timeout_at(body_until, stream.next()).await;
+        let chunk = match next_chunk {
+            Err(_) => {
+                let message = format!(
+                    "the request body did not arrive within {}s\n",
+                    budget.body_timeout.as_secs_f64()
+                );
+                return (StatusCode::REQUEST_TIMEOUT, message).into_response();
+            }
+            Ok(None) => break,
+            Ok(Some(Err(error))) => {
+                return (StatusCode::BAD_REQUEST, format!("failed to read the body: {error}\n"))
+                    .into_response();
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        received = received.saturating_add(chunk.len());
+        if received > budget.max_body_bytes {
+            return too_large_body(budget.max_body_bytes);
+        }
+        chunks.push(chunk);
+        // In steps of 64 KiB, so that a body of small frames does not take the lock for each.
+        let charge = received.saturating_mul(2).next_multiple_of(64 * UNIT);
+        if let Err(refusal) = budget.grow(&mut held, charge, wait_until).await {
+            return budget.refuse(&refusal, received.saturating_mul(2));
+        }
+    }
+    let body = join(chunks, received);
+    let cost = cost(&body);
+    if let Err(refusal) = budget.grow(&mut held, cost, wait_until).await {
+        return budget.refuse(&refusal, cost);
+    }
+    let permit = match held {
+        Some(permit) => permit,
+        // An empty body: charged the least there is.
+        None => match budget.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => return budget.refuse(&Refusal::Full, UNIT),
+        },
     };
-    let response = next.run(request).await;
-    drop(permit);
-    response
+    run(next, parts, body, Charge(Arc::new(permit))).await
+}
+
+/// Runs the request and keeps `charge` until its response body is dropped (written, or the
+/// connection gone).
+async fn run(
+    next: Next,
+    mut parts: axum::http::request::Parts,
+    body: Bytes,
+    charge: Charge,
+) -> Response {
+    parts.extensions.insert(charge.clone());
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+    response.map(|body| Body::new(Charged { inner: body, _charge: charge }))
+}
+
+fn too_large_body(limit: usize) -> Response {
+    let message = format!("request body larger than the limit of {limit} bytes\n");
+    (StatusCode::PAYLOAD_TOO_LARGE, message).into_response()
+}
+
+/// The body's pieces joined (without a copy when it arrived in one).
+fn join(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut joined = Vec::with_capacity(len);
+    for chunk in chunks {
+        joined.extend_from_slice(&chunk);
+    }
+    Bytes::from(joined)
+}
+
+/// A response body that holds its request's charge until it is dropped.
+struct Charged {
+    inner: Body,
+    _charge: Charge,
+}
+
+impl hyper::body::Body for Charged {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_budget_is_half_the_limit_and_requests_are_charged_twice_their_body() {
-        assert_eq!(budget_for(Some(128 * 1024 * 1024)), 64 * 1024 * 1024);
-        assert_eq!(budget_for(None), UNLIMITED_BUDGET);
-        let budget = Budget::new(
-            10 * 1024 * 1024,
+    fn budget(bytes: usize) -> Budget {
+        Budget::new(
+            bytes,
             7 * 1024 * 1024,
             Duration::ZERO,
+            Duration::from_secs(1),
             Arc::new(Metrics::new()),
-        );
+        )
+    }
+
+    #[test]
+    fn the_budget_is_half_the_limit_counted_in_kib() {
+        assert_eq!(budget_for(Some(128 * 1024 * 1024)), 64 * 1024 * 1024);
+        assert_eq!(budget_for(None), UNLIMITED_BUDGET);
+        let budget = budget(10 * 1024 * 1024);
         assert_eq!(budget.total, 10 * 1024);
-        assert_eq!(budget.charge(Some(0)), 1);
-        assert_eq!(budget.charge(Some(1)), 1);
-        assert_eq!(budget.charge(Some(1024 * 1024)), 2048);
-        // Without a length: the body limit, capped at the whole budget.
-        assert_eq!(budget.charge(None), 10 * 1024);
-        assert_eq!(budget.charge(Some(usize::MAX)), 10 * 1024);
+        assert_eq!(budget.units(0), Some(1));
+        assert_eq!(budget.units(1), Some(1));
+        assert_eq!(budget.units(1024 * 1024), Some(1024));
+        assert_eq!(budget.units(10 * 1024 * 1024), Some(10 * 1024));
+        assert_eq!(budget.units(10 * 1024 * 1024 + 1), None);
+        assert_eq!(budget.units(usize::MAX), None);
+    }
+
+    #[test]
+    fn structural_tokens_are_counted_outside_strings_only() {
+        assert_eq!(structural_tokens(b""), 0);
+        assert_eq!(structural_tokens(b"\"a\""), 0);
+        assert_eq!(structural_tokens(br#"{"a":1,"b":[1,2]}"#), 6);
+        // Inside strings, escaped quotes included, nothing counts.
+        assert_eq!(structural_tokens(br#"{"a{[,:":"x\",:{[","b":"\\"}"#), 4);
+        assert_eq!(structural_tokens(&[b','; 1000]), 1000);
+    }
+
+    #[test]
+    fn a_body_of_tiny_values_costs_far_more_than_its_size() {
+        let labels: Vec<String> = (0..1000).map(|i| format!("\"k{i}\":\"v\"")).collect();
+        let dense = format!("{{{}}}", labels.join(","));
+        assert_eq!(structural_tokens(dense.as_bytes()), 2000);
+        assert_eq!(cost(dense.as_bytes()), 2 * dense.len() + 2000 * TOKEN_COST);
+        let sparse = format!("{{\"a\":\"{}\"}}", "x".repeat(dense.len()));
+        assert_eq!(cost(sparse.as_bytes()), 2 * sparse.len() + 2 * TOKEN_COST);
+    }
+
+    #[tokio::test]
+    async fn charges_grow_to_what_they_cover_and_refuse_beyond_the_budget() {
+        let budget = budget(1024 * 1024);
+        let deadline = Instant::now();
+        let mut held = None;
+        assert!(budget.grow(&mut held, 100 * 1024, deadline).await.is_ok());
+        assert_eq!(held.as_ref().map(OwnedSemaphorePermit::num_permits), Some(100));
+        assert!(budget.grow(&mut held, 50 * 1024, deadline).await.is_ok());
+        assert_eq!(held.as_ref().map(OwnedSemaphorePermit::num_permits), Some(100));
+        assert!(budget.grow(&mut held, 1024 * 1024, deadline).await.is_ok());
+        assert_eq!(budget.permits.available_permits(), 0);
+        let mut other = None;
+        assert!(matches!(budget.grow(&mut other, 1, deadline).await, Err(Refusal::Full)));
+        assert!(matches!(
+            budget.grow(&mut other, 1024 * 1024 + 1, deadline).await,
+            Err(Refusal::TooLarge)
+        ));
+        drop(held);
+        assert_eq!(budget.permits.available_permits(), 1024);
     }
 }

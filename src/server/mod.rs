@@ -195,8 +195,16 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Time allowed to read a body and answer; then 408.
     pub request_timeout: Duration,
-    /// Connections served at once; more are closed on accept.
+    /// Time allowed for a body to arrive once its headers have (then 408); capped at the
+    /// request timeout. The apiserver sends a review at once: a slow body is hostile, and it
+    /// holds its share of the memory budget while it trickles in.
+    pub body_timeout: Duration,
+    /// Connections served at once, at most; more are closed on accept. The slots actually
+    /// served are also bounded by the memory budget ([`Limits::connection_slots`]).
     pub max_connections: usize,
+    /// Connections one client IP may hold at once; `None`: half the connection slots
+    /// ([`Limits::connections_per_client`]).
+    pub max_connections_per_client: Option<usize>,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
     /// An HTTP/2 connection with no request in flight for this long is closed (GOAWAY).
@@ -218,13 +226,49 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(5),
             max_connections: 4096,
+            max_connections_per_client: None,
             shutdown_grace: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             keep_alive_interval: Duration::from_secs(20),
             keep_alive_timeout: Duration::from_secs(10),
             memory_budget: budget::UNLIMITED_BUDGET,
         }
+    }
+}
+
+/// The fewest connection slots a budget is given, however small.
+const MIN_CONNECTION_SLOTS: usize = 16;
+
+impl Limits {
+    /// The connections served at once: `max_connections`, but no more than a quarter of the
+    /// memory budget can buffer ([`budget::PER_CONNECTION`] each; at least 16). 64 for the
+    /// 64 MiB budget of a 128 Mi container, 256 for the 512 MiB budget of an unknown limit.
+    pub fn connection_slots(&self) -> usize {
+        let by_budget = (self.memory_budget / 4 / budget::PER_CONNECTION).max(MIN_CONNECTION_SLOTS);
+        self.max_connections.min(by_budget).max(1)
+    }
+
+    /// The connections one client IP may hold: half the slots unless set. The apiserver opens
+    /// its connections from few addresses; a client elsewhere (any pod, where the NetworkPolicy
+    /// component is not installed) cannot take more than half.
+    pub fn connections_per_client(&self) -> usize {
+        self.max_connections_per_client
+            .unwrap_or_else(|| self.connection_slots().div_ceil(2))
+            .clamp(1, self.connection_slots())
+    }
+
+    /// What webhook requests in flight may use: the memory budget less what the connection
+    /// slots may buffer.
+    pub fn request_budget(&self) -> usize {
+        let connections = self.connection_slots().saturating_mul(budget::PER_CONNECTION);
+        self.memory_budget.saturating_sub(connections).max(self.memory_budget / 2)
+    }
+
+    /// How long a body may take to arrive.
+    pub fn body_deadline(&self) -> Duration {
+        self.body_timeout.min(self.request_timeout)
     }
 }
 

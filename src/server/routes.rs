@@ -5,14 +5,16 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use super::budget::Budget;
+use tokio::sync::Semaphore;
+
+use super::budget::{Budget, Charge};
 use super::{AppState, Limits};
 use crate::admission::{self, ReviewError};
 use crate::pipeline::{self, Decision, Webhook};
@@ -22,9 +24,10 @@ pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
     // Requests wait for room at most a fifth of the request timeout, so a refusal arrives well
     // before the apiserver gives up on the call.
     let budget = Arc::new(Budget::new(
-        limits.memory_budget,
+        limits.request_budget(),
         limits.max_body_bytes,
         limits.request_timeout / 5,
+        limits.body_deadline(),
         state.metrics.clone(),
     ));
     let webhooks = Router::new()
@@ -51,15 +54,37 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn validate(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(Webhook::Validate, &state, &headers, &body).await
+async fn validate(
+    State(state): State<AppState>,
+    charge: Option<Extension<Charge>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(Webhook::Validate, state, charge, &headers, body).await
 }
 
-async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(Webhook::Mutate, &state, &headers, &body).await
+async fn mutate(
+    State(state): State<AppState>,
+    charge: Option<Extension<Charge>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(Webhook::Mutate, state, charge, &headers, body).await
 }
 
-async fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &[u8]) -> Response {
+/// Decisions running at once, on blocking threads; more wait (within the request timeout).
+const DECISION_SLOTS: usize = 64;
+
+/// Bounds the decisions running at once.
+static DECISIONS: Semaphore = Semaphore::const_new(DECISION_SLOTS);
+
+async fn handle(
+    webhook: Webhook,
+    state: AppState,
+    charge: Option<Extension<Charge>>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     let start = Instant::now();
     if !is_json(headers) {
         state.metrics.record_invalid(webhook, start.elapsed());
@@ -69,6 +94,34 @@ async fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &
         )
             .into_response();
     }
+    // Decoding and deciding are CPU work proportional to the body: they run on a blocking
+    // thread, never on the async workers, and hold the request's charge until they end, even
+    // when the request has timed out meanwhile.
+    let Ok(slot) = DECISIONS.acquire().await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "arcguard is shutting down\n").into_response();
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let decided = tokio::task::spawn_blocking(move || {
+        let _charge = charge;
+        decide(webhook, &state, &body, start, &runtime)
+    })
+    .await;
+    drop(slot);
+    decided.unwrap_or_else(|error| {
+        tracing::error!(%error, "a decision failed");
+        (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
+    })
+}
+
+/// Decodes and decides one review, on a blocking thread; facts from the cluster are gathered on
+/// `runtime`.
+fn decide(
+    webhook: Webhook,
+    state: &AppState,
+    body: &[u8],
+    start: Instant,
+    runtime: &tokio::runtime::Handle,
+) -> Response {
     let prepared = match admission::prepare(body) {
         Ok(prepared) => prepared,
         Err(error) => return invalid(webhook, state, start, &error),
@@ -77,7 +130,9 @@ async fn handle(webhook: Webhook, state: &AppState, headers: &HeaderMap, body: &
     // is decided on the same snapshot.
     let snapshot = state.snapshot.load_full();
     let gathered = match (&state.facts, &prepared.view) {
-        (Some(source), Some(view)) => Some(source.gather(view, &snapshot.policies).await),
+        (Some(source), Some(view)) => {
+            Some(runtime.block_on(source.gather(view, &snapshot.policies)))
+        }
         _ => None,
     };
     let facts = gathered.as_ref().unwrap_or(&snapshot.facts);

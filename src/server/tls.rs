@@ -10,8 +10,10 @@
 //! hyper-util's `GracefulShutdown` only signals when the listener closes, and its connection
 //! trait is sealed, so the per-connection loop below drives `graceful_shutdown` itself.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -43,17 +45,33 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = limits.connection_slots();
+    let connections = Arc::new(Semaphore::new(slots));
+    let clients = Clients::new(limits.connections_per_client());
     // Every connection task holds a sender: when all are dropped, every connection is closed.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     let (leave_tx, leave_rx) = watch::channel(*draining.borrow());
     let (close_tx, close_rx) = watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // What one HTTP/1.1 connection buffers: request heads are small, bodies are read as
+        // the handler asks for them.
+        .max_buf_size(H1_BUFFER);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
+        // What one HTTP/2 connection buffers before the handlers read it: flow control keeps a
+        // peer from sending more than these windows (a body is read as it arrives, charged to
+        // the memory budget, so the windows reopen at once for a well-behaved client).
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .adaptive_window(false)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
         // A peer that stops answering PINGs (gone without a FIN) is dropped.
         .keep_alive_interval(Some(limits.keep_alive_interval))
         .keep_alive_timeout(limits.keep_alive_timeout);
@@ -82,7 +100,11 @@ pub async fn serve_tls(
             },
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = limits.max_connections, "connection limit reached; closing new connection");
+            tracing::warn!(%peer, limit = slots, "connection limit reached; closing new connection");
+            continue;
+        };
+        let Some(client) = clients.enter(peer.ip()) else {
+            tracing::warn!(%peer, limit = clients.limit, "connection limit per client reached; closing new connection");
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -95,6 +117,7 @@ pub async fn serve_tls(
         let limits = limits.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _client = client;
             let _open = open;
             let handshake = acceptor.accept(stream);
             let tls = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
@@ -130,6 +153,62 @@ pub async fn serve_tls(
     let closed = open_rx.recv();
     if tokio::time::timeout(limits.shutdown_grace, closed).await.is_err() {
         tracing::warn!(grace = ?limits.shutdown_grace, "in-flight requests did not finish within the shutdown grace period");
+    }
+}
+
+/// The HTTP/2 flow-control window of one stream: a stalled stream buffers at most this.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The HTTP/2 flow-control window of one connection: its streams together buffer at most this.
+const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
+/// Streams one HTTP/2 connection may have open; the apiserver opens another connection for
+/// more.
+const H2_MAX_STREAMS: u32 = 32;
+/// Response bytes buffered per HTTP/2 stream (the response itself is charged to the budget).
+const H2_SEND_BUFFER: usize = 64 * 1024;
+/// The largest header block of an HTTP/2 request.
+const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// The read buffer of one HTTP/1.1 connection, and so the largest request head.
+const H1_BUFFER: usize = 64 * 1024;
+
+/// Connections per client IP.
+struct Clients {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    limit: usize,
+}
+
+/// One connection of a client; counted until dropped.
+struct ClientSlot {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Clients {
+    fn new(limit: usize) -> Self {
+        Self { open: Arc::new(Mutex::new(HashMap::new())), limit }
+    }
+
+    /// A slot for one more connection from `ip`, unless it already holds `limit`.
+    fn enter(&self, ip: IpAddr) -> Option<ClientSlot> {
+        let mut open = self.open.lock().ok()?;
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot { open: self.open.clone(), ip })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock()
+            && let Some(count) = open.get_mut(&self.ip)
+        {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
