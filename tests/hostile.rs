@@ -1223,7 +1223,7 @@ async fn http2_streams_that_declare_large_bodies_and_stall_do_not_hold_the_budge
 #[tokio::test]
 async fn connections_that_stall_their_bodies_buffer_no_more_than_their_share() {
     let _exclusive = MEMORY.write().await;
-    // 16 connection slots (a quarter of the budget at 256 KiB each).
+    // 32 connection slots (a quarter of the budget at 128 KiB each).
     let budget = 16 * MIB;
     let limits = Limits {
         max_body_bytes: 5 * MIB,
@@ -1234,7 +1234,7 @@ async fn connections_that_stall_their_bodies_buffer_no_more_than_their_share() {
         max_connections_per_client: Some(4096),
         ..small_limits()
     };
-    assert_eq!(limits.connection_slots(), 16);
+    assert_eq!(limits.connection_slots(), 32);
     let h = Harness::start(limits).await;
     h.assert_still_serving().await;
     let allocated = Allocated::start();
@@ -1286,10 +1286,10 @@ async fn one_client_cannot_take_every_connection_slot() {
         max_connections_per_client: None,
         ..small_limits()
     };
-    assert_eq!(limits.connections_per_client(), 4);
+    assert_eq!(limits.connections_per_client(), 6);
     let h = Harness::start(limits).await;
     let mut held = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         held.push(h.tls().await.expect("a connection within the client's share"));
     }
     let refused = timeout(CLOSE_BOUND, h.tls()).await.expect("answered");

@@ -643,12 +643,15 @@ mod tests {
         let tightened = "  match: {namespaces: [team-*]}\n  trustedRegistries: {registries: [a.io], requireDigest: true}\n";
         let after = set(&[("shop", shop), ("teams", tightened)]);
         let scopes = affected_scopes(&before, &after, &namespaces, &facts);
-        assert_eq!(scopes, [Some("team-a".to_owned()), Some("team-b".to_owned())].into());
+        // A cluster policy's namespace match does not exclude cluster-scoped objects
+        // (GlobalNetworkPolicies), so the cluster scope is re-judged too.
+        let teams_and_cluster = [None, Some("team-a".to_owned()), Some("team-b".to_owned())];
+        assert_eq!(scopes, teams_and_cluster.into());
         // The shop policy deleted: its namespace, whose entries must go.
         let after = set(&[("teams", teams)]);
         assert_eq!(
             affected_scopes(&before, &after, &namespaces, &facts),
-            [Some("shop".to_owned())].into()
+            [None, Some("shop".to_owned())].into()
         );
         // A new unscoped policy: every namespace and the cluster scope.
         let after = set(&[("shop", shop), ("teams", teams), ("all", "  calicoLinuxOnly: {}\n")]);

@@ -48,10 +48,13 @@ pub const LIMIT_SHARE: f64 = 0.5;
 pub const UNLIMITED_BUDGET: usize = 512 * 1024 * 1024;
 
 /// What one connection's buffers may hold: the HTTP/2 connection window (128 KiB, see
-/// [`super::tls`]) or the HTTP/1.1 read buffer (64 KiB), rustls's buffers, HPACK tables and
-/// frame buffers. Measured by `tests/hostile.rs`
-/// (`stalled_http2_connections_use_no_more_than_their_share`).
-pub const PER_CONNECTION: usize = 256 * 1024;
+/// [`super::tls`]) or the HTTP/1.1 read buffer (64 KiB), with rustls's buffers, HPACK tables
+/// and frame buffers. `tests/hostile.rs`
+/// (`connections_that_stall_their_bodies_buffer_no_more_than_their_share`) measured about
+/// 25 KiB per stalled connection; the reservation is the window, so a connection can never
+/// buffer more than it was set aside, and the slots stay many enough for an apiserver that
+/// opens one HTTP/1.1 connection per concurrent webhook call (128 at a 128 Mi limit).
+pub const PER_CONNECTION: usize = 128 * 1024;
 
 /// Bytes charged per structural JSON token (`{`, `[`, `,`, `:` outside strings) of a body: the
 /// most that decoding and deciding allocates per token, measured with a counting allocator

@@ -202,7 +202,7 @@ pub struct Limits {
     /// Connections served at once, at most; more are closed on accept. The slots actually
     /// served are also bounded by the memory budget ([`Limits::connection_slots`]).
     pub max_connections: usize,
-    /// Connections one client IP may hold at once; `None`: half the connection slots
+    /// Connections one client IP may hold at once; `None`: three quarters of the slots
     /// ([`Limits::connections_per_client`]).
     pub max_connections_per_client: Option<usize>,
     /// How long in-flight requests may take to finish after shutdown starts.
@@ -243,19 +243,21 @@ const MIN_CONNECTION_SLOTS: usize = 16;
 
 impl Limits {
     /// The connections served at once: `max_connections`, but no more than a quarter of the
-    /// memory budget can buffer ([`budget::PER_CONNECTION`] each; at least 16). 64 for the
-    /// 64 MiB budget of a 128 Mi container, 256 for the 512 MiB budget of an unknown limit.
+    /// memory budget can buffer ([`budget::PER_CONNECTION`] each; at least 16). 128 for the
+    /// 64 MiB budget of a 128 Mi container, 1024 for the 512 MiB budget of an unknown limit.
     pub fn connection_slots(&self) -> usize {
         let by_budget = (self.memory_budget / 4 / budget::PER_CONNECTION).max(MIN_CONNECTION_SLOTS);
         self.max_connections.min(by_budget).max(1)
     }
 
-    /// The connections one client IP may hold: half the slots unless set. The apiserver opens
-    /// its connections from few addresses; a client elsewhere (any pod, where the NetworkPolicy
-    /// component is not installed) cannot take more than half.
+    /// The connections one client IP may hold: three quarters of the slots unless set. The
+    /// apiserver opens one HTTP/1.1 connection per concurrent webhook call through the Service,
+    /// from one address per apiserver instance, so a single apiserver under a burst (a
+    /// ReplicaSet creating hundreds of pods) must not be refused early; a client elsewhere (any
+    /// pod, where the NetworkPolicy component is not installed) still cannot take every slot.
     pub fn connections_per_client(&self) -> usize {
         self.max_connections_per_client
-            .unwrap_or_else(|| self.connection_slots().div_ceil(2))
+            .unwrap_or_else(|| (self.connection_slots() * 3).div_ceil(4))
             .clamp(1, self.connection_slots())
     }
 
