@@ -265,6 +265,12 @@ pub fn load_sources(sources: &[(String, String)]) -> Result<Loaded, LoadError> {
     Ok(Loaded { policies, facts, warnings })
 }
 
+/// The largest policy spec arcguard accepts, as JSON: far above any real policy (a thousand
+/// registries fit), and small enough that the policies anyone may write (a GuardPolicy in
+/// their namespace) cannot grow every replica's memory without bound: each policy is held in
+/// the watch cache, compiled, and recorded in status.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+
 /// Decodes a policy spec, naming the offending field on error (`spec.trustedRegistries.registries`).
 ///
 /// # Errors
@@ -272,6 +278,15 @@ pub fn load_sources(sources: &[(String, String)]) -> Result<Loaded, LoadError> {
 pub fn decode_spec(spec: Value) -> Result<PolicySpec, (String, String)> {
     if spec.is_null() {
         return Err(("spec".into(), "is required".into()));
+    }
+    let size = serde_json::to_vec(&spec).map_or(usize::MAX, |bytes| bytes.len());
+    if size > MAX_SPEC_BYTES {
+        return Err((
+            "spec".into(),
+            format!(
+                "is {size} bytes of JSON, more than the {MAX_SPEC_BYTES} a policy may hold; split it into several policies"
+            ),
+        ));
     }
     serde_path_to_error::deserialize::<_, PolicySpec>(spec).map_err(|e| {
         let path = e.path().to_string();
@@ -327,6 +342,19 @@ mod tests {
 
     fn load(text: &str) -> Result<Loaded, LoadError> {
         load_sources(&[("p.yaml".to_owned(), text.to_owned())])
+    }
+
+    #[test]
+    fn a_spec_larger_than_the_bound_is_refused_naming_its_size() {
+        let registries = |count: usize| -> Value {
+            let list: Vec<String> =
+                (0..count).map(|i| format!("registry-{i:05}.example.io")).collect();
+            serde_json::json!({"trustedRegistries": {"registries": list}})
+        };
+        assert!(decode_spec(registries(1000)).is_ok(), "a thousand registries fit");
+        let (field, message) = decode_spec(registries(4000)).expect_err("too large");
+        assert_eq!(field, "spec");
+        assert!(message.contains(&format!("more than the {MAX_SPEC_BYTES}")), "{message}");
     }
 
     fn policy(spec: &str) -> String {
