@@ -8,6 +8,12 @@
 //! replica first saw the current Lease record (as client-go does), so clock skew between nodes
 //! cannot make two replicas leader at once.
 //!
+//! Why arcguard keeps its own: kube-runtime has no leader election, and the crates that do it
+//! over a Lease (kube-leader-election, kubert's lease module) did not support kube 5 when this
+//! was written; this one also steps down on its own timer when a renewal cannot finish within
+//! the renew deadline, whatever call is in flight (the hung-apiserver case). Revisit when a
+//! maintained lease crate supports the kube version in use.
+//!
 //! # API calls (for RBAC)
 //!
 //! - `get coordination.k8s.io/leases (namespaced: the Lease, by name)`
