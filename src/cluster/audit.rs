@@ -73,6 +73,8 @@ pub const YIELD_EVERY: usize = 16;
 const CALL_DEADLINE: Duration = Duration::from_secs(20);
 /// How often the policies in force are compared with those last audited.
 const POLICY_CHECK: Duration = Duration::from_secs(5);
+/// The first wait after a failed run; it doubles up to the audit interval.
+const RETRY_MIN: Duration = Duration::from_secs(30);
 /// The field manager of the audit's status writes.
 pub const STATUS_FIELD_MANAGER: &str = "arcguard-audit";
 /// The field manager of the reports.
@@ -213,6 +215,11 @@ pub async fn run(
     // The policies last audited; `None`: audit everything next.
     let mut audited: Option<PolicySet> = None;
     let mut next_full = tokio::time::Instant::now();
+    // After a failed run: no new run before this (RETRY_MIN doubling to the interval), so a
+    // lasting failure (RBAC, an apiserver in trouble) does not turn into a full audit every
+    // few seconds.
+    let mut retry_at = tokio::time::Instant::now();
+    let mut retry_delay = RETRY_MIN;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -222,7 +229,11 @@ pub async fn run(
             }
             () = tokio::time::sleep(POLICY_CHECK) => {}
         }
-        if !*leader.borrow() || !state.readiness.is_policies_loaded() || !facts.nodes_synced() {
+        if !*leader.borrow()
+            || !state.readiness.is_policies_loaded()
+            || !facts.nodes_synced()
+            || tokio::time::Instant::now() < retry_at
+        {
             continue;
         }
         let policies = state.snapshot.load().policies.clone();
@@ -246,9 +257,14 @@ pub async fn run(
                     next_full = tokio::time::Instant::now() + config.interval;
                 }
                 audited = Some(policies);
+                retry_delay = RETRY_MIN;
             }
             Err(AuditRunError::NotLeading) => {}
-            Err(error) => tracing::warn!(%error, "background audit failed; retrying"),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?retry_delay, "background audit failed; retrying");
+                retry_at = tokio::time::Instant::now() + retry_delay;
+                retry_delay = (retry_delay * 2).min(config.interval.max(RETRY_MIN));
+            }
         }
     }
 }
