@@ -249,21 +249,8 @@ pub fn audit_object(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::load::load_sources;
+    use crate::policy::load::cluster_policies as policies;
     use crate::rules::StaticFacts;
-
-    pub(crate) fn policies(specs: &[(&str, &str)]) -> PolicySet {
-        let sources: Vec<(String, String)> = specs
-            .iter()
-            .map(|(name, spec)| {
-                let doc = format!(
-                    "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
-                );
-                (format!("{name}.yaml"), doc)
-            })
-            .collect();
-        load_sources(&sources).expect("valid policies").policies
-    }
 
     fn pod(namespace: &str, name: &str, image: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "Pod",

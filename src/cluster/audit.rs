@@ -632,19 +632,7 @@ impl Auditor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn set(specs: &[(&str, &str)]) -> PolicySet {
-        let sources: Vec<(String, String)> = specs
-            .iter()
-            .map(|(name, spec)| {
-                let doc = format!(
-                    "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
-                );
-                (format!("{name}.yaml"), doc)
-            })
-            .collect();
-        crate::policy::load::load_sources(&sources).expect("valid").policies
-    }
+    use crate::policy::load::cluster_policies as set;
 
     #[test]
     fn a_policy_change_reaudits_only_the_scopes_it_may_reach() {

@@ -287,6 +287,7 @@ fn capped(mut warnings: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::load::cluster_policies as policies;
 
     #[test]
     fn warnings_beyond_the_cap_are_counted_not_listed() {
@@ -296,19 +297,6 @@ mod tests {
         let capped = capped(many);
         assert_eq!(capped.len(), MAX_LISTED + 1);
         assert_eq!(capped[MAX_LISTED], "and 7 more warnings");
-    }
-
-    fn policies(yaml: &[(&str, &str)]) -> PolicySet {
-        let sources: Vec<(String, String)> = yaml
-            .iter()
-            .map(|(name, spec)| {
-                let doc = format!(
-                    "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
-                );
-                (format!("{name}.yaml"), doc)
-            })
-            .collect();
-        crate::policy::load::load_sources(&sources).expect("valid policies").policies
     }
 
     fn pod_review(images: &[String]) -> Vec<u8> {

@@ -314,6 +314,25 @@ fn standalone_warnings(policy: &Policy) -> Vec<String> {
     warnings
 }
 
+/// For tests: ClusterGuardPolicies named and specified by `specs` (`(name, spec YAML
+/// indented by two spaces)`), compiled as files are.
+///
+/// # Panics
+/// When a policy does not compile.
+#[cfg(test)]
+pub(crate) fn cluster_policies(specs: &[(&str, &str)]) -> PolicySet {
+    let sources: Vec<(String, String)> = specs
+        .iter()
+        .map(|(name, spec)| {
+            let doc = format!(
+                "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+            );
+            (format!("{name}.yaml"), doc)
+        })
+        .collect();
+    load_sources(&sources).expect("valid policies").policies
+}
+
 #[cfg(test)]
 mod symlink_tests {
     use super::*;
