@@ -788,6 +788,75 @@ mod tests {
         crate::policy::load::load_sources(&sources).expect("valid").policies
     }
 
+    /// A list answer of `kind` holding `items`.
+    fn list(kind: &str, items: &[serde_json::Value]) -> http::Response<kube::client::Body> {
+        let body = serde_json::json!({
+            "apiVersion": "arcguard.io/v1alpha1", "kind": format!("{kind}List"),
+            "metadata": {"resourceVersion": "1"}, "items": items,
+        });
+        let bytes = serde_json::to_vec(&body).expect("JSON");
+        http::Response::builder().body(kube::client::Body::from(bytes)).expect("response")
+    }
+
+    fn object(
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        generation: i64,
+        registries: &[&str],
+    ) -> serde_json::Value {
+        let mut object = serde_json::json!({
+            "apiVersion": "arcguard.io/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "generation": generation},
+            "spec": {"trustedRegistries": {"registries": registries}},
+        });
+        if let Some(ns) = namespace {
+            object["metadata"]["namespace"] = serde_json::json!(ns);
+        }
+        object
+    }
+
+    #[tokio::test]
+    async fn the_policies_in_force_compile_as_the_controller_compiles_them() {
+        let (service, mut server) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "default");
+        let apiserver = async {
+            let (request, send) = server.next_request().await.expect("a list");
+            assert_eq!(request.uri().path(), "/apis/arcguard.io/v1alpha1/clusterguardpolicies");
+            // Generation 2 of `kept` does not compile; its status records generation 1.
+            let mut kept = object("ClusterGuardPolicy", None, "kept", 2, &["https://a.io"]);
+            kept["status"] = serde_json::json!({
+                "enforcedGeneration": 1,
+                "enforcedSpec": {"trustedRegistries": {"registries": ["a.io"]}},
+            });
+            send.send_response(list(
+                "ClusterGuardPolicy",
+                &[
+                    object("ClusterGuardPolicy", None, "good", 1, &["a.io"]),
+                    kept,
+                    object("ClusterGuardPolicy", None, "broken", 1, &["https://b.io"]),
+                ],
+            ));
+            let (request, send) = server.next_request().await.expect("a list");
+            assert_eq!(request.uri().path(), "/apis/arcguard.io/v1alpha1/guardpolicies");
+            send.send_response(list(
+                "GuardPolicy",
+                &[object("GuardPolicy", Some("shop"), "team", 3, &["c.io"])],
+            ));
+        };
+        let (listed, ()) = tokio::join!(policies_in_force(&client), apiserver);
+        let (set, rejected) = listed.expect("listed");
+        let mut ids: Vec<String> = set.policies().iter().map(Policy::id).collect();
+        ids.sort();
+        assert_eq!(ids, ["good", "kept", "shop/team"], "the broken one is kept out");
+        let rejected: Vec<(&str, i64, Option<i64>)> =
+            rejected.iter().map(|r| (r.policy.as_str(), r.generation, r.kept)).collect();
+        assert_eq!(rejected, [("broken", 1, None), ("kept", 2, Some(1))]);
+    }
+
     #[test]
     fn a_policy_change_reaudits_only_the_scopes_it_may_reach() {
         let namespaces: Vec<String> = ["shop", "team-a", "team-b"].map(str::to_owned).to_vec();
