@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check` and `certs`.
+//! The command line: `serve`, `check`, `audit` and `certs`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -39,6 +39,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Evaluate manifests against policies as the cluster would admit them (exit 1 if any is denied).
     Check(CheckArgs),
+    /// Audit the objects in a cluster (KUBECONFIG) against the policies in force, once, writing
+    /// nothing (exit 1 if a Deny policy fails on any).
+    Audit(AuditArgs),
     /// Write a CA and a serving certificate (ca.crt, tls.crt, tls.key).
     Certs(CertsArgs),
     /// Print the CustomResourceDefinitions of ClusterGuardPolicy and GuardPolicy.
@@ -156,7 +159,7 @@ pub struct ServeArgs {
     pub serving_renew_before: Option<Duration>,
 }
 
-/// Output format of `check`.
+/// Output format of `check` and `audit`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     /// A line per object and per finding.
@@ -177,6 +180,24 @@ pub struct CheckArgs {
     /// Manifest files (multi-document YAML or JSON, `kind: List` included); `-` reads standard input.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// `arcguard audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Judge with the policies in this directory instead of the cluster's ClusterGuardPolicies
+    /// and GuardPolicies.
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Audit only this namespace (repeatable); cluster-scoped objects are always audited.
+    #[arg(long = "namespace", short = 'n')]
+    pub namespaces: Vec<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// How long to wait for the namespace, node and GMSACredentialSpec caches.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `arcguard certs`.
@@ -256,6 +277,21 @@ mod tests {
         assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
         assert!(parse_duration("10w").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn audit_takes_repeated_namespaces_and_its_defaults() {
+        let cli = Cli::try_parse_from(["arcguard", "audit", "-n", "shop", "--namespace", "web"])
+            .expect("parses");
+        let Command::Audit(args) = cli.command else { panic!("not audit: {:?}", cli.command) };
+        assert_eq!(args.namespaces, ["shop", "web"]);
+        assert_eq!((args.output, args.timeout), (OutputFormat::Text, Duration::from_secs(30)));
+        assert!(args.policies.is_none());
+        let json = Cli::try_parse_from(["arcguard", "audit", "-o", "json", "--policies", "p"])
+            .expect("parses");
+        let Command::Audit(args) = json.command else { panic!("not audit") };
+        assert_eq!(args.output, OutputFormat::Json);
+        assert!(Cli::try_parse_from(["arcguard", "audit", "--output", "yaml"]).is_err());
     }
 
     #[test]

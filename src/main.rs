@@ -4,8 +4,9 @@ use std::io::Read as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use arcguard::audit::output as audit_output;
 use arcguard::cli::{
-    CertsAction, CertsArgs, CheckArgs, Cli, Command, LogFormat, OutputFormat, ServeArgs,
+    AuditArgs, CertsAction, CertsArgs, CheckArgs, Cli, Command, LogFormat, OutputFormat, ServeArgs,
 };
 use arcguard::{certs, check, cluster, policy, serve, server};
 use clap::Parser as _;
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Check(args) => run_check(&args),
+        Command::Audit(args) => run_audit(&args),
         Command::Crds => match arcguard::policy::crd::crds_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -235,6 +237,58 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
         OutputFormat::Json => check::render_json(&reports),
     };
     Ok((output, check::any_denied(&reports)))
+}
+
+fn run_audit(args: &AuditArgs) -> ExitCode {
+    let audited = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")
+        .and_then(|runtime| runtime.block_on(audit_cluster(args)));
+    match audited {
+        Ok(output) => {
+            match args.output {
+                OutputFormat::Text => print!("{}", audit_output::render_text(&output)),
+                OutputFormat::Json => print!("{}", audit_output::render_json(&output)),
+            }
+            ExitCode::from(audit_output::exit_code(&output))
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(audit_output::EXIT_ERROR)
+        }
+    }
+}
+
+async fn audit_cluster(args: &AuditArgs) -> anyhow::Result<audit_output::AuditOutput> {
+    let client = cluster::client().await?;
+    let policies = match &args.policies {
+        Some(dir) => {
+            policy::load::load_dir(dir)
+                .with_context(|| format!("failed to load policies from {}", dir.display()))?
+                .policies
+        }
+        None => {
+            let (policies, rejected) = cluster::audit::policies_in_force(&client).await?;
+            for r in &rejected {
+                let kept = match r.kept {
+                    Some(generation) => format!("generation {generation} stays in force"),
+                    None => "skipped".to_owned(),
+                };
+                eprintln!(
+                    "warning: policy {} generation {} does not compile ({}): {kept}",
+                    r.policy, r.generation, r.error
+                );
+            }
+            policies
+        }
+    };
+    if policies.is_empty() {
+        eprintln!("warning: no policies in force: nothing to judge");
+    }
+    let namespaces = (!args.namespaces.is_empty()).then_some(args.namespaces.as_slice());
+    let run = cluster::audit::audit_once(client, &policies, namespaces, args.timeout).await?;
+    Ok(audit_output::summarise(run.scopes.iter().map(|(_, findings)| findings), run.listed))
 }
 
 fn run_certs(args: &CertsArgs) -> anyhow::Result<()> {

@@ -6,9 +6,12 @@
 //! returns one [`Finding`] per policy that applies to it. [`report`] turns the findings of a
 //! namespace into one OpenReports `Report` (a `ClusterReport` for cluster-scoped objects).
 //!
+//! [`output`] groups findings by object and prints them for `arcguard audit`.
+//!
 //! Pure: no I/O and no clock. The shells list the objects (cluster mode's leader, `arcguard
 //! audit`) and write what this returns.
 
+pub mod output;
 pub mod report;
 
 use serde::Serialize;

@@ -22,6 +22,10 @@
 //! - the gauges `arcguard_audit_results{policy,result}` and
 //!   `arcguard_audit_last_run_timestamp_seconds`, and a log line per run with its figures.
 //!
+//! `arcguard audit` runs the same listing and judging ([`ScopeAuditor`]) once from a
+//! workstation ([`audit_once`], with the policies [`policies_in_force`] lists), with the
+//! caller's credentials; it writes nothing, and the calls below are the leader's.
+//!
 //! API calls (for RBAC; `tests/manifests.rs` checks the manifests grant exactly these):
 //! - `list core/pods (cluster)`
 //! - `list core/replicationcontrollers (cluster)`
@@ -58,6 +62,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use tokio::sync::watch;
 
 use super::facts::ClusterFacts;
+use super::policies;
 use crate::audit::report::{self, Findings, Timestamp};
 use crate::audit::{Audit, AuditResult, judge};
 use crate::policy::crd::{AuditStatus, ClusterGuardPolicy, GuardPolicy};
@@ -110,6 +115,18 @@ pub enum AuditRunError {
     /// This replica stopped leading.
     #[error("leadership moved")]
     NotLeading,
+    /// `arcguard audit`: the namespace and node caches were not filled in time.
+    #[error(
+        "the namespaces and nodes could not be listed within {}s (is the cluster reachable, and may these credentials list and watch namespaces and nodes?)",
+        .waited.as_secs()
+    )]
+    CachesNotFilled {
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// `arcguard audit --namespace`: the namespace does not exist.
+    #[error("namespace {0:?} does not exist")]
+    NoSuchNamespace(String),
 }
 
 /// One listable kind: its resource and whether it is namespaced.
@@ -269,116 +286,31 @@ pub async fn run(
     }
 }
 
-/// The audit's state across runs.
-struct Auditor {
+/// Lists and judges the objects of one scope (a namespace, or the cluster) at a time: the part
+/// of the audit that the leader's task and `arcguard audit` share. It reads and writes nothing
+/// else: what to do with the findings is the caller's.
+#[derive(Clone)]
+pub struct ScopeAuditor {
     client: kube::Client,
-    config: AuditConfig,
     /// Which of a kind's alternatives answered last (Calico's two API groups), by kind.
     served: BTreeMap<String, Option<usize>>,
-    /// Whether the OpenReports CRDs are served, as this run's discovery said (every run asks
-    /// again, so installing them later turns reports on without a restart).
-    reports_on: Option<bool>,
-    /// Whether "reports are off" has been logged (once, until they are on again).
-    said_off: bool,
-    /// Totals by policy and result from the last run of every scope.
-    totals: BTreeMap<Option<String>, BTreeMap<String, [u64; 3]>>,
 }
 
-impl Auditor {
-    fn new(client: kube::Client, config: AuditConfig) -> Self {
-        Self {
-            client,
-            config,
-            served: BTreeMap::new(),
-            reports_on: None,
-            said_off: false,
-            totals: BTreeMap::new(),
-        }
+impl ScopeAuditor {
+    /// A scope auditor calling the API with `client`.
+    #[must_use]
+    pub fn new(client: kube::Client) -> Self {
+        Self { client, served: BTreeMap::new() }
     }
 
-    /// One run over `scopes` (all namespaces and the cluster scope when `None`).
-    #[allow(clippy::too_many_arguments)]
-    async fn run(
-        &mut self,
-        state: &AppState,
-        facts: &ClusterFacts,
-        labels: &StaticFacts,
-        policies: &PolicySet,
-        namespaces: &[String],
-        scopes: Option<&BTreeSet<Option<String>>>,
-        leader: &watch::Receiver<bool>,
-    ) -> Result<(), AuditRunError> {
-        let started = tokio::time::Instant::now();
-        self.probe_reports().await;
-        let all: Vec<Option<String>> =
-            namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
-        let todo: Vec<Option<String>> = match scopes {
-            Some(scopes) => all.into_iter().filter(|s| scopes.contains(s)).collect(),
-            None => all,
-        };
-        // Scopes that no longer exist (a deleted namespace) drop out of the totals.
-        let live: BTreeSet<Option<String>> =
-            namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
-        self.totals.retain(|scope, _| live.contains(scope));
-        let mut objects = 0usize;
-        let mut written = 0usize;
-        for scope in &todo {
-            if !*leader.borrow() {
-                return Err(AuditRunError::NotLeading);
-            }
-            let findings =
-                self.audit_scope(facts, labels, policies, scope.as_deref(), &mut objects).await?;
-            let mut totals: BTreeMap<String, [u64; 3]> = BTreeMap::new();
-            for (_, finding) in &findings.entries {
-                let slot = match finding.result {
-                    AuditResult::Pass => 0,
-                    AuditResult::Fail => 1,
-                    AuditResult::Warn => 2,
-                };
-                totals.entry(finding.policy.clone()).or_default()[slot] += 1;
-            }
-            self.totals.insert(scope.clone(), totals);
-            if self.write_report(scope.as_deref(), &findings).await? {
-                written += 1;
-            }
-        }
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let by_policy = self.by_policy();
-        state.metrics.set_audit_results(
-            policies.policies().iter().map(|p| {
-                let counts = by_policy.get(&p.id()).copied().unwrap_or_default();
-                (p.id(), counts)
-            }),
-            now.as_second(),
-        );
-        self.write_statuses(policies, &by_policy, &Time(now)).await;
-        tracing::info!(
-            scopes = todo.len(),
-            objects,
-            reports_written = written,
-            reports = self.reports_on.unwrap_or(false),
-            duration_ms = started.elapsed().as_millis(),
-            "background audit done"
-        );
-        Ok(())
-    }
-
-    /// Totals by policy over every scope.
-    fn by_policy(&self) -> BTreeMap<String, [u64; 3]> {
-        let mut out: BTreeMap<String, [u64; 3]> = BTreeMap::new();
-        for totals in self.totals.values() {
-            for (policy, counts) in totals {
-                let slot = out.entry(policy.clone()).or_default();
-                for (sum, n) in slot.iter_mut().zip(counts) {
-                    *sum += n;
-                }
-            }
-        }
-        out
-    }
-
-    /// Lists and judges every object of one scope.
-    async fn audit_scope(
+    /// Lists every object of one scope (`None`: the cluster scope) kind by kind, in pages of
+    /// [`PAGE_SIZE`], and judges each with the policies that apply to it, facts gathered from
+    /// `facts`; `objects` counts the objects listed. A scope no policy may reach is not listed.
+    ///
+    /// # Errors
+    /// [`AuditRunError`] when a list fails (but for a 404 of a kind that is not served, such
+    /// as Calico's without Calico) or takes longer than its deadline.
+    pub async fn audit_scope(
         &mut self,
         facts: &ClusterFacts,
         labels: &StaticFacts,
@@ -487,6 +419,232 @@ impl Auditor {
                 None => return Ok(()),
             }
         }
+    }
+}
+
+/// A policy whose current generation does not compile, as [`policies_in_force`] found it: the
+/// controller keeps that generation out, enforcing the last good one its status records, if
+/// any.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejected {
+    /// The policy: `name`, or `namespace/name` for a GuardPolicy.
+    pub policy: String,
+    /// The generation that does not compile.
+    pub generation: i64,
+    /// The last good generation enforced instead, if any.
+    pub kept: Option<i64>,
+    /// Why it does not compile.
+    pub error: String,
+}
+
+/// The ClusterGuardPolicies and GuardPolicies in force, from one list of each, compiled as the
+/// controller compiles them ([`policies::reconcile`]), and the generations it keeps out.
+///
+/// # Errors
+/// [`AuditRunError`] when a list fails or takes longer than its deadline.
+pub async fn policies_in_force(
+    client: &kube::Client,
+) -> Result<(PolicySet, Vec<Rejected>), AuditRunError> {
+    let mut objects = Vec::new();
+    for (resource, namespaced) in [
+        (ApiResource::erase::<ClusterGuardPolicy>(&()), false),
+        (ApiResource::erase::<GuardPolicy>(&()), true),
+    ] {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        let what = format!("listing {}", resource.plural);
+        let list = match tokio::time::timeout(CALL_DEADLINE, api.list(&ListParams::default())).await
+        {
+            Ok(Ok(list)) => list,
+            Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+            Err(_) => return Err(AuditRunError::Timeout { what }),
+        };
+        objects.extend(list.items.iter().filter_map(|o| policies::to_object(o, namespaced)));
+    }
+    let mut cache = BTreeMap::new();
+    policies::reconcile(&mut cache, &objects);
+    let rejected = cache
+        .iter()
+        .filter_map(|((scope, name), entry)| {
+            let policy = match scope {
+                Scope::Cluster => name.clone(),
+                Scope::Namespace(ns) => format!("{ns}/{name}"),
+            };
+            Some(Rejected {
+                policy,
+                generation: entry.generation,
+                kept: entry.enforced.as_ref().map(|e| e.generation),
+                error: entry.error.clone()?,
+            })
+        })
+        .collect();
+    Ok((policies::policy_set(&cache), rejected))
+}
+
+/// What one run of [`audit_once`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OnceAudit {
+    /// The findings of each scope audited (`None`: the cluster scope), in order.
+    pub scopes: Vec<(Option<String>, Findings)>,
+    /// Objects listed.
+    pub listed: usize,
+}
+
+/// `arcguard audit`: one audit of `namespaces` (every namespace when `None`) and the cluster
+/// scope with `policies`, listing and judging as the leader does ([`ScopeAuditor`]), facts
+/// from the same caches ([`ClusterFacts`], filled within `wait`). It writes nothing: no
+/// reports, no status, no metrics.
+///
+/// # Errors
+/// [`AuditRunError`] when the caches are not filled within `wait`, a namespace named does not
+/// exist, or a list fails.
+pub async fn audit_once(
+    client: kube::Client,
+    policies: &PolicySet,
+    namespaces: Option<&[String]>,
+    wait: Duration,
+) -> Result<OnceAudit, AuditRunError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let facts = ClusterFacts::start(client.clone());
+    if tokio::time::timeout_at(deadline, facts.synced()).await.is_err() {
+        return Err(AuditRunError::CachesNotFilled { waited: wait });
+    }
+    if policies.policies().iter().any(|p| matches!(p.rule, crate::rules::Rule::Gmsa(_)))
+        && tokio::time::timeout_at(deadline, facts.credential_specs_synced()).await.is_err()
+    {
+        tracing::warn!(
+            "GMSACredentialSpecs could not be listed (is the windows.k8s.io CRD installed, and may these credentials list it?): gMSA policies fail pods whose credential spec cannot be seen"
+        );
+    }
+    let all = facts.namespace_names();
+    let namespaces: Vec<String> = match namespaces {
+        None => all.clone(),
+        Some(named) => {
+            if let Some(missing) = named.iter().find(|n| !all.contains(n)) {
+                return Err(AuditRunError::NoSuchNamespace(missing.clone()));
+            }
+            named.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect()
+        }
+    };
+    let labels = namespace_facts(&facts, &all);
+    let mut auditor = ScopeAuditor::new(client);
+    let mut run = OnceAudit::default();
+    for scope in namespaces.into_iter().map(Some).chain([None]) {
+        let findings = auditor
+            .audit_scope(&facts, &labels, policies, scope.as_deref(), &mut run.listed)
+            .await?;
+        run.scopes.push((scope, findings));
+    }
+    Ok(run)
+}
+
+/// The audit's state across runs.
+struct Auditor {
+    client: kube::Client,
+    config: AuditConfig,
+    /// The listing and judging of each scope.
+    scopes: ScopeAuditor,
+    /// Whether the OpenReports CRDs are served, as this run's discovery said (every run asks
+    /// again, so installing them later turns reports on without a restart).
+    reports_on: Option<bool>,
+    /// Whether "reports are off" has been logged (once, until they are on again).
+    said_off: bool,
+    /// Totals by policy and result from the last run of every scope.
+    totals: BTreeMap<Option<String>, BTreeMap<String, [u64; 3]>>,
+}
+
+impl Auditor {
+    fn new(client: kube::Client, config: AuditConfig) -> Self {
+        Self {
+            scopes: ScopeAuditor::new(client.clone()),
+            client,
+            config,
+            reports_on: None,
+            said_off: false,
+            totals: BTreeMap::new(),
+        }
+    }
+
+    /// One run over `scopes` (all namespaces and the cluster scope when `None`).
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        &mut self,
+        state: &AppState,
+        facts: &ClusterFacts,
+        labels: &StaticFacts,
+        policies: &PolicySet,
+        namespaces: &[String],
+        scopes: Option<&BTreeSet<Option<String>>>,
+        leader: &watch::Receiver<bool>,
+    ) -> Result<(), AuditRunError> {
+        let started = tokio::time::Instant::now();
+        self.probe_reports().await;
+        let all: Vec<Option<String>> =
+            namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
+        let todo: Vec<Option<String>> = match scopes {
+            Some(scopes) => all.into_iter().filter(|s| scopes.contains(s)).collect(),
+            None => all,
+        };
+        // Scopes that no longer exist (a deleted namespace) drop out of the totals.
+        let live: BTreeSet<Option<String>> =
+            namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
+        self.totals.retain(|scope, _| live.contains(scope));
+        let mut objects = 0usize;
+        let mut written = 0usize;
+        for scope in &todo {
+            if !*leader.borrow() {
+                return Err(AuditRunError::NotLeading);
+            }
+            let findings = self
+                .scopes
+                .audit_scope(facts, labels, policies, scope.as_deref(), &mut objects)
+                .await?;
+            let mut totals: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+            for (_, finding) in &findings.entries {
+                let slot = match finding.result {
+                    AuditResult::Pass => 0,
+                    AuditResult::Fail => 1,
+                    AuditResult::Warn => 2,
+                };
+                totals.entry(finding.policy.clone()).or_default()[slot] += 1;
+            }
+            self.totals.insert(scope.clone(), totals);
+            if self.write_report(scope.as_deref(), &findings).await? {
+                written += 1;
+            }
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let by_policy = self.by_policy();
+        state.metrics.set_audit_results(
+            policies.policies().iter().map(|p| {
+                let counts = by_policy.get(&p.id()).copied().unwrap_or_default();
+                (p.id(), counts)
+            }),
+            now.as_second(),
+        );
+        self.write_statuses(policies, &by_policy, &Time(now)).await;
+        tracing::info!(
+            scopes = todo.len(),
+            objects,
+            reports_written = written,
+            reports = self.reports_on.unwrap_or(false),
+            duration_ms = started.elapsed().as_millis(),
+            "background audit done"
+        );
+        Ok(())
+    }
+
+    /// Totals by policy over every scope.
+    fn by_policy(&self) -> BTreeMap<String, [u64; 3]> {
+        let mut out: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+        for totals in self.totals.values() {
+            for (policy, counts) in totals {
+                let slot = out.entry(policy.clone()).or_default();
+                for (sum, n) in slot.iter_mut().zip(counts) {
+                    *sum += n;
+                }
+            }
+        }
+        out
     }
 
     /// Asks API discovery whether the OpenReports CRDs are served (a read of an absent report
@@ -633,6 +791,75 @@ impl Auditor {
 mod tests {
     use super::*;
     use crate::policy::load::cluster_policies as set;
+
+    /// A list answer of `kind` holding `items`.
+    fn list(kind: &str, items: &[serde_json::Value]) -> http::Response<kube::client::Body> {
+        let body = serde_json::json!({
+            "apiVersion": "arcguard.io/v1alpha1", "kind": format!("{kind}List"),
+            "metadata": {"resourceVersion": "1"}, "items": items,
+        });
+        let bytes = serde_json::to_vec(&body).expect("JSON");
+        http::Response::builder().body(kube::client::Body::from(bytes)).expect("response")
+    }
+
+    fn object(
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        generation: i64,
+        registries: &[&str],
+    ) -> serde_json::Value {
+        let mut object = serde_json::json!({
+            "apiVersion": "arcguard.io/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "generation": generation},
+            "spec": {"trustedRegistries": {"registries": registries}},
+        });
+        if let Some(ns) = namespace {
+            object["metadata"]["namespace"] = serde_json::json!(ns);
+        }
+        object
+    }
+
+    #[tokio::test]
+    async fn the_policies_in_force_compile_as_the_controller_compiles_them() {
+        let (service, mut server) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "default");
+        let apiserver = async {
+            let (request, send) = server.next_request().await.expect("a list");
+            assert_eq!(request.uri().path(), "/apis/arcguard.io/v1alpha1/clusterguardpolicies");
+            // Generation 2 of `kept` does not compile; its status records generation 1.
+            let mut kept = object("ClusterGuardPolicy", None, "kept", 2, &["https://a.io"]);
+            kept["status"] = serde_json::json!({
+                "enforcedGeneration": 1,
+                "enforcedSpec": {"trustedRegistries": {"registries": ["a.io"]}},
+            });
+            send.send_response(list(
+                "ClusterGuardPolicy",
+                &[
+                    object("ClusterGuardPolicy", None, "good", 1, &["a.io"]),
+                    kept,
+                    object("ClusterGuardPolicy", None, "broken", 1, &["https://b.io"]),
+                ],
+            ));
+            let (request, send) = server.next_request().await.expect("a list");
+            assert_eq!(request.uri().path(), "/apis/arcguard.io/v1alpha1/guardpolicies");
+            send.send_response(list(
+                "GuardPolicy",
+                &[object("GuardPolicy", Some("shop"), "team", 3, &["c.io"])],
+            ));
+        };
+        let (listed, ()) = tokio::join!(policies_in_force(&client), apiserver);
+        let (set, rejected) = listed.expect("listed");
+        let mut ids: Vec<String> = set.policies().iter().map(Policy::id).collect();
+        ids.sort();
+        assert_eq!(ids, ["good", "kept", "shop/team"], "the broken one is kept out");
+        let rejected: Vec<(&str, i64, Option<i64>)> =
+            rejected.iter().map(|r| (r.policy.as_str(), r.generation, r.kept)).collect();
+        assert_eq!(rejected, [("broken", 1, None), ("kept", 2, Some(1))]);
+    }
 
     #[test]
     fn a_policy_change_reaudits_only_the_scopes_it_may_reach() {

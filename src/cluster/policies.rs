@@ -166,7 +166,7 @@ pub fn policy_set(cache: &BTreeMap<Key, Entry>) -> PolicySet {
     )
 }
 
-fn to_object(object: &DynamicObject, namespaced: bool) -> Option<PolicyObject> {
+pub(super) fn to_object(object: &DynamicObject, namespaced: bool) -> Option<PolicyObject> {
     let name = object.metadata.name.clone()?;
     let scope = if namespaced {
         Scope::Namespace(object.metadata.namespace.clone()?)
