@@ -23,18 +23,25 @@ lock = threading.Lock()
 
 def one():
     connection = http.client.HTTPSConnection("127.0.0.1", int(port), context=context, timeout=60)
+    refused = None
     try:
         connection.connect()
-        barrier.wait()
-        start = time.monotonic()
-        connection.request("POST", "/validate", body, {"content-type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        outcome = (response.status, time.monotonic() - start)
-    except Exception as error:  # a reset or timeout is a result, not a crash of the bench
-        outcome = (type(error).__name__, 0.0)
-    finally:
-        connection.close()
+    except Exception as error:  # a connection the server refuses (its slots) is a result
+        refused = type(error).__name__
+    # Every thread reaches the barrier, connected or not, so none waits for a failed one.
+    barrier.wait()
+    if refused is not None:
+        outcome = ("refused:" + refused, 0.0)
+    else:
+        try:
+            start = time.monotonic()
+            connection.request("POST", "/validate", body, {"content-type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            outcome = (response.status, time.monotonic() - start)
+        except Exception as error:  # a reset or timeout is a result, not a crash of the bench
+            outcome = (type(error).__name__, 0.0)
+    connection.close()
     with lock:
         results.append(outcome)
 
