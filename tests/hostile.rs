@@ -1052,6 +1052,10 @@ async fn concurrent_dense_reviews_stay_within_the_memory_budget() {
     let limits = Limits {
         max_body_bytes: 3 * MIB,
         request_timeout: Duration::from_secs(60),
+        // Bodies wait for room in the budget as they arrive; on a loaded machine (a debug
+        // build beside other test binaries) that outlasts the 5 s default, which is not what
+        // this test is about.
+        body_timeout: Duration::from_secs(60),
         max_connections: 256,
         max_connections_per_client: Some(256),
         memory_budget: budget,
