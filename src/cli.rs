@@ -136,7 +136,9 @@ pub struct ServeArgs {
     /// Cluster mode: time between two background audits of existing objects by the leader
     /// (it also audits when it starts leading, and the namespaces a policy change may reach
     /// when policies change); 0 turns the audit off.
-    #[arg(long, env = "ARCGUARD_AUDIT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    /// Off by default until the audit's memory is bounded per namespace (issue 10): a namespace
+    /// with very many or very large violating objects is held whole while it is judged.
+    #[arg(long, env = "ARCGUARD_AUDIT_INTERVAL", default_value = "0s", value_parser = parse_duration)]
     pub audit_interval: Duration,
     /// Cluster mode: entries listed per audit report (the report's summary counts them all).
     #[arg(long, env = "ARCGUARD_AUDIT_MAX_RESULTS", default_value_t = 1000)]

@@ -225,7 +225,9 @@ fn recorded(log: &str) -> Result<(BTreeMap<Call, u32>, Vec<String>)> {
 
 #[tokio::test]
 async fn the_shipped_rbac_grants_exactly_the_calls_arcguard_makes() {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("the cluster starts");
+    // The background audit is off by default; on here, so its calls are recorded.
+    let options = ClusterOptions::with_args(&["--audit-interval=1h"]);
+    let mut cluster = Cluster::start(options).await.expect("the cluster starts");
     let result = exercise(&cluster).await;
     // A graceful stop releases the Lease (one more call) and ends the watches.
     cluster.arcguard.stop().await;

@@ -197,6 +197,23 @@ impl Audit {
     }
 }
 
+/// The longest message a finding keeps, in bytes: a violation can quote a whole registry list,
+/// and an object can have thousands of containers; what the audit holds and reports per
+/// (policy, object) stays bounded.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary, saying it was cut.
+fn capped(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.to_owned();
+    }
+    let mut end = MAX_MESSAGE_BYTES - 16;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} [cut]", &message[..end])
+}
+
 /// Judges a view with every policy that applies to it: one [`Finding`] per policy.
 #[must_use]
 pub fn judge(view: &RequestView, policies: &PolicySet, facts: &dyn Facts) -> Vec<Finding> {
@@ -213,7 +230,7 @@ pub fn judge(view: &RequestView, policies: &PolicySet, facts: &dyn Facts) -> Vec
                     } else {
                         AuditResult::Fail
                     };
-                    (result, messages.join("; "))
+                    (result, capped(&messages.join("; ")))
                 }
             };
             Finding {
@@ -313,6 +330,21 @@ mod tests {
         let (_, findings) = audit_object(&deployment, &set, &facts).expect("ok");
         assert_eq!(findings.len(), 1);
         assert_eq!(findings[0].result, AuditResult::Fail, "a workload's template is audited");
+    }
+
+    #[test]
+    fn a_long_message_is_cut_on_a_character_boundary() {
+        assert_eq!(capped("short"), "short");
+        let cut = capped(&"é".repeat(2000));
+        assert!(cut.len() <= MAX_MESSAGE_BYTES && cut.ends_with(" [cut]"), "{}", cut.len());
+        let set = policies(&[("p", "  trustedRegistries: {registries: [a.io]}\n")]);
+        let containers: Vec<Value> = (0..200)
+            .map(|i| json!({"name": format!("c{i}"), "image": format!("z.io/app-{i}:1")}))
+            .collect();
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "big", "namespace": "n"},
+                         "spec": {"containers": containers}});
+        let (_, findings) = audit_object(&pod, &set, &StaticFacts::default()).expect("audits");
+        assert!(findings[0].message.len() <= MAX_MESSAGE_BYTES, "{}", findings[0].message.len());
     }
 
     #[test]
