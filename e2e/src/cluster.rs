@@ -391,3 +391,35 @@ pub fn calico_api(
         None => Api::all_with(client.clone(), &resource),
     }
 }
+
+/// Applies the OpenReports CRDs of `manifests/components/reports`, so the audit writes reports.
+///
+/// # Errors
+/// When a file cannot be read or applied.
+pub async fn install_report_crds(client: &kube::Client) -> Result<()> {
+    for file in ["openreports.io_reports.yaml", "openreports.io_clusterreports.yaml"] {
+        let path = repo_root().join("manifests/components/reports").join(file);
+        apply_yaml(client, &std::fs::read_to_string(path)?).await?;
+    }
+    Ok(())
+}
+
+/// For the audit scenarios: deletes the sample policies (what is judged is then the
+/// scenario's own), and writes a `bad` (untrusted image) and a `good` pod in a new namespace
+/// arcguard's webhooks skip, as pods written before any policy. Returns the namespace.
+///
+/// # Errors
+/// The apiserver's answer.
+pub async fn pods_before_policies(client: &kube::Client, prefix: &str) -> Result<String> {
+    let policies: kube::Api<arcguard::policy::crd::ClusterGuardPolicy> =
+        kube::Api::all(client.clone());
+    for sample in ["trusted-registries", "windows-gmsa", "calico-linux-only"] {
+        policies.delete(sample, &kube::api::DeleteParams::default()).await?;
+    }
+    let ns = namespace(client, prefix, &[("arcguard.io/ignore", "true")]).await?;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &ns);
+    let create = kube::api::PostParams::default();
+    pods.create(&create, &pod("bad", "docker.io/library/nginx:1.27")).await?;
+    pods.create(&create, &pod("good", "contoso.azurecr.io/team-a/app:1")).await?;
+    Ok(ns)
+}

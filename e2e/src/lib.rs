@@ -18,5 +18,6 @@ pub mod tools;
 
 pub use cluster::{
     Cluster, ClusterOptions, UNTRUSTED_MESSAGE, apply, apply_yaml, calico_api, denial, eventually,
-    namespace, pod, shared, wait_for_enforcement, webhook_configurations,
+    install_report_crds, namespace, pod, pods_before_policies, shared, wait_for_enforcement,
+    webhook_configurations,
 };

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
 use arcguard::policy::crd::ClusterGuardPolicy;
-use arcguard_e2e::cluster::repo_root;
-use arcguard_e2e::{Cluster, ClusterOptions, apply, apply_yaml, eventually, namespace, pod};
+use arcguard_e2e::{
+    Cluster, ClusterOptions, apply, eventually, install_report_crds, pods_before_policies,
+};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
@@ -62,21 +63,12 @@ async fn report(
 
 async fn audit(cluster: &mut Cluster) -> Result<()> {
     let client = cluster.client().await?;
-    for file in ["openreports.io_reports.yaml", "openreports.io_clusterreports.yaml"] {
-        let path = repo_root().join("manifests/components/reports").join(file);
-        apply_yaml(&client, &std::fs::read_to_string(path)?).await?;
-    }
-    // This cluster's own: only the scenario's policies, so its namespace's report is theirs.
-    let policies: Api<ClusterGuardPolicy> = Api::all(client.clone());
-    for sample in ["trusted-registries", "windows-gmsa", "calico-linux-only"] {
-        policies.delete(sample, &DeleteParams::default()).await?;
-    }
-    // Objects written before any policy judges them: in a namespace arcguard's webhooks skip
-    // (opted out), as pods created before arcguard was installed.
-    let ns = namespace(&client, "audited", &[("arcguard.io/ignore", "true")]).await?;
+    install_report_crds(&client).await?;
+    // This cluster's own: only the scenario's policies, so its namespace's report is theirs;
+    // pods written before any policy judges them.
+    let ns = pods_before_policies(&client, "audited").await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    pods.create(&PostParams::default(), &pod("bad", "docker.io/library/nginx:1.27")).await?;
-    pods.create(&PostParams::default(), &pod("good", "contoso.azurecr.io/team-a/app:1")).await?;
+    let policies: Api<ClusterGuardPolicy> = Api::all(client.clone());
 
     let (deny, warn, audit) =
         (format!("e2e-deny-{ns}"), format!("e2e-warn-{ns}"), format!("e2e-audit-{ns}"));

@@ -7,10 +7,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use arcguard::policy::crd::ClusterGuardPolicy;
-use arcguard_e2e::{Cluster, ClusterOptions, apply, eventually, namespace, pod};
+use arcguard_e2e::{Cluster, ClusterOptions, apply, eventually, pods_before_policies};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -43,16 +42,9 @@ fn parts(output: &Output) -> (Option<i32>, String, String) {
 
 async fn audit_cli(cluster: &mut Cluster) -> Result<()> {
     let client = cluster.client().await?;
-    // Only the scenario's policies, so what is judged is theirs.
-    let policies: Api<ClusterGuardPolicy> = Api::all(client.clone());
-    for sample in ["trusted-registries", "windows-gmsa", "calico-linux-only"] {
-        policies.delete(sample, &DeleteParams::default()).await?;
-    }
-    // Pods written before any policy judges them: in a namespace arcguard's webhooks skip.
-    let ns = namespace(&client, "audit-cli", &[("arcguard.io/ignore", "true")]).await?;
+    // Only the scenario's policies, so what is judged is theirs; pods written before them.
+    let ns = pods_before_policies(&client, "audit-cli").await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    pods.create(&PostParams::default(), &pod("bad", "docker.io/library/nginx:1.27")).await?;
-    pods.create(&PostParams::default(), &pod("good", "contoso.azurecr.io/team-a/app:1")).await?;
     let (deny, warn) = (format!("e2e-deny-{ns}"), format!("e2e-warn-{ns}"));
     for (name, action) in [(&deny, "Deny"), (&warn, "Warn")] {
         apply(

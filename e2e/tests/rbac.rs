@@ -15,7 +15,7 @@ use arcguard::policy::crd::{ClusterGuardPolicy, GuardPolicy};
 use arcguard_e2e::cluster::repo_root;
 use arcguard_e2e::controlplane::ARCGUARD_USER;
 use arcguard_e2e::{
-    Cluster, ClusterOptions, apply, apply_yaml, denial, eventually, namespace, pod,
+    Cluster, ClusterOptions, apply, denial, eventually, install_report_crds, namespace, pod,
 };
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -239,10 +239,7 @@ async fn the_shipped_rbac_grants_exactly_the_calls_arcguard_makes() {
 async fn exercise(cluster: &Cluster) -> Result<()> {
     let client = cluster.client().await?;
     // The OpenReports CRDs, so the audit writes its reports.
-    for file in ["openreports.io_reports.yaml", "openreports.io_clusterreports.yaml"] {
-        let path = repo_root().join("manifests/components/reports").join(file);
-        apply_yaml(&client, &std::fs::read_to_string(path)?).await?;
-    }
+    install_report_crds(&client).await?;
     let ns = namespace(&client, "rbac", &[]).await?;
     // An object for the background audit to report on once the GuardPolicy below reaches
     // this namespace (a policy change re-audits the namespaces it may reach).
