@@ -136,11 +136,10 @@ pub struct ServeArgs {
     /// Cluster mode: time between two background audits of existing objects by the leader
     /// (it also audits when it starts leading, and the namespaces a policy change may reach
     /// when policies change); 0 turns the audit off.
-    /// Off by default until the audit's memory is bounded per namespace (issue 10): a namespace
-    /// with very many or very large violating objects is held whole while it is judged.
-    #[arg(long, env = "ARCGUARD_AUDIT_INTERVAL", default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, env = "ARCGUARD_AUDIT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub audit_interval: Duration,
-    /// Cluster mode: entries listed per audit report (the report's summary counts them all).
+    /// Cluster mode: entries listed per audit report, failures first (the report's summary
+    /// counts them all); also what the audit holds in memory per namespace.
     #[arg(long, env = "ARCGUARD_AUDIT_MAX_RESULTS", default_value_t = 1000)]
     pub audit_max_results: usize,
     /// Cluster mode: lifetime of a new CA (default five years).
@@ -200,6 +199,10 @@ pub struct AuditArgs {
     /// How long to wait for the namespace, node and GMSACredentialSpec caches.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Findings shown per namespace, failures first (the totals count them all); bounds the
+    /// memory the audit holds per namespace. 0: no limit.
+    #[arg(long, default_value_t = 1000)]
+    pub max_results: usize,
 }
 
 /// `arcguard certs`.
@@ -288,6 +291,7 @@ mod tests {
         let Command::Audit(args) = cli.command else { panic!("not audit: {:?}", cli.command) };
         assert_eq!(args.namespaces, ["shop", "web"]);
         assert_eq!((args.output, args.timeout), (OutputFormat::Text, Duration::from_secs(30)));
+        assert_eq!(args.max_results, 1000);
         assert!(args.policies.is_none());
         let json = Cli::try_parse_from(["arcguard", "audit", "-o", "json", "--policies", "p"])
             .expect("parses");

@@ -287,7 +287,9 @@ async fn audit_cluster(args: &AuditArgs) -> anyhow::Result<audit_output::AuditOu
         eprintln!("warning: no policies in force: nothing to judge");
     }
     let namespaces = (!args.namespaces.is_empty()).then_some(args.namespaces.as_slice());
-    let run = cluster::audit::audit_once(client, &policies, namespaces, args.timeout).await?;
+    let max_results = if args.max_results == 0 { usize::MAX } else { args.max_results };
+    let run = cluster::audit::audit_once(client, &policies, namespaces, max_results, args.timeout)
+        .await?;
     Ok(audit_output::summarise(run.scopes.iter().map(|(_, findings)| findings), run.listed))
 }
 

@@ -91,6 +91,14 @@ pub struct Metrics {
     failure_policy_decisions: Counter,
     audit_results: Family<AuditLabels, Gauge>,
     audit_last_run: Gauge,
+    audit_runs: Family<AuditRunLabels, Counter>,
+    audit_interval: Gauge,
+}
+
+/// Labels of the audit's runs: how a run ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditRunLabels {
+    outcome: &'static str,
 }
 
 /// Labels of the audit's results: the policy (bounded by the policies in force) and the result.
@@ -207,10 +215,28 @@ impl Metrics {
         let audit_last_run = Gauge::default();
         registry.register(
             "audit_last_run_timestamp_seconds",
-            "On the leader: Unix time at which the last background audit finished",
+            "On the leader: Unix time at which the last background audit that judged every scope it set out to finished",
             audit_last_run.clone(),
         );
+        let audit_runs = Family::<AuditRunLabels, Counter>::default();
+        // Every outcome from 0, so increase() sees the first partial or failed run.
+        for outcome in ["complete", "partial", "failed"] {
+            let _ = audit_runs.get_or_create(&AuditRunLabels { outcome });
+        }
+        registry.register(
+            "audit_runs",
+            "Background audit runs by outcome: complete, partial (some namespaces could not be listed or reported; the others were) or failed",
+            audit_runs.clone(),
+        );
+        let audit_interval = Gauge::default();
+        registry.register(
+            "audit_interval_seconds",
+            "The background audit's --audit-interval in seconds; 0 when the audit is off",
+            audit_interval.clone(),
+        );
         Self {
+            audit_runs,
+            audit_interval,
             webhooks_fail_open,
             failure_policy_decisions,
             audit_results,
@@ -242,12 +268,13 @@ impl Metrics {
         self.failure_policy_decisions.inc();
     }
 
-    /// Replaces the audit's results: `(policy, [pass, fail, warn])` for every policy in force,
-    /// and the time the audit finished (Unix seconds).
+    /// Replaces the audit's results: `(policy, [pass, fail, warn])` for every policy in force;
+    /// `complete`: the time a run that judged every scope it set out to finished (Unix
+    /// seconds).
     pub fn set_audit_results(
         &self,
         results: impl IntoIterator<Item = (String, [u64; 3])>,
-        finished: i64,
+        complete: Option<i64>,
     ) {
         self.audit_results.clear();
         for (policy, counts) in results {
@@ -257,7 +284,19 @@ impl Metrics {
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
-        self.audit_last_run.set(finished);
+        if let Some(finished) = complete {
+            self.audit_last_run.set(finished);
+        }
+    }
+
+    /// Counts one audit run by `outcome` (`complete`, `partial` or `failed`).
+    pub fn record_audit_run(&self, outcome: &'static str) {
+        self.audit_runs.get_or_create(&AuditRunLabels { outcome }).inc();
+    }
+
+    /// Sets the audit interval gauge (seconds; 0: off).
+    pub fn set_audit_interval(&self, seconds: i64) {
+        self.audit_interval.set(seconds);
     }
 
     /// Counts one request refused for the memory budget.

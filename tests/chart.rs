@@ -370,7 +370,7 @@ fn the_chart_options_change_what_they_say_and_follow_the_release_namespace() {
                 "--set",
                 &format!("image.digest={digest}"),
                 "--set",
-                "replicas=3,labelExistingPods=false,labelPodsInterval=10m,podDisruptionBudget.enabled=false",
+                "replicas=3,labelExistingPods=false,labelPodsInterval=10m,podDisruptionBudget.enabled=false,audit.interval=30m,audit.maxResults=200",
                 "--set",
                 "webhooks.url=https://127.0.0.1:9443,crds.install=false",
                 "--set-json",
@@ -390,6 +390,10 @@ fn the_chart_options_change_what_they_say_and_follow_the_release_namespace() {
             "--label-existing-pods=false",
             "--label-pods-interval",
             "10m",
+            "--audit-interval",
+            "30m",
+            "--audit-max-results",
+            "200",
             "--log",
             "debug"
         ]),
@@ -397,15 +401,34 @@ fn the_chart_options_change_what_they_say_and_follow_the_release_namespace() {
     );
     assert!(!rendered.keys().any(|k| k.starts_with("PodDisruptionBudget ")));
     assert!(!rendered.keys().any(|k| k.starts_with("CustomResourceDefinition ")));
-    // Without the labeller, the ClusterRole keeps only `get` on pods (bindings name a pod).
-    let pods = rendered["ClusterRole /arcguard"]["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .find(|r| r["resources"] == serde_json::json!(["pods"]))
-        .expect("a pods rule")
-        .clone();
-    assert_eq!(pods["verbs"], serde_json::json!(["get"]));
+    // Without the labeller, the ClusterRole keeps `get` on pods (bindings name a pod) and
+    // `list` for the audit; without the audit too, only `get`.
+    let pods_verbs = |rendered: &BTreeMap<String, Value>| {
+        rendered["ClusterRole /arcguard"]["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .find(|r| r["resources"] == serde_json::json!(["pods"]))
+            .expect("a pods rule")["verbs"]
+            .clone()
+    };
+    assert_eq!(pods_verbs(&rendered), serde_json::json!(["get", "list"]));
+    let no_audit = objects(
+        &run(
+            &helm,
+            &[
+                "template",
+                "arcguard",
+                CHART,
+                "--namespace",
+                "guard",
+                "--set",
+                "labelExistingPods=false,audit.interval=0s",
+            ],
+        ),
+        "helm template without labeller and audit",
+    );
+    assert_eq!(pods_verbs(&no_audit), serde_json::json!(["get"]));
     // Everything that names the namespace names the release's.
     for kind in ["ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"] {
         for webhook in
@@ -447,6 +470,8 @@ fn helm_lint_passes_with_every_option_and_the_schema_refuses_bad_values() {
         ("--set-json", r#"networkPolicy.metricsFrom=[{"ipblock":{}}]"#, "metricsFrom"),
         ("--set", "unknownOption=1", "unknownOption"),
         ("--set", "reports.enabled=yes", "reports"),
+        ("--set", "audit.interval=hourly", "interval"),
+        ("--set", "audit.maxResults=-1", "maxResults"),
         // At least two replicas, a memory limit (the in-flight budget is half of it), and a
         // labeller that pauses between passes.
         ("--set", "replicas=1", "replicas"),

@@ -1174,6 +1174,7 @@ fn the_alerts_use_metrics_arcguard_exports_and_scrape_the_metrics_port() {
         "ArcguardMemoryBudgetExhausted",
         "ArcguardWebhooksFailOpen",
         "ArcguardAuditViolations",
+        "ArcguardAuditStale",
     ]
     .into_iter()
     .collect();

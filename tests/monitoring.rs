@@ -211,6 +211,7 @@ fn every_alert_has_a_promtool_test_that_fires_it() {
         "ArcguardWebhooksFailOpen",
         "ArcguardPolicyReloadFailing",
         "ArcguardAuditViolations",
+        "ArcguardAuditStale",
         "ArcguardDown",
     ] {
         assert!(alerts.contains(alert), "no alert {alert}");

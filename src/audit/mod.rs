@@ -3,7 +3,8 @@
 //! Admission judges writes; an operator who adds or tightens a policy also asks what already
 //! running breaks it. [`audit_object`] judges one existing object exactly as the validating
 //! webhook would judge its creation (the same view, the same policies, the same facts), and
-//! returns one [`Finding`] per policy that applies to it. [`report`] turns the findings of a
+//! returns one [`Finding`] per policy that applies to it. [`findings`] holds a scope's findings
+//! in bounded memory (the entries listed, counts of all). [`report`] turns the findings of a
 //! namespace into one OpenReports `Report` (a `ClusterReport` for cluster-scoped objects).
 //!
 //! [`output`] groups findings by object and prints them for `arcguard audit`.
@@ -11,6 +12,7 @@
 //! Pure: no I/O and no clock. The shells list the objects (cluster mode's leader, `arcguard
 //! audit`) and write what this returns.
 
+pub mod findings;
 pub mod output;
 pub mod report;
 

@@ -13,7 +13,8 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use serde_json::json;
 
-use super::report::Findings;
+pub use super::findings::Verdict;
+use super::findings::{Findings, Verdicts};
 use super::{AuditResult, Finding, Subject, severity};
 use crate::policy::Action;
 
@@ -21,46 +22,6 @@ use crate::policy::Action;
 pub const EXIT_DENIED: u8 = 1;
 /// Exit code when the audit could not run (no cluster, bad flags, a failed list).
 pub const EXIT_ERROR: u8 = 2;
-
-/// What became of one object, worst first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    /// A Deny policy fails.
-    Fail,
-    /// An Audit policy fails, no Deny policy does.
-    Audit,
-    /// A Warn policy fails, no Deny or Audit policy does.
-    Warn,
-    /// Every policy that applies passes.
-    Pass,
-}
-
-impl Verdict {
-    /// The verdict of an object with these findings.
-    #[must_use]
-    pub fn of(findings: &[Finding]) -> Self {
-        findings.iter().filter(|f| f.result != AuditResult::Pass).fold(Self::Pass, |worst, f| {
-            let this = match f.action {
-                Action::Deny => Self::Fail,
-                Action::Audit => Self::Audit,
-                Action::Warn => Self::Warn,
-            };
-            worst.min(this)
-        })
-    }
-
-    /// As the text output spells it.
-    #[must_use]
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Fail => "FAIL",
-            Self::Audit => "AUDIT",
-            Self::Warn => "WARN",
-            Self::Pass => "PASS",
-        }
-    }
-}
 
 /// One object and what every policy that applies to it concluded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +50,9 @@ pub struct Totals {
     pub warn: usize,
     /// Objects whose verdict is `pass`.
     pub pass: usize,
+    /// Findings counted in these totals but not listed in the results (beyond
+    /// `--max-results` in their namespace).
+    pub omitted: usize,
 }
 
 /// The whole audit, ready to print.
@@ -101,45 +65,54 @@ pub struct AuditOutput {
     pub totals: Totals,
 }
 
-/// Groups the findings of every scope by object; `listed` is the number of objects listed.
+/// Groups the listed findings of every scope by object and adds up every scope's counts;
+/// `listed` is the number of objects listed. An object some of whose findings were not kept
+/// (beyond its scope's limit) shows the findings kept; the totals count every object.
 #[must_use]
 pub fn summarise<'a>(scopes: impl IntoIterator<Item = &'a Findings>, listed: usize) -> AuditOutput {
     let mut by_object: BTreeMap<(Option<String>, String, String, String, String), ObjectResult> =
         BTreeMap::new();
-    for (subject, finding) in scopes.into_iter().flat_map(|f| &f.entries) {
-        let key = (
-            subject.namespace.clone(),
-            subject.kind.clone(),
-            subject.name.clone(),
-            subject.api_version.clone(),
-            subject.uid.clone(),
-        );
-        by_object
-            .entry(key)
-            .or_insert_with(|| ObjectResult {
-                subject: subject.clone(),
-                verdict: Verdict::Pass,
-                findings: Vec::new(),
-            })
-            .findings
-            .push(finding.clone());
+    let mut verdicts = Verdicts::default();
+    let mut omitted = 0;
+    for scope in scopes {
+        verdicts = verdicts.plus(scope.verdicts());
+        omitted += scope.omitted();
+        for (subject, finding) in scope.entries() {
+            let key = (
+                subject.namespace.clone(),
+                subject.kind.clone(),
+                subject.name.clone(),
+                subject.api_version.clone(),
+                subject.uid.clone(),
+            );
+            by_object
+                .entry(key)
+                .or_insert_with(|| ObjectResult {
+                    subject: subject.clone(),
+                    verdict: Verdict::Pass,
+                    findings: Vec::new(),
+                })
+                .findings
+                .push(finding.clone());
+        }
     }
-    let mut totals = Totals { listed, ..Totals::default() };
     let results: Vec<ObjectResult> = by_object
         .into_values()
         .map(|mut object| {
             object.findings.sort_by(|a, b| (a.result, &a.policy).cmp(&(b.result, &b.policy)));
             object.verdict = Verdict::of(&object.findings);
-            totals.objects += 1;
-            *match object.verdict {
-                Verdict::Fail => &mut totals.fail,
-                Verdict::Audit => &mut totals.audit,
-                Verdict::Warn => &mut totals.warn,
-                Verdict::Pass => &mut totals.pass,
-            } += 1;
             object
         })
         .collect();
+    let totals = Totals {
+        listed,
+        objects: verdicts.objects,
+        fail: verdicts.fail,
+        audit: verdicts.audit,
+        warn: verdicts.warn,
+        pass: verdicts.pass,
+        omitted,
+    };
     AuditOutput { results, totals }
 }
 
@@ -180,6 +153,13 @@ pub fn render_text(output: &AuditOutput) -> String {
         }
     }
     let t = &output.totals;
+    if t.omitted > 0 {
+        let _ = writeln!(
+            out,
+            "{} findings not shown (beyond --max-results in their namespace); the totals count them",
+            t.omitted
+        );
+    }
     let _ = writeln!(
         out,
         "{} objects judged ({} listed): {} failed, {} failed an Audit policy, {} warned, {} passed",
@@ -266,7 +246,21 @@ mod tests {
             subject(None, "GlobalNetworkPolicy", "global"),
             finding("calico", Action::Deny, false),
         )];
-        vec![Findings { entries: shop_entries }, Findings { entries: cluster }]
+        [cluster, shop_entries]
+            .into_iter()
+            .map(|entries| {
+                let mut findings = Findings::default();
+                let mut entries = entries.into_iter().peekable();
+                while let Some((subject, first)) = entries.next() {
+                    let mut of_object = vec![first];
+                    while let Some((_, next)) = entries.next_if(|(s, _)| *s == subject) {
+                        of_object.push(next);
+                    }
+                    findings.record(&subject, of_object);
+                }
+                findings
+            })
+            .collect()
     }
 
     #[test]
@@ -286,7 +280,7 @@ mod tests {
         );
         assert_eq!(
             output.totals,
-            Totals { listed: 12, objects: 5, fail: 1, audit: 1, warn: 1, pass: 2 }
+            Totals { listed: 12, objects: 5, fail: 1, audit: 1, warn: 1, pass: 2, omitted: 0 }
         );
         assert_eq!(Verdict::of(&[]), Verdict::Pass);
     }
@@ -297,7 +291,14 @@ mod tests {
         // The same objects without the pod a Deny policy fails on: Audit and Warn findings
         // are printed, but do not fail.
         let mut without = scopes();
-        without[0].entries.retain(|(s, _)| s.name != "denied");
+        let shop = &mut without[1];
+        *shop = Findings::default();
+        let s = |name: &str| subject(Some("shop"), "Pod", name);
+        shop.record(
+            &s("audited"),
+            vec![finding("deny", Action::Deny, false), finding("audit", Action::Audit, true)],
+        );
+        shop.record(&s("warned"), vec![finding("warn", Action::Warn, true)]);
         let output = summarise(&without, 11);
         assert!(!any_denied(&output));
         assert_eq!(exit_code(&output), 0);
@@ -336,7 +337,7 @@ WARN Pod shop/warned
         assert_eq!(doc["denied"], true);
         assert_eq!(
             doc["totals"],
-            json!({"listed": 12, "objects": 5, "fail": 1, "audit": 1, "warn": 1, "pass": 2})
+            json!({"listed": 12, "objects": 5, "fail": 1, "audit": 1, "warn": 1, "pass": 2, "omitted": 0})
         );
         let denied = &doc["results"][3];
         assert_eq!(denied["kind"], "Pod");

@@ -5,8 +5,8 @@
 //! `apis/openreports.io/v1alpha1/report_types.go`): `source`, `summary` (pass, fail, warn,
 //! error, skip) and `results`, each with `policy`, `rule`, `result`, `severity`, `message`,
 //! `timestamp` and the object in `resources`. A report lists at most `max_results` entries
-//! (failures first, then warnings, then passes) while its summary counts every finding, and
-//! says so in `configuration.limits.maxResults`: a namespace with ten thousand pods costs one
+//! (failures first, then warnings, then passes) taking at most [`MAX_RESULTS_BYTES`], while its
+//! summary counts every finding, and says so in `configuration.limits.maxResults`: a namespace with ten thousand pods costs one
 //! bounded object in etcd, not ten thousand.
 //!
 //! A report is written only when its content changed ([`same_content`]): an entry that is
@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::{AuditResult, Finding, Subject, severity};
+pub use super::findings::{Findings, Summary};
+use super::severity;
 
 /// `apiVersion` of the reports.
 pub const API_VERSION: &str = "openreports.io/v1alpha1";
@@ -29,40 +30,10 @@ pub const REPORT_NAME: &str = "arcguard";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "arcguard");
 /// Entries listed per report by default.
 pub const DEFAULT_MAX_RESULTS: usize = 1000;
-
-/// The findings of one scope: a namespace, or the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Findings {
-    /// (object, finding) pairs; the order does not matter.
-    pub entries: Vec<(Subject, Finding)>,
-}
-
-/// Counts by result, as `summary` holds them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// Passed.
-    pub pass: usize,
-    /// Failed (Deny and Audit policies).
-    pub fail: usize,
-    /// Warned (Warn policies).
-    pub warn: usize,
-}
-
-impl Summary {
-    /// The counts of `entries`.
-    #[must_use]
-    pub fn of(entries: &[(Subject, Finding)]) -> Self {
-        let mut summary = Self::default();
-        for (_, finding) in entries {
-            match finding.result {
-                AuditResult::Pass => summary.pass += 1,
-                AuditResult::Fail => summary.fail += 1,
-                AuditResult::Warn => summary.warn += 1,
-            }
-        }
-        summary
-    }
-}
+/// The most bytes the listed entries of one report take (as JSON). etcd refuses objects over
+/// 1.5 MiB (`--max-request-bytes`); a thousand entries of long messages could reach that, so
+/// a report lists fewer entries rather than fail to be written.
+pub const MAX_RESULTS_BYTES: usize = 1024 * 1024;
 
 /// A report's timestamp: seconds and nanoseconds since the Unix epoch
 /// (`metav1.Timestamp`).
@@ -90,7 +61,7 @@ fn entry_key(entry: &Value) -> String {
 }
 
 /// The report for `namespace` (`None`: the ClusterReport) holding `findings`, listing at most
-/// `max_results` entries. Entries equal to one in `previous` (the report as stored) keep its
+/// `max_results` entries in at most [`MAX_RESULTS_BYTES`]. Entries equal to one in `previous` (the report as stored) keep its
 /// timestamp; new ones get `now`.
 #[must_use]
 pub fn build(
@@ -100,13 +71,7 @@ pub fn build(
     previous: Option<&Value>,
     now: Timestamp,
 ) -> Value {
-    let mut entries: Vec<&(Subject, Finding)> = findings.entries.iter().collect();
-    // Failures first, then warnings, then passes; then by policy and object, so the listed
-    // subset and its order are stable from one audit to the next.
-    entries.sort_by(|(sa, fa), (sb, fb)| {
-        (fa.result, &fa.policy, sa).cmp(&(fb.result, &fb.policy, sb))
-    });
-    let summary = Summary::of(&findings.entries);
+    let summary = findings.summary();
     let stamps: BTreeMap<String, Value> = previous
         .and_then(|p| p.get("results"))
         .and_then(Value::as_array)
@@ -114,7 +79,9 @@ pub fn build(
         .flatten()
         .filter_map(|r| Some((entry_key(r), r.get("timestamp")?.clone())))
         .collect();
-    let results: Vec<Value> = entries
+    let mut bytes = 0usize;
+    let results: Vec<Value> = findings
+        .entries()
         .into_iter()
         .take(max_results)
         .map(|(subject, finding)| {
@@ -146,6 +113,10 @@ pub fn build(
                 .cloned()
                 .unwrap_or_else(|| json!({"seconds": now.seconds, "nanos": now.nanos}));
             entry
+        })
+        .take_while(|entry| {
+            bytes += entry.to_string().len() + 1;
+            bytes <= MAX_RESULTS_BYTES
         })
         .collect();
     let kind = if namespace.is_some() { "Report" } else { "ClusterReport" };
@@ -185,6 +156,7 @@ pub fn same_content(stored: &Value, next: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::{AuditResult, Finding, Subject};
     use crate::policy::Action;
 
     fn subject(ns: &str, name: &str) -> Subject {
@@ -211,30 +183,29 @@ mod tests {
         Timestamp { seconds, nanos: 0 }
     }
 
-    fn findings(count: usize) -> Findings {
-        let mut entries = Vec::new();
-        for i in 0..count {
+    /// `count` pods judged by a Deny and a Warn policy; every third fails both, in `order`.
+    fn findings_in(order: impl Iterator<Item = usize>) -> Findings {
+        let mut findings = Findings::default();
+        for i in order {
             let name = format!("pod-{i:03}");
-            let (result, message) = if i % 3 == 0 {
-                (AuditResult::Fail, "bad image")
+            let (result, warn, message) = if i % 3 == 0 {
+                (AuditResult::Fail, AuditResult::Warn, "bad image")
             } else {
-                (AuditResult::Pass, "passed")
+                (AuditResult::Pass, AuditResult::Pass, "passed")
             };
-            entries.push((
-                subject("shop", &name),
-                finding("registries", Action::Deny, result, message),
-            ));
-            entries.push((
-                subject("shop", &name),
-                finding(
-                    "registries-warn",
-                    Action::Warn,
-                    if i % 3 == 0 { AuditResult::Warn } else { AuditResult::Pass },
-                    message,
-                ),
-            ));
+            findings.record(
+                &subject("shop", &name),
+                vec![
+                    finding("registries", Action::Deny, result, message),
+                    finding("registries-warn", Action::Warn, warn, message),
+                ],
+            );
         }
-        Findings { entries }
+        findings
+    }
+
+    fn findings(count: usize) -> Findings {
+        findings_in(0..count)
     }
 
     #[test]
@@ -282,13 +253,18 @@ mod tests {
     fn an_unchanged_audit_yields_the_same_report_and_only_new_entries_get_a_new_time() {
         let first = build(Some("shop"), &findings(6), 100, None, at(100));
         // The same findings in another order, an hour later: the same content, nothing to write.
-        let mut shuffled = findings(6);
-        shuffled.entries.reverse();
+        let shuffled = findings_in((0..6).rev());
         let again = build(Some("shop"), &shuffled, 100, Some(&first), at(3700));
         assert!(same_content(&first, &again));
         // A fixed pod: its entry changes (and gets the new time); the others keep theirs.
-        let mut fixed = findings(6);
-        fixed.entries[0].1 = finding("registries", Action::Deny, AuditResult::Pass, "passed");
+        let mut fixed = findings_in(1..6);
+        fixed.record(
+            &subject("shop", "pod-000"),
+            vec![
+                finding("registries", Action::Deny, AuditResult::Pass, "passed"),
+                finding("registries-warn", Action::Warn, AuditResult::Warn, "bad image"),
+            ],
+        );
         let next = build(Some("shop"), &fixed, 100, Some(&first), at(7300));
         assert!(!same_content(&first, &next));
         let stamps: Vec<i64> = next["results"]
@@ -304,5 +280,24 @@ mod tests {
         stored["metadata"]["resourceVersion"] = json!("42");
         stored["metadata"]["uid"] = json!("u");
         assert!(same_content(&stored, &again));
+    }
+
+    #[test]
+    fn a_report_of_long_messages_stays_within_its_byte_bound() {
+        let mut findings = Findings::default();
+        let long = "x".repeat(crate::audit::MAX_MESSAGE_BYTES);
+        for i in 0..2000 {
+            findings.record(
+                &subject("shop", &format!("pod-{i:04}")),
+                vec![finding("registries", Action::Deny, AuditResult::Fail, &long)],
+            );
+        }
+        let report = build(Some("shop"), &findings, 1000, None, at(1));
+        let results = report["results"].as_array().expect("results");
+        let bytes: usize = results.iter().map(|r| r.to_string().len() + 1).sum();
+        assert!(bytes <= MAX_RESULTS_BYTES, "{bytes}");
+        assert!(results.len() > 500 && results.len() < 1000, "{}", results.len());
+        assert_eq!(report["summary"]["fail"], 2000, "the summary counts every finding");
+        assert!(report.to_string().len() < 1536 * 1024, "under etcd's request limit");
     }
 }

@@ -2,25 +2,42 @@
 //! kind against the policies in force ([`crate::audit`]) and reports what it finds.
 //!
 //! When: when a replica starts leading (once policies and caches are loaded), when the policies
-//! in force change (then only the namespaces a changed, added or removed policy may reach), and
-//! every `--audit-interval` (default 1 h; 0 turns the audit off).
+//! in force change (then only the namespaces a changed, added or removed policy may reach, once
+//! the policies have stayed the same for one check (every 5 s), so a GitOps sync of many
+//! policies makes one run), and every `--audit-interval` (default 1 h; 0 turns the audit off).
 //!
-//! How: one namespace at a time, each kind listed in pages of [`PAGE_SIZE`] (`limit` and
-//! `continue`), so memory holds one page and one namespace's findings whatever the cluster's
-//! size; the task yields to the runtime every [`YIELD_EVERY`] objects, so admission requests,
-//! served on the same runtime, never wait behind it. Facts come from the same caches and
-//! SubjectAccessReviews as admission.
+//! How: one namespace at a time, each kind listed in pages (`limit` and `continue`) of about
+//! [`PAGE_BYTES`] and at most [`PAGE_SIZE`] objects, each object parsed only when it is judged;
+//! a namespace's findings are held in [`Findings`], which keeps the `--audit-max-results`
+//! entries its report lists and counts the rest. Memory is one page and one namespace's kept
+//! entries whatever the cluster's size. The task yields to the runtime every [`YIELD_EVERY`]
+//! objects, so admission requests, served on the same runtime, never wait behind it. Facts
+//! come from the same caches and SubjectAccessReviews as admission. The audit judges every
+//! namespace a policy matches, those the webhooks skip (`kube-system`, arcguard's own) included:
+//! what runs there is reported, though admission never judged it.
+//!
+//! Partial failure: a namespace whose list or report fails is logged and retried at the next
+//! retry (30 s doubling to the interval) while the others are audited and reported; after
+//! three failures in a row the run stops (the apiserver, not a namespace, is then
+//! at fault) and the rest waits for the retry. An expired continue token (410) lists the
+//! namespace again from the start, once. Calico's kinds are listed through whichever of its two
+//! API groups answers (asked again every full run); a 503 from one (its aggregated API server
+//! down) tries the other and fails the namespace if neither answers.
 //!
 //! What it writes:
 //! - one OpenReports `Report` named `arcguard` per namespace (a `ClusterReport` for
 //!   cluster-scoped objects), only when its content changed, by server-side apply (field
-//!   manager `arcguard`); a namespace with nothing to report loses its report. Without the
-//!   OpenReports CRDs (`manifests/components/reports`) the audit still runs and says once that
-//!   reports are off;
+//!   manager `arcguard`); a namespace with nothing to report loses its report. A report of that
+//!   name without arcguard's label and field manager is left alone (and warned about once).
+//!   Without the OpenReports CRDs (`manifests/components/reports`) the audit still runs and
+//!   says once that reports are off;
 //! - each policy's `status.audit` (pass, fail and warn counts, `lastRun`), by server-side apply
-//!   under its own field manager `arcguard-audit`, so it never contends with the policy status;
-//! - the gauges `arcguard_audit_results{policy,result}` and
-//!   `arcguard_audit_last_run_timestamp_seconds`, and a log line per run with its figures.
+//!   under its own field manager `arcguard-audit`, so it never contends with the policy status:
+//!   after every full run, and after a policy-change run only where the counts changed;
+//! - the gauges `arcguard_audit_results{policy,result}`,
+//!   `arcguard_audit_last_run_timestamp_seconds` (complete runs only) and
+//!   `arcguard_audit_interval_seconds`, the counter `arcguard_audit_runs_total{outcome}`, and a
+//!   log line per run with its figures.
 //!
 //! `arcguard audit` runs the same listing and judging ([`ScopeAuditor`]) once from a
 //! workstation ([`audit_once`], with the policies [`policies_in_force`] lists), with the
@@ -59,19 +76,28 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::facts::ClusterFacts;
 use super::policies;
+use crate::audit::findings::Summary;
 use crate::audit::report::{self, Findings, Timestamp};
-use crate::audit::{Audit, AuditResult, judge};
+use crate::audit::{Audit, judge};
 use crate::policy::crd::{AuditStatus, ClusterGuardPolicy, GuardPolicy};
 use crate::policy::{Policy, PolicySet, Scope};
 use crate::rules::StaticFacts;
 use crate::server::{AppState, FactSource};
 
-/// Objects per list page.
+/// Objects per list page at most, and in the first page of each kind.
 pub const PAGE_SIZE: u32 = 250;
+/// Objects per list page at least.
+const PAGE_MIN: u32 = 10;
+/// The size of list page aimed at, in bytes of JSON: after each page the next page's `limit`
+/// is scaled so it holds about this much (objects range from 1 KiB to over 1 MiB), so what a
+/// page costs in memory does not depend on how large a namespace's objects are.
+pub const PAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Objects judged between two yields to the runtime.
 pub const YIELD_EVERY: usize = 16;
 /// Deadline of one API call.
@@ -224,6 +250,7 @@ pub async fn run(
     mut leader: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    state.metrics.set_audit_interval(i64::try_from(config.interval.as_secs()).unwrap_or(i64::MAX));
     if config.interval.is_zero() {
         tracing::info!("background audit off (--audit-interval 0)");
         return;
@@ -231,10 +258,13 @@ pub async fn run(
     let mut auditor = Auditor::new(client, config);
     // The policies last audited; `None`: audit everything next.
     let mut audited: Option<PolicySet> = None;
+    // The policies at the previous check: a change is audited once they have stayed the same
+    // for one check, so a GitOps sync applying many policies makes one run, not one each.
+    let mut seen: Option<PolicySet> = None;
     let mut next_full = tokio::time::Instant::now();
-    // After a failed run: no new run before this (RETRY_MIN doubling to the interval), so a
-    // lasting failure (RBAC, an apiserver in trouble) does not turn into a full audit every
-    // few seconds.
+    // After a run in which scopes failed: no new run before this (RETRY_MIN doubling to the
+    // interval), so a lasting failure (RBAC, an apiserver in trouble) does not turn into a
+    // run every few seconds.
     let mut retry_at = tokio::time::Instant::now();
     let mut retry_delay = RETRY_MIN;
     loop {
@@ -246,21 +276,32 @@ pub async fn run(
             }
             () = tokio::time::sleep(POLICY_CHECK) => {}
         }
+        let now = tokio::time::Instant::now();
         if !*leader.borrow()
             || !state.readiness.is_policies_loaded()
             || !facts.nodes_synced()
-            || tokio::time::Instant::now() < retry_at
+            || now < retry_at
         {
             continue;
         }
         let policies = state.snapshot.load().policies.clone();
+        let settled = seen.as_ref() == Some(&policies);
+        seen = Some(policies.clone());
         let namespaces = facts.namespace_names();
         let labels = namespace_facts(&facts, &namespaces);
+        let full = audited.is_none() || now >= next_full;
         let scopes: Option<BTreeSet<Option<String>>> = match &audited {
-            _ if tokio::time::Instant::now() >= next_full => None,
-            None => None,
-            Some(before) if *before == policies => continue,
-            Some(before) => Some(affected_scopes(before, &policies, &namespaces, &labels)),
+            _ if full => None,
+            Some(before) if *before != policies => {
+                if !settled {
+                    continue;
+                }
+                let mut scopes = affected_scopes(before, &policies, &namespaces, &labels);
+                scopes.extend(auditor.failed.iter().cloned());
+                Some(scopes)
+            }
+            _ if !auditor.failed.is_empty() => Some(auditor.failed.clone()),
+            _ => continue,
         };
         let run =
             auditor.run(&state, &facts, &labels, &policies, &namespaces, scopes.as_ref(), &leader);
@@ -269,12 +310,22 @@ pub async fn run(
             outcome = run => outcome,
         };
         match outcome {
-            Ok(()) => {
-                if scopes.is_none() {
+            Ok(outcome) => {
+                if full {
                     next_full = tokio::time::Instant::now() + config.interval;
                 }
                 audited = Some(policies);
-                retry_delay = RETRY_MIN;
+                if outcome == RunOutcome::Complete {
+                    retry_delay = RETRY_MIN;
+                } else {
+                    retry_at = tokio::time::Instant::now() + retry_delay;
+                    tracing::warn!(
+                        failed = auditor.failed.len(),
+                        retry_in = ?retry_delay,
+                        "background audit: some scopes failed; retrying them"
+                    );
+                    retry_delay = (retry_delay * 2).min(config.interval.max(RETRY_MIN));
+                }
             }
             Err(AuditRunError::NotLeading) => {}
             Err(error) => {
@@ -292,20 +343,61 @@ pub async fn run(
 #[derive(Clone)]
 pub struct ScopeAuditor {
     client: kube::Client,
+    /// Entries each scope's [`Findings`] keep.
+    limit: usize,
     /// Which of a kind's alternatives answered last (Calico's two API groups), by kind.
     served: BTreeMap<String, Option<usize>>,
 }
 
+/// One page of a list, its items left as JSON text until each is judged: a page holds one
+/// copy of its objects, not two.
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(default)]
+    metadata: PageMeta,
+    #[serde(borrow, default)]
+    items: Vec<&'a RawValue>,
+}
+
+#[derive(Default, Deserialize)]
+struct PageMeta {
+    #[serde(rename = "continue", default)]
+    continue_: Option<String>,
+}
+
+/// Whether `error` is a 503 Service Unavailable answer.
+fn unavailable_status(error: &AuditRunError) -> bool {
+    matches!(error, AuditRunError::Api { source: kube::Error::Api(status), .. } if status.code == 503)
+}
+
+/// The next page's `limit`: about [`PAGE_BYTES`] at the size the last page's objects had.
+fn next_limit(objects: usize, bytes: usize) -> u32 {
+    if objects == 0 || bytes == 0 {
+        return PAGE_SIZE;
+    }
+    let per_object = bytes.div_ceil(objects);
+    u32::try_from(PAGE_BYTES / per_object).unwrap_or(PAGE_SIZE).clamp(PAGE_MIN, PAGE_SIZE)
+}
+
 impl ScopeAuditor {
-    /// A scope auditor calling the API with `client`.
+    /// A scope auditor calling the API with `client`, each scope's findings keeping at most
+    /// `limit` entries (the counts cover all).
     #[must_use]
-    pub fn new(client: kube::Client) -> Self {
-        Self { client, served: BTreeMap::new() }
+    pub fn new(client: kube::Client, limit: usize) -> Self {
+        Self { client, limit, served: BTreeMap::new() }
+    }
+
+    /// Forgets which API group serves Calico's kinds, so the next scope asks again (Calico's
+    /// API server installed, removed or replaced by its CRDs since).
+    pub fn rediscover(&mut self) {
+        self.served.clear();
     }
 
     /// Lists every object of one scope (`None`: the cluster scope) kind by kind, in pages of
-    /// [`PAGE_SIZE`], and judges each with the policies that apply to it, facts gathered from
-    /// `facts`; `objects` counts the objects listed. A scope no policy may reach is not listed.
+    /// about [`PAGE_BYTES`], and judges each with the policies that apply to it, facts gathered
+    /// from `facts`; `objects` counts the objects listed. A scope no policy may reach is not
+    /// listed. When a page's continue token expires (410 Gone: the scope took longer than etcd
+    /// keeps its compaction window), the scope is listed again from the start, once.
     ///
     /// # Errors
     /// [`AuditRunError`] when a list fails (but for a 404 of a kind that is not served, such
@@ -318,10 +410,39 @@ impl ScopeAuditor {
         namespace: Option<&str>,
         objects: &mut usize,
     ) -> Result<Findings, AuditRunError> {
-        let mut findings = Findings::default();
         if !policies.policies().iter().any(|p| p.may_apply_in(namespace, labels)) {
-            return Ok(findings);
+            return Ok(Findings::new(self.limit));
         }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut listed = 0;
+            match self.list_scope(facts, policies, namespace, &mut listed).await {
+                Err(AuditRunError::Api { source: kube::Error::Api(status), .. })
+                    if status.code == 410 && attempts < 2 =>
+                {
+                    tracing::info!(
+                        namespace = namespace.unwrap_or(""),
+                        "a list's continue token expired; listing the scope again"
+                    );
+                }
+                outcome => {
+                    *objects += listed;
+                    return outcome;
+                }
+            }
+        }
+    }
+
+    /// One listing of every kind of one scope.
+    async fn list_scope(
+        &mut self,
+        facts: &ClusterFacts,
+        policies: &PolicySet,
+        namespace: Option<&str>,
+        objects: &mut usize,
+    ) -> Result<Findings, AuditRunError> {
+        let mut findings = Findings::new(self.limit);
         for (index, (first, second)) in kinds().into_iter().enumerate() {
             if first.namespaced != namespace.is_some() {
                 continue;
@@ -336,6 +457,10 @@ impl ScopeAuditor {
                 None => (0..alternatives.len()).collect(),
             };
             let mut served = None;
+            // An alternative that answered 503 (an aggregated API server, such as Calico's,
+            // that is down): the other may serve the same objects; if none does, the scope
+            // fails rather than pass as if the kind did not exist.
+            let mut unavailable = None;
             for i in order {
                 match self
                     .list_kind(&alternatives[i], namespace, facts, policies, &mut findings, objects)
@@ -347,10 +472,16 @@ impl ScopeAuditor {
                     }
                     Err(AuditRunError::Api { source: kube::Error::Api(status), .. })
                         if status.code == 404 => {}
+                    Err(error) if unavailable_status(&error) => unavailable = Some(error),
                     Err(error) => return Err(error),
                 }
             }
-            self.served.entry(label).or_insert(served);
+            match (served, unavailable) {
+                (None, Some(error)) => return Err(error),
+                (served, _) => {
+                    self.served.entry(label).or_insert(served);
+                }
+            }
         }
         Ok(findings)
     }
@@ -369,24 +500,40 @@ impl ScopeAuditor {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, &kind.resource),
             None => Api::all_with(self.client.clone(), &kind.resource),
         };
+        let request = kube::core::Request::new(api.resource_url());
         let what =
             format!("listing {} in {}", kind.resource.plural, namespace.unwrap_or("the cluster"));
         let mut params = ListParams::default().limit(PAGE_SIZE);
         loop {
-            let page = match tokio::time::timeout(CALL_DEADLINE, api.list(&params)).await {
-                Ok(Ok(page)) => page,
-                Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
-                Err(_) => return Err(AuditRunError::Timeout { what }),
+            let call = match request.list(&params) {
+                Ok(call) => call,
+                Err(error) => {
+                    let source = kube::Error::BuildRequest(error);
+                    return Err(AuditRunError::Api { what, source });
+                }
             };
-            for object in page.items {
+            let text =
+                match tokio::time::timeout(CALL_DEADLINE, self.client.request_text(call)).await {
+                    Ok(Ok(text)) => text,
+                    Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+                    Err(_) => return Err(AuditRunError::Timeout { what }),
+                };
+            let page: Page<'_> = match serde_json::from_str(&text) {
+                Ok(page) => page,
+                Err(error) => {
+                    let source = kube::Error::SerdeError(error);
+                    return Err(AuditRunError::Api { what, source });
+                }
+            };
+            for raw in &page.items {
                 *objects += 1;
                 if (*objects).is_multiple_of(YIELD_EVERY) {
                     tokio::task::yield_now().await;
                 }
-                let mut value = match serde_json::to_value(&object) {
+                let mut value: serde_json::Value = match serde_json::from_str(raw.get()) {
                     Ok(value) => value,
                     Err(error) => {
-                        tracing::warn!(%error, "an object does not serialise; skipped");
+                        tracing::warn!(%error, "an object does not parse; skipped");
                         continue;
                     }
                 };
@@ -401,6 +548,7 @@ impl ScopeAuditor {
                         continue;
                     }
                 };
+                drop(value);
                 let prepared = match audit.prepare() {
                     Ok(prepared) => prepared,
                     Err(error) => {
@@ -410,12 +558,11 @@ impl ScopeAuditor {
                 };
                 let Some(view) = prepared.view.as_ref() else { continue };
                 let gathered = facts.gather(view, policies).await;
-                for finding in judge(view, policies, &gathered) {
-                    findings.entries.push((audit.subject.clone(), finding));
-                }
+                findings.record(&audit.subject, judge(view, policies, &gathered));
             }
+            let limit = next_limit(page.items.len(), text.len());
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = params.continue_token(&token),
+                Some(token) => params = ListParams::default().limit(limit).continue_token(&token),
                 None => return Ok(()),
             }
         }
@@ -491,8 +638,9 @@ pub struct OnceAudit {
 
 /// `arcguard audit`: one audit of `namespaces` (every namespace when `None`) and the cluster
 /// scope with `policies`, listing and judging as the leader does ([`ScopeAuditor`]), facts
-/// from the same caches ([`ClusterFacts`], filled within `wait`). It writes nothing: no
-/// reports, no status, no metrics.
+/// from the same caches ([`ClusterFacts`], filled within `wait`); each scope keeps at most
+/// `max_results` entries (the counts cover all). It writes nothing: no reports, no status, no
+/// metrics.
 ///
 /// # Errors
 /// [`AuditRunError`] when the caches are not filled within `wait`, a namespace named does not
@@ -501,6 +649,7 @@ pub async fn audit_once(
     client: kube::Client,
     policies: &PolicySet,
     namespaces: Option<&[String]>,
+    max_results: usize,
     wait: Duration,
 ) -> Result<OnceAudit, AuditRunError> {
     let deadline = tokio::time::Instant::now() + wait;
@@ -526,7 +675,7 @@ pub async fn audit_once(
         }
     };
     let labels = namespace_facts(&facts, &all);
-    let mut auditor = ScopeAuditor::new(client);
+    let mut auditor = ScopeAuditor::new(client, max_results);
     let mut run = OnceAudit::default();
     for scope in namespaces.into_iter().map(Some).chain([None]) {
         let findings = auditor
@@ -536,6 +685,51 @@ pub async fn audit_once(
     }
     Ok(run)
 }
+
+/// How a run of the leader's audit ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunOutcome {
+    /// Every scope it set out to audit was listed, judged and reported.
+    Complete,
+    /// Some scopes failed; the others were audited.
+    Partial,
+    /// Every scope it tried failed.
+    Failed,
+}
+
+impl RunOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Partial => "partial",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Whether a stored report is arcguard's: it carries arcguard's label and was written by its
+/// field manager. Anything else named `arcguard` is left alone. Not a security boundary (a
+/// writer may set both): only arcguard and cluster administrators should be able to write
+/// OpenReports objects.
+fn owned(stored: &serde_json::Value) -> bool {
+    let labelled = stored
+        .pointer(&format!("/metadata/labels/{}", report::MANAGED_BY.0.replace('/', "~1")))
+        .and_then(serde_json::Value::as_str)
+        == Some(report::MANAGED_BY.1);
+    let managed = stored
+        .pointer("/metadata/managedFields")
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|fields| {
+            fields.iter().any(|f| {
+                f.get("manager").and_then(serde_json::Value::as_str) == Some(REPORT_FIELD_MANAGER)
+            })
+        });
+    labelled && managed
+}
+
+/// Scopes failing one after the other after which a run stops: the apiserver, not a
+/// namespace, is then likely at fault, and each further scope would only wait for its deadline.
+const FAILED_IN_A_ROW: usize = 3;
 
 /// The audit's state across runs.
 struct Auditor {
@@ -548,23 +742,38 @@ struct Auditor {
     reports_on: Option<bool>,
     /// Whether "reports are off" has been logged (once, until they are on again).
     said_off: bool,
-    /// Totals by policy and result from the last run of every scope.
-    totals: BTreeMap<Option<String>, BTreeMap<String, [u64; 3]>>,
+    /// Scopes whose report arcguard does not own (a report named `arcguard` another writer
+    /// made), warned about once each.
+    foreign: BTreeSet<Option<String>>,
+    /// Totals by policy from the last audit of every scope.
+    totals: BTreeMap<Option<String>, BTreeMap<String, Summary>>,
+    /// Scopes whose last audit failed: audited again at the next retry.
+    failed: BTreeSet<Option<String>>,
+    /// The counts each policy's `status.audit` last got.
+    statuses: BTreeMap<String, [u64; 3]>,
 }
 
 impl Auditor {
     fn new(client: kube::Client, config: AuditConfig) -> Self {
         Self {
-            scopes: ScopeAuditor::new(client.clone()),
+            scopes: ScopeAuditor::new(client.clone(), config.max_results),
             client,
             config,
             reports_on: None,
             said_off: false,
+            foreign: BTreeSet::new(),
             totals: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            statuses: BTreeMap::new(),
         }
     }
 
-    /// One run over `scopes` (all namespaces and the cluster scope when `None`).
+    /// One run over `scopes` (all namespaces and the cluster scope when `None`: a full run).
+    /// A scope that fails is logged, kept in `failed` and skipped: the others are still
+    /// audited and reported.
+    ///
+    /// # Errors
+    /// [`AuditRunError::NotLeading`] when leadership moves during the run.
     #[allow(clippy::too_many_arguments)]
     async fn run(
         &mut self,
@@ -575,43 +784,69 @@ impl Auditor {
         namespaces: &[String],
         scopes: Option<&BTreeSet<Option<String>>>,
         leader: &watch::Receiver<bool>,
-    ) -> Result<(), AuditRunError> {
+    ) -> Result<RunOutcome, AuditRunError> {
         let started = tokio::time::Instant::now();
         self.probe_reports().await;
+        if scopes.is_none() {
+            self.scopes.rediscover();
+        }
         let all: Vec<Option<String>> =
             namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
         let todo: Vec<Option<String>> = match scopes {
             Some(scopes) => all.into_iter().filter(|s| scopes.contains(s)).collect(),
             None => all,
         };
-        // Scopes that no longer exist (a deleted namespace) drop out of the totals.
+        // Scopes that no longer exist (a deleted namespace) drop out.
         let live: BTreeSet<Option<String>> =
             namespaces.iter().map(|n| Some(n.clone())).chain([None]).collect();
         self.totals.retain(|scope, _| live.contains(scope));
+        self.failed.retain(|scope| live.contains(scope));
         let mut objects = 0usize;
         let mut written = 0usize;
-        for scope in &todo {
+        let mut failed = 0usize;
+        let mut in_a_row = 0usize;
+        let mut first_error = None;
+        for (index, scope) in todo.iter().enumerate() {
             if !*leader.borrow() {
                 return Err(AuditRunError::NotLeading);
             }
-            let findings = self
+            if in_a_row >= FAILED_IN_A_ROW {
+                // The rest is retried with the failed ones.
+                failed += todo.len() - index;
+                self.failed.extend(todo[index..].iter().cloned());
+                break;
+            }
+            let outcome = match self
                 .scopes
                 .audit_scope(facts, labels, policies, scope.as_deref(), &mut objects)
-                .await?;
-            let mut totals: BTreeMap<String, [u64; 3]> = BTreeMap::new();
-            for (_, finding) in &findings.entries {
-                let slot = match finding.result {
-                    AuditResult::Pass => 0,
-                    AuditResult::Fail => 1,
-                    AuditResult::Warn => 2,
-                };
-                totals.entry(finding.policy.clone()).or_default()[slot] += 1;
-            }
-            self.totals.insert(scope.clone(), totals);
-            if self.write_report(scope.as_deref(), &findings).await? {
-                written += 1;
+                .await
+            {
+                Ok(findings) => {
+                    self.totals.insert(scope.clone(), findings.by_policy().clone());
+                    self.write_report(scope.as_deref(), &findings).await
+                }
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(wrote) => {
+                    written += usize::from(wrote);
+                    self.failed.remove(scope);
+                    in_a_row = 0;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, namespace = scope.as_deref().unwrap_or(""), "audit of a scope failed");
+                    first_error.get_or_insert_with(|| error.to_string());
+                    self.failed.insert(scope.clone());
+                    failed += 1;
+                    in_a_row += 1;
+                }
             }
         }
+        let outcome = match failed {
+            0 => RunOutcome::Complete,
+            n if n == todo.len() => RunOutcome::Failed,
+            _ => RunOutcome::Partial,
+        };
         let now = k8s_openapi::jiff::Timestamp::now();
         let by_policy = self.by_policy();
         state.metrics.set_audit_results(
@@ -619,28 +854,32 @@ impl Auditor {
                 let counts = by_policy.get(&p.id()).copied().unwrap_or_default();
                 (p.id(), counts)
             }),
-            now.as_second(),
+            (outcome == RunOutcome::Complete).then(|| now.as_second()),
         );
-        self.write_statuses(policies, &by_policy, &Time(now)).await;
+        state.metrics.record_audit_run(outcome.as_str());
+        self.write_statuses(policies, &by_policy, &Time(now), scopes.is_none()).await;
         tracing::info!(
             scopes = todo.len(),
+            failed,
+            first_error = first_error.as_deref().unwrap_or(""),
             objects,
             reports_written = written,
             reports = self.reports_on.unwrap_or(false),
+            outcome = outcome.as_str(),
             duration_ms = started.elapsed().as_millis(),
             "background audit done"
         );
-        Ok(())
+        Ok(outcome)
     }
 
-    /// Totals by policy over every scope.
+    /// Totals by policy over every scope, as `[pass, fail, warn]`.
     fn by_policy(&self) -> BTreeMap<String, [u64; 3]> {
         let mut out: BTreeMap<String, [u64; 3]> = BTreeMap::new();
         for totals in self.totals.values() {
             for (policy, counts) in totals {
                 let slot = out.entry(policy.clone()).or_default();
-                for (sum, n) in slot.iter_mut().zip(counts) {
-                    *sum += n;
+                for (sum, n) in slot.iter_mut().zip([counts.pass, counts.fail, counts.warn]) {
+                    *sum += n as u64;
                 }
             }
         }
@@ -703,7 +942,22 @@ impl Auditor {
                 Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
                 Err(_) => return Err(AuditRunError::Timeout { what }),
             };
-        if findings.entries.is_empty() {
+        if let Some(stored) = &stored
+            && !owned(stored)
+        {
+            if self.foreign.insert(namespace.map(str::to_owned)) {
+                tracing::warn!(
+                    namespace = namespace.unwrap_or(""),
+                    "a {kind} named {} exists that arcguard did not write (no {}={} label or no field manager {REPORT_FIELD_MANAGER}): left alone, and this scope's findings are not reported; delete it to let arcguard report here",
+                    report::REPORT_NAME,
+                    report::MANAGED_BY.0,
+                    report::MANAGED_BY.1,
+                );
+            }
+            return Ok(false);
+        }
+        self.foreign.remove(&namespace.map(str::to_owned));
+        if findings.is_empty() {
             if stored.is_some() {
                 let params = DeleteParams::default();
                 let call = api.delete(report::REPORT_NAME, &params);
@@ -734,15 +988,23 @@ impl Auditor {
         }
     }
 
-    /// Writes every policy's `status.audit`; failures are logged (the next run writes again).
+    /// Writes the `status.audit` of every policy whose counts changed, and after a full run
+    /// (`full`) of every policy, for its `lastRun`; failures are logged (the next run writes
+    /// again).
     async fn write_statuses(
-        &self,
+        &mut self,
         policies: &PolicySet,
         by_policy: &BTreeMap<String, [u64; 3]>,
         now: &Time,
+        full: bool,
     ) {
+        self.statuses.retain(|id, _| policies.policies().iter().any(|p| p.id() == *id));
         for policy in policies.policies() {
-            let [pass, fail, warn] = by_policy.get(&policy.id()).copied().unwrap_or_default();
+            let counts = by_policy.get(&policy.id()).copied().unwrap_or_default();
+            if !full && self.statuses.get(&policy.id()) == Some(&counts) {
+                continue;
+            }
+            let [pass, fail, warn] = counts;
             let status = AuditStatus { pass, fail, warn, last_run: Some(now.clone()) };
             let (api, api_version, kind): (Api<DynamicObject>, _, _) = match &policy.scope {
                 Scope::Cluster => {
@@ -775,11 +1037,15 @@ impl Auditor {
             )
             .await
             {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => {
+                    self.statuses.insert(policy.id(), counts);
+                }
                 Ok(Err(error)) => {
+                    self.statuses.remove(&policy.id());
                     tracing::warn!(%error, policy = %policy.id(), "failed to write the policy's audit status")
                 }
                 Err(_) => {
+                    self.statuses.remove(&policy.id());
                     tracing::warn!(policy = %policy.id(), "writing the policy's audit status timed out")
                 }
             }
@@ -887,5 +1153,240 @@ mod tests {
         // A new unscoped policy: every namespace and the cluster scope.
         let after = set(&[("shop", shop), ("teams", teams), ("all", "  calicoLinuxOnly: {}\n")]);
         assert_eq!(affected_scopes(&before, &after, &namespaces, &facts).len(), 4);
+    }
+
+    /// An answer with `status` and a Kubernetes Status body.
+    fn status(code: u16) -> http::Response<kube::client::Body> {
+        let body = serde_json::json!({
+            "apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": format!("answered {code}"), "code": code,
+        });
+        http::Response::builder()
+            .status(code)
+            .body(kube::client::Body::from(serde_json::to_vec(&body).expect("JSON")))
+            .expect("response")
+    }
+
+    fn pod(namespace: &str, name: &str, image: &str) -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
+            "spec": {"containers": [{"name": "app", "image": image}]},
+        })
+    }
+
+    /// Serves requests from `answer(path, query)` until the client side is dropped; returns
+    /// every `path?query` asked, in order.
+    async fn apiserver(
+        mut server: tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+        mut answer: impl FnMut(&str, &str) -> http::Response<kube::client::Body>,
+    ) -> Vec<String> {
+        let mut asked = Vec::new();
+        while let Some((request, send)) = server.next_request().await {
+            let path = request.uri().path().to_owned();
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            asked.push(format!("{} {path}?{query}", request.method()));
+            send.send_response(answer(&path, &query));
+        }
+        asked
+    }
+
+    fn mock() -> (
+        kube::Client,
+        tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+    ) {
+        let (service, server) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        (kube::Client::new(service, "default"), server)
+    }
+
+    #[tokio::test]
+    async fn an_expired_continue_token_lists_the_scope_again_and_calico_falls_back_to_its_crds() {
+        let (client, server) = mock();
+        let facts = ClusterFacts::empty(client.clone());
+        let policies = set(&[("registries", "  trustedRegistries: {registries: [a.io]}\n")]);
+        let mut pod_lists = 0;
+        let answer = move |path: &str, query: &str| match path {
+            "/api/v1/namespaces/shop/pods" => {
+                pod_lists += 1;
+                match (pod_lists, query.contains("continue=")) {
+                    // The first listing: page one, then its token has expired.
+                    (1, false) => {
+                        let mut page = list("Pod", &[pod("shop", "a", "b.io/x:1")]);
+                        *page.body_mut() = kube::client::Body::from(
+                            serde_json::to_vec(&serde_json::json!({
+                                "metadata": {"continue": "token-1"},
+                                "items": [pod("shop", "a", "b.io/x:1")],
+                            }))
+                            .expect("JSON"),
+                        );
+                        page
+                    }
+                    (2, true) => status(410),
+                    // The second listing, in one page.
+                    (_, false) => {
+                        list("Pod", &[pod("shop", "a", "b.io/x:1"), pod("shop", "b", "a.io/y:1")])
+                    }
+                    other => panic!("unexpected pod list {other:?}"),
+                }
+            }
+            // Calico's API server is down; its CRDs serve the same objects.
+            p if p.starts_with("/apis/projectcalico.org/") => status(503),
+            _ => list("Any", &[]),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let served = tokio::spawn(async move {
+            let asked = apiserver(server, answer).await;
+            let _ = tx.send(());
+            asked
+        });
+        let mut auditor = ScopeAuditor::new(client, 10);
+        let mut objects = 0;
+        let labels = StaticFacts::default();
+        let findings = auditor
+            .audit_scope(&facts, &labels, &policies, Some("shop"), &mut objects)
+            .await
+            .expect("audited");
+        // Counted once: the second listing replaced the first.
+        assert_eq!(findings.verdicts().objects, 2);
+        assert_eq!(findings.summary().fail, 1);
+        assert_eq!(findings.summary().pass, 1);
+        assert_eq!(objects, 2);
+        assert_eq!(auditor.served.get("10").copied(), Some(Some(1)), "Calico via its CRDs");
+        drop((auditor, facts));
+        let _ = rx.await;
+        let asked = served.await.expect("served");
+        assert!(
+            asked.contains(
+                &"GET /apis/crd.projectcalico.org/v1/namespaces/shop/networkpolicies?&limit=250"
+                    .to_owned()
+            ),
+            "{asked:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kind_no_group_serves_for_a_503_fails_the_scope() {
+        let (client, server) = mock();
+        let facts = ClusterFacts::empty(client.clone());
+        let policies = set(&[("registries", "  trustedRegistries: {registries: [a.io]}\n")]);
+        let answer = |path: &str, _: &str| {
+            if path.contains("projectcalico.org/") { status(503) } else { list("Any", &[]) }
+        };
+        tokio::spawn(apiserver(server, answer));
+        let mut auditor = ScopeAuditor::new(client, 10);
+        let error = auditor
+            .audit_scope(&facts, &StaticFacts::default(), &policies, Some("shop"), &mut 0)
+            .await
+            .expect_err("Calico's policies cannot be listed");
+        assert!(error.to_string().contains("networkpolicies"), "{error}");
+        assert!(!auditor.served.contains_key("10"), "not remembered as absent");
+    }
+
+    #[tokio::test]
+    async fn a_failing_namespace_is_retried_while_the_others_are_audited_and_counted() {
+        let (client, server) = mock();
+        let facts = ClusterFacts::empty(client.clone());
+        let policies = set(&[("registries", "  trustedRegistries: {registries: [a.io]}\n")]);
+        let answer = |path: &str, _: &str| match path {
+            "/apis/openreports.io/v1alpha1" => status(404),
+            "/api/v1/namespaces/broken/pods" => status(500),
+            "/api/v1/namespaces/shop/pods" => list("Pod", &[pod("shop", "a", "b.io/x:1")]),
+            p if p.ends_with("/status") => list("Any", &[]),
+            _ => list("Any", &[]),
+        };
+        let asked = tokio::spawn(apiserver(server, answer));
+        let state = AppState::new(crate::server::Snapshot::default());
+        let config = AuditConfig { interval: Duration::from_secs(3600), max_results: 10 };
+        let mut auditor = Auditor::new(client, config);
+        let namespaces = vec!["broken".to_owned(), "shop".to_owned()];
+        let (_, leader) = watch::channel(true);
+        let labels = StaticFacts::default();
+        let outcome = auditor
+            .run(&state, &facts, &labels, &policies, &namespaces, None, &leader)
+            .await
+            .expect("ran");
+        assert_eq!(outcome, RunOutcome::Partial);
+        assert_eq!(auditor.failed, [Some("broken".to_owned())].into());
+        assert_eq!(auditor.by_policy()["registries"], [0, 1, 0]);
+        let metrics = state.metrics.encode();
+        assert!(metrics.contains("arcguard_audit_runs_total{outcome=\"partial\"} 1"), "{metrics}");
+        assert!(
+            metrics.contains("arcguard_audit_last_run_timestamp_seconds 0"),
+            "a partial run is not a complete one"
+        );
+        // The next run retries the failed namespace only; the apiserver answers now.
+        drop(asked);
+        let (client, server) = mock();
+        auditor.client = client.clone();
+        auditor.scopes = ScopeAuditor::new(client, 10);
+        let answer = |path: &str, _: &str| match path {
+            "/apis/openreports.io/v1alpha1" => status(404),
+            "/api/v1/namespaces/shop/pods" => panic!("shop is not listed again"),
+            _ => list("Any", &[]),
+        };
+        tokio::spawn(apiserver(server, answer));
+        let retry = auditor.failed.clone();
+        let outcome = auditor
+            .run(&state, &facts, &labels, &policies, &namespaces, Some(&retry), &leader)
+            .await
+            .expect("ran");
+        assert_eq!(outcome, RunOutcome::Complete);
+        assert!(auditor.failed.is_empty());
+        assert_eq!(auditor.by_policy()["registries"], [0, 1, 0], "shop's totals are kept");
+    }
+
+    #[tokio::test]
+    async fn scopes_failing_in_a_row_end_the_run_and_wait_for_the_retry() {
+        let (client, server) = mock();
+        let facts = ClusterFacts::empty(client.clone());
+        let policies = set(&[("registries", "  trustedRegistries: {registries: [a.io]}\n")]);
+        let answer = |path: &str, _: &str| {
+            if path == "/apis/openreports.io/v1alpha1" { status(404) } else { status(500) }
+        };
+        let asked = tokio::spawn(apiserver(server, answer));
+        let state = AppState::new(crate::server::Snapshot::default());
+        let config = AuditConfig { interval: Duration::from_secs(3600), max_results: 10 };
+        let mut auditor = Auditor::new(client, config);
+        let namespaces: Vec<String> = (0..10).map(|i| format!("ns-{i}")).collect();
+        let (_, leader) = watch::channel(true);
+        let outcome = auditor
+            .run(&state, &facts, &StaticFacts::default(), &policies, &namespaces, None, &leader)
+            .await
+            .expect("ran");
+        assert_eq!(outcome, RunOutcome::Failed);
+        assert_eq!(auditor.failed.len(), 11, "every scope is retried, the cluster's too");
+        drop((auditor, facts));
+        let asked = asked.await.expect("served");
+        let lists = asked.iter().filter(|a| a.contains("/pods")).count();
+        assert_eq!(lists, FAILED_IN_A_ROW, "{asked:#?}");
+    }
+
+    #[test]
+    fn a_page_holds_about_page_bytes_whatever_the_object_size() {
+        assert_eq!(next_limit(0, 0), PAGE_SIZE);
+        assert_eq!(next_limit(250, 250 * 2048), PAGE_SIZE, "2 KiB objects: the most");
+        assert_eq!(next_limit(250, 250 * 64 * 1024), 32, "64 KiB objects: 2 MiB pages");
+        assert_eq!(next_limit(10, 10 * 1024 * 1024), PAGE_MIN, "1 MiB objects: the fewest");
+    }
+
+    #[test]
+    fn only_a_report_with_arcguards_label_and_field_manager_is_arcguards() {
+        let report = |labels: serde_json::Value, manager: &str| {
+            serde_json::json!({"metadata": {"name": "arcguard", "labels": labels,
+                "managedFields": [{"manager": manager, "operation": "Apply"}]}})
+        };
+        let ours = serde_json::json!({"app.kubernetes.io/managed-by": "arcguard"});
+        assert!(owned(&report(ours.clone(), "arcguard")));
+        assert!(!owned(&report(ours, "kubectl")), "labelled by someone else");
+        assert!(!owned(&report(serde_json::json!({}), "arcguard")), "no label");
+        assert!(!owned(&serde_json::json!({"metadata": {"name": "arcguard"}})));
     }
 }

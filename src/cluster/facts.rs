@@ -120,6 +120,22 @@ impl ClusterFacts {
         })
     }
 
+    /// Facts calling the API through `client` with empty caches that nothing fills: for tests
+    /// of what is asked of the apiserver (reviews, lists).
+    #[cfg(test)]
+    pub(crate) fn empty(client: kube::Client) -> Self {
+        let resource = credential_spec_resource();
+        Self {
+            client,
+            credential_specs: reflector::store::Writer::new(resource.clone()).as_reader(),
+            credential_spec_resource: resource,
+            namespaces: reflector::store().0,
+            nodes: reflector::store().0,
+            authorizations: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// The OS of a node as the rules read it: known, or unknown when the node is not cached or
     /// carries no OS label.
     pub fn node_os_of(&self, name: &str) -> os::NodeOs {
@@ -385,17 +401,7 @@ mod tests {
     fn facts() -> (ClusterFacts, ApiServer) {
         let (service, server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(service, "default");
-        let resource = credential_spec_resource();
-        let facts = ClusterFacts {
-            client,
-            credential_specs: reflector::store::Writer::new(resource.clone()).as_reader(),
-            credential_spec_resource: resource,
-            namespaces: reflector::store().0,
-            nodes: reflector::store().0,
-            authorizations: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
-        };
-        (facts, server)
+        (ClusterFacts::empty(client), server)
     }
 
     /// The next LocalSubjectAccessReview the mock apiserver receives: the credential spec it
