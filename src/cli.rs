@@ -86,6 +86,11 @@ pub struct ServeArgs {
     /// `memory.max` is read; without either, the budget is 512 MiB.
     #[arg(long, env = "ARCGUARD_MEMORY_LIMIT")]
     pub memory_limit: Option<u64>,
+    /// Denials, warnings and Audit-policy violations logged per second at `info`; beyond that
+    /// they are counted and summarised in one line per second (metrics count every request,
+    /// and the kube-apiserver's audit log holds each decision). 0: summaries only.
+    #[arg(long, env = "ARCGUARD_LOG_DECISIONS_PER_SECOND", default_value_t = 10)]
+    pub log_decisions_per_second: u32,
     /// On SIGTERM, time between readiness turning false and the listeners closing.
     #[arg(long, env = "ARCGUARD_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,

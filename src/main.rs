@@ -65,6 +65,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         memory_budget: server::budget::budget_for(
             args.memory_limit.or_else(server::budget::cgroup_memory_limit),
         ),
+        decisions_logged_per_second: args.log_decisions_per_second,
         ..server::Limits::default()
     };
     let addresses = server::Addresses { webhook: args.addr, metrics: args.metrics_addr };

@@ -150,6 +150,21 @@ pub fn decide(
             summary.denials = evaluation.denials();
             if evaluation.is_denied() {
                 deny(&mut response, view, &summary.denials, 403, "Forbidden");
+                // The message is in the audit event's responseStatus; which policies denied
+                // is said here, so the audit log answers "what does arcguard deny" per policy
+                // even when arcguard's own log summarises a denial storm.
+                let mut denying: Vec<String> = evaluation
+                    .results
+                    .iter()
+                    .filter(|r| {
+                        r.policy.action == Action::Deny && matches!(r.outcome, Outcome::Fail(_))
+                    })
+                    .map(|r| r.policy.id())
+                    .collect();
+                denying.dedup();
+                response
+                    .audit_annotations
+                    .insert("denied-policies", cut(&denying.join(","), MAX_AUDIT_ANNOTATION_BYTES));
             }
         }
         Webhook::Mutate => {
@@ -227,7 +242,7 @@ pub const MAX_AUDIT_ANNOTATION_BYTES: usize = 4096;
 /// the request): `audit-policies`, the policies that failed, comma-separated, and
 /// `audit-violations`, the violations (`[policy] message`) separated by `; `, cut at
 /// [`MAX_AUDIT_ANNOTATION_BYTES`] with a count of what was left out. Empty when no Audit policy
-/// failed.
+/// failed. A denial adds `denied-policies`, the Deny policies that failed.
 fn audit_annotations(
     evaluation: &crate::policy::Evaluation<'_>,
     audits: &[String],
@@ -344,6 +359,26 @@ mod tests {
         let body =
             String::from_utf8(crate::admission::review::encode(&decision.response)).expect("utf-8");
         assert!(body.contains("\"auditAnnotations\":{\"audit-policies\":"), "{body}");
+        assert!(!annotations.contains_key("denied-policies"), "admitted");
+
+        // A denial names the Deny policies that denied, next to the status message.
+        let with_deny = policies(&[
+            ("audit-a", "  action: Audit\n  trustedRegistries: {registries: [a.io]}\n"),
+            ("deny-e", "  trustedRegistries: {registries: [e.io]}\n"),
+            ("deny-f", "  trustedRegistries: {registries: [d.io]}\n"),
+        ]);
+        let denied =
+            review(Webhook::Validate, &pod_review(&["d.io/app:1".to_owned()]), &with_deny, &facts)
+                .expect("reviews");
+        assert!(!denied.response.allowed);
+        assert_eq!(
+            denied.response.audit_annotations.get("denied-policies").map(String::as_str),
+            Some("deny-e")
+        );
+        assert_eq!(
+            denied.response.audit_annotations.get("audit-policies").map(String::as_str),
+            Some("audit-a")
+        );
 
         // Nothing to say: no field at all.
         let clean = review(

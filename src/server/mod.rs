@@ -1,6 +1,7 @@
 //! The HTTPS webhook server and the plain-HTTP metrics server.
 
 pub mod budget;
+pub mod decision_log;
 pub mod listen;
 mod routes;
 mod tls;
@@ -216,6 +217,9 @@ pub struct Limits {
     pub keep_alive_timeout: Duration,
     /// Bytes that webhook requests in flight may use ([`budget`]).
     pub memory_budget: usize,
+    /// Decision lines (denials, warnings, Audit-policy violations) logged per second at
+    /// `info`; the rest are counted and summarised ([`decision_log`]).
+    pub decisions_logged_per_second: u32,
 }
 
 impl Default for Limits {
@@ -234,6 +238,7 @@ impl Default for Limits {
             keep_alive_interval: Duration::from_secs(20),
             keep_alive_timeout: Duration::from_secs(10),
             memory_budget: budget::UNLIMITED_BUDGET,
+            decisions_logged_per_second: decision_log::DEFAULT_PER_SECOND,
         }
     }
 }

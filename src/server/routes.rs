@@ -15,6 +15,7 @@ use tower_http::timeout::TimeoutLayer;
 use tokio::sync::Semaphore;
 
 use super::budget::{Budget, Charge};
+use super::decision_log::{self, DecisionLog, Line};
 use super::{AppState, Limits};
 use crate::admission::{self, ReviewError};
 use crate::pipeline::{self, Decision, Webhook};
@@ -30,9 +31,12 @@ pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
         limits.body_deadline(),
         state.metrics.clone(),
     ));
+    let log = Arc::new(DecisionLog::new(limits.decisions_logged_per_second, Instant::now()));
+    flush_periodically(&log);
     let webhooks = Router::new()
         .route("/validate", post(validate))
         .route("/mutate", post(mutate))
+        .layer(Extension(log))
         .layer(axum::middleware::from_fn_with_state(budget, super::budget::admit));
     Router::new()
         .merge(webhooks)
@@ -43,6 +47,27 @@ pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
         // A panic answers 500 for that request only; the server keeps serving.
         .layer(CatchPanicLayer::new())
         .with_state(state)
+}
+
+/// How often lines dropped by the decision log are summarised when no decision follows them.
+const FLUSH_EVERY: Duration = Duration::from_secs(10);
+
+/// Summarises dropped decision lines every [`FLUSH_EVERY`] while the router lives (outside a
+/// runtime, only at the next decision).
+fn flush_periodically(log: &Arc<DecisionLog>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let log = Arc::downgrade(log);
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(log) = log.upgrade() else { return };
+            if let Some(suppressed) = log.flush(Instant::now()) {
+                decision_log::log_summary(&suppressed);
+            }
+        }
+    });
 }
 
 /// The router of the metrics port: `GET /metrics`, `GET /healthz`, `GET /readyz`.
@@ -56,20 +81,22 @@ pub fn metrics_router(state: AppState) -> Router {
 
 async fn validate(
     State(state): State<AppState>,
+    Extension(log): Extension<Arc<DecisionLog>>,
     charge: Option<Extension<Charge>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle(Webhook::Validate, state, charge, &headers, body).await
+    handle(Webhook::Validate, state, log, charge, &headers, body).await
 }
 
 async fn mutate(
     State(state): State<AppState>,
+    Extension(log): Extension<Arc<DecisionLog>>,
     charge: Option<Extension<Charge>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle(Webhook::Mutate, state, charge, &headers, body).await
+    handle(Webhook::Mutate, state, log, charge, &headers, body).await
 }
 
 /// Decisions running at once, on blocking threads; more wait (within the request timeout).
@@ -81,6 +108,7 @@ static DECISIONS: Semaphore = Semaphore::const_new(DECISION_SLOTS);
 async fn handle(
     webhook: Webhook,
     state: AppState,
+    log: Arc<DecisionLog>,
     charge: Option<Extension<Charge>>,
     headers: &HeaderMap,
     body: Bytes,
@@ -103,7 +131,7 @@ async fn handle(
     let runtime = tokio::runtime::Handle::current();
     let decided = tokio::task::spawn_blocking(move || {
         let _charge = charge;
-        decide(webhook, &state, &body, start, &runtime)
+        decide(webhook, &state, &log, &body, start, &runtime)
     })
     .await;
     drop(slot);
@@ -118,6 +146,7 @@ async fn handle(
 fn decide(
     webhook: Webhook,
     state: &AppState,
+    log: &DecisionLog,
     body: &[u8],
     start: Instant,
     runtime: &tokio::runtime::Handle,
@@ -141,7 +170,7 @@ fn decide(
             let encoded = admission::review::encode(&decision.response);
             let elapsed = start.elapsed();
             state.metrics.record_decision(webhook, &decision, elapsed);
-            log_decision(webhook, &decision, elapsed);
+            log_decision(webhook, &decision, elapsed, log);
             ([(header::CONTENT_TYPE, "application/json")], encoded).into_response()
         }
         Err(error) => invalid(webhook, state, start, &error),
@@ -162,7 +191,9 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
-fn log_decision(webhook: Webhook, decision: &Decision, elapsed: Duration) {
+/// Logs a decision: allows at `debug`; denials, warnings and Audit-policy violations at `info`
+/// within the decision log's rate ([`decision_log`]).
+fn log_decision(webhook: Webhook, decision: &Decision, elapsed: Duration, log: &DecisionLog) {
     let summary = &decision.summary;
     let response = &decision.response;
     let verdict = match (summary.allowed, summary.patched) {
@@ -171,13 +202,22 @@ fn log_decision(webhook: Webhook, decision: &Decision, elapsed: Duration) {
         (true, false) => "allowed",
     };
     let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    let admit = |line: Line| {
+        let admit = log.admit(line, Instant::now());
+        if let Some(suppressed) = admit.summary {
+            decision_log::log_summary(&suppressed);
+        }
+        admit.log
+    };
     for audit in &summary.audits {
-        tracing::info!(uid = %response.uid, kind = summary.kind, object = %summary.object, violation = %audit, "audit policy violation");
+        if admit(Line::AuditViolation) {
+            tracing::info!(uid = %response.uid, kind = summary.kind, object = %summary.object, violation = %audit, "audit policy violation");
+        }
     }
     // Allows and patches are the bulk of traffic: keep them out of the default log level.
     if response.allowed && response.warnings.is_empty() {
         tracing::debug!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, "admission");
-    } else {
+    } else if admit(if response.allowed { Line::Warned } else { Line::Denied }) {
         let message = response.status.as_ref().map(|s| s.message.as_str()).unwrap_or_default();
         tracing::info!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, warnings = ?response.warnings, message, "admission");
     }
