@@ -125,6 +125,18 @@ impl Arcguard {
         }
     }
 
+    /// The process id while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Proc::pid)
+    }
+
+    /// The file its output goes to.
+    #[must_use]
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
+    }
+
     /// Whether the process runs (started and not exited).
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(|p| p.exited().is_none())

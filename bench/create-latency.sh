@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Pod CREATE latency through a real kube-apiserver without arcguard's webhooks, with them, and
+# with them under a denial storm (e2e/src/bin/create_latency.rs; see BENCHMARKS.md).
+#
+# Builds the release arcguard and the harness, starts one cluster of the e2e harness (its
+# control plane is built from source on first use, as in e2e/README.md), and prints Markdown.
+# Arguments go to the harness: --rate N (pods per second, default 50), --seconds N (per phase,
+# default 30), --storm-connections N (default 16).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+target=${CARGO_TARGET_DIR:-$root/target}
+cd "$root"
+cargo build --release --quiet --bin arcguard
+cargo build --release --quiet -p arcguard-e2e --bin create_latency
+ARCGUARD_BIN="$target/release/arcguard" "$target/release/create_latency" "$@"

@@ -1,0 +1,333 @@
+//! The overhead users feel: pod CREATE latency through a real kube-apiserver, at a fixed rate,
+//! without arcguard's webhooks, with them, and with them while arcguard is flooded with denied
+//! reviews. Run by `bench/create-latency.sh`; figures in BENCHMARKS.md.
+//!
+//! One cluster of the e2e harness (etcd, kube-apiserver, arcguard as a local process under its
+//! ServiceAccount, the sample policies). Each phase creates pods (trusted images, a namespace
+//! arcguard enforces) open-loop at `--rate` per second for `--seconds`, each CREATE timed on
+//! its own (a slow one does not delay the next), and reports p50, p90, p99 and max. Phases:
+//!
+//! 1. `no webhooks`: arcguard's webhook configurations deleted;
+//! 2. `arcguard`: the configurations applied again (the leader injects their caBundle and sets
+//!    failurePolicy Fail), arcguard validating and mutating every CREATE;
+//! 3. `arcguard + denial storm`: the same, while `--storm-connections` loops POST a denied pod
+//!    review to arcguard's /validate as fast as it answers.
+//!
+//! Usage: `create_latency [--rate N] [--seconds N] [--storm-connections N]`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use arcguard_e2e::cluster::{
+    Cluster, ClusterOptions, apply, namespace, wait_for_enforcement, webhook_configurations,
+};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+
+/// The settings of a run.
+struct Settings {
+    rate: u32,
+    seconds: u64,
+    storm_connections: usize,
+}
+
+fn settings() -> Result<Settings> {
+    let mut settings = Settings { rate: 50, seconds: 30, storm_connections: 16 };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rate" => settings.rate = value.parse().context("--rate")?,
+            "--seconds" => settings.seconds = value.parse().context("--seconds")?,
+            "--storm-connections" => {
+                settings.storm_connections = value.parse().context("--storm-connections")?;
+            }
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if settings.rate == 0 || settings.seconds == 0 {
+        bail!("--rate and --seconds must be more than 0");
+    }
+    Ok(settings)
+}
+
+/// Latencies of one phase, sorted.
+struct Phase {
+    name: &'static str,
+    latencies: Vec<Duration>,
+    failures: usize,
+    arcguard_cpu: Duration,
+    storm: Option<(u64, Duration)>,
+    log_bytes: u64,
+}
+
+impl Phase {
+    fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.latencies.len() as f64).ceil() as usize;
+        self.latencies[rank.clamp(1, self.latencies.len()) - 1]
+    }
+}
+
+/// User plus system CPU time of a process so far.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command.
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz)
+}
+
+/// Creates pods open-loop at `rate` per second for `seconds`, each timed on its own.
+async fn measure(
+    client: &kube::Client,
+    ns: &str,
+    prefix: &str,
+    settings: &Settings,
+) -> Result<(Vec<Duration>, usize)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let total = u64::from(settings.rate) * settings.seconds;
+    let period = Duration::from_secs(1) / settings.rate;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        tick.tick().await;
+        let pods = pods.clone();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("{prefix}-{i}"), "labels": {"app": "latency"}},
+            "spec": {"containers": [
+                {"name": "app", "image": "contoso.azurecr.io/shop/web:1.4.2",
+                 "env": [{"name": "MODE", "value": "bench"}]},
+                {"name": "proxy", "image": "mcr.microsoft.com/oss/nginx/nginx:1.25.3"},
+            ]},
+        }))?;
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let result = pods.create(&PostParams::default(), &pod).await;
+            (start.elapsed(), result.is_ok())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    let mut failures = 0;
+    for task in tasks {
+        let (elapsed, ok) = task.await?;
+        if ok {
+            latencies.push(elapsed);
+        } else {
+            failures += 1;
+        }
+    }
+    latencies.sort();
+    Ok((latencies, failures))
+}
+
+/// A denied pod CREATE review, as the apiserver sends it.
+fn denied_review(ns: &str) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "storm", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE", "namespace": ns, "name": "storm",
+            "userInfo": {"username": "system:serviceaccount:storm:default"},
+            "object": {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "storm", "namespace": ns},
+                "spec": {"containers": [{"name": "app", "image": "untrusted.example.com/storm:1"}]}},
+        }
+    })
+    .to_string()
+}
+
+/// Floods arcguard's /validate with denied reviews from `connections` loops until `stop`;
+/// returns how many were answered.
+fn storm(
+    url: String,
+    body: String,
+    connections: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<(tokio::task::JoinHandle<u64>, Arc<AtomicU64>)> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let client = reqwest::Client::builder()
+        // arcguard's own CA signs its certificate; what is measured is not TLS verification.
+        .danger_accept_invalid_certs(true)
+        .http1_only()
+        .pool_max_idle_per_host(connections)
+        .build()?;
+    let counter = sent.clone();
+    let handle = tokio::spawn(async move {
+        let loops = (0..connections).map(|_| {
+            let (client, url, body, stop, counter) =
+                (client.clone(), url.clone(), body.clone(), stop.clone(), counter.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    if let Ok(response) = sent
+                        && response.bytes().await.is_ok()
+                    {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        futures::future::join_all(loops).await;
+        counter.load(Ordering::Relaxed)
+    });
+    Ok((handle, sent))
+}
+
+async fn delete_webhooks(client: &kube::Client) -> Result<()> {
+    let params = DeleteParams::default();
+    Api::<ValidatingWebhookConfiguration>::all(client.clone()).delete("arcguard", &params).await?;
+    Api::<MutatingWebhookConfiguration>::all(client.clone()).delete("arcguard", &params).await?;
+    Ok(())
+}
+
+async fn run(cluster: &Cluster, settings: &Settings) -> Result<Vec<Phase>> {
+    let client = cluster.client().await?;
+    let ns = namespace(&client, "latency", &[]).await?;
+    let pid = cluster.arcguard.pid().ok_or_else(|| anyhow!("arcguard is not running"))?;
+    let log_size = || std::fs::metadata(cluster.arcguard.log_path()).map(|m| m.len()).unwrap_or(0);
+    let mut phases = Vec::new();
+
+    // Warm-up: the apiserver's and arcguard's first requests (connections, caches) are not
+    // what is measured.
+    let warm = Settings { rate: settings.rate, seconds: 2, storm_connections: 0 };
+    measure(&client, &ns, "warm-a", &warm).await?;
+
+    delete_webhooks(&client).await?;
+    // The apiserver's webhook informer drops them within a moment; the warm-up waits that out.
+    measure(&client, &ns, "warm-b", &warm).await?;
+    let (cpu, log) = (cpu_of(pid), log_size());
+    let (latencies, failures) = measure(&client, &ns, "none", settings).await?;
+    phases.push(Phase {
+        name: "no webhooks",
+        latencies,
+        failures,
+        arcguard_cpu: cpu_of(pid).saturating_sub(cpu),
+        storm: None,
+        log_bytes: log_size().saturating_sub(log),
+    });
+
+    for configuration in webhook_configurations(&cluster.arcguard.url())? {
+        apply(&client, &configuration).await?;
+    }
+    wait_for_enforcement(&client, Duration::from_secs(60)).await?;
+    arcguard_e2e::failure_policy::wait_for_failure_policy(&client, "Fail", Duration::from_secs(30))
+        .await?;
+    measure(&client, &ns, "warm-c", &warm).await?;
+    let (cpu, log) = (cpu_of(pid), log_size());
+    let (latencies, failures) = measure(&client, &ns, "arcguard", settings).await?;
+    phases.push(Phase {
+        name: "arcguard (validating + mutating)",
+        latencies,
+        failures,
+        arcguard_cpu: cpu_of(pid).saturating_sub(cpu),
+        storm: None,
+        log_bytes: log_size().saturating_sub(log),
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = format!("{}/validate", cluster.arcguard.url());
+    let (storming, _) = storm(url, denied_review(&ns), settings.storm_connections, stop.clone())?;
+    measure(&client, &ns, "warm-d", &warm).await?;
+    let (cpu, log) = (cpu_of(pid), log_size());
+    let started = Instant::now();
+    let (latencies, failures) = measure(&client, &ns, "storm", settings).await?;
+    let stormed = started.elapsed();
+    let (cpu, log) = (cpu_of(pid).saturating_sub(cpu), log_size().saturating_sub(log));
+    stop.store(true, Ordering::Relaxed);
+    let denied = storming.await?;
+    phases.push(Phase {
+        name: "arcguard + denial storm",
+        latencies,
+        failures,
+        arcguard_cpu: cpu,
+        storm: Some((denied, stormed)),
+        log_bytes: log,
+    });
+    Ok(phases)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let settings = settings()?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let phases = match run(&cluster, &settings).await {
+        Ok(phases) => phases,
+        Err(error) => bail!("{error:#}\n{}", cluster.diagnostics()),
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
+        .map_or("unknown", |(_, m)| m.trim());
+    println!(
+        "Pod CREATE latency through kube-apiserver v1.36.3 (etcd v3.6.8, the e2e harness), {} pods/s open-loop for {} s per phase; {} cores, {model}; load average at start {}.",
+        settings.rate,
+        settings.seconds,
+        std::thread::available_parallelism().map_or(0, usize::from),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!();
+    println!(
+        "| phase | creates | failed | p50 ms | p90 ms | p99 ms | max ms | arcguard CPU | arcguard log bytes | denied reviews/s (storm) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for phase in &phases {
+        let storm = phase.storm.map_or("–".to_owned(), |(n, over)| {
+            format!("{:.0}", n as f64 / over.as_secs_f64().max(0.001))
+        });
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} s | {} | {storm} |",
+            phase.name,
+            phase.latencies.len() + phase.failures,
+            phase.failures,
+            ms(phase.percentile(50.0)),
+            ms(phase.percentile(90.0)),
+            ms(phase.percentile(99.0)),
+            ms(phase.latencies.last().copied().unwrap_or_default()),
+            phase.arcguard_cpu.as_secs_f64(),
+            phase.log_bytes,
+        );
+    }
+    let base = &phases[0];
+    println!();
+    for phase in &phases[1..] {
+        let added = phase.percentile(99.0).as_secs_f64() - base.percentile(99.0).as_secs_f64();
+        let added50 = phase.percentile(50.0).as_secs_f64() - base.percentile(50.0).as_secs_f64();
+        println!(
+            "- {}: adds {:.2} ms at p50 and {:.2} ms at p99 to a pod CREATE (target: at most 1 ms at p99)",
+            phase.name,
+            added50 * 1000.0,
+            added * 1000.0
+        );
+    }
+    if phases.iter().any(|p| p.failures > 0) {
+        bail!("some CREATEs failed");
+    }
+    Ok(())
+}
