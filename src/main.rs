@@ -16,7 +16,15 @@ const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format, &cli.log);
+    // `arcguard audit` fills the same caches as a replica; their watchers' retries (no RBAC to
+    // list GMSACredentialSpecs, say) would bury its one line saying so under a warning a second.
+    let filter = match &cli.command {
+        Command::Audit(_) => {
+            format!("{},kube_runtime=error,arcguard::cluster::facts=error", cli.log)
+        }
+        _ => cli.log.clone(),
+    };
+    init_tracing(cli.log_format, &filter);
     match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Check(args) => run_check(&args),
@@ -34,11 +42,25 @@ fn main() -> ExitCode {
         Command::Certs(args) => match run_certs(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("error: {error:#}");
+                eprintln!("error: {}", chain(&error));
                 ExitCode::FAILURE
             }
         },
     }
+}
+
+/// An error and its causes on one line, each cause left out when the message before it
+/// already says it (most library errors quote their source in their own message).
+fn chain(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
@@ -207,7 +229,7 @@ fn run_check(args: &CheckArgs) -> ExitCode {
             if denied { ExitCode::from(1) } else { ExitCode::SUCCESS }
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", chain(&error));
             ExitCode::from(2)
         }
     }
@@ -255,7 +277,7 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
             ExitCode::from(audit_output::exit_code(&output))
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", chain(&error));
             ExitCode::from(audit_output::EXIT_ERROR)
         }
     }

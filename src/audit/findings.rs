@@ -122,16 +122,37 @@ impl Verdicts {
     }
 }
 
-/// One listed entry, ordered as reports list them: failures, then warnings, then passes; then
-/// by policy and object, so the listed subset and its order are the same from one audit of an
-/// unchanged scope to the next.
+/// One listed entry and its object's verdict, ordered as reports list them: failures, then
+/// warnings, then passes; failures of Deny policies before those of Audit policies; the
+/// cluster's policies (ClusterGuardPolicies) before namespaces' (GuardPolicies, `ns/name`);
+/// then by policy and object, so the listed subset and its order are the same from one audit
+/// of an unchanged scope to the next. So neither an Audit policy nor a tenant's GuardPolicy
+/// that fails everything can push a Deny policy's failures out of a bounded report.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Ranked(Subject, Finding);
+struct Ranked(Subject, Finding, Verdict);
+
+/// Deny first, then Audit, then Warn.
+fn action_rank(action: Action) -> u8 {
+    match action {
+        Action::Deny => 0,
+        Action::Audit => 1,
+        Action::Warn => 2,
+    }
+}
 
 impl Ranked {
-    fn key(&self) -> (AuditResult, &str, &Subject, &str, &str) {
-        let Self(subject, finding) = self;
-        (finding.result, &finding.policy, subject, finding.rule, &finding.message)
+    #[allow(clippy::type_complexity)]
+    fn key(&self) -> (AuditResult, u8, bool, &str, &Subject, &str, &str) {
+        let Self(subject, finding, _) = self;
+        (
+            finding.result,
+            action_rank(finding.action),
+            finding.policy.contains('/'),
+            &finding.policy,
+            subject,
+            finding.rule,
+            &finding.message,
+        )
     }
 }
 
@@ -195,7 +216,8 @@ impl Findings {
         if findings.is_empty() {
             return;
         }
-        self.verdicts.add(Verdict::of(&findings));
+        let verdict = Verdict::of(&findings);
+        self.verdicts.add(verdict);
         for finding in findings {
             self.summary.add(finding.result);
             match self.by_policy.get_mut(&finding.policy) {
@@ -209,7 +231,7 @@ impl Findings {
             if self.limit == 0 {
                 continue;
             }
-            let entry = Ranked(subject.clone(), finding);
+            let entry = Ranked(subject.clone(), finding, verdict);
             if self.kept.len() < self.limit {
                 self.kept.push(entry);
             } else if self.kept.peek().is_some_and(|last| entry < *last) {
@@ -219,12 +241,16 @@ impl Findings {
         }
     }
 
-    /// The kept entries in report order: failures, warnings, passes; then by policy and object.
+    /// The kept entries in report order (failures first, Deny before Audit, ClusterGuardPolicies
+    /// before GuardPolicies), each with its object's verdict over all its findings, kept or not.
     #[must_use]
-    pub fn entries(&self) -> Vec<(&Subject, &Finding)> {
+    pub fn entries(&self) -> Vec<(&Subject, &Finding, Verdict)> {
         let mut entries: Vec<&Ranked> = self.kept.iter().collect();
         entries.sort();
-        entries.into_iter().map(|Ranked(subject, finding)| (subject, finding)).collect()
+        entries
+            .into_iter()
+            .map(|Ranked(subject, finding, verdict)| (subject, finding, *verdict))
+            .collect()
     }
 
     /// Every finding counted by result.
@@ -249,6 +275,13 @@ impl Findings {
     #[must_use]
     pub fn omitted(&self) -> usize {
         self.summary.total() - self.kept.len()
+    }
+
+    /// Failing findings (fail or warn) counted but not kept.
+    #[must_use]
+    pub fn omitted_failures(&self) -> usize {
+        let kept = self.kept.iter().filter(|Ranked(_, f, _)| f.result != AuditResult::Pass).count();
+        self.summary.fail + self.summary.warn - kept
     }
 
     /// Whether nothing was recorded.
@@ -310,11 +343,12 @@ mod tests {
         let kept = bounded.entries();
         assert_eq!(kept.len(), 50);
         assert_eq!(kept, all.entries()[..50].to_vec(), "the same first 50 as unbounded");
-        assert!(kept.iter().all(|(_, f)| f.result == AuditResult::Fail), "failures first");
+        assert!(kept.iter().all(|(_, f, _)| f.result == AuditResult::Fail), "failures first");
         assert_eq!(kept[0].0.name, "pod-0000");
         assert_eq!(kept[49].0.name, "pod-0147");
         assert_eq!(bounded.summary(), Summary { pass: 4400, fail: 1000, warn: 600 });
         assert_eq!(bounded.omitted(), 6000 - 50);
+        assert_eq!(bounded.omitted_failures(), 1600 - 50);
         assert_eq!(bounded.by_policy()["deny"], Summary { pass: 2000, fail: 1000, warn: 0 });
         assert_eq!(bounded.by_policy()["warn"], Summary { pass: 2400, fail: 0, warn: 600 });
         assert_eq!(
@@ -334,7 +368,7 @@ mod tests {
         let mut warnings_only = Findings::new(3);
         record(&mut warnings_only, [25, 5, 1, 20, 2, 10].into_iter());
         let names: Vec<&str> =
-            warnings_only.entries().iter().map(|(s, _)| s.name.as_str()).collect();
+            warnings_only.entries().iter().map(|(s, _, _)| s.name.as_str()).collect();
         assert_eq!(names, ["pod-0005", "pod-0010", "pod-0020"], "warnings before passes");
     }
 
@@ -366,5 +400,56 @@ mod tests {
             Verdict::Fail
         );
         assert_eq!(of(&[(Action::Warn, AuditResult::Warn)]), Verdict::Warn);
+    }
+
+    #[test]
+    fn deny_failures_outrank_audit_ones_and_cluster_policies_outrank_a_namespaces() {
+        let mut findings = Findings::new(2);
+        // A tenant's GuardPolicy and an Audit policy, both failing everything, alphabetically
+        // before the Deny policy, on many objects.
+        for i in 0..100 {
+            findings.record(
+                &subject(&format!("noise-{i:03}")),
+                vec![
+                    finding("aaa-audit", Action::Audit, AuditResult::Fail),
+                    finding("evil/trigger", Action::Deny, AuditResult::Fail),
+                ],
+            );
+        }
+        findings.record(
+            &subject("legacy"),
+            vec![finding("trusted-registries", Action::Deny, AuditResult::Fail)],
+        );
+        let kept: Vec<(&str, &str)> = findings
+            .entries()
+            .iter()
+            .map(|(s, f, _)| (s.name.as_str(), f.policy.as_str()))
+            .collect();
+        assert_eq!(kept, [("legacy", "trusted-registries"), ("noise-000", "evil/trigger")]);
+    }
+
+    #[test]
+    fn a_kept_entry_carries_its_objects_verdict_over_every_finding() {
+        let mut findings = Findings::new(1);
+        findings.record(
+            &subject("bad"),
+            vec![
+                finding("audit", Action::Audit, AuditResult::Fail),
+                finding("deny", Action::Deny, AuditResult::Pass),
+                finding("warn", Action::Warn, AuditResult::Warn),
+            ],
+        );
+        let kept = findings.entries();
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].1.policy.as_str(), kept[0].2), ("audit", Verdict::Audit));
+        let mut denied = Findings::new(1);
+        denied.record(
+            &subject("worse"),
+            vec![
+                finding("a-warn", Action::Warn, AuditResult::Warn),
+                finding("z-deny", Action::Deny, AuditResult::Fail),
+            ],
+        );
+        assert_eq!(denied.entries()[0].2, Verdict::Fail);
     }
 }

@@ -50,8 +50,8 @@ pub struct Totals {
     pub warn: usize,
     /// Objects whose verdict is `pass`.
     pub pass: usize,
-    /// Findings counted in these totals but not listed in the results (beyond
-    /// `--max-results` in their namespace).
+    /// Failing findings (fail or warn) not listed in the results (beyond `--max-results` in
+    /// their namespace); their objects are counted in these totals.
     pub omitted: usize,
 }
 
@@ -67,7 +67,8 @@ pub struct AuditOutput {
 
 /// Groups the listed findings of every scope by object and adds up every scope's counts;
 /// `listed` is the number of objects listed. An object some of whose findings were not kept
-/// (beyond its scope's limit) shows the findings kept; the totals count every object.
+/// (beyond its scope's limit) shows the findings kept and its verdict over all of them; the
+/// totals count every object.
 #[must_use]
 pub fn summarise<'a>(scopes: impl IntoIterator<Item = &'a Findings>, listed: usize) -> AuditOutput {
     let mut by_object: BTreeMap<(Option<String>, String, String, String, String), ObjectResult> =
@@ -76,8 +77,8 @@ pub fn summarise<'a>(scopes: impl IntoIterator<Item = &'a Findings>, listed: usi
     let mut omitted = 0;
     for scope in scopes {
         verdicts = verdicts.plus(scope.verdicts());
-        omitted += scope.omitted();
-        for (subject, finding) in scope.entries() {
+        omitted += scope.omitted_failures();
+        for (subject, finding, verdict) in scope.entries() {
             let key = (
                 subject.namespace.clone(),
                 subject.kind.clone(),
@@ -89,7 +90,7 @@ pub fn summarise<'a>(scopes: impl IntoIterator<Item = &'a Findings>, listed: usi
                 .entry(key)
                 .or_insert_with(|| ObjectResult {
                     subject: subject.clone(),
-                    verdict: Verdict::Pass,
+                    verdict,
                     findings: Vec::new(),
                 })
                 .findings
@@ -100,7 +101,6 @@ pub fn summarise<'a>(scopes: impl IntoIterator<Item = &'a Findings>, listed: usi
         .into_values()
         .map(|mut object| {
             object.findings.sort_by(|a, b| (a.result, &a.policy).cmp(&(b.result, &b.policy)));
-            object.verdict = Verdict::of(&object.findings);
             object
         })
         .collect();
@@ -156,7 +156,7 @@ pub fn render_text(output: &AuditOutput) -> String {
     if t.omitted > 0 {
         let _ = writeln!(
             out,
-            "{} findings not shown (beyond --max-results in their namespace); the totals count them",
+            "{} failing findings not shown (beyond --max-results in their namespace); the totals count their objects",
             t.omitted
         );
     }

@@ -84,7 +84,7 @@ pub fn build(
         .entries()
         .into_iter()
         .take(max_results)
-        .map(|(subject, finding)| {
+        .map(|(subject, finding, _)| {
             let mut resource = json!({
                 "apiVersion": subject.api_version,
                 "kind": subject.kind,

@@ -3,32 +3,38 @@
 //!
 //! When: when a replica starts leading (once policies and caches are loaded), when the policies
 //! in force change (then only the namespaces a changed, added or removed policy may reach, once
-//! the policies have stayed the same for one check (every 5 s), so a GitOps sync of many
-//! policies makes one run), and every `--audit-interval` (default 1 h; 0 turns the audit off).
+//! the policies have stayed the same for one check, every 5 s, so a GitOps sync of many
+//! policies makes one run; at most 30 s after the first change however often they
+//! change), and every `--audit-interval` (default 1 h; 0 turns the audit off).
 //!
-//! How: one namespace at a time, each kind listed in pages (`limit` and `continue`) of about
-//! [`PAGE_BYTES`] and at most [`PAGE_SIZE`] objects, each object parsed only when it is judged;
+//! How: one namespace at a time, each kind listed in pages (`limit` and `continue`): the first
+//! of [`FIRST_PAGE`] objects, then about [`PAGE_BYTES`] of objects as large as the largest seen
+//! (at most [`PAGE_SIZE`]). A page is read up to [`PAGE_MAX_BYTES`]; a larger one (a tenant's
+//! objects larger than those before them) is dropped unread past that and asked again with a
+//! quarter of the objects. Each object is parsed from the page's text only when it is judged;
 //! a namespace's findings are held in [`Findings`], which keeps the `--audit-max-results`
 //! entries its report lists and counts the rest. Memory is one page and one namespace's kept
 //! entries whatever the cluster's size. The task yields to the runtime every [`YIELD_EVERY`]
-//! objects, so admission requests, served on the same runtime, never wait behind it. Facts
-//! come from the same caches and SubjectAccessReviews as admission. The audit judges every
-//! namespace a policy matches, those the webhooks skip (`kube-system`, arcguard's own) included:
-//! what runs there is reported, though admission never judged it.
+//! objects or 256 KiB, so admission requests, served on the same runtime, never wait behind
+//! it. Facts come from the same caches and SubjectAccessReviews as admission. The audit judges
+//! every namespace a policy matches, those the webhooks skip (`kube-system`, arcguard's own)
+//! included: what runs there is reported, though admission never judged it.
 //!
-//! Partial failure: a namespace whose list or report fails is logged and retried at the next
-//! retry (30 s doubling to the interval) while the others are audited and reported; after
-//! three failures in a row the run stops (the apiserver, not a namespace, is then
-//! at fault) and the rest waits for the retry. An expired continue token (410) lists the
-//! namespace again from the start, once. Calico's kinds are listed through whichever of its two
-//! API groups answers (asked again every full run); a 503 from one (its aggregated API server
-//! down) tries the other and fails the namespace if neither answers.
+//! Partial failure: a namespace whose list or report fails is logged (a warning naming it) and
+//! retried after a back-off (30 s doubling to the interval) while the others are audited and
+//! reported; the back-off delays only those retries, never the audit of a policy change. After
+//! three failures in a row the run stops (the apiserver, not a namespace, is then at fault) and
+//! the rest waits for the retry. An expired continue token (410) lists the namespace again from
+//! the start, once. Calico's kinds are listed through whichever of its two API groups answers
+//! (asked again every full run); a 503 from one (its aggregated API server down) tries the
+//! other and fails the namespace if neither answers.
 //!
 //! What it writes:
 //! - one OpenReports `Report` named `arcguard` per namespace (a `ClusterReport` for
 //!   cluster-scoped objects), only when its content changed, by server-side apply (field
 //!   manager `arcguard`); a namespace with nothing to report loses its report. A report of that
-//!   name without arcguard's label and field manager is left alone (and warned about once).
+//!   name without arcguard's label and field manager is left alone, and its namespace counts
+//!   as failed (so it is warned about at every retry).
 //!   Without the OpenReports CRDs (`manifests/components/reports`) the audit still runs and
 //!   says once that reports are off;
 //! - each policy's `status.audit` (pass, fail and warn counts, `lastRun`), by server-side apply
@@ -90,20 +96,28 @@ use crate::policy::{Policy, PolicySet, Scope};
 use crate::rules::StaticFacts;
 use crate::server::{AppState, FactSource};
 
-/// Objects per list page at most, and in the first page of each kind.
+/// Objects per list page at most.
 pub const PAGE_SIZE: u32 = 250;
-/// Objects per list page at least.
-const PAGE_MIN: u32 = 10;
+/// Objects in the first page of each kind: before any object's size is known.
+pub const FIRST_PAGE: u32 = 50;
 /// The size of list page aimed at, in bytes of JSON: after each page the next page's `limit`
-/// is scaled so it holds about this much (objects range from 1 KiB to over 1 MiB), so what a
-/// page costs in memory does not depend on how large a namespace's objects are.
+/// is this divided by the largest object seen so far (objects range from 1 KiB to over
+/// 1 MiB), so what a page costs does not depend on how large a namespace's objects are.
 pub const PAGE_BYTES: usize = 2 * 1024 * 1024;
+/// The most bytes of one list page read: a page that would be larger (a tenant's objects
+/// larger than those before them) is dropped unread past this and asked again with a quarter of
+/// the objects. Larger than any one object etcd stores (1.5 MiB by default).
+pub const PAGE_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes of objects judged between two yields to the runtime, whatever their count.
+const YIELD_BYTES: usize = 256 * 1024;
 /// Objects judged between two yields to the runtime.
 pub const YIELD_EVERY: usize = 16;
 /// Deadline of one API call.
 const CALL_DEADLINE: Duration = Duration::from_secs(20);
 /// How often the policies in force are compared with those last audited.
 const POLICY_CHECK: Duration = Duration::from_secs(5);
+/// The longest a policy change waits for the policies to stop changing before it is audited.
+const DEBOUNCE_MAX: Duration = Duration::from_secs(30);
 /// The first wait after a failed run; it doubles up to the audit interval.
 const RETRY_MIN: Duration = Duration::from_secs(30);
 /// The field manager of the audit's status writes.
@@ -123,14 +137,28 @@ pub struct AuditConfig {
 /// Why an audit run stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditRunError {
-    /// A call failed.
-    #[error("{what}: {source}")]
+    /// A call failed. Its message is the apiserver's (not the client error's whole chain,
+    /// which repeats it).
+    #[error("{what}: {}", describe(.error))]
     Api {
         /// What was being done.
         what: String,
         /// The client error.
-        #[source]
-        source: kube::Error,
+        error: kube::Error,
+    },
+    /// A report of arcguard's name is in the way that arcguard did not write.
+    #[error(
+        "{what}: a report named arcguard exists that arcguard did not write (no app.kubernetes.io/managed-by=arcguard label or no field manager arcguard); it is left alone and this namespace is not reported until it is deleted"
+    )]
+    ForeignReport {
+        /// Which report.
+        what: String,
+    },
+    /// One object of a list is larger than a whole page may be.
+    #[error("{what}: one object is larger than {} MiB", PAGE_MAX_BYTES / (1024 * 1024))]
+    PageTooLarge {
+        /// What was being done.
+        what: String,
     },
     /// A call took longer than its deadline.
     #[error("{what} took longer than {}s", CALL_DEADLINE.as_secs())]
@@ -153,6 +181,17 @@ pub enum AuditRunError {
     /// `arcguard audit --namespace`: the namespace does not exist.
     #[error("namespace {0:?} does not exist")]
     NoSuchNamespace(String),
+}
+
+/// A client error as one line: the apiserver's message and code for an answer, the error's
+/// text otherwise.
+fn describe(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if !status.message.is_empty() => {
+            format!("{} ({})", status.message, status.code)
+        }
+        other => other.to_string(),
+    }
 }
 
 /// One listable kind: its resource and whether it is namespaced.
@@ -261,9 +300,11 @@ pub async fn run(
     // The policies at the previous check: a change is audited once they have stayed the same
     // for one check, so a GitOps sync applying many policies makes one run, not one each.
     let mut seen: Option<PolicySet> = None;
+    // When the policies first differed from those audited, while that run waits to settle.
+    let mut changed_at: Option<tokio::time::Instant> = None;
     let mut next_full = tokio::time::Instant::now();
-    // After a run in which scopes failed: no new run before this (RETRY_MIN doubling to the
-    // interval), so a lasting failure (RBAC, an apiserver in trouble) does not turn into a
+    // After a run in which scopes failed: no retry of them before this (RETRY_MIN doubling to
+    // the interval), so a lasting failure (RBAC, an apiserver in trouble) does not turn into a
     // run every few seconds.
     let mut retry_at = tokio::time::Instant::now();
     let mut retry_delay = RETRY_MIN;
@@ -277,11 +318,7 @@ pub async fn run(
             () = tokio::time::sleep(POLICY_CHECK) => {}
         }
         let now = tokio::time::Instant::now();
-        if !*leader.borrow()
-            || !state.readiness.is_policies_loaded()
-            || !facts.nodes_synced()
-            || now < retry_at
-        {
+        if !*leader.borrow() || !state.readiness.is_policies_loaded() || !facts.nodes_synced() {
             continue;
         }
         let policies = state.snapshot.load().policies.clone();
@@ -293,16 +330,22 @@ pub async fn run(
         let scopes: Option<BTreeSet<Option<String>>> = match &audited {
             _ if full => None,
             Some(before) if *before != policies => {
-                if !settled {
+                // Policies that keep changing (a tenant editing a GuardPolicy every few
+                // seconds) delay a run at most DEBOUNCE_MAX, not forever.
+                let first = *changed_at.get_or_insert(now);
+                if !settled && now.duration_since(first) < DEBOUNCE_MAX {
                     continue;
                 }
                 let mut scopes = affected_scopes(before, &policies, &namespaces, &labels);
                 scopes.extend(auditor.failed.iter().cloned());
                 Some(scopes)
             }
-            _ if !auditor.failed.is_empty() => Some(auditor.failed.clone()),
+            // Only retries of failed scopes wait for the back-off: a namespace that keeps
+            // failing must not hold up the audit of policy changes everywhere else.
+            _ if !auditor.failed.is_empty() && now >= retry_at => Some(auditor.failed.clone()),
             _ => continue,
         };
+        changed_at = None;
         let run =
             auditor.run(&state, &facts, &labels, &policies, &namespaces, scopes.as_ref(), &leader);
         let outcome = tokio::select! {
@@ -367,16 +410,40 @@ struct PageMeta {
 
 /// Whether `error` is a 503 Service Unavailable answer.
 fn unavailable_status(error: &AuditRunError) -> bool {
-    matches!(error, AuditRunError::Api { source: kube::Error::Api(status), .. } if status.code == 503)
+    matches!(error, AuditRunError::Api { error: kube::Error::Api(status), .. } if status.code == 503)
 }
 
-/// The next page's `limit`: about [`PAGE_BYTES`] at the size the last page's objects had.
-fn next_limit(objects: usize, bytes: usize) -> u32 {
-    if objects == 0 || bytes == 0 {
+/// The next page's `limit`: about [`PAGE_BYTES`] of objects as large as the largest seen.
+fn next_limit(largest: usize) -> u32 {
+    if largest == 0 {
         return PAGE_SIZE;
     }
-    let per_object = bytes.div_ceil(objects);
-    u32::try_from(PAGE_BYTES / per_object).unwrap_or(PAGE_SIZE).clamp(PAGE_MIN, PAGE_SIZE)
+    u32::try_from(PAGE_BYTES / largest).unwrap_or(PAGE_SIZE).clamp(1, PAGE_SIZE)
+}
+
+/// One list page's body, read up to [`PAGE_MAX_BYTES`]; `None` when it is larger (the rest is
+/// not read). An error answer becomes [`kube::Error::Api`] with the apiserver's Status.
+async fn read_page(
+    client: &kube::Client,
+    request: http::Request<Vec<u8>>,
+) -> Result<Option<bytes::Bytes>, kube::Error> {
+    use http_body_util::BodyExt as _;
+    let response = client.send(request.map(kube::client::Body::from)).await?;
+    let code = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), PAGE_MAX_BYTES);
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Ok(None),
+        Err(error) => return Err(kube::Error::Service(error)),
+    };
+    if code.is_client_error() || code.is_server_error() {
+        let status = serde_json::from_slice::<kube::core::Status>(&bytes).unwrap_or_else(|_| {
+            kube::core::Status::failure(&String::from_utf8_lossy(&bytes), "")
+                .with_code(code.as_u16())
+        });
+        return Err(kube::Error::Api(status.boxed()));
+    }
+    Ok(Some(bytes))
 }
 
 impl ScopeAuditor {
@@ -418,7 +485,7 @@ impl ScopeAuditor {
             attempts += 1;
             let mut listed = 0;
             match self.list_scope(facts, policies, namespace, &mut listed).await {
-                Err(AuditRunError::Api { source: kube::Error::Api(status), .. })
+                Err(AuditRunError::Api { error: kube::Error::Api(status), .. })
                     if status.code == 410 && attempts < 2 =>
                 {
                     tracing::info!(
@@ -470,7 +537,7 @@ impl ScopeAuditor {
                         served = Some(i);
                         break;
                     }
-                    Err(AuditRunError::Api { source: kube::Error::Api(status), .. })
+                    Err(AuditRunError::Api { error: kube::Error::Api(status), .. })
                         if status.code == 404 => {}
                     Err(error) if unavailable_status(&error) => unavailable = Some(error),
                     Err(error) => return Err(error),
@@ -503,31 +570,46 @@ impl ScopeAuditor {
         let request = kube::core::Request::new(api.resource_url());
         let what =
             format!("listing {} in {}", kind.resource.plural, namespace.unwrap_or("the cluster"));
-        let mut params = ListParams::default().limit(PAGE_SIZE);
+        let mut limit = FIRST_PAGE;
+        let mut largest = 0usize;
+        let mut token: Option<String> = None;
+        let mut since_yield = 0usize;
         loop {
+            let mut params = ListParams::default().limit(limit);
+            if let Some(token) = &token {
+                params = params.continue_token(token);
+            }
             let call = match request.list(&params) {
                 Ok(call) => call,
                 Err(error) => {
-                    let source = kube::Error::BuildRequest(error);
-                    return Err(AuditRunError::Api { what, source });
+                    let error = kube::Error::BuildRequest(error);
+                    return Err(AuditRunError::Api { what, error });
                 }
             };
-            let text =
-                match tokio::time::timeout(CALL_DEADLINE, self.client.request_text(call)).await {
-                    Ok(Ok(text)) => text,
-                    Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+            let bytes =
+                match tokio::time::timeout(CALL_DEADLINE, read_page(&self.client, call)).await {
+                    Ok(Ok(Some(bytes))) => bytes,
+                    Ok(Ok(None)) if limit > 1 => {
+                        limit = (limit / 4).max(1);
+                        continue;
+                    }
+                    Ok(Ok(None)) => return Err(AuditRunError::PageTooLarge { what }),
+                    Ok(Err(error)) => return Err(AuditRunError::Api { what, error }),
                     Err(_) => return Err(AuditRunError::Timeout { what }),
                 };
-            let page: Page<'_> = match serde_json::from_str(&text) {
+            let page: Page<'_> = match serde_json::from_slice(&bytes) {
                 Ok(page) => page,
                 Err(error) => {
-                    let source = kube::Error::SerdeError(error);
-                    return Err(AuditRunError::Api { what, source });
+                    let error = kube::Error::SerdeError(error);
+                    return Err(AuditRunError::Api { what, error });
                 }
             };
             for raw in &page.items {
                 *objects += 1;
-                if (*objects).is_multiple_of(YIELD_EVERY) {
+                since_yield += raw.get().len();
+                largest = largest.max(raw.get().len());
+                if (*objects).is_multiple_of(YIELD_EVERY) || since_yield >= YIELD_BYTES {
+                    since_yield = 0;
                     tokio::task::yield_now().await;
                 }
                 let mut value: serde_json::Value = match serde_json::from_str(raw.get()) {
@@ -560,9 +642,9 @@ impl ScopeAuditor {
                 let gathered = facts.gather(view, policies).await;
                 findings.record(&audit.subject, judge(view, policies, &gathered));
             }
-            let limit = next_limit(page.items.len(), text.len());
+            limit = next_limit(largest);
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = ListParams::default().limit(limit).continue_token(&token),
+                Some(next) => token = Some(next),
                 None => return Ok(()),
             }
         }
@@ -602,7 +684,7 @@ pub async fn policies_in_force(
         let list = match tokio::time::timeout(CALL_DEADLINE, api.list(&ListParams::default())).await
         {
             Ok(Ok(list)) => list,
-            Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+            Ok(Err(source)) => return Err(AuditRunError::Api { what, error: source }),
             Err(_) => return Err(AuditRunError::Timeout { what }),
         };
         objects.extend(list.items.iter().filter_map(|o| policies::to_object(o, namespaced)));
@@ -742,9 +824,6 @@ struct Auditor {
     reports_on: Option<bool>,
     /// Whether "reports are off" has been logged (once, until they are on again).
     said_off: bool,
-    /// Scopes whose report arcguard does not own (a report named `arcguard` another writer
-    /// made), warned about once each.
-    foreign: BTreeSet<Option<String>>,
     /// Totals by policy from the last audit of every scope.
     totals: BTreeMap<Option<String>, BTreeMap<String, Summary>>,
     /// Scopes whose last audit failed: audited again at the next retry.
@@ -761,7 +840,6 @@ impl Auditor {
             config,
             reports_on: None,
             said_off: false,
-            foreign: BTreeSet::new(),
             totals: BTreeMap::new(),
             failed: BTreeSet::new(),
             statuses: BTreeMap::new(),
@@ -834,7 +912,7 @@ impl Auditor {
                     in_a_row = 0;
                 }
                 Err(error) => {
-                    tracing::debug!(%error, namespace = scope.as_deref().unwrap_or(""), "audit of a scope failed");
+                    tracing::warn!(%error, namespace = scope.as_deref().unwrap_or(""), "the audit of a namespace failed; it is retried");
                     first_error.get_or_insert_with(|| error.to_string());
                     self.failed.insert(scope.clone());
                     failed += 1;
@@ -939,24 +1017,16 @@ impl Auditor {
         let stored =
             match tokio::time::timeout(CALL_DEADLINE, api.get_opt(report::REPORT_NAME)).await {
                 Ok(Ok(stored)) => stored.and_then(|s| serde_json::to_value(s).ok()),
-                Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+                Ok(Err(source)) => return Err(AuditRunError::Api { what, error: source }),
                 Err(_) => return Err(AuditRunError::Timeout { what }),
             };
         if let Some(stored) = &stored
             && !owned(stored)
         {
-            if self.foreign.insert(namespace.map(str::to_owned)) {
-                tracing::warn!(
-                    namespace = namespace.unwrap_or(""),
-                    "a {kind} named {} exists that arcguard did not write (no {}={} label or no field manager {REPORT_FIELD_MANAGER}): left alone, and this scope's findings are not reported; delete it to let arcguard report here",
-                    report::REPORT_NAME,
-                    report::MANAGED_BY.0,
-                    report::MANAGED_BY.1,
-                );
-            }
-            return Ok(false);
+            // Left alone, and the scope counts as failed: the run is partial, the warning
+            // comes back at every retry and ArcguardAuditStale fires if it stays.
+            return Err(AuditRunError::ForeignReport { what });
         }
-        self.foreign.remove(&namespace.map(str::to_owned));
         if findings.is_empty() {
             if stored.is_some() {
                 let params = DeleteParams::default();
@@ -964,7 +1034,7 @@ impl Auditor {
                 match tokio::time::timeout(CALL_DEADLINE, call).await {
                     Ok(Ok(_)) => return Ok(true),
                     Ok(Err(kube::Error::Api(status))) if status.code == 404 => return Ok(false),
-                    Ok(Err(source)) => return Err(AuditRunError::Api { what, source }),
+                    Ok(Err(source)) => return Err(AuditRunError::Api { what, error: source }),
                     Err(_) => return Err(AuditRunError::Timeout { what }),
                 }
             }
@@ -983,7 +1053,7 @@ impl Auditor {
             .await
         {
             Ok(Ok(_)) => Ok(true),
-            Ok(Err(source)) => Err(AuditRunError::Api { what, source }),
+            Ok(Err(source)) => Err(AuditRunError::Api { what, error: source }),
             Err(_) => Err(AuditRunError::Timeout { what }),
         }
     }
@@ -1160,6 +1230,7 @@ mod tests {
         let body = serde_json::json!({
             "apiVersion": "v1", "kind": "Status", "status": "Failure",
             "message": format!("answered {code}"), "code": code,
+            "reason": if code == 404 { "NotFound" } else { "" },
         });
         http::Response::builder()
             .status(code)
@@ -1265,7 +1336,7 @@ mod tests {
         let asked = served.await.expect("served");
         assert!(
             asked.contains(
-                &"GET /apis/crd.projectcalico.org/v1/namespaces/shop/networkpolicies?&limit=250"
+                &"GET /apis/crd.projectcalico.org/v1/namespaces/shop/networkpolicies?&limit=50"
                     .to_owned()
             ),
             "{asked:#?}"
@@ -1344,6 +1415,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_report_arcguard_did_not_write_is_left_alone_and_the_run_is_partial() {
+        let (client, server) = mock();
+        let facts = ClusterFacts::empty(client.clone());
+        let policies = set(&[("registries", "  trustedRegistries: {registries: [a.io]}\n")]);
+        let json = |value: serde_json::Value| {
+            http::Response::builder()
+                .body(kube::client::Body::from(serde_json::to_vec(&value).expect("JSON")))
+                .expect("response")
+        };
+        let answer = move |path: &str, _: &str| match path {
+            "/apis/openreports.io/v1alpha1" => json(serde_json::json!({
+                "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "openreports.io/v1alpha1",
+                "resources": [
+                    {"name": "reports", "singularName": "report", "namespaced": true, "kind": "Report", "verbs": ["get"]},
+                    {"name": "clusterreports", "singularName": "clusterreport", "namespaced": false, "kind": "ClusterReport", "verbs": ["get"]},
+                ],
+            })),
+            "/api/v1/namespaces/shop/pods" => list("Pod", &[pod("shop", "a", "b.io/x:1")]),
+            // A tenant's forged report: no label, another field manager.
+            "/apis/openreports.io/v1alpha1/namespaces/shop/reports/arcguard" => {
+                json(serde_json::json!({
+                    "apiVersion": "openreports.io/v1alpha1", "kind": "Report",
+                    "metadata": {"name": "arcguard", "namespace": "shop",
+                        "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+                    "summary": {"pass": 1, "fail": 0},
+                }))
+            }
+            p if p.contains("/reports/") || p.contains("/clusterreports/") => status(404),
+            p if p.starts_with("/apis/openreports.io/") => panic!("wrote a report: {p}"),
+            _ => list("Any", &[]),
+        };
+        let asked = tokio::spawn(apiserver(server, answer));
+        let state = AppState::new(crate::server::Snapshot::default());
+        let config = AuditConfig { interval: Duration::from_secs(3600), max_results: 10 };
+        let mut auditor = Auditor::new(client, config);
+        let (_, leader) = watch::channel(true);
+        let outcome = auditor
+            .run(
+                &state,
+                &facts,
+                &StaticFacts::default(),
+                &policies,
+                &["shop".to_owned()],
+                None,
+                &leader,
+            )
+            .await
+            .expect("ran");
+        assert_eq!(auditor.failed, [Some("shop".to_owned())].into());
+        assert_eq!(outcome, RunOutcome::Partial);
+        assert_eq!(auditor.by_policy()["registries"], [0, 1, 0], "counted all the same");
+        drop((auditor, facts));
+        let asked = asked.await.expect("served");
+        assert!(
+            !asked.iter().any(|a| a.contains("openreports.io/v1alpha1/")
+                && (a.starts_with("PATCH") || a.starts_with("DELETE"))),
+            "{asked:#?}"
+        );
+    }
+
+    #[tokio::test]
     async fn scopes_failing_in_a_row_end_the_run_and_wait_for_the_retry() {
         let (client, server) = mock();
         let facts = ClusterFacts::empty(client.clone());
@@ -1369,12 +1501,58 @@ mod tests {
         assert_eq!(lists, FAILED_IN_A_ROW, "{asked:#?}");
     }
 
+    #[tokio::test]
+    async fn a_page_over_the_byte_cap_is_asked_again_with_fewer_objects() {
+        let (client, server) = mock();
+        let facts = ClusterFacts::empty(client.clone());
+        let policies = set(&[("registries", "  trustedRegistries: {registries: [a.io]}\n")]);
+        // Objects of 1 MiB each: fifty of them would be a 50 MiB page.
+        let big = |name: &str| {
+            let mut pod = pod("shop", name, "a.io/x:1");
+            pod["metadata"]["annotations"] = serde_json::json!({"pad": "x".repeat(1 << 20)});
+            pod
+        };
+        let answer = move |path: &str, query: &str| match path {
+            "/api/v1/namespaces/shop/pods" => {
+                let limit: usize = query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix("limit="))
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(500);
+                let items: Vec<serde_json::Value> =
+                    (0..limit.min(20)).map(|i| big(&format!("p{i}"))).collect();
+                list("Pod", &items)
+            }
+            _ => list("Any", &[]),
+        };
+        let asked = tokio::spawn(apiserver(server, answer));
+        let mut auditor = ScopeAuditor::new(client, 10);
+        let mut objects = 0;
+        let findings = auditor
+            .audit_scope(&facts, &StaticFacts::default(), &policies, Some("shop"), &mut objects)
+            .await
+            .expect("audited");
+        assert_eq!(objects, 3, "the page that fitted: three 1 MiB objects");
+        assert_eq!(findings.verdicts().objects, 3);
+        drop((auditor, facts));
+        let asked = asked.await.expect("served");
+        let pods: Vec<&String> = asked.iter().filter(|a| a.contains("/pods")).collect();
+        assert_eq!(
+            pods,
+            [
+                "GET /api/v1/namespaces/shop/pods?&limit=50",
+                "GET /api/v1/namespaces/shop/pods?&limit=12",
+                "GET /api/v1/namespaces/shop/pods?&limit=3",
+            ]
+        );
+    }
+
     #[test]
     fn a_page_holds_about_page_bytes_whatever_the_object_size() {
-        assert_eq!(next_limit(0, 0), PAGE_SIZE);
-        assert_eq!(next_limit(250, 250 * 2048), PAGE_SIZE, "2 KiB objects: the most");
-        assert_eq!(next_limit(250, 250 * 64 * 1024), 32, "64 KiB objects: 2 MiB pages");
-        assert_eq!(next_limit(10, 10 * 1024 * 1024), PAGE_MIN, "1 MiB objects: the fewest");
+        assert_eq!(next_limit(0), PAGE_SIZE);
+        assert_eq!(next_limit(2048), PAGE_SIZE, "2 KiB objects: the most");
+        assert_eq!(next_limit(64 * 1024), 32, "64 KiB objects: 2 MiB pages");
+        assert_eq!(next_limit(1536 * 1024), 1, "objects as large as etcd holds: one a page");
     }
 
     #[test]

@@ -153,7 +153,7 @@ fn decide(
 ) -> Response {
     let prepared = match admission::prepare(body) {
         Ok(prepared) => prepared,
-        Err(error) => return invalid(webhook, state, start, &error),
+        Err(error) => return invalid(webhook, state, log, start, &error),
     };
     // The facts are gathered for the policies that apply under this snapshot, and the request
     // is decided on the same snapshot.
@@ -173,13 +173,21 @@ fn decide(
             log_decision(webhook, &decision, elapsed, log);
             ([(header::CONTENT_TYPE, "application/json")], encoded).into_response()
         }
-        Err(error) => invalid(webhook, state, start, &error),
+        Err(error) => invalid(webhook, state, log, start, &error),
     }
 }
 
-fn invalid(webhook: Webhook, state: &AppState, start: Instant, error: &ReviewError) -> Response {
+fn invalid(
+    webhook: Webhook,
+    state: &AppState,
+    log: &DecisionLog,
+    start: Instant,
+    error: &ReviewError,
+) -> Response {
     state.metrics.record_invalid(webhook, start.elapsed());
-    tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
+    if admitted(log, Line::Invalid, "") {
+        tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
+    }
     (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response()
 }
 
@@ -189,6 +197,15 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Whether the decision log admits one `line` now; logs the summary due first, if any.
+fn admitted(log: &DecisionLog, line: Line, namespace: &str) -> bool {
+    let admit = log.admit(line, namespace, Instant::now());
+    if let Some(suppressed) = &admit.summary {
+        decision_log::log_summary(suppressed);
+    }
+    admit.log
 }
 
 /// Logs a decision: allows at `debug`; denials, warnings and Audit-policy violations at `info`
@@ -202,24 +219,20 @@ fn log_decision(webhook: Webhook, decision: &Decision, elapsed: Duration, log: &
         (true, false) => "allowed",
     };
     let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-    let admit = |line: Line| {
-        let admit = log.admit(line, Instant::now());
-        if let Some(suppressed) = admit.summary {
-            decision_log::log_summary(&suppressed);
-        }
-        admit.log
-    };
-    for audit in &summary.audits {
-        if admit(Line::AuditViolation) {
-            tracing::info!(uid = %response.uid, kind = summary.kind, object = %summary.object, violation = %audit, "audit policy violation");
-        }
-    }
+    let namespace = summary.object.split_once('/').map_or("", |(ns, _)| ns);
+    let admit = |line: Line| admitted(log, line, namespace);
     // Allows and patches are the bulk of traffic: keep them out of the default log level.
+    // The decision's line goes first, so a request's Audit violations never take its room.
     if response.allowed && response.warnings.is_empty() {
         tracing::debug!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, "admission");
     } else if admit(if response.allowed { Line::Warned } else { Line::Denied }) {
         let message = response.status.as_ref().map(|s| s.message.as_str()).unwrap_or_default();
         tracing::info!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, warnings = ?response.warnings, message, "admission");
+    }
+    for audit in &summary.audits {
+        if admit(Line::AuditViolation) {
+            tracing::info!(uid = %response.uid, kind = summary.kind, object = %summary.object, violation = %audit, "audit policy violation");
+        }
     }
 }
 
