@@ -182,7 +182,7 @@ run_h2() {
   local streams=$((c / conns))
   local data=()
   [ -z "$body_file" ] || data=(-d "$body_file" -H 'content-type: application/json')
-  h2load -c "$conns" -m "$streams" -t 1 -D "$seconds" --warm-up-time=1 "${data[@]}" \
+  h2load -c "$conns" -m "$streams" -t 1 -D "$seconds" "${data[@]}" \
     "$base/$path" >"$tmp/h2load.txt" 2>&1 || { cat "$tmp/h2load.txt" >&2; return 1; }
   python3 - "$tmp/h2load.txt" <<'EOF'
 import re, sys
@@ -240,8 +240,8 @@ report() {
     "$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo);" \
     "load average at start $load_at_start, at end $load_at_end."
   local tools=""
-  case " $protocols " in *" h1 "*) tools+="wrk $(wrk -v 2>&1 | head -1 | awk '{ print $2 }') (HTTP/1.1 keep-alive, one connection per concurrent request); " ;; esac
-  case " $protocols " in *" h2 "*) tools+="h2load $(h2load --version 2>&1 | awk '{ print $2; exit }') (HTTP/2, up to 32 streams per connection); " ;; esac
+  case " $protocols " in *" h1 "*) tools+="wrk $(wrk -v 2>&1 | head -1 | awk '{ print $2 }') (HTTP/1.1 keep-alive, one connection per concurrent request); " || true ;; esac
+  case " $protocols " in *" h2 "*) tools+="h2load $(h2load --version 2>&1 | awk '{ print $2; exit }') (HTTP/2, up to 32 streams per connection); " || true ;; esac
   echo "${tools}TLS, $duration per run, $runs runs each (median, and min–max across runs)," \
     "body $(wc -c <"$body") bytes (tests/fixtures/pod-create-trusted.json, compacted; \`denied\`: the same pod with untrusted images); server log filter \`$log_filter\` ($log_lines log lines, $log_bytes bytes in all)."
   echo
