@@ -93,6 +93,7 @@ pub struct Metrics {
     audit_last_run: Gauge,
     audit_runs: Family<AuditRunLabels, Counter>,
     audit_interval: Gauge,
+    audit_failed_scopes: Gauge,
 }
 
 /// Labels of the audit's runs: how a run ended.
@@ -234,9 +235,16 @@ impl Metrics {
             "The background audit's --audit-interval in seconds; 0 when the audit is off",
             audit_interval.clone(),
         );
+        let audit_failed_scopes = Gauge::default();
+        registry.register(
+            "audit_failed_namespaces",
+            "On the leader: namespaces (and the cluster scope) whose last audit failed and waits for a retry; the leader's log names each",
+            audit_failed_scopes.clone(),
+        );
         Self {
             audit_runs,
             audit_interval,
+            audit_failed_scopes,
             webhooks_fail_open,
             failure_policy_decisions,
             audit_results,
@@ -292,6 +300,11 @@ impl Metrics {
     /// Counts one audit run by `outcome` (`complete`, `partial` or `failed`).
     pub fn record_audit_run(&self, outcome: &'static str) {
         self.audit_runs.get_or_create(&AuditRunLabels { outcome }).inc();
+    }
+
+    /// Sets the number of scopes whose last audit failed.
+    pub fn set_audit_failed_namespaces(&self, count: usize) {
+        self.audit_failed_scopes.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Sets the audit interval gauge (seconds; 0: off).

@@ -123,11 +123,11 @@ impl Verdicts {
 }
 
 /// One listed entry and its object's verdict, ordered as reports list them: failures, then
-/// warnings, then passes; failures of Deny policies before those of Audit policies; the
-/// cluster's policies (ClusterGuardPolicies) before namespaces' (GuardPolicies, `ns/name`);
-/// then by policy and object, so the listed subset and its order are the same from one audit
-/// of an unchanged scope to the next. So neither an Audit policy nor a tenant's GuardPolicy
-/// that fails everything can push a Deny policy's failures out of a bounded report.
+/// warnings, then passes; the cluster's policies (ClusterGuardPolicies) before namespaces'
+/// (GuardPolicies, `ns/name`); failures of Deny policies before those of Audit policies; then
+/// by policy and object, so the listed subset and its order are the same from one audit of an
+/// unchanged scope to the next. So a tenant's GuardPolicy that fails everything cannot push
+/// the cluster's findings out of a bounded report, nor an Audit policy a Deny policy's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Ranked(Subject, Finding, Verdict);
 
@@ -142,12 +142,12 @@ fn action_rank(action: Action) -> u8 {
 
 impl Ranked {
     #[allow(clippy::type_complexity)]
-    fn key(&self) -> (AuditResult, u8, bool, &str, &Subject, &str, &str) {
+    fn key(&self) -> (AuditResult, bool, u8, &str, &Subject, &str, &str) {
         let Self(subject, finding, _) = self;
         (
             finding.result,
-            action_rank(finding.action),
             finding.policy.contains('/'),
+            action_rank(finding.action),
             &finding.policy,
             subject,
             finding.rule,
@@ -241,8 +241,9 @@ impl Findings {
         }
     }
 
-    /// The kept entries in report order (failures first, Deny before Audit, ClusterGuardPolicies
-    /// before GuardPolicies), each with its object's verdict over all its findings, kept or not.
+    /// The kept entries in report order (failures first, ClusterGuardPolicies before
+    /// GuardPolicies, Deny before Audit), each with its object's verdict over all its findings,
+    /// kept or not.
     #[must_use]
     pub fn entries(&self) -> Vec<(&Subject, &Finding, Verdict)> {
         let mut entries: Vec<&Ranked> = self.kept.iter().collect();
@@ -403,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn deny_failures_outrank_audit_ones_and_cluster_policies_outrank_a_namespaces() {
+    fn cluster_policies_outrank_a_namespaces_and_deny_failures_outrank_audit_ones() {
         let mut findings = Findings::new(2);
         // A tenant's GuardPolicy and an Audit policy, both failing everything, alphabetically
         // before the Deny policy, on many objects.
@@ -425,7 +426,7 @@ mod tests {
             .iter()
             .map(|(s, f, _)| (s.name.as_str(), f.policy.as_str()))
             .collect();
-        assert_eq!(kept, [("legacy", "trusted-registries"), ("noise-000", "evil/trigger")]);
+        assert_eq!(kept, [("legacy", "trusted-registries"), ("noise-000", "aaa-audit")]);
     }
 
     #[test]

@@ -60,14 +60,30 @@ fn entry_key(entry: &Value) -> String {
     .join("\u{1f}")
 }
 
+/// The length of `json` as the apiserver stores it: Go's encoding/json writes `<`, `>`, `&`,
+/// U+2028 and U+2029 as six-byte `\u` escapes, so a message full of them takes up to six
+/// times its length in etcd.
+#[must_use]
+pub fn stored_len(json: &str) -> usize {
+    json.chars()
+        .map(|c| match c {
+            '<' | '>' | '&' => 6,
+            '\u{2028}' | '\u{2029}' => 6,
+            other => other.len_utf8(),
+        })
+        .sum()
+}
+
 /// The report for `namespace` (`None`: the ClusterReport) holding `findings`, listing at most
-/// `max_results` entries in at most [`MAX_RESULTS_BYTES`]. Entries equal to one in `previous` (the report as stored) keep its
+/// `max_results` entries in at most `max_bytes` (and [`MAX_RESULTS_BYTES`]) as the apiserver
+/// stores them ([`stored_len`]). Entries equal to one in `previous` (the report as stored) keep its
 /// timestamp; new ones get `now`.
 #[must_use]
 pub fn build(
     namespace: Option<&str>,
     findings: &Findings,
     max_results: usize,
+    max_bytes: usize,
     previous: Option<&Value>,
     now: Timestamp,
 ) -> Value {
@@ -80,6 +96,7 @@ pub fn build(
         .filter_map(|r| Some((entry_key(r), r.get("timestamp")?.clone())))
         .collect();
     let mut bytes = 0usize;
+    let budget = max_bytes.min(MAX_RESULTS_BYTES);
     let results: Vec<Value> = findings
         .entries()
         .into_iter()
@@ -115,8 +132,8 @@ pub fn build(
             entry
         })
         .take_while(|entry| {
-            bytes += entry.to_string().len() + 1;
-            bytes <= MAX_RESULTS_BYTES
+            bytes += stored_len(&entry.to_string()) + 1;
+            bytes <= budget
         })
         .collect();
     let kind = if namespace.is_some() { "Report" } else { "ClusterReport" };
@@ -210,7 +227,7 @@ mod tests {
 
     #[test]
     fn one_report_per_namespace_in_the_openreports_format() {
-        let report = build(Some("shop"), &findings(3), 100, None, at(100));
+        let report = build(Some("shop"), &findings(3), 100, MAX_RESULTS_BYTES, None, at(100));
         assert_eq!(report["apiVersion"], "openreports.io/v1alpha1");
         assert_eq!(report["kind"], "Report");
         assert_eq!(report["metadata"]["namespace"], "shop");
@@ -232,14 +249,14 @@ mod tests {
         );
         assert_eq!(report["results"][1]["result"], "warn");
         assert_eq!(report["results"][1]["severity"], "low");
-        let cluster = build(None, &Findings::default(), 100, None, at(1));
+        let cluster = build(None, &Findings::default(), 100, MAX_RESULTS_BYTES, None, at(1));
         assert_eq!(cluster["kind"], "ClusterReport");
         assert!(cluster["metadata"].get("namespace").is_none());
     }
 
     #[test]
     fn a_report_lists_a_bounded_number_of_entries_failures_first_and_counts_them_all() {
-        let report = build(Some("shop"), &findings(900), 50, None, at(1));
+        let report = build(Some("shop"), &findings(900), 50, MAX_RESULTS_BYTES, None, at(1));
         let results = report["results"].as_array().expect("results");
         assert_eq!(results.len(), 50);
         assert!(results.iter().all(|r| r["result"] == "fail"), "300 failures come first");
@@ -251,10 +268,10 @@ mod tests {
 
     #[test]
     fn an_unchanged_audit_yields_the_same_report_and_only_new_entries_get_a_new_time() {
-        let first = build(Some("shop"), &findings(6), 100, None, at(100));
+        let first = build(Some("shop"), &findings(6), 100, MAX_RESULTS_BYTES, None, at(100));
         // The same findings in another order, an hour later: the same content, nothing to write.
         let shuffled = findings_in((0..6).rev());
-        let again = build(Some("shop"), &shuffled, 100, Some(&first), at(3700));
+        let again = build(Some("shop"), &shuffled, 100, MAX_RESULTS_BYTES, Some(&first), at(3700));
         assert!(same_content(&first, &again));
         // A fixed pod: its entry changes (and gets the new time); the others keep theirs.
         let mut fixed = findings_in(1..6);
@@ -265,7 +282,7 @@ mod tests {
                 finding("registries-warn", Action::Warn, AuditResult::Warn, "bad image"),
             ],
         );
-        let next = build(Some("shop"), &fixed, 100, Some(&first), at(7300));
+        let next = build(Some("shop"), &fixed, 100, MAX_RESULTS_BYTES, Some(&first), at(7300));
         assert!(!same_content(&first, &next));
         let stamps: Vec<i64> = next["results"]
             .as_array()
@@ -292,12 +309,31 @@ mod tests {
                 vec![finding("registries", Action::Deny, AuditResult::Fail, &long)],
             );
         }
-        let report = build(Some("shop"), &findings, 1000, None, at(1));
+        let report = build(Some("shop"), &findings, 1000, MAX_RESULTS_BYTES, None, at(1));
         let results = report["results"].as_array().expect("results");
         let bytes: usize = results.iter().map(|r| r.to_string().len() + 1).sum();
         assert!(bytes <= MAX_RESULTS_BYTES, "{bytes}");
         assert!(results.len() > 500 && results.len() < 1000, "{}", results.len());
         assert_eq!(report["summary"]["fail"], 2000, "the summary counts every finding");
         assert!(report.to_string().len() < 1536 * 1024, "under etcd's request limit");
+
+        // Messages of `<` (a Calico selector quoted back): six bytes each once stored.
+        let mut escaped = Findings::default();
+        let angles = "<".repeat(crate::audit::MAX_MESSAGE_BYTES);
+        for i in 0..2000 {
+            escaped.record(
+                &subject("shop", &format!("pod-{i:04}")),
+                vec![finding("registries", Action::Deny, AuditResult::Fail, &angles)],
+            );
+        }
+        let report = build(Some("shop"), &escaped, 1000, MAX_RESULTS_BYTES, None, at(1));
+        let stored = stored_len(&report.to_string());
+        assert!(stored < 1536 * 1024, "under etcd's request limit as stored: {stored}");
+        assert!(report["results"].as_array().is_some_and(|r| r.len() > 100), "still lists");
+        // A smaller budget (a write that was refused as too large): fewer entries.
+        let half = build(Some("shop"), &escaped, 1000, MAX_RESULTS_BYTES / 2, None, at(1));
+        let listed = |r: &Value| r["results"].as_array().map_or(0, Vec::len);
+        assert!(listed(&half) < listed(&report) && listed(&half) > 0);
+        assert_eq!(stored_len("a<é\u{2028}"), 1 + 6 + 2 + 6);
     }
 }

@@ -8,8 +8,8 @@
 //! change), and every `--audit-interval` (default 1 h; 0 turns the audit off).
 //!
 //! How: one namespace at a time, each kind listed in pages (`limit` and `continue`): the first
-//! of [`FIRST_PAGE`] objects, then about [`PAGE_BYTES`] of objects as large as the largest seen
-//! (at most [`PAGE_SIZE`]). A page is read up to [`PAGE_MAX_BYTES`]; a larger one (a tenant's
+//! of [`FIRST_PAGE`] objects, then about [`PAGE_BYTES`] of objects as large as the largest of
+//! the page before (at most [`PAGE_SIZE`]). A page is read up to [`PAGE_MAX_BYTES`]; a larger one (a tenant's
 //! objects larger than those before them) is dropped unread past that and asked again with a
 //! quarter of the objects. Each object is parsed from the page's text only when it is judged;
 //! a namespace's findings are held in [`Findings`], which keeps the `--audit-max-results`
@@ -101,8 +101,8 @@ pub const PAGE_SIZE: u32 = 250;
 /// Objects in the first page of each kind: before any object's size is known.
 pub const FIRST_PAGE: u32 = 50;
 /// The size of list page aimed at, in bytes of JSON: after each page the next page's `limit`
-/// is this divided by the largest object seen so far (objects range from 1 KiB to over
-/// 1 MiB), so what a page costs does not depend on how large a namespace's objects are.
+/// is this divided by that page's largest object (objects range from 1 KiB to over 1 MiB),
+/// so what a page costs does not depend on how large a namespace's objects are.
 pub const PAGE_BYTES: usize = 2 * 1024 * 1024;
 /// The most bytes of one list page read: a page that would be larger (a tenant's objects
 /// larger than those before them) is dropped unread past this and asked again with a quarter of
@@ -408,6 +408,20 @@ struct PageMeta {
     continue_: Option<String>,
 }
 
+/// Whether `error` says a write was too large: 413, or etcd's gRPC limit surfacing as a 500
+/// whose message says so (`trying to send message larger than max`, `request is too large`).
+fn too_large(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => {
+            status.code == 413
+                || status.message.contains("larger than max")
+                || status.message.contains("request is too large")
+                || status.message.contains("too large")
+        }
+        _ => false,
+    }
+}
+
 /// Whether `error` is a 503 Service Unavailable answer.
 fn unavailable_status(error: &AuditRunError) -> bool {
     matches!(error, AuditRunError::Api { error: kube::Error::Api(status), .. } if status.code == 503)
@@ -571,7 +585,6 @@ impl ScopeAuditor {
         let what =
             format!("listing {} in {}", kind.resource.plural, namespace.unwrap_or("the cluster"));
         let mut limit = FIRST_PAGE;
-        let mut largest = 0usize;
         let mut token: Option<String> = None;
         let mut since_yield = 0usize;
         loop {
@@ -604,6 +617,10 @@ impl ScopeAuditor {
                     return Err(AuditRunError::Api { what, error });
                 }
             };
+            // The next page is sized by this page's largest object only: one large object
+            // must not turn the rest of a namespace into pages of one (the byte cap, not this
+            // estimate, is what bounds memory).
+            let mut largest = 0usize;
             for raw in &page.items {
                 *objects += 1;
                 since_yield += raw.get().len();
@@ -935,6 +952,7 @@ impl Auditor {
             (outcome == RunOutcome::Complete).then(|| now.as_second()),
         );
         state.metrics.record_audit_run(outcome.as_str());
+        state.metrics.set_audit_failed_namespaces(self.failed.len());
         self.write_statuses(policies, &by_policy, &Time(now), scopes.is_none()).await;
         tracing::info!(
             scopes = todo.len(),
@@ -1042,19 +1060,41 @@ impl Auditor {
         }
         let now = k8s_openapi::jiff::Timestamp::now();
         let now = Timestamp { seconds: now.as_second(), nanos: now.subsec_nanosecond() };
-        let next =
-            report::build(namespace, findings, self.config.max_results, stored.as_ref(), now);
-        if stored.as_ref().is_some_and(|s| report::same_content(s, &next)) {
-            return Ok(false);
-        }
-        let params = PatchParams::apply(REPORT_FIELD_MANAGER).force();
-        let patch = Patch::Apply(&next);
-        match tokio::time::timeout(CALL_DEADLINE, api.patch(report::REPORT_NAME, &params, &patch))
-            .await
-        {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(source)) => Err(AuditRunError::Api { what, error: source }),
-            Err(_) => Err(AuditRunError::Timeout { what }),
+        // A report the apiserver refuses as too large (etcd's request limit, or a proxy's) is
+        // written again with half the entries' bytes, down to a summary with none.
+        let mut max_bytes = report::MAX_RESULTS_BYTES;
+        loop {
+            let next = report::build(
+                namespace,
+                findings,
+                self.config.max_results,
+                max_bytes,
+                stored.as_ref(),
+                now,
+            );
+            if stored.as_ref().is_some_and(|s| report::same_content(s, &next)) {
+                return Ok(false);
+            }
+            let params = PatchParams::apply(REPORT_FIELD_MANAGER).force();
+            let patch = Patch::Apply(&next);
+            let call = api.patch(report::REPORT_NAME, &params, &patch);
+            match tokio::time::timeout(CALL_DEADLINE, call).await {
+                Ok(Ok(_)) => return Ok(true),
+                Ok(Err(error)) if too_large(&error) && max_bytes > 0 => {
+                    tracing::warn!(
+                        namespace = namespace.unwrap_or(""),
+                        max_bytes,
+                        error = %describe(&error),
+                        "a report was refused as too large; writing it with fewer entries"
+                    );
+                    max_bytes /= 2;
+                    if max_bytes < 1024 {
+                        max_bytes = 0;
+                    }
+                }
+                Ok(Err(error)) => return Err(AuditRunError::Api { what, error }),
+                Err(_) => return Err(AuditRunError::Timeout { what }),
+            }
         }
     }
 
@@ -1389,6 +1429,7 @@ mod tests {
         assert_eq!(auditor.by_policy()["registries"], [0, 1, 0]);
         let metrics = state.metrics.encode();
         assert!(metrics.contains("arcguard_audit_runs_total{outcome=\"partial\"} 1"), "{metrics}");
+        assert!(metrics.contains("arcguard_audit_failed_namespaces 1"), "{metrics}");
         assert!(
             metrics.contains("arcguard_audit_last_run_timestamp_seconds 0"),
             "a partial run is not a complete one"

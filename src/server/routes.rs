@@ -186,6 +186,8 @@ fn invalid(
 ) -> Response {
     state.metrics.record_invalid(webhook, start.elapsed());
     if admitted(log, Line::Invalid, "") {
+        let error = error.to_string();
+        let error = clip(&error, MAX_LOGGED_FIELD);
         tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
     }
     (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response()
@@ -197,6 +199,23 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The most bytes of a request-controlled field (object name, message, error) in one log
+/// line: the decision log bounds lines per second, this bounds each line, so a flood of
+/// reviews with megabyte names cannot write megabytes of log.
+const MAX_LOGGED_FIELD: usize = 2048;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
+fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… [{} bytes]", &text[..end], text.len()))
 }
 
 /// Whether the decision log admits one `line` now; logs the summary due first, if any.
@@ -220,18 +239,25 @@ fn log_decision(webhook: Webhook, decision: &Decision, elapsed: Duration, log: &
     };
     let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     let namespace = summary.object.split_once('/').map_or("", |(ns, _)| ns);
+    let object = clip(&summary.object, MAX_LOGGED_FIELD / 4);
     let admit = |line: Line| admitted(log, line, namespace);
     // Allows and patches are the bulk of traffic: keep them out of the default log level.
     // The decision's line goes first, so a request's Audit violations never take its room.
     if response.allowed && response.warnings.is_empty() {
-        tracing::debug!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, "admission");
+        tracing::debug!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), %object, decision = verdict, duration_us, "admission");
     } else if admit(if response.allowed { Line::Warned } else { Line::Denied }) {
         let message = response.status.as_ref().map(|s| s.message.as_str()).unwrap_or_default();
-        tracing::info!(webhook = webhook.as_str(), uid = %response.uid, kind = summary.kind, operation = summary.operation.as_str(), object = %summary.object, decision = verdict, duration_us, warnings = ?response.warnings, message, "admission");
+        let message = clip(message, MAX_LOGGED_FIELD);
+        let warnings = format!("{:?}", response.warnings);
+        let warnings = clip(&warnings, MAX_LOGGED_FIELD);
+        let uid = clip(&response.uid, 64);
+        tracing::info!(webhook = webhook.as_str(), %uid, kind = summary.kind, operation = summary.operation.as_str(), %object, decision = verdict, duration_us, %warnings, %message, "admission");
     }
     for audit in &summary.audits {
         if admit(Line::AuditViolation) {
-            tracing::info!(uid = %response.uid, kind = summary.kind, object = %summary.object, violation = %audit, "audit policy violation");
+            let violation = clip(audit, MAX_LOGGED_FIELD);
+            let uid = clip(&response.uid, 64);
+            tracing::info!(%uid, kind = summary.kind, %object, %violation, "audit policy violation");
         }
     }
 }
@@ -250,4 +276,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_controlled_field_is_cut_in_the_log_on_a_character_boundary() {
+        assert_eq!(clip("shop/web", 64), "shop/web");
+        let long = "é".repeat(1_000_000);
+        let cut = clip(&long, MAX_LOGGED_FIELD);
+        assert!(cut.len() < MAX_LOGGED_FIELD + 32, "{}", cut.len());
+        assert!(cut.ends_with("… [2000000 bytes]"), "{}", &cut[cut.len() - 40..]);
+    }
 }
