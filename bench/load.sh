@@ -194,7 +194,7 @@ rps = float(re.search(r"finished in [^,]+, ([0-9.]+) req/s", text).group(1))
 req = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", text)
 done, ok, failed, errored, timeout = (int(x) for x in req.groups()[1:])
 status = re.search(r"status codes: (\d+) 2xx", text)
-non2xx = ok - int(status.group(1)) if status else 0
+non2xx = max(0, done - int(status.group(1))) if status else 0
 row = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", text)
 low, high, mean = (us(x) for x in row.groups())
 print(f"{rps:.1f} - - - {mean:.0f} {high:.0f} {failed + errored + timeout + non2xx} {done}")
