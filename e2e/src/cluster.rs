@@ -93,33 +93,7 @@ impl Cluster {
             .await
             .with_context(|| format!("CRD {name} not established within 60s"))??;
         }
-        apply(
-            &client,
-            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
-        )
-        .await?;
-
-        // arcguard runs as its own ServiceAccount with the shipped RBAC, so a call the RBAC
-        // does not grant fails here as it would in a cluster.
-        apply_yaml(
-            &client,
-            &std::fs::read_to_string(repo_root().join("manifests/base/rbac.yaml"))?,
-        )
-        .await
-        .context("installing arcguard's RBAC")?;
-        let token = Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
-            .create_token_request(
-                "arcguard",
-                &PostParams::default(),
-                &serde_json::from_value(json!({"spec": {"expirationSeconds": 86400}}))?,
-            )
-            .await
-            .context("requesting a token for arcguard's ServiceAccount")?
-            .status
-            .and_then(|s| s.token)
-            .ok_or_else(|| anyhow!("the TokenRequest returned no token"))?;
-        let kubeconfig = control_plane.dir().join("arcguard.kubeconfig");
-        control_plane.write_token_kubeconfig(&kubeconfig, &token)?;
+        let kubeconfig = service_account_kubeconfig(&control_plane, &client).await?;
         let log = control_plane.dir().join("arcguard.log");
         let arcguard = Arcguard::new(IDENTITY, kubeconfig, log, &options.arcguard_args)?;
         for configuration in webhook_configurations(&arcguard.url())? {
@@ -192,6 +166,40 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// arcguard's namespace and the shipped RBAC, and a kubeconfig for arcguard's ServiceAccount
+/// (a day's token) in the control plane's folder: arcguard runs as that account, so a call the
+/// RBAC does not grant fails here as it would in a cluster. Returns the kubeconfig's path.
+///
+/// # Errors
+/// The apiserver's answer, or a file that cannot be read or written.
+pub async fn service_account_kubeconfig(
+    control_plane: &ControlPlane,
+    client: &kube::Client,
+) -> Result<PathBuf> {
+    apply(
+        client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
+    )
+    .await?;
+    apply_yaml(client, &std::fs::read_to_string(repo_root().join("manifests/base/rbac.yaml"))?)
+        .await
+        .context("installing arcguard's RBAC")?;
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
+        .create_token_request(
+            "arcguard",
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": {"expirationSeconds": 86400}}))?,
+        )
+        .await
+        .context("requesting a token for arcguard's ServiceAccount")?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| anyhow!("the TokenRequest returned no token"))?;
+    let kubeconfig = control_plane.dir().join("arcguard.kubeconfig");
+    control_plane.write_token_kubeconfig(&kubeconfig, &token)?;
+    Ok(kubeconfig)
 }
 
 /// The cluster shared by the tests of one test binary, started on first use and stopped when

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use arcguard::policy::crd::ClusterGuardPolicy;
 use arcguard_e2e::arcguard::{Arcguard, NAMESPACE};
-use arcguard_e2e::cluster::{IDENTITY, repo_root};
+use arcguard_e2e::cluster::{IDENTITY, repo_root, service_account_kubeconfig};
 use arcguard_e2e::controlplane::{ARCGUARD_USER, ControlPlane};
 use arcguard_e2e::{apply, apply_yaml, eventually, install_report_crds, namespace};
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
@@ -337,28 +337,7 @@ async fn install_arcguard_prerequisites(
         .await
         .with_context(|| format!("CRD {name} not established within 60s"))??;
     }
-    apply(
-        client,
-        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
-    )
-    .await?;
-    apply_yaml(client, &std::fs::read_to_string(repo_root().join("manifests/base/rbac.yaml"))?)
-        .await
-        .context("installing arcguard's RBAC")?;
-    let token = Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
-        .create_token_request(
-            "arcguard",
-            &PostParams::default(),
-            &serde_json::from_value(json!({"spec": {"expirationSeconds": 86400}}))?,
-        )
-        .await
-        .context("requesting a token for arcguard's ServiceAccount")?
-        .status
-        .and_then(|s| s.token)
-        .ok_or_else(|| anyhow!("the TokenRequest returned no token"))?;
-    let kubeconfig = control_plane.dir().join("arcguard.kubeconfig");
-    control_plane.write_token_kubeconfig(&kubeconfig, &token)?;
-    Ok(kubeconfig)
+    service_account_kubeconfig(control_plane, client).await
 }
 
 /// A ClusterGuardPolicy trusting `registries` in every namespace but arcguard's and
