@@ -415,7 +415,6 @@ fn too_large(error: &kube::Error) -> bool {
         kube::Error::Api(status) => {
             status.code == 413
                 || status.message.contains("larger than max")
-                || status.message.contains("request is too large")
                 || status.message.contains("too large")
         }
         _ => false,

@@ -194,6 +194,28 @@ fn storm(
     Ok((handle, sent))
 }
 
+/// One measured phase: CREATEs named `prefix-N`, and arcguard's CPU time and log growth over it.
+async fn phase(
+    client: &kube::Client,
+    ns: &str,
+    name: &'static str,
+    prefix: &str,
+    settings: &Settings,
+    pid: u32,
+    log_size: &dyn Fn() -> u64,
+) -> Result<Phase> {
+    let (cpu, log) = (cpu_of(pid), log_size());
+    let (latencies, failures) = measure(client, ns, prefix, settings).await?;
+    Ok(Phase {
+        name,
+        latencies,
+        failures,
+        arcguard_cpu: cpu_of(pid).saturating_sub(cpu),
+        storm: None,
+        log_bytes: log_size().saturating_sub(log),
+    })
+}
+
 async fn delete_webhooks(client: &kube::Client) -> Result<()> {
     let params = DeleteParams::default();
     Api::<ValidatingWebhookConfiguration>::all(client.clone()).delete("arcguard", &params).await?;
@@ -216,16 +238,7 @@ async fn run(cluster: &Cluster, settings: &Settings) -> Result<Vec<Phase>> {
     delete_webhooks(&client).await?;
     // The apiserver's webhook informer drops them within a moment; the warm-up waits that out.
     measure(&client, &ns, "warm-b", &warm).await?;
-    let (cpu, log) = (cpu_of(pid), log_size());
-    let (latencies, failures) = measure(&client, &ns, "none", settings).await?;
-    phases.push(Phase {
-        name: "no webhooks",
-        latencies,
-        failures,
-        arcguard_cpu: cpu_of(pid).saturating_sub(cpu),
-        storm: None,
-        log_bytes: log_size().saturating_sub(log),
-    });
+    phases.push(phase(&client, &ns, "no webhooks", "none", settings, pid, &log_size).await?);
 
     for configuration in webhook_configurations(&cluster.arcguard.url())? {
         apply(&client, &configuration).await?;
@@ -234,36 +247,20 @@ async fn run(cluster: &Cluster, settings: &Settings) -> Result<Vec<Phase>> {
     arcguard_e2e::failure_policy::wait_for_failure_policy(&client, "Fail", Duration::from_secs(30))
         .await?;
     measure(&client, &ns, "warm-c", &warm).await?;
-    let (cpu, log) = (cpu_of(pid), log_size());
-    let (latencies, failures) = measure(&client, &ns, "arcguard", settings).await?;
-    phases.push(Phase {
-        name: "arcguard (validating + mutating)",
-        latencies,
-        failures,
-        arcguard_cpu: cpu_of(pid).saturating_sub(cpu),
-        storm: None,
-        log_bytes: log_size().saturating_sub(log),
-    });
+    let name = "arcguard (validating + mutating)";
+    phases.push(phase(&client, &ns, name, "arcguard", settings, pid, &log_size).await?);
 
     let stop = Arc::new(AtomicBool::new(false));
     let url = format!("{}/validate", cluster.arcguard.url());
     let (storming, _) = storm(url, denied_review(&ns), settings.storm_connections, stop.clone())?;
     measure(&client, &ns, "warm-d", &warm).await?;
-    let (cpu, log) = (cpu_of(pid), log_size());
     let started = Instant::now();
-    let (latencies, failures) = measure(&client, &ns, "storm", settings).await?;
-    let stormed = started.elapsed();
-    let (cpu, log) = (cpu_of(pid).saturating_sub(cpu), log_size().saturating_sub(log));
+    let mut stormed =
+        phase(&client, &ns, "arcguard + denial storm", "storm", settings, pid, &log_size).await?;
+    let over = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let denied = storming.await?;
-    phases.push(Phase {
-        name: "arcguard + denial storm",
-        latencies,
-        failures,
-        arcguard_cpu: cpu,
-        storm: Some((denied, stormed)),
-        log_bytes: log,
-    });
+    stormed.storm = Some((storming.await?, over));
+    phases.push(stormed);
     Ok(phases)
 }
 
