@@ -5,7 +5,8 @@
 # Builds the release arcguard and the harness, starts one cluster of the e2e harness (its
 # control plane is built from source on first use, as in e2e/README.md), and prints Markdown.
 # Arguments go to the harness: --rate N (pods per second, default 50), --seconds N (per phase,
-# default 30), --storm-connections N (default 16).
+# default 20), --storm-connections N (default 16), --rounds N (the phases run in turn this many
+# times, default 3; figures are medians over the rounds).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}

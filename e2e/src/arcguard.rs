@@ -50,10 +50,13 @@ impl Arcguard {
             format!("--metrics-addr=127.0.0.1:{metrics_port}"),
             // The apiserver dials https://127.0.0.1:<port>, not the Service.
             "--cert-extra-san=127.0.0.1".to_owned(),
-            // Scenarios wait on the pod labeller; a pass over a test cluster costs little.
-            "--label-pods-interval=2s".to_owned(),
         ]
         .into();
+        // Scenarios wait on the pod labeller; a pass over a test cluster costs little. A caller
+        // that sets its own interval (a benchmark, at the shipped default) keeps it.
+        if !extra_args.iter().any(|a| a.starts_with("--label-pods-interval")) {
+            command.push("--label-pods-interval=2s".to_owned());
+        }
         command.extend(extra_args.iter().cloned());
         let extra_args = extra_args.to_vec();
         // No pooled connections: a pooled connection belongs to the runtime that opened it, and

@@ -99,11 +99,19 @@ async fn mutate(
     handle(Webhook::Mutate, state, log, charge, &headers, body).await
 }
 
-/// Decisions running at once, on blocking threads; more wait (within the request timeout).
+/// Decisions running at once on blocking threads; more wait (within the request timeout).
 const DECISION_SLOTS: usize = 64;
 
-/// Bounds the decisions running at once.
+/// Bounds the decisions running at once on blocking threads.
 static DECISIONS: Semaphore = Semaphore::const_new(DECISION_SLOTS);
+
+/// The largest body decided on the async worker that read it; larger ones go to a blocking
+/// thread. Handing a request to another thread and back costs two context switches, which under
+/// load was the largest share of a realistic 6 KB review's CPU (BENCHMARKS.md, issue 14); a
+/// body this size decodes and decides in well under the 100 µs tokio allows between awaits,
+/// while a near-limit body (megabytes, milliseconds of work) still never stalls the workers
+/// that serve every other connection and the probes.
+const INLINE_MAX_BYTES: usize = 64 * 1024;
 
 async fn handle(
     webhook: Webhook,
@@ -122,16 +130,18 @@ async fn handle(
         )
             .into_response();
     }
-    // Decoding and deciding are CPU work proportional to the body: they run on a blocking
-    // thread, never on the async workers, and hold the request's charge until they end, even
-    // when the request has timed out meanwhile.
+    if body.len() <= INLINE_MAX_BYTES {
+        return decide(webhook, &state, &log, &body, start).await;
+    }
+    // Larger bodies are CPU work proportional to their size: they run on a blocking thread and
+    // hold the request's charge until they end, even when the request has timed out meanwhile.
     let Ok(slot) = DECISIONS.acquire().await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "arcguard is shutting down\n").into_response();
     };
     let runtime = tokio::runtime::Handle::current();
     let decided = tokio::task::spawn_blocking(move || {
         let _charge = charge;
-        decide(webhook, &state, &log, &body, start, &runtime)
+        runtime.block_on(decide(webhook, &state, &log, &body, start))
     })
     .await;
     drop(slot);
@@ -141,15 +151,13 @@ async fn handle(
     })
 }
 
-/// Decodes and decides one review, on a blocking thread; facts from the cluster are gathered on
-/// `runtime`.
-fn decide(
+/// Decodes and decides one review; facts from the cluster are awaited between the two.
+async fn decide(
     webhook: Webhook,
     state: &AppState,
     log: &DecisionLog,
     body: &[u8],
     start: Instant,
-    runtime: &tokio::runtime::Handle,
 ) -> Response {
     let prepared = match admission::prepare(body) {
         Ok(prepared) => prepared,
@@ -159,9 +167,7 @@ fn decide(
     // is decided on the same snapshot.
     let snapshot = state.snapshot.load_full();
     let gathered = match (&state.facts, &prepared.view) {
-        (Some(source), Some(view)) => {
-            Some(runtime.block_on(source.gather(view, &snapshot.policies)))
-        }
+        (Some(source), Some(view)) => Some(source.gather(view, &snapshot.policies).await),
         _ => None,
     };
     let facts = gathered.as_ref().unwrap_or(&snapshot.facts);
