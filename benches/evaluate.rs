@@ -38,6 +38,24 @@ fn typical_body() -> Vec<u8> {
     serde_json::to_vec(&review).expect("JSON re-encodes")
 }
 
+/// The typical review with every image moved to a registry no sample policy trusts (what
+/// `bench/load.sh` sends as `denied`): the same bytes to decode, and each container a violation
+/// to word.
+fn denied_body() -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&typical_body()).expect("JSON");
+    let spec = &mut review["request"]["object"]["spec"];
+    for group in ["initContainers", "containers", "ephemeralContainers"] {
+        if let Some(containers) = spec.get_mut(group).and_then(Value::as_array_mut) {
+            for container in containers {
+                let image = container["image"].as_str().unwrap_or_default();
+                let path = image.split_once('/').map_or(image, |(_, path)| path);
+                container["image"] = Value::String(format!("untrusted.example.com/{path}"));
+            }
+        }
+    }
+    serde_json::to_vec(&review).expect("JSON re-encodes")
+}
+
 /// The typical review with its containers repeated up to `count`, each renamed.
 fn large_body(count: usize) -> Vec<u8> {
     let mut review: Value = serde_json::from_slice(&typical_body()).expect("JSON");
@@ -201,17 +219,33 @@ fn pipeline(c: &mut Criterion) {
     let mutated =
         pipeline::review(Webhook::Mutate, &body, &loaded.policies, &loaded.facts).expect("reviews");
     assert!(mutated.response.patch.is_some(), "the typical pod is patched");
+    let denied_body = denied_body();
+    let denied = pipeline::review(Webhook::Validate, &denied_body, &loaded.policies, &loaded.facts)
+        .expect("reviews");
+    assert!(!denied.response.allowed, "the untrusted pod is denied");
     let mut group = c.benchmark_group("pipeline");
-    for webhook in [Webhook::Validate, Webhook::Mutate] {
-        group.bench_function(webhook.as_str(), |b| {
+    for (name, webhook, body) in [
+        ("validate", Webhook::Validate, &body),
+        ("mutate", Webhook::Mutate, &body),
+        ("validate-denied", Webhook::Validate, &denied_body),
+    ] {
+        group.bench_function(name, |b| {
             b.iter(|| {
                 let decision =
-                    pipeline::review(webhook, black_box(&body), &loaded.policies, &loaded.facts)
+                    pipeline::review(webhook, black_box(body), &loaded.policies, &loaded.facts)
                         .expect("reviews");
                 black_box(review::encode(&decision.response))
             })
         });
     }
+    group.finish();
+
+    // What the memory budget reads before decoding: the body's structural tokens.
+    let mut group = c.benchmark_group("budget");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("cost", |b| {
+        b.iter(|| black_box(arcguard::server::budget::cost(black_box(&body))))
+    });
     group.finish();
 }
 

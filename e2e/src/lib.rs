@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod failure_policy;
 pub mod load;
+pub mod noop_webhook;
 pub mod pki;
 pub mod process;
 pub mod tools;

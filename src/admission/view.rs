@@ -309,7 +309,10 @@ impl RequestView {
         subject: Subject,
     ) -> Self {
         let namespace = namespace.or(metadata.namespace).filter(|n| !n.is_empty());
-        let name = metadata.name.or(metadata.generate_name).unwrap_or_default();
+        // The apiserver may send `name: ""` with generateName on CREATE (it names the object in
+        // storage, after admission), so an empty name falls back to generateName like none.
+        let name = metadata.name.filter(|n| !n.is_empty()).or(metadata.generate_name);
+        let name = name.unwrap_or_default();
         Self { operation, kind, namespace, name, labels: metadata.labels, old_labels, subject }
     }
 

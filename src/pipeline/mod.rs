@@ -314,6 +314,31 @@ mod tests {
         assert_eq!(capped[MAX_LISTED], "and 7 more warnings");
     }
 
+    #[test]
+    fn a_denial_names_a_pod_by_its_generate_name_when_its_name_is_empty() {
+        let set = policies(&[("trusted", "  trustedRegistries: {registries: [a.io]}\n")]);
+        let facts = crate::rules::StaticFacts::default();
+        let body = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/pod-create-untrusted.json"
+        ))
+        .expect("fixture");
+        let mut document: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        for (name, shown) in [
+            (serde_json::json!(""), "Pod shop/web-7c9d8f6b5d-:"),
+            (serde_json::Value::Null, "Pod shop/web-7c9d8f6b5d-:"),
+            (serde_json::json!("web-1"), "Pod shop/web-1:"),
+        ] {
+            let metadata = &mut document["request"]["object"]["metadata"];
+            metadata["name"] = name;
+            metadata["generateName"] = serde_json::json!("web-7c9d8f6b5d-");
+            let body = serde_json::to_vec(&document).expect("json");
+            let decision = review(Webhook::Validate, &body, &set, &facts).expect("reviews");
+            let message = decision.response.status.expect("denied").message;
+            assert!(message.contains(shown), "{shown}: {message}");
+        }
+    }
+
     fn pod_review(images: &[String]) -> Vec<u8> {
         let containers: Vec<serde_json::Value> = images
             .iter()
