@@ -190,7 +190,12 @@ fn prefix_xor(mut bits: u64) -> u64 {
 /// What deciding a complete body can cost, in bytes: the body, its decoded view and the
 /// response (twice the body), and [`TOKEN_COST`] per structural token.
 pub fn cost(body: &[u8]) -> usize {
-    body.len().saturating_mul(2).saturating_add(structural_tokens(body).saturating_mul(TOKEN_COST))
+    cost_of(body.len(), structural_tokens(body))
+}
+
+/// [`cost`] of a body of `len` bytes and `tokens` structural tokens.
+fn cost_of(len: usize, tokens: usize) -> usize {
+    len.saturating_mul(2).saturating_add(tokens.saturating_mul(TOKEN_COST))
 }
 
 /// Bytes per permit: the budget is counted in KiB so that any budget fits a semaphore.
@@ -215,7 +220,18 @@ pub struct Budget {
 /// handlers take a clone into the decision, so that a decision outliving its request (timed
 /// out) stays charged until it ends.
 #[derive(Clone, Debug)]
-pub struct Charge(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub struct Charge {
+    _permit: Arc<OwnedSemaphorePermit>,
+    tokens: usize,
+}
+
+impl Charge {
+    /// The structural JSON tokens of the body charged: what decoding it costs, which the
+    /// handlers use to decide where to decode it.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+}
 
 /// Why a charge could not be taken.
 enum Refusal {
@@ -353,7 +369,8 @@ pub async fn admit(State(budget): State<Arc<Budget>>, request: Request, next: Ne
         }
     }
     let body = join(chunks, received);
-    let cost = cost(&body);
+    let tokens = structural_tokens(&body);
+    let cost = cost_of(body.len(), tokens);
     if let Err(refusal) = budget.grow(&mut held, cost, wait_until).await {
         return budget.refuse(&refusal, cost);
     }
@@ -365,7 +382,7 @@ pub async fn admit(State(budget): State<Arc<Budget>>, request: Request, next: Ne
             Err(_) => return budget.refuse(&Refusal::Full, UNIT),
         },
     };
-    run(next, parts, body, Charge(Arc::new(permit))).await
+    run(next, parts, body, Charge { _permit: Arc::new(permit), tokens }).await
 }
 
 /// Runs the request and keeps `charge` until its response body is dropped (written, or the

@@ -107,11 +107,24 @@ static DECISIONS: Semaphore = Semaphore::const_new(DECISION_SLOTS);
 
 /// The largest body decided on the async worker that read it; larger ones go to a blocking
 /// thread. Handing a request to another thread and back costs two context switches, which under
-/// load was the largest share of a realistic 6 KB review's CPU (BENCHMARKS.md, issue 14); a
-/// body this size decodes and decides in well under the 100 µs tokio allows between awaits,
-/// while a near-limit body (megabytes, milliseconds of work) still never stalls the workers
-/// that serve every other connection and the probes.
+/// load was the largest share of a realistic 6 KB review's CPU (BENCHMARKS.md, issue 14).
 const INLINE_MAX_BYTES: usize = 64 * 1024;
+
+/// The most structural JSON tokens a body decided on the async worker may hold: deciding costs
+/// per token (a value, a map entry), so a small body dense with tiny labels takes far longer
+/// than its size suggests. The realistic 6 KB pod holds about 630 tokens and is decided in
+/// about 9 µs (`cargo bench`, `pipeline/validate`); the costliest shape measured, a pod of
+/// tiny labels, took 116 µs for 1,073 tokens through /mutate (release build, busy machine).
+/// So this bound keeps a decision on the worker near the 100 µs tokio allows between awaits,
+/// and a dense or near-limit review (up to milliseconds) never stalls the workers that serve
+/// every other connection and the probes.
+const INLINE_MAX_TOKENS: usize = 1024;
+
+/// Whether a body of `len` bytes and `tokens` structural tokens (`None`: not counted) is
+/// decided on the async worker rather than on a blocking thread.
+fn decides_inline(len: usize, tokens: Option<usize>) -> bool {
+    len <= INLINE_MAX_BYTES && tokens.is_some_and(|tokens| tokens <= INLINE_MAX_TOKENS)
+}
 
 async fn handle(
     webhook: Webhook,
@@ -130,7 +143,13 @@ async fn handle(
         )
             .into_response();
     }
-    if body.len() <= INLINE_MAX_BYTES {
+    let tokens = match &charge {
+        Some(Extension(charge)) => Some(charge.tokens()),
+        // Outside the budget's layer nothing has counted them; a small body is cheap to count.
+        None if body.len() <= INLINE_MAX_BYTES => Some(super::budget::structural_tokens(&body)),
+        None => None,
+    };
+    if decides_inline(body.len(), tokens) {
         return decide(webhook, &state, &log, &body, start).await;
     }
     // Larger bodies are CPU work proportional to their size: they run on a blocking thread and
@@ -287,6 +306,22 @@ async fn metrics(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_small_sparse_bodies_are_decided_on_the_async_worker() {
+        let realistic = include_bytes!("../../tests/fixtures/pod-create-trusted.json");
+        let tokens = super::super::budget::structural_tokens(realistic);
+        for (len, tokens, inline) in [
+            (realistic.len(), Some(tokens), true),
+            (INLINE_MAX_BYTES, Some(INLINE_MAX_TOKENS), true),
+            (INLINE_MAX_BYTES + 1, Some(10), false),
+            // 64 KiB of tiny labels: small, but dense.
+            (INLINE_MAX_BYTES, Some(INLINE_MAX_TOKENS + 1), false),
+            (1024, None, false),
+        ] {
+            assert_eq!(decides_inline(len, tokens), inline, "{len} bytes, {tokens:?} tokens");
+        }
+    }
 
     #[test]
     fn a_request_controlled_field_is_cut_in_the_log_on_a_character_boundary() {
