@@ -230,8 +230,8 @@ async fn decided(cluster: &Cluster) -> Result<(f64, f64)> {
     ))
 }
 
-/// One measured phase: CREATEs named `prefix-N`, and arcguard's CPU time, decision time and
-/// log growth over it.
+/// One measured phase, in a namespace emptied first: CREATEs named `prefix-N`, and arcguard's
+/// CPU time, decision time and log growth over it.
 async fn phase(
     cluster: &Cluster,
     client: &kube::Client,
@@ -241,6 +241,8 @@ async fn phase(
     settings: &Settings,
     log_size: &dyn Fn() -> u64,
 ) -> Result<Phase> {
+    // Every phase starts from an empty namespace: the same etcd, whatever ran before.
+    clear(client, ns).await?;
     let pid = cluster.arcguard.pid().ok_or_else(|| anyhow!("arcguard is not running"))?;
     let (cpu, log, before) = (cpu_of(pid), log_size(), decided(cluster).await?);
     let (latencies, failures) = measure(client, ns, prefix, settings).await?;
@@ -305,16 +307,13 @@ async fn run(cluster: &Cluster, settings: &Settings) -> Result<Vec<Phase>> {
     // caches, the webhook informer catching up) are not what is measured.
     let warm = Settings { seconds: 2, storm_connections: 0, ..*settings };
     measure(&client, &ns, "warm", &warm).await?;
-    clear(&client, &ns).await?;
 
     let noop = NoopWebhook::start().await?;
     for round in 0..settings.rounds {
         delete_webhooks(&client, "arcguard").await?;
         measure(&client, &ns, &format!("warm-none-{round}"), &warm).await?;
-        clear(&client, &ns).await?;
         let prefix = format!("none-{round}");
         phases.push(phase(cluster, &client, &ns, NO_WEBHOOKS, &prefix, settings, &log_size).await?);
-        clear(&client, &ns).await?;
 
         for configuration in noop.configurations()? {
             apply(&client, &configuration).await?;
@@ -332,28 +331,23 @@ async fn run(cluster: &Cluster, settings: &Settings) -> Result<Vec<Phase>> {
             }
             measure(&client, &ns, &format!("warm-noop-{round}-{attempt}"), &warm).await?;
         }
-        clear(&client, &ns).await?;
         let prefix = format!("noop-{round}");
         let before = noop.calls();
         let mut floor = phase(cluster, &client, &ns, NOOP, &prefix, settings, &log_size).await?;
         floor.noop_calls = noop.calls() - before;
         phases.push(floor);
         delete_webhooks(&client, CONFIGURATION_NAME).await?;
-        clear(&client, &ns).await?;
 
         install_webhooks(cluster, &client).await?;
         measure(&client, &ns, &format!("warm-arcguard-{round}"), &warm).await?;
-        clear(&client, &ns).await?;
         let prefix = format!("arcguard-{round}");
         phases.push(phase(cluster, &client, &ns, ARCGUARD, &prefix, settings, &log_size).await?);
-        clear(&client, &ns).await?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let url = format!("{}/validate", cluster.arcguard.url());
         let (storming, _) =
             storm(url, denied_review(&ns), settings.storm_connections, stop.clone())?;
         measure(&client, &ns, &format!("warm-storm-{round}"), &warm).await?;
-        clear(&client, &ns).await?;
         let started = Instant::now();
         let prefix = format!("storm-{round}");
         let mut stormed = phase(cluster, &client, &ns, STORM, &prefix, settings, &log_size).await?;
@@ -361,7 +355,6 @@ async fn run(cluster: &Cluster, settings: &Settings) -> Result<Vec<Phase>> {
         stop.store(true, Ordering::Relaxed);
         stormed.storm = Some((storming.await?, over));
         phases.push(stormed);
-        clear(&client, &ns).await?;
     }
     Ok(phases)
 }
@@ -420,13 +413,9 @@ async fn main() -> Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let of = |name: &str| phases.iter().filter(|p| p.name == name).collect::<Vec<_>>();
-    let p99s = |name: &str| {
-        let mut values: Vec<f64> = of(name).iter().map(|p| ms(p.percentile(99.0))).collect();
-        values.sort_by(f64::total_cmp);
-        median(&values)
-    };
-    let p50s = |name: &str| {
-        let mut values: Vec<f64> = of(name).iter().map(|p| ms(p.percentile(50.0))).collect();
+    // The median over a phase's rounds of its `percentile` latency, in ms.
+    let median_at = |name: &str, percentile: f64| {
+        let mut values: Vec<f64> = of(name).iter().map(|p| ms(p.percentile(percentile))).collect();
         values.sort_by(f64::total_cmp);
         median(&values)
     };
@@ -473,15 +462,15 @@ async fn main() -> Result<()> {
     for name in [NOOP, ARCGUARD, STORM] {
         println!(
             "- {name}: adds {:.2} ms at p50 and {:.2} ms at p99 to a pod CREATE (medians)",
-            p50s(name) - p50s(NO_WEBHOOKS),
-            p99s(name) - p99s(NO_WEBHOOKS),
+            median_at(name, 50.0) - median_at(NO_WEBHOOKS, 50.0),
+            median_at(name, 99.0) - median_at(NO_WEBHOOKS, 99.0),
         );
     }
     for name in [ARCGUARD, STORM] {
         println!(
             "- {name}, over the no-op webhook: {:.2} ms at p50 and {:.2} ms at p99 (target: at most 1 ms at p99)",
-            p50s(name) - p50s(NOOP),
-            p99s(name) - p99s(NOOP),
+            median_at(name, 50.0) - median_at(NOOP, 50.0),
+            median_at(name, 99.0) - median_at(NOOP, 99.0),
         );
     }
     if phases.iter().any(|p| p.failures > 0) {
