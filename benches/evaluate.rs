@@ -255,7 +255,8 @@ fn router(c: &mut Criterion) {
     state.readiness.set_policies_loaded();
     state.readiness.set_certificate_loaded();
     let app = webhook_router(state, &Limits::default());
-    let body = axum::body::Bytes::from(typical_body());
+    let allowed = axum::body::Bytes::from(typical_body());
+    let denied = axum::body::Bytes::from(denied_body());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -277,10 +278,11 @@ fn router(c: &mut Criterion) {
         }
     };
     let mut group = c.benchmark_group("router");
-    for (name, method, path) in [
-        ("validate", Method::POST, "/validate"),
-        ("mutate", Method::POST, "/mutate"),
-        ("healthz", Method::GET, "/healthz"),
+    for (name, method, path, body) in [
+        ("validate", Method::POST, "/validate", &allowed),
+        ("validate-denied", Method::POST, "/validate", &denied),
+        ("mutate", Method::POST, "/mutate", &allowed),
+        ("healthz", Method::GET, "/healthz", &allowed),
     ] {
         group.bench_function(name, |b| {
             // One runtime entry per batch, so the figure is the router's, not block_on's.

@@ -7,6 +7,8 @@
 
 pub mod patch;
 
+use std::fmt::Write as _;
+
 use base64::Engine as _;
 
 use crate::admission::review::{self, AdmissionResponse, Operation, ReviewError};
@@ -215,7 +217,11 @@ pub const MAX_LISTED: usize = 50;
 /// The message a denied user reads: what was denied, then each violation and what to change
 /// (at most [`MAX_LISTED`], then how many more).
 pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
-    let mut message = format!(
+    let listed: usize = denials.iter().take(MAX_LISTED).map(|denial| denial.len() + 3).sum();
+    let mut message = String::with_capacity(64 + listed);
+    // Writing into a String cannot fail.
+    let _ = write!(
+        message,
         "arcguard denied {} {} {}:",
         view.operation.as_str().to_lowercase(),
         view.kind.as_str(),
@@ -226,7 +232,7 @@ pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
         message.push_str(denial);
     }
     if denials.len() > MAX_LISTED {
-        message.push_str(&format!("\n- and {} more violations", denials.len() - MAX_LISTED));
+        let _ = write!(message, "\n- and {} more violations", denials.len() - MAX_LISTED);
     }
     message
 }

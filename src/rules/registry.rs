@@ -137,7 +137,14 @@ impl TrustedRegistries {
             return;
         }
         let normalized = parsed.to_image_ref();
-        let uses = format!("{} uses image {:?} ({normalized})", subject(), shown(image));
+        // The normal form says where a short name really pulls from; repeating an image that
+        // is already written in it only lengthens the message.
+        let normal_form = normalized.to_string();
+        let uses = if normal_form == image {
+            format!("{} uses image {:?}", subject(), shown(image))
+        } else {
+            format!("{} uses image {:?} ({normal_form})", subject(), shown(image))
+        };
         if !trusted {
             violations.push(format!(
                 "{uses}, which is not from a trusted registry; use an image from {}",
@@ -415,6 +422,13 @@ mod tests {
                 "container \"app\" uses image \"nginx:1.25\" (docker.io/library/nginx:1.25), which is not from a trusted registry; use an image from contoso.azurecr.io, mcr.microsoft.com/oss"
             ]
         );
+        assert_eq!(
+            violations(&rule, &pod_with_image("evil.example/shop/web:1.4.2")),
+            [
+                "container \"app\" uses image \"evil.example/shop/web:1.4.2\", which is not from a trusted registry; use an image from contoso.azurecr.io, mcr.microsoft.com/oss"
+            ],
+            "an image already in its normal form is not repeated"
+        );
     }
 
     #[test]
@@ -555,11 +569,11 @@ mod tests {
             (format!("contoso.azurecr.io/app:1.0@{SHA}"), vec![]),
             (
                 "contoso.azurecr.io/app:1.0".to_owned(),
-                vec!["container \"app\" uses image \"contoso.azurecr.io/app:1.0\" (contoso.azurecr.io/app:1.0), which is not pinned by digest; use contoso.azurecr.io/app@sha256:<digest>".to_owned()],
+                vec!["container \"app\" uses image \"contoso.azurecr.io/app:1.0\", which is not pinned by digest; use contoso.azurecr.io/app@sha256:<digest>".to_owned()],
             ),
             (
                 format!("contoso.azurecr.io/app@{SHA512}"),
-                vec![format!("container \"app\" uses image \"contoso.azurecr.io/app@{SHA512}\" (contoso.azurecr.io/app@{SHA512}), which is pinned by a sha512 digest but only sha256 digests are accepted; use contoso.azurecr.io/app@sha256:<digest>")],
+                vec![format!("container \"app\" uses image \"contoso.azurecr.io/app@{SHA512}\", which is pinned by a sha512 digest but only sha256 digests are accepted; use contoso.azurecr.io/app@sha256:<digest>")],
             ),
         ];
         for (image, expected) in cases {
