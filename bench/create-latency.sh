@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Pod CREATE latency through a real kube-apiserver without arcguard's webhooks, with them, and
-# with them under a denial storm (e2e/src/bin/create_latency.rs; see BENCHMARKS.md).
+# Pod CREATE latency through a real kube-apiserver without arcguard's webhooks, with a no-op
+# webhook in their place (answering no patch, then arcguard's patch), with them, and with them
+# under a denial storm (e2e/src/bin/create_latency.rs; see BENCHMARKS.md). About 8 minutes.
 #
 # Builds the release arcguard and the harness, starts one cluster of the e2e harness (its
 # control plane is built from source on first use, as in e2e/README.md), and prints Markdown.

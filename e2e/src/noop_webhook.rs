@@ -3,13 +3,15 @@
 //! which `create_latency` measures what arcguard itself adds.
 //!
 //! It serves HTTPS on a loopback port (HTTP/2 or HTTP/1.1, as the apiserver chooses), reads
-//! each review's `request.uid`, and answers `allowed: true` with no patch. Its certificate is
+//! each review's `request.uid`, and answers `allowed: true`, with no patch unless one is set
+//! ([`NoopWebhook::set_patch`]: the JSON Patch arcguard would answer, so that what the
+//! apiserver spends applying a mutation is part of the floor too). Its certificate is
 //! a fresh one from [`ControlPlanePki`] (SANs `localhost`, `127.0.0.1`); the configurations it
 //! is registered with carry that CA as their caBundle.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result, anyhow};
 use base64::Engine as _;
@@ -36,6 +38,8 @@ pub struct NoopWebhook {
     url: String,
     ca_pem: String,
     calls: Arc<AtomicU64>,
+    /// The JSON Patch answered to reviews on `/mutate`, base64-encoded as the response carries it.
+    patch: Arc<Mutex<Option<String>>>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -61,27 +65,41 @@ impl NoopWebhook {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("https://{}", listener.local_addr()?);
         let calls = Arc::new(AtomicU64::new(0));
-        let counter = calls.clone();
+        let patch = Arc::new(Mutex::new(None));
+        let (counter, answered) = (calls.clone(), patch.clone());
         let server = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
-                let (acceptor, counter) = (acceptor.clone(), counter.clone());
+                // As arcguard's server does (src/server/tls.rs): without it, Nagle's algorithm
+                // holds a response written in two parts until the apiserver's delayed ACK.
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, counter, answered) =
+                    (acceptor.clone(), counter.clone(), answered.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service =
-                        hyper::service::service_fn(move |request| answer(request, counter.clone()));
+                    let service = hyper::service::service_fn(move |request| {
+                        answer(request, counter.clone(), answered.clone())
+                    });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let _ = builder.serve_connection(TokioIo::new(tls), service).await;
                 });
             }
         });
-        Ok(Self { url, ca_pem: pki.ca.cert_pem, calls, server })
+        Ok(Self { url, ca_pem: pki.ca.cert_pem, calls, patch, server })
     }
 
     /// The reviews answered so far.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Answers reviews on `/mutate` with this JSON Patch (an array of operations) from now on,
+    /// or with none.
+    pub fn set_patch(&self, patch: Option<&Value>) {
+        let encoded =
+            patch.map(|patch| base64::engine::general_purpose::STANDARD.encode(patch.to_string()));
+        *self.patch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = encoded;
     }
 
     /// arcguard's two webhook configurations (same webhooks, rules and selectors, so the
@@ -113,11 +131,13 @@ impl Drop for NoopWebhook {
     }
 }
 
-/// Allows the review, echoing its uid.
+/// Allows the review, echoing its uid, with the patch set for `/mutate`, if any.
 async fn answer(
     request: Request<Incoming>,
     calls: Arc<AtomicU64>,
+    patch: Arc<Mutex<Option<String>>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mutate = request.uri().path() == "/mutate";
     #[derive(Deserialize)]
     struct Review {
         request: Option<Uid>,
@@ -133,10 +153,19 @@ async fn answer(
         .map(|request| request.uid)
         .unwrap_or_default();
     calls.fetch_add(1, Ordering::Relaxed);
-    let review = json!({
+    let mut review = json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "response": {"uid": uid, "allowed": true},
     });
+    let patch = if mutate {
+        patch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    } else {
+        None
+    };
+    if let Some(patch) = patch {
+        review["response"]["patchType"] = json!("JSONPatch");
+        review["response"]["patch"] = json!(patch);
+    }
     let mut response = Response::new(Full::new(Bytes::from(review.to_string())));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
