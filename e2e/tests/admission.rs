@@ -535,12 +535,15 @@ async fn windows_pods_need_a_credential_spec_their_service_account_may_use() {
     run(|client| async move {
         let ns = namespace(&client, "gmsa", &[]).await?;
         let spec_name = format!("webapp-{ns}");
-        let stored_spec = apply(&client, &credspec(&spec_name, "WebApp1")).await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
         let message = denial(&pods.create(&create(), &windows_pod("none", json!({}))?).await);
         ensure!(message.contains("without a gMSA credential spec"), "no credential spec: {message}");
 
+        // The pod names the credential spec the moment it is created, as a GitOps sync applying
+        // both does: before arcguard's cache has seen it, arcguard reads it from the apiserver
+        // rather than calling it missing.
+        let stored_spec = apply(&client, &credspec(&spec_name, "WebApp1")).await?;
         let named = windows_pod("named", json!({"gmsaCredentialSpecName": spec_name}))?;
         let message = denial(&pods.create(&create(), &named).await);
         ensure!(message.contains(&format!("service account {ns}/default may not use")), "no RBAC: {message}");

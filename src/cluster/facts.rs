@@ -1,5 +1,7 @@
 //! Cluster facts for the rules: GMSACredentialSpecs, namespace labels and node OS labels from
-//! watch-backed caches, the pod a binding names read on demand, and `use` authorizations from
+//! watch-backed caches (a credential spec the cache does not hold yet, such as one applied in
+//! the same GitOps sync as the pods naming it, is listed by name before it is called missing),
+//! the pod a binding names read on demand, and `use` authorizations from
 //! LocalSubjectAccessReviews, cached briefly. Only what the policies that apply to a request
 //! need is looked up ([`crate::policy::PolicySet::needs`]).
 //!
@@ -23,7 +25,7 @@ use k8s_openapi::api::authorization::v1::{
     LocalSubjectAccessReview, ResourceAttributes, SubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use kube::api::{Api, DynamicObject, PartialObjectMeta, PostParams};
+use kube::api::{Api, DynamicObject, ListParams, PartialObjectMeta, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -183,6 +185,39 @@ impl ClusterFacts {
         Some(os::node_os(&labels))
     }
 
+    /// The `credspec` of a GMSACredentialSpec the cache does not hold: read from the apiserver
+    /// within [`LOOKUP_DEADLINE`], by a list filtered to its name (the `list` the cache's RBAC
+    /// already grants). `None` when it does not exist, the name cannot be one (not a DNS
+    /// subdomain, so nothing can be injected into the field selector), or the read failed.
+    async fn uncached_credential_spec(&self, name: &str) -> Option<serde_json::Value> {
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid {
+            return None;
+        }
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &self.credential_spec_resource);
+        let params = ListParams::default().fields(&format!("metadata.name={name}"));
+        match tokio::time::timeout(LOOKUP_DEADLINE, api.list(&params)).await {
+            Ok(Ok(list)) => list
+                .items
+                .into_iter()
+                .find(|spec| spec.metadata.name.as_deref() == Some(name))
+                .and_then(|spec| spec.data.get("credspec").cloned()),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, name, "reading a GMSACredentialSpec the cache lacks failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(name, "reading a GMSACredentialSpec the cache lacks timed out");
+                None
+            }
+        }
+    }
+
     /// Reads the pod a binding names, within [`LOOKUP_DEADLINE`].
     async fn pod(&self, namespace: &str, name: &str) -> PodFact {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
@@ -335,12 +370,16 @@ impl FactSource for ClusterFacts {
                 return facts;
             }
             let resource = &self.credential_spec_resource;
+            let mut uncached = Vec::new();
             for name in &needs.credential_specs {
                 let key = ObjectRef::new_with(name, resource.clone());
-                if let Some(spec) =
-                    self.credential_specs.get(&key).and_then(|o| o.data.get("credspec").cloned())
-                {
-                    facts.credential_specs.insert(name.clone(), spec);
+                match self.credential_specs.get(&key) {
+                    Some(spec) => {
+                        if let Some(spec) = spec.data.get("credspec").cloned() {
+                            facts.credential_specs.insert(name.clone(), spec);
+                        }
+                    }
+                    None => uncached.push(name),
                 }
             }
             let nodes: BTreeMap<String, Option<os::Os>> = needs
@@ -364,9 +403,15 @@ impl FactSource for ClusterFacts {
                     None => None,
                 }
             };
-            let (authorizations, pod) = futures::join!(authorizations, pod);
+            let specs = futures::future::join_all(uncached.into_iter().map(|name| async move {
+                (name.clone(), self.uncached_credential_spec(name).await)
+            }));
+            let (authorizations, pod, specs) = futures::join!(authorizations, pod, specs);
             facts.authorizations = Some(authorizations.into_iter().collect());
             facts.pods = Some(pod.into_iter().collect());
+            facts
+                .credential_specs
+                .extend(specs.into_iter().filter_map(|(name, spec)| Some((name, spec?))));
             facts
         })
     }
@@ -472,6 +517,50 @@ mod tests {
         let (one, two) = both.await;
         assert_eq!(one, Access::Denied("RBAC: no rule grants use".to_owned()));
         assert_eq!(two, Access::Allowed);
+    }
+
+    /// Answers the next request, which must be the list of credential specs by `name`, with
+    /// `items`.
+    async fn answer_spec_list(server: &mut ApiServer, name: &str, items: Value) {
+        let (request, send) = server.next_request().await.expect("a list is sent");
+        assert_eq!(request.uri().path(), "/apis/windows.k8s.io/v1/gmsacredentialspecs");
+        let query = request.uri().query().unwrap_or_default();
+        assert!(query.contains(&format!("fieldSelector=metadata.name%3D{name}")), "{query}");
+        let list = json!({
+            "apiVersion": "windows.k8s.io/v1", "kind": "GMSACredentialSpecList",
+            "metadata": {"resourceVersion": "7"}, "items": items,
+        });
+        let body = serde_json::to_vec(&list).expect("JSON");
+        send.send_response(Response::builder().body(Body::from(body)).expect("response"));
+    }
+
+    #[tokio::test]
+    async fn a_credential_spec_the_cache_lacks_is_listed_by_name() {
+        let (facts, mut server) = facts();
+        let reading = facts.uncached_credential_spec("webapp1");
+        tokio::pin!(reading);
+        assert!(futures::poll!(&mut reading).is_pending());
+        let spec = json!({
+            "apiVersion": "windows.k8s.io/v1", "kind": "GMSACredentialSpec",
+            "metadata": {"name": "webapp1"}, "credspec": {"CmsPlugins": ["ActiveDirectory"]},
+        });
+        answer_spec_list(&mut server, "webapp1", json!([spec])).await;
+        assert_eq!(reading.await, Some(json!({"CmsPlugins": ["ActiveDirectory"]})));
+
+        let reading = facts.uncached_credential_spec("gone");
+        tokio::pin!(reading);
+        assert!(futures::poll!(&mut reading).is_pending());
+        answer_spec_list(&mut server, "gone", json!([])).await;
+        assert_eq!(reading.await, None);
+    }
+
+    #[tokio::test]
+    async fn a_name_that_cannot_be_a_credential_spec_is_not_looked_up() {
+        let (facts, mut server) = facts();
+        for name in ["", "a,metadata.name!=b", "Upper", &"a".repeat(254)] {
+            assert_eq!(facts.uncached_credential_spec(name).await, None, "{name}");
+        }
+        assert!(server.next_request().now_or_never().is_none(), "a list was sent");
     }
 
     #[tokio::test]
