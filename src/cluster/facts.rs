@@ -1,6 +1,7 @@
 //! Cluster facts for the rules: GMSACredentialSpecs, namespace labels and node OS labels from
-//! watch-backed caches (a credential spec the cache does not hold yet, such as one applied in
-//! the same GitOps sync as the pods naming it, is listed by name before it is called missing),
+//! watch-backed caches (credential specs the cache does not hold yet, such as one applied in
+//! the same GitOps sync as the pods naming it, are listed, in one call per request, before they
+//! are called missing),
 //! the pod a binding names read on demand, and `use` authorizations from
 //! LocalSubjectAccessReviews, cached briefly. Only what the policies that apply to a request
 //! need is looked up ([`crate::policy::PolicySet::needs`]).
@@ -185,35 +186,53 @@ impl ClusterFacts {
         Some(os::node_os(&labels))
     }
 
-    /// The `credspec` of a GMSACredentialSpec the cache does not hold: read from the apiserver
-    /// within [`LOOKUP_DEADLINE`], by a list filtered to its name (the `list` the cache's RBAC
-    /// already grants). `None` when it does not exist, the name cannot be one (not a DNS
-    /// subdomain, so nothing can be injected into the field selector), or the read failed.
-    async fn uncached_credential_spec(&self, name: &str) -> Option<serde_json::Value> {
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !valid {
-            return None;
-        }
+    /// The `credspec`s of GMSACredentialSpecs the cache does not hold, by name: read from the
+    /// apiserver in one list call within [`LOOKUP_DEADLINE`] (the `list` the cache's RBAC
+    /// already grants), filtered to the name when there is one, so that a pod naming many
+    /// missing specs costs one call, not one per name. Names that cannot be a spec's (not a DNS
+    /// subdomain, so nothing can be injected into the field selector) are not looked up; what
+    /// does not exist, or a failed read, is absent from the result.
+    async fn uncached_credential_specs(
+        &self,
+        names: &[&String],
+    ) -> BTreeMap<String, serde_json::Value> {
+        let names: Vec<&String> = names
+            .iter()
+            .copied()
+            .filter(|name| {
+                !name.is_empty()
+                    && name.len() <= 253
+                    && name.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    })
+            })
+            .collect();
+        let params = match names.as_slice() {
+            [] => return BTreeMap::new(),
+            [name] => ListParams::default().fields(&format!("metadata.name={name}")),
+            _ => ListParams::default(),
+        };
         let api: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &self.credential_spec_resource);
-        let params = ListParams::default().fields(&format!("metadata.name={name}"));
         match tokio::time::timeout(LOOKUP_DEADLINE, api.list(&params)).await {
             Ok(Ok(list)) => list
                 .items
                 .into_iter()
-                .find(|spec| spec.metadata.name.as_deref() == Some(name))
-                .and_then(|spec| spec.data.get("credspec").cloned()),
+                .filter_map(|spec| {
+                    let name = spec.metadata.name.as_ref()?;
+                    if !names.contains(&name) {
+                        return None;
+                    }
+                    Some((name.clone(), spec.data.get("credspec")?.clone()))
+                })
+                .collect(),
             Ok(Err(error)) => {
-                tracing::warn!(%error, name, "reading a GMSACredentialSpec the cache lacks failed");
-                None
+                tracing::warn!(%error, "reading GMSACredentialSpecs the cache lacks failed");
+                BTreeMap::new()
             }
             Err(_) => {
-                tracing::warn!(name, "reading a GMSACredentialSpec the cache lacks timed out");
-                None
+                tracing::warn!("reading GMSACredentialSpecs the cache lacks timed out");
+                BTreeMap::new()
             }
         }
     }
@@ -403,15 +422,11 @@ impl FactSource for ClusterFacts {
                     None => None,
                 }
             };
-            let specs = futures::future::join_all(uncached.into_iter().map(|name| async move {
-                (name.clone(), self.uncached_credential_spec(name).await)
-            }));
+            let specs = self.uncached_credential_specs(&uncached);
             let (authorizations, pod, specs) = futures::join!(authorizations, pod, specs);
             facts.authorizations = Some(authorizations.into_iter().collect());
             facts.pods = Some(pod.into_iter().collect());
-            facts
-                .credential_specs
-                .extend(specs.into_iter().filter_map(|(name, spec)| Some((name, spec?))));
+            facts.credential_specs.extend(specs);
             facts
         })
     }
@@ -519,13 +534,21 @@ mod tests {
         assert_eq!(two, Access::Allowed);
     }
 
-    /// Answers the next request, which must be the list of credential specs by `name`, with
-    /// `items`.
-    async fn answer_spec_list(server: &mut ApiServer, name: &str, items: Value) {
+    /// Answers the next request, which must be the list of credential specs (by `name` if
+    /// any), with `items`.
+    async fn answer_spec_list(server: &mut ApiServer, name: Option<&str>, items: Value) {
         let (request, send) = server.next_request().await.expect("a list is sent");
         assert_eq!(request.uri().path(), "/apis/windows.k8s.io/v1/gmsacredentialspecs");
-        let query = request.uri().query().unwrap_or_default();
-        assert!(query.contains(&format!("fieldSelector=metadata.name%3D{name}")), "{query}");
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        match name {
+            Some(name) => {
+                assert!(
+                    query.contains(&format!("fieldSelector=metadata.name%3D{name}")),
+                    "{query}"
+                );
+            }
+            None => assert!(!query.contains("fieldSelector"), "{query}"),
+        }
         let list = json!({
             "apiVersion": "windows.k8s.io/v1", "kind": "GMSACredentialSpecList",
             "metadata": {"resourceVersion": "7"}, "items": items,
@@ -535,30 +558,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_credential_spec_the_cache_lacks_is_listed_by_name() {
+    async fn credential_specs_the_cache_lacks_are_listed_in_one_call() {
         let (facts, mut server) = facts();
-        let reading = facts.uncached_credential_spec("webapp1");
+        let spec = |name: &str, account: &str| {
+            json!({
+                "apiVersion": "windows.k8s.io/v1", "kind": "GMSACredentialSpec",
+                "metadata": {"name": name}, "credspec": {"ActiveDirectoryConfig": account},
+            })
+        };
+        let (one, gone) = ("webapp1".to_owned(), "gone".to_owned());
+        let names = [&one];
+        let reading = facts.uncached_credential_specs(&names);
         tokio::pin!(reading);
         assert!(futures::poll!(&mut reading).is_pending());
-        let spec = json!({
-            "apiVersion": "windows.k8s.io/v1", "kind": "GMSACredentialSpec",
-            "metadata": {"name": "webapp1"}, "credspec": {"CmsPlugins": ["ActiveDirectory"]},
-        });
-        answer_spec_list(&mut server, "webapp1", json!([spec])).await;
-        assert_eq!(reading.await, Some(json!({"CmsPlugins": ["ActiveDirectory"]})));
+        answer_spec_list(&mut server, Some("webapp1"), json!([spec("webapp1", "a")])).await;
+        assert_eq!(
+            reading.await,
+            BTreeMap::from([("webapp1".to_owned(), json!({"ActiveDirectoryConfig": "a"}))])
+        );
 
-        let reading = facts.uncached_credential_spec("gone");
+        // Several names: one list of them all, whatever else it holds.
+        let names = [&one, &gone];
+        let reading = facts.uncached_credential_specs(&names);
         tokio::pin!(reading);
         assert!(futures::poll!(&mut reading).is_pending());
-        answer_spec_list(&mut server, "gone", json!([])).await;
-        assert_eq!(reading.await, None);
+        answer_spec_list(&mut server, None, json!([spec("webapp1", "a"), spec("other", "b")]))
+            .await;
+        assert_eq!(
+            reading.await,
+            BTreeMap::from([("webapp1".to_owned(), json!({"ActiveDirectoryConfig": "a"}))])
+        );
+        assert!(server.next_request().now_or_never().is_none(), "a second list was sent");
     }
 
     #[tokio::test]
     async fn a_name_that_cannot_be_a_credential_spec_is_not_looked_up() {
         let (facts, mut server) = facts();
-        for name in ["", "a,metadata.name!=b", "Upper", &"a".repeat(254)] {
-            assert_eq!(facts.uncached_credential_spec(name).await, None, "{name}");
+        let long = "a".repeat(254);
+        for name in ["", "a,metadata.name!=b", "Upper", &long] {
+            let name = name.to_owned();
+            assert!(facts.uncached_credential_specs(&[&name]).await.is_empty(), "{name}");
         }
         assert!(server.next_request().now_or_never().is_none(), "a list was sent");
     }
