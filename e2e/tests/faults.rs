@@ -445,7 +445,10 @@ async fn apiserver_down_mid_run(cluster: &mut Cluster) -> Result<()> {
     // Watches resume: an edit made after the restart takes effect. Every wait of arcguard's
     // watch back-off, jitter included, is under 2 s (kube-runtime's default, like client-go's
     // reflector, goes to 30 s: runs took 18-40 s here before), so the edit must take effect
-    // within 5 s of the restart, the 403s of the restarted apiserver's RBAC sync included.
+    // within 10 s of the restart: the 403s of the restarted apiserver's RBAC sync and its
+    // watch cache for custom resources starting again are included (in one CI run on 2 busy
+    // cores, the apiserver held arcguard's policy watch 5 s before answering it 410 Expired,
+    // and the edit took effect at 5.7 s).
     apply(
         &client,
         &registries_policy(&name, &ns, &["contoso.azurecr.io/team-a", "contoso.azurecr.io/team-b"]),
@@ -464,8 +467,8 @@ async fn apiserver_down_mid_run(cluster: &mut Cluster) -> Result<()> {
         resumed.as_secs_f64()
     );
     ensure!(
-        resumed < Duration::from_secs(5),
-        "the policy watch resumed {:.1}s after the apiserver's return (target: within 5 s)",
+        resumed < Duration::from_secs(10),
+        "the policy watch resumed {:.1}s after the apiserver's return (target: within 10 s)",
         resumed.as_secs_f64()
     );
     ensure!(cluster.arcguard.is_ready().await, "ready after the restart");
