@@ -199,13 +199,7 @@ impl ClusterFacts {
         let names: Vec<&String> = names
             .iter()
             .copied()
-            .filter(|name| {
-                !name.is_empty()
-                    && name.len() <= 253
-                    && name.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
-                    })
-            })
+            .filter(|name| crate::names::check_dns_subdomain(name).is_ok())
             .collect();
         let params = match names.as_slice() {
             [] => return BTreeMap::new(),
