@@ -7,8 +7,10 @@
 #   helm      helm.sh/helm/v3/cmd/helm (e2e/tools/helm/)
 #   promtool  github.com/prometheus/prometheus/cmd/promtool (e2e/tools/promtool/), without the
 #             service-discovery plugins (`-tags remove_all_sd`: rule checks and tests need none)
+#   registry  github.com/distribution/distribution/v3/cmd/registry (e2e/tools/registry/): the
+#             OCI registry the image-provenance scenarios push to and arcguard reads from
 #
-# Usage: build-tools.sh [--path] [TOOL...]    (default: all three, in the order above)
+# Usage: build-tools.sh [--path] [TOOL...]    (default: all four, in the order above)
 # Prints the path of each tool's binary on stdout, one a line, in the order asked; progress goes
 # to stderr. With --path it builds nothing and prints where each binary is (or would be).
 #
@@ -65,8 +67,14 @@ describe() {
       tags=remove_all_sd
       ldflags="-s -w -X github.com/prometheus/common/version.Version=$version"
       ;;
+    registry)
+      mod="$here/tools/registry"
+      pkg=github.com/distribution/distribution/v3/cmd/registry
+      version="$(required "$mod" github.com/distribution/distribution/v3)"
+      ldflags="-s -w -X github.com/distribution/distribution/v3/version.version=$version"
+      ;;
     *)
-      log "unknown tool $1 (kubectl, helm, promtool)"
+      log "unknown tool $1 (kubectl, helm, promtool, registry)"
       exit 2
       ;;
   esac
@@ -104,7 +112,7 @@ if [ "${1:-}" = "--path" ]; then
   only_path=true
   shift
 fi
-[ "$#" -gt 0 ] || set -- kubectl helm promtool
+[ "$#" -gt 0 ] || set -- kubectl helm promtool registry
 
 for tool in "$@"; do
   describe "$tool"

@@ -3,6 +3,11 @@
 //! Every object goes through the same pipeline as a live request: a CREATE AdmissionReview
 //! is built for it, the mutating webhook's patch is applied, and the patched object is
 //! validated.
+//!
+//! imageProvenance policies read registries only when asked (`--registry`): [`image_keys`]
+//! runs the objects once to learn which images they name, the shell reads those, and the
+//! check runs again on what was read. Without it their checks are skipped and
+//! [`SKIPPED_REGISTRIES`] says so.
 
 use std::fmt::Write as _;
 
@@ -11,10 +16,17 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::admission;
+use crate::admission::objects::Labels;
 use crate::manifest::{self, ManifestError};
 use crate::pipeline::{self, Webhook};
 use crate::policy::PolicySet;
-use crate::rules::Facts;
+use crate::rules::os::NodeOs;
+use crate::rules::provenance::ImageLookup;
+use crate::rules::{Access, Facts, PodLookup, StaticFacts};
+
+/// The note printed when imageProvenance policies were not checked against registries.
+pub const SKIPPED_REGISTRIES: &str =
+    "imageProvenance policies were not checked: registries are read only with --registry";
 
 /// One input: a file name (or `-`) and its text.
 #[derive(Clone, Debug)]
@@ -204,13 +216,62 @@ fn check_object(
     Ok(report)
 }
 
+/// The registry keys ([`crate::rules::provenance::lookup_key`]) the objects of `inputs` ask
+/// about under `policies`: the check is run once with registries unread, recording them.
+///
+/// # Errors
+/// [`CheckError`] as [`check`].
+pub fn image_keys(
+    inputs: &[Input],
+    policies: &PolicySet,
+    facts: &StaticFacts,
+) -> Result<std::collections::BTreeSet<String>, CheckError> {
+    let recorder = Recorder { facts, keys: std::cell::RefCell::default() };
+    check(inputs, policies, &recorder)?;
+    Ok(recorder.keys.into_inner())
+}
+
+/// Facts that record the images asked about and answer that registries are not read.
+struct Recorder<'a> {
+    facts: &'a StaticFacts,
+    keys: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl Facts for Recorder<'_> {
+    fn credential_spec(&self, name: &str) -> Option<&Value> {
+        self.facts.credential_spec(name)
+    }
+    fn may_use_credential_spec(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        name: &str,
+    ) -> Access {
+        self.facts.may_use_credential_spec(namespace, service_account, name)
+    }
+    fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
+        self.facts.namespace_labels(namespace)
+    }
+    fn node_os(&self, node: &str) -> NodeOs {
+        self.facts.node_os(node)
+    }
+    fn pod(&self, namespace: &str, name: &str) -> PodLookup<'_> {
+        self.facts.pod(namespace, name)
+    }
+    fn image(&self, key: &str) -> ImageLookup<'_> {
+        self.keys.borrow_mut().insert(key.to_owned());
+        ImageLookup::NotChecked
+    }
+}
+
 /// Whether any object was denied (exit code 1).
 pub fn any_denied(reports: &[Report]) -> bool {
     reports.iter().any(|r| r.verdict == Verdict::Deny)
 }
 
-/// One line per object, then one indented line per finding.
-pub fn render_text(reports: &[Report]) -> String {
+/// One line per object, then one indented line per finding, then the notes (what was not
+/// checked).
+pub fn render_text(reports: &[Report], notes: &[&str]) -> String {
     let mut out = String::new();
     for r in reports {
         let _ =
@@ -235,11 +296,14 @@ pub fn render_text(reports: &[Report]) -> String {
         count(Verdict::Pass),
         count(Verdict::Skip)
     );
+    for note in notes {
+        let _ = writeln!(out, "note: {note}");
+    }
     out
 }
 
-/// The reports as a JSON document: `{"results": [...], "denied": bool}`.
-pub fn render_json(reports: &[Report]) -> String {
-    let doc = json!({"results": reports, "denied": any_denied(reports)});
+/// The reports as a JSON document: `{"results": [...], "denied": bool, "notes": [...]}`.
+pub fn render_json(reports: &[Report], notes: &[&str]) -> String {
+    let doc = json!({"results": reports, "denied": any_denied(reports), "notes": notes});
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }

@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// and the kube-apiserver's audit log holds each decision). 0: summaries only.
     #[arg(long, env = "ARCGUARD_LOG_DECISIONS_PER_SECOND", default_value_t = 10)]
     pub log_decisions_per_second: u32,
+    /// How imageProvenance policies reach registries.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// On SIGTERM, time between readiness turning false and the listeners closing.
     #[arg(long, env = "ARCGUARD_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
@@ -183,9 +186,34 @@ pub struct CheckArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    /// Read registries for imageProvenance policies; without it their checks are skipped, and
+    /// the output says so.
+    #[arg(long)]
+    pub registry: bool,
+    /// How registries are reached (with `--registry`).
+    #[command(flatten)]
+    pub registry_access: RegistryArgs,
     /// Manifest files (multi-document YAML or JSON, `kind: List` included); `-` reads standard input.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// How imageProvenance policies reach registries.
+#[derive(Clone, Debug, Args)]
+pub struct RegistryArgs {
+    /// PEM CA certificates trusted for registries besides the system roots (a private
+    /// registry's CA).
+    #[arg(long, env = "ARCGUARD_REGISTRY_CA")]
+    pub registry_ca: Option<PathBuf>,
+    /// A registry (`host[:port]`) read over plain HTTP rather than HTTPS: development only
+    /// (repeatable; comma-separated in the environment).
+    #[arg(long, env = "ARCGUARD_REGISTRY_PLAIN_HTTP", value_delimiter = ',')]
+    pub registry_plain_http: Vec<String>,
+    /// Time one image may take to read from its registry; keep it below the webhooks'
+    /// timeoutSeconds (5 s in manifests/), so a slow registry gets arcguard's message rather
+    /// than the apiserver's timeout.
+    #[arg(long, env = "ARCGUARD_REGISTRY_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub registry_timeout: Duration,
 }
 
 /// `arcguard audit`.

@@ -1,9 +1,10 @@
 //! arcguard: a Kubernetes admission controller for hybrid Linux/Windows clusters.
 //!
-//! It enforces trusted registries, gMSA for Windows pods and Calico policy scoped to Linux.
+//! It enforces trusted registries, gMSA for Windows pods, Calico policy scoped to Linux and
+//! image provenance (served by the registry, for the pod's platform, pinned by digest).
 //! Start at [`pipeline::review`], the pure pipeline from an AdmissionReview to its response;
-//! [`policy`] holds the policy API and its evaluation, [`rules`] the three rules, [`server`]
-//! the HTTPS shell around them and [`serve`] the standalone wiring.
+//! [`policy`] holds the policy API and its evaluation, [`rules`] the rules, [`server`] the
+//! HTTPS shell around them, [`oci`] the registry adapter and [`serve`] the standalone wiring.
 
 pub mod admission;
 pub mod audit;
@@ -14,6 +15,7 @@ pub mod cluster;
 pub mod manifest;
 pub mod metrics;
 pub mod names;
+pub mod oci;
 pub mod pipeline;
 pub mod policy;
 pub mod rules;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use arcguard::audit::output as audit_output;
 use arcguard::cli::{
-    AuditArgs, CertsAction, CertsArgs, CheckArgs, Cli, Command, LogFormat, OutputFormat, ServeArgs,
+    AuditArgs, CertsAction, CertsArgs, CheckArgs, Cli, Command, LogFormat, OutputFormat,
+    RegistryArgs, ServeArgs,
 };
 use arcguard::{certs, check, cluster, policy, serve, server};
 use clap::Parser as _;
@@ -18,10 +19,29 @@ use clap::Parser as _;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Registry access as the flags configure it: the CA file is read here.
+fn registry_config(args: &RegistryArgs) -> anyhow::Result<arcguard::oci::RegistryConfig> {
+    let ca_pem = match &args.registry_ca {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading --registry-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(arcguard::oci::RegistryConfig {
+        ca_pem,
+        plain_http: args.registry_plain_http.clone(),
+        deadline: args.registry_timeout,
+    })
+}
+
 /// Exit code for a configuration that cannot work (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // One TLS provider for the whole process: kube's client and the registry client (reqwest)
+    // take the process default, and ring is the only one compiled in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     // `arcguard audit` fills the same caches as a replica; their watchers' retries (no RBAC to
     // list GMSACredentialSpecs, say) would bury its one line saying so under a warning a second.
@@ -98,6 +118,13 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         ..server::Limits::default()
     };
     let addresses = server::Addresses { webhook: args.addr, metrics: args.metrics_addr };
+    let registries = match registry_config(&args.registry) {
+        Ok(registries) => registries,
+        Err(error) => {
+            tracing::error!("{}", chain(&error));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -152,6 +179,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
                 interval: args.audit_interval,
                 max_results: args.audit_max_results,
             },
+            registries,
         };
         return runtime.block_on(async {
             match cluster::start(config, shutdown_signal()).await {
@@ -183,6 +211,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         generate_certs: !args.no_dev_certs,
         limits,
         shutdown_delay: args.shutdown_delay,
+        registries,
     };
     runtime.block_on(async {
         match serve::start(config, shutdown_signal()).await {
@@ -261,10 +290,26 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
         };
         inputs.push(check::Input { name, text });
     }
-    let reports = check::check(&inputs, &loaded.policies, &loaded.facts)?;
+    let mut facts = loaded.facts;
+    let mut notes = Vec::new();
+    if loaded.policies.reads_registries() {
+        if args.registry {
+            let keys = check::image_keys(&inputs, &loaded.policies, &facts)?;
+            let registries =
+                arcguard::oci::Registries::new(&registry_config(&args.registry_access)?)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            facts.images = Some(runtime.block_on(registries.lookup(&keys)));
+        } else {
+            notes.push(check::SKIPPED_REGISTRIES);
+        }
+    }
+    let reports = check::check(&inputs, &loaded.policies, &facts)?;
     let output = match args.output {
-        OutputFormat::Text => check::render_text(&reports),
-        OutputFormat::Json => check::render_json(&reports),
+        OutputFormat::Text => check::render_text(&reports, &notes),
+        OutputFormat::Json => check::render_json(&reports, &notes),
     };
     Ok((output, check::any_denied(&reports)))
 }

@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Time between readiness turning false and the listeners closing on shutdown.
     pub shutdown_delay: Duration,
+    /// How imageProvenance policies reach registries.
+    pub registries: crate::oci::RegistryConfig,
 }
 
 /// Why the server could not start.
@@ -45,6 +47,9 @@ pub enum ServeError {
     /// The certificate could not be generated or loaded.
     #[error(transparent)]
     Certificate(#[from] certs::CertError),
+    /// Registry access could not be set up.
+    #[error(transparent)]
+    Registry(#[from] crate::oci::RegistryError),
     /// A listener could not be bound.
     #[error(transparent)]
     Listen(#[from] server::ListenError),
@@ -81,7 +86,9 @@ pub async fn start(
     let resolver = Arc::new(CertResolver::new(key, info.clone()));
     let tls = Arc::new(certs::server_config(resolver.clone())?);
 
-    let state = AppState::new(Snapshot { policies: loaded.policies, facts: loaded.facts });
+    let registries = crate::oci::Registries::new(&config.registries)?;
+    let state = AppState::new(Snapshot { policies: loaded.policies, facts: loaded.facts })
+        .with_images(Arc::new(registries));
     let snapshot = state.snapshot.load();
     state.metrics.set_policies(&snapshot.policies);
     state.metrics.record_certificate("serving", Some(info.not_after.unix_timestamp()));

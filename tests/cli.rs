@@ -228,3 +228,76 @@ fn certs_writes_a_ca_and_serving_pair() {
     let ca = std::fs::read_to_string(dir.path().join("ca.crt")).expect("ca.crt");
     assert!(info.verifies_with(ca.as_bytes()).expect("CA parses"));
 }
+
+/// A policy directory holding one imageProvenance policy over a registry on `host`.
+fn provenance_policies(host: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "provenance.yaml",
+        &format!(
+            "apiVersion: arcguard.io/v1alpha1\nkind: ClusterGuardPolicy\nmetadata: {{name: provenance}}\nspec:\n  imageProvenance:\n    registries: [\"{host}\"]\n"
+        ),
+    );
+    dir
+}
+
+#[test]
+fn image_provenance_is_skipped_without_registry_and_read_with_it() {
+    // A port nothing listens on: the registry cannot be read.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let host = format!("127.0.0.1:{port}");
+    let policies = provenance_policies(&host);
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let pod = write(
+        &manifests,
+        "pod.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  containers:\n  - {{name: app, image: \"{host}/team/app:1\"}}\n"
+        ),
+    );
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .arg("check")
+            .arg("--policies")
+            .arg(policies.path())
+            .args(extra)
+            .arg(&pod)
+            .output()
+            .expect("arcguard runs")
+    };
+
+    let skipped = run(&[]);
+    let stdout = String::from_utf8_lossy(&skipped.stdout);
+    assert_eq!(skipped.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("PASS Pod default/p"), "{stdout}");
+    assert!(
+        stdout.contains("note: imageProvenance policies were not checked: registries are read only with --registry"),
+        "{stdout}"
+    );
+    let json = run(&["-o", "json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(doc["notes"][0].as_str().map(|n| n.contains("--registry")), Some(true), "{doc}");
+
+    let read = run(&["--registry", "--registry-timeout", "2s"]);
+    let stdout = String::from_utf8_lossy(&read.stdout);
+    assert_eq!(read.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "uses image \"{host}/team/app:1\", whose registry could not be read"
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("note:"), "{stdout}");
+
+    // A CA file without a certificate is a usage error naming the flag.
+    let bad_ca = write(&manifests, "ca.pem", "not a certificate\n");
+    let refused = run(&["--registry", "--registry-ca", &bad_ca]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("registry CA bundle holds no valid PEM certificate"), "{stderr}");
+}

@@ -15,6 +15,7 @@ pub mod load;
 pub mod noop_webhook;
 pub mod pki;
 pub mod process;
+pub mod registry;
 pub mod tools;
 
 pub use cluster::{

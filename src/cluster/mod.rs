@@ -96,6 +96,8 @@ pub struct ClusterConfig {
     pub label_pods_interval: Duration,
     /// The background audit's settings ([`audit`]).
     pub audit: audit::AuditConfig,
+    /// How imageProvenance policies reach registries.
+    pub registries: crate::oci::RegistryConfig,
 }
 
 /// Why cluster mode could not start.
@@ -110,6 +112,9 @@ pub enum ClusterError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] crate::certs::CertError),
+    /// Registry access could not be set up.
+    #[error(transparent)]
+    Registry(#[from] crate::oci::RegistryError),
     /// A listener could not be bound.
     #[error(transparent)]
     Listen(#[from] ListenError),
@@ -129,7 +134,10 @@ pub async fn start(
     config.certs.validate()?;
     let client = client().await?;
     let facts = facts::ClusterFacts::start(client.clone());
-    let state = AppState::new(Snapshot::default()).with_facts(facts.clone());
+    let registries = crate::oci::Registries::new(&config.registries)?;
+    let state = AppState::new(Snapshot::default())
+        .with_facts(facts.clone())
+        .with_images(Arc::new(registries));
     let resolver = Arc::new(CertResolver::empty());
     let tls = Arc::new(crate::certs::server_config(resolver.clone())?);
 

@@ -72,6 +72,11 @@ pub fn apply(object: &mut Value, mutations: &BTreeSet<Mutation>) {
                     selector.insert(NODE_OS_LABEL.into(), Value::String(os.as_str().to_owned()));
                 }
             }
+            Mutation::PinImageDigest { container_pointer, image } => {
+                if let Some(Value::Object(container)) = object.pointer_mut(container_pointer) {
+                    container.insert("image".into(), Value::String(image.clone()));
+                }
+            }
         }
     }
 }
@@ -203,6 +208,11 @@ fn direct_operations(
                         ),
                     )?,
                 });
+            }
+            Mutation::PinImageDigest { container_pointer, image } => {
+                // The rule pins only containers that have an image, so the member exists and
+                // `add` replaces it.
+                operations.push(add(container_pointer, &["image"], Value::String(image.clone()))?);
             }
         }
     }
@@ -352,6 +362,22 @@ mod tests {
                 Kind::NetworkPolicy,
                 serde_json::json!({"metadata": {}, "spec": {}}),
                 BTreeSet::from([Mutation::ScopeKubeSelector { key: "a.io/os".into() }]),
+            ),
+            (
+                Kind::Pod,
+                serde_json::json!({"metadata": {}, "spec": {
+                    "containers": [{"name": "a", "image": "r.io/a:1"}, {"name": "b", "image": "r.io/b"}],
+                    "initContainers": [{"name": "i", "image": "r.io/i:2"}]}}),
+                BTreeSet::from([
+                    Mutation::PinImageDigest {
+                        container_pointer: "/spec/containers/1".into(),
+                        image: "r.io/b@sha256:bb".into(),
+                    },
+                    Mutation::PinImageDigest {
+                        container_pointer: "/spec/initContainers/0".into(),
+                        image: "r.io/i:2@sha256:ii".into(),
+                    },
+                ]),
             ),
         ];
         for (kind, object, mutations) in cases {

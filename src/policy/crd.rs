@@ -10,13 +10,12 @@ use serde::{Deserialize, Serialize};
 use super::spec::PolicySpec;
 
 /// CEL rule enforcing exactly one rule block, which the schema alone cannot say.
-const ONE_RULE_BLOCK: &str = "has(self.spec) && [has(self.spec.trustedRegistries), has(self.spec.gmsa), has(self.spec.calicoLinuxOnly)].filter(b, b).size() == 1";
+const ONE_RULE_BLOCK: &str = "has(self.spec) && [has(self.spec.trustedRegistries), has(self.spec.gmsa), has(self.spec.calicoLinuxOnly), has(self.spec.imageProvenance)].filter(b, b).size() == 1";
 /// The message of [`ONE_RULE_BLOCK`].
-const ONE_RULE_BLOCK_MESSAGE: &str =
-    "spec: exactly one rule block is required: trustedRegistries, gmsa or calicoLinuxOnly";
+const ONE_RULE_BLOCK_MESSAGE: &str = "spec: exactly one rule block is required: trustedRegistries, gmsa, calicoLinuxOnly or imageProvenance";
 
 /// What the policy enforces: an action (Deny, Warn or Audit), an optional match, and exactly
-/// one rule block (trustedRegistries, gmsa or calicoLinuxOnly).
+/// one rule block (trustedRegistries, gmsa, calicoLinuxOnly or imageProvenance).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
     group = "arcguard.io",
@@ -38,7 +37,8 @@ const ONE_RULE_BLOCK_MESSAGE: &str =
 pub struct ClusterGuardPolicySpec(pub PolicySpec);
 
 /// What the policy enforces in its namespace: an action (Deny, Warn or Audit), an optional
-/// match, and exactly one rule block (trustedRegistries, gmsa or calicoLinuxOnly).
+/// match, and exactly one rule block (trustedRegistries, gmsa, calicoLinuxOnly or
+/// imageProvenance).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
     group = "arcguard.io",

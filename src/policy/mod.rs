@@ -12,6 +12,7 @@ use crate::admission::objects::Labels;
 use crate::admission::view::{Kind, RequestView, Subject};
 use crate::rules::calico::CalicoLinuxOnly;
 use crate::rules::gmsa::Gmsa;
+use crate::rules::provenance::ImageProvenance;
 use crate::rules::registry::TrustedRegistries;
 use crate::rules::{Facts, FieldError, Rule};
 
@@ -146,12 +147,15 @@ fn compile_rule(spec: &PolicySpec) -> Result<Rule, FieldError> {
     if spec.calico_linux_only.is_some() {
         blocks.push("calicoLinuxOnly");
     }
+    if spec.image_provenance.is_some() {
+        blocks.push("imageProvenance");
+    }
     if blocks.len() != 1 {
         let found = if blocks.is_empty() { "none".to_owned() } else { blocks.join(" and ") };
         return Err(FieldError::new(
             "",
             format!(
-                "exactly one rule block is required (trustedRegistries, gmsa or calicoLinuxOnly); found {found}"
+                "exactly one rule block is required (trustedRegistries, gmsa, calicoLinuxOnly or imageProvenance); found {found}"
             ),
         ));
     }
@@ -162,6 +166,11 @@ fn compile_rule(spec: &PolicySpec) -> Result<Rule, FieldError> {
     }
     if let Some(rule) = &spec.gmsa {
         return Gmsa::compile(rule).map(Rule::Gmsa).map_err(|e| e.within("gmsa"));
+    }
+    if let Some(rule) = &spec.image_provenance {
+        return ImageProvenance::compile(rule)
+            .map(Rule::ImageProvenance)
+            .map_err(|e| e.within("imageProvenance"));
     }
     match &spec.calico_linux_only {
         Some(rule) => CalicoLinuxOnly::compile(rule)

@@ -154,6 +154,11 @@ impl PolicySet {
         needs
     }
 
+    /// Whether a policy reads registries (imageProvenance), so requests may need registry facts.
+    pub fn reads_registries(&self) -> bool {
+        self.policies().iter().any(|p| matches!(p.rule, crate::rules::Rule::ImageProvenance(_)))
+    }
+
     /// The changes every applicable policy makes (the mutating webhook), deduplicated and in a
     /// canonical order so the resulting patch does not depend on policy order.
     pub fn mutate(&self, view: &RequestView, facts: &dyn Facts) -> BTreeSet<Mutation> {

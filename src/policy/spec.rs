@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::rules::calico::CalicoLinuxOnlySpec;
 use crate::rules::gmsa::GmsaSpec;
+use crate::rules::provenance::ImageProvenanceSpec;
 use crate::rules::registry::TrustedRegistriesSpec;
 
 /// API group of arcguard's policies.
@@ -94,4 +95,8 @@ pub struct PolicySpec {
     /// Rule: Calico and Kubernetes network policies apply to Linux pods only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calico_linux_only: Option<CalicoLinuxOnlySpec>,
+    /// Rule: images are served by their registry, for a platform the pod can run, and Pods
+    /// are pinned to the digest that was checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_provenance: Option<ImageProvenanceSpec>,
 }

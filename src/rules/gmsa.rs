@@ -444,6 +444,9 @@ mod tests {
         fn pod(&self, namespace: &str, name: &str) -> crate::rules::PodLookup<'_> {
             self.0.pod(namespace, name)
         }
+        fn image(&self, key: &str) -> crate::rules::provenance::ImageLookup<'_> {
+            self.0.image(key)
+        }
     }
 
     fn facts() -> ClusterFacts {

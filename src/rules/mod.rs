@@ -1,4 +1,4 @@
-//! The three rules, as pure functions from a request view (and cluster facts) to findings
+//! The rules, as pure functions from a request view (and cluster facts) to findings
 //! and mutations.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,11 +9,13 @@ use crate::admission::objects::{Labels, PodTemplateSpec};
 use crate::admission::view::RequestView;
 
 use self::os::{NodeOs, Os};
+use self::provenance::{ImageFact, ImageLookup};
 
 pub mod calico;
 pub mod gmsa;
 pub mod image;
 pub mod os;
+pub mod provenance;
 pub mod registry;
 
 /// A policy field that does not hold a valid value; `field` is relative to the rule block.
@@ -102,6 +104,14 @@ pub enum Mutation {
         /// The OS.
         os: Os,
     },
+    /// Set the `image` of the container at `container_pointer` to `image` (the image as
+    /// written, with `@digest` appended).
+    PinImageDigest {
+        /// JSON pointer of the container.
+        container_pointer: String,
+        /// The pinned image reference.
+        image: String,
+    },
 }
 
 /// Whether a service account may `use` a GMSACredentialSpec.
@@ -132,6 +142,8 @@ pub trait Facts {
     fn node_os(&self, node: &str) -> NodeOs;
     /// A pod as stored, for requests that do not carry it (a binding names its pod only).
     fn pod(&self, namespace: &str, name: &str) -> PodLookup<'_>;
+    /// What the registry served for an image, by [`provenance::lookup_key`].
+    fn image(&self, key: &str) -> ImageLookup<'_>;
 }
 
 /// A pod looked up for a request that names it.
@@ -170,6 +182,8 @@ pub struct FactNeeds {
     pub nodes: BTreeSet<String>,
     /// A pod to read: (namespace, name).
     pub pod: Option<(String, String)>,
+    /// Images to read from their registries, by [`provenance::lookup_key`].
+    pub images: BTreeSet<String>,
 }
 
 impl FactNeeds {
@@ -195,6 +209,9 @@ pub struct StaticFacts {
     pub nodes: Option<BTreeMap<String, Option<Os>>>,
     /// Pods looked up by (namespace, name); `None` when pods are not looked up.
     pub pods: Option<BTreeMap<(String, String), PodFact>>,
+    /// What registries served, by [`provenance::lookup_key`]; `None` when registries are not
+    /// read.
+    pub images: Option<BTreeMap<String, ImageFact>>,
 }
 
 impl Facts for StaticFacts {
@@ -239,6 +256,16 @@ impl Facts for StaticFacts {
             None => PodLookup::Failed("the pod was not looked up"),
         }
     }
+
+    fn image(&self, key: &str) -> ImageLookup<'_> {
+        let Some(images) = &self.images else { return ImageLookup::NotChecked };
+        match images.get(key) {
+            Some(ImageFact::Found(image)) => ImageLookup::Found(image),
+            Some(ImageFact::Refused(why)) => ImageLookup::Refused(why),
+            Some(ImageFact::Unreachable(why)) => ImageLookup::Unreachable(why),
+            None => ImageLookup::Unreachable("the image was not looked up"),
+        }
+    }
 }
 
 /// One compiled rule block of a policy.
@@ -250,6 +277,8 @@ pub enum Rule {
     Gmsa(gmsa::Gmsa),
     /// `calicoLinuxOnly`.
     CalicoLinuxOnly(calico::CalicoLinuxOnly),
+    /// `imageProvenance`.
+    ImageProvenance(provenance::ImageProvenance),
 }
 
 impl Rule {
@@ -259,6 +288,7 @@ impl Rule {
             Self::TrustedRegistries(_) => "trustedRegistries",
             Self::Gmsa(_) => "gmsa",
             Self::CalicoLinuxOnly(_) => "calicoLinuxOnly",
+            Self::ImageProvenance(_) => "imageProvenance",
         }
     }
 
@@ -268,6 +298,7 @@ impl Rule {
             Self::TrustedRegistries(rule) => rule.validate(view),
             Self::Gmsa(rule) => rule.validate(view, facts),
             Self::CalicoLinuxOnly(rule) => rule.validate(view, facts),
+            Self::ImageProvenance(rule) => rule.validate(view, facts),
         }
     }
 
@@ -280,6 +311,10 @@ impl Rule {
                 os_needs(view, needs);
             }
             Self::CalicoLinuxOnly(_) => os_needs(view, needs),
+            Self::ImageProvenance(rule) => {
+                rule.needs(view, needs);
+                os_needs(view, needs);
+            }
         }
     }
 
@@ -289,6 +324,7 @@ impl Rule {
             Self::TrustedRegistries(_) => Vec::new(),
             Self::Gmsa(rule) => rule.mutate(view, facts),
             Self::CalicoLinuxOnly(rule) => rule.mutate(view, facts),
+            Self::ImageProvenance(rule) => rule.mutate(view, facts),
         }
     }
 }

@@ -26,23 +26,24 @@ pub struct TrustedRegistriesSpec {
 }
 
 /// What a valid `registries` entry looks like, for error messages.
-const VALID_ENTRY: &str = "a valid entry is host[:port] optionally followed by /repository-prefix, e.g. contoso.azurecr.io, localhost:5000 or mcr.microsoft.com/oss";
+pub(crate) const VALID_ENTRY: &str = "a valid entry is host[:port] optionally followed by /repository-prefix, e.g. contoso.azurecr.io, localhost:5000 or mcr.microsoft.com/oss";
 /// Longest image reference echoed back in a message; longer ones are cut.
 const SHOWN_MAX: usize = 300;
 
 /// A compiled `trustedRegistries` rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrustedRegistries {
-    trusted: Vec<Trusted>,
+    trusted: Vec<RegistryPrefix>,
     require_digest: bool,
     exempt: Vec<ImageRef>,
     /// The trusted entries as shown in messages.
     listed: String,
 }
 
-/// One trusted registry: a host and an optional repository prefix.
+/// A `registries` entry: a host and an optional repository prefix. `imageProvenance` scopes
+/// itself with the same entries.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Trusted {
+pub(crate) struct RegistryPrefix {
     /// `host[:port]`, lowercase, `docker.io` for Docker Hub.
     host: String,
     /// Repository prefix; matches whole path components only.
@@ -66,7 +67,7 @@ impl TrustedRegistries {
             .iter()
             .enumerate()
             .map(|(i, entry)| {
-                Trusted::parse(entry).map_err(|why| {
+                RegistryPrefix::parse(entry).map_err(|why| {
                     FieldError::new(format!("registries[{i}]"), format!("{why}; {VALID_ENTRY}"))
                 })
             })
@@ -183,7 +184,7 @@ fn unpinned<'a>(image: &ImageParts<'a>) -> Option<Unpinned<'a>> {
 /// Whether a container kept the same list, name and image string across an UPDATE: such a
 /// container was admitted before (or predates the policy), so label and finalizer updates of
 /// running pods pass, and the ephemeral-containers subresource checks only new containers.
-fn is_unchanged(pod: &PodView, container: ContainerRef<'_>, image: &str) -> bool {
+pub(crate) fn is_unchanged(pod: &PodView, container: ContainerRef<'_>, image: &str) -> bool {
     pod.old
         .as_ref()
         .and_then(|old| old.spec.container(container.list, &container.container.name))
@@ -192,16 +193,16 @@ fn is_unchanged(pod: &PodView, container: ContainerRef<'_>, image: &str) -> bool
 }
 
 /// The image as written, cut to a length that keeps messages readable.
-fn shown(image: &str) -> String {
+pub(crate) fn shown(image: &str) -> String {
     match image.char_indices().nth(SHOWN_MAX) {
         Some((cut, _)) => format!("{}...", &image[..cut]),
         None => image.to_owned(),
     }
 }
 
-impl Trusted {
+impl RegistryPrefix {
     /// Parses a `registries` entry; the error says what is wrong with it.
-    fn parse(entry: &str) -> Result<Self, String> {
+    pub(crate) fn parse(entry: &str) -> Result<Self, String> {
         if entry.trim().is_empty() {
             return Err("the entry is empty".to_owned());
         }
@@ -274,13 +275,13 @@ impl Trusted {
     }
 
     /// Whether the image comes from this registry (and, with a prefix, from under it).
-    fn admits(&self, image: &ImageParts<'_>) -> bool {
+    pub(crate) fn admits(&self, image: &ImageParts<'_>) -> bool {
         image.registry_is(&self.host)
             && self.prefix.as_deref().is_none_or(|prefix| image.repository_is_under(prefix))
     }
 }
 
-impl std::fmt::Display for Trusted {
+impl std::fmt::Display for RegistryPrefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.prefix {
             Some(prefix) => write!(f, "{}/{prefix}", self.host),

@@ -153,6 +153,17 @@ pub trait FactSource: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, StaticFacts>;
 }
 
+/// Reads what registries serve for the images a request's policies ask about
+/// (imageProvenance), so that evaluation itself stays pure.
+pub trait ImageSource: Send + Sync + std::fmt::Debug {
+    /// The facts for `keys` ([`crate::rules::provenance::lookup_key`]s), each within the
+    /// source's deadline.
+    fn lookup<'a>(
+        &'a self,
+        keys: &'a std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'a, std::collections::BTreeMap<String, crate::rules::provenance::ImageFact>>;
+}
+
 /// State shared by every request.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -164,6 +175,8 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// Cluster facts; `None` in standalone mode, where the snapshot's facts are used.
     pub facts: Option<Arc<dyn FactSource>>,
+    /// Registry access for imageProvenance; `None` when registries are not read.
+    pub images: Option<Arc<dyn ImageSource>>,
 }
 
 impl AppState {
@@ -174,7 +187,15 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             readiness: Arc::new(Readiness::default()),
             facts: None,
+            images: None,
         }
+    }
+
+    /// The same state, reading registries through `source`.
+    #[must_use]
+    pub fn with_images(mut self, source: Arc<dyn ImageSource>) -> Self {
+        self.images = Some(source);
+        self
     }
 
     /// The same state, looking facts up from `source`.

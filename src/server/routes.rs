@@ -185,10 +185,22 @@ async fn decide(
     // The facts are gathered for the policies that apply under this snapshot, and the request
     // is decided on the same snapshot.
     let snapshot = state.snapshot.load_full();
-    let gathered = match (&state.facts, &prepared.view) {
+    let mut gathered = match (&state.facts, &prepared.view) {
         (Some(source), Some(view)) => Some(source.gather(view, &snapshot.policies).await),
         _ => None,
     };
+    if let (Some(images), Some(view)) = (&state.images, &prepared.view)
+        && snapshot.policies.reads_registries()
+    {
+        let base = gathered.as_ref().unwrap_or(&snapshot.facts);
+        let keys = snapshot.policies.needs(view, base).images;
+        if !keys.is_empty() {
+            let found = images.lookup(&keys).await;
+            let mut facts = gathered.unwrap_or_else(|| snapshot.facts.clone());
+            facts.images = Some(found);
+            gathered = Some(facts);
+        }
+    }
     let facts = gathered.as_ref().unwrap_or(&snapshot.facts);
     match pipeline::decide(webhook, &prepared, &snapshot.policies, facts) {
         Ok(decision) => {

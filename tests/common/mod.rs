@@ -65,6 +65,7 @@ pub async fn start_server_with(limits: Limits, shutdown_delay: Duration) -> Star
         generate_certs: true,
         limits,
         shutdown_delay,
+        registries: arcguard::oci::RegistryConfig::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = start(config, async {

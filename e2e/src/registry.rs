@@ -1,0 +1,232 @@
+//! A real OCI registry on loopback: CNCF Distribution's `registry` (built by
+//! `e2e/build-tools.sh registry`), serving HTTPS with a CA of its own, filesystem storage in a
+//! scratch folder. Images and multi-platform indexes are pushed through the distribution API
+//! as any client pushes them (blob upload, then manifest PUT).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use serde_json::json;
+
+use crate::process::{Proc, Scratch, free_port};
+use crate::tools::tool;
+
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// A running registry; dropping it stops the process and removes its storage.
+#[derive(Debug)]
+pub struct Registry {
+    process: Proc,
+    /// `127.0.0.1:<port>`: the host part of image references.
+    pub host: String,
+    /// Path of the PEM CA certificate that signed the registry's serving certificate.
+    pub ca_path: std::path::PathBuf,
+    http: reqwest::Client,
+    _scratch: Scratch,
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn digest(bytes: &[u8]) -> String {
+    let hash = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+impl Registry {
+    /// Starts the registry on a free port and waits until `/v2/` answers.
+    ///
+    /// # Errors
+    /// When the binary cannot be built, the certificates made, or the registry does not answer
+    /// within a minute.
+    pub async fn start() -> Result<Self> {
+        let binary = tool("registry")?;
+        let scratch = Scratch::new("registry")?;
+        let dir = scratch.path();
+        let port = free_port()?;
+        let host = format!("127.0.0.1:{port}");
+
+        let ca_key = KeyPair::generate().context("registry CA key")?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name.push(DnType::CommonName, "arcguard e2e registry CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time::OffsetDateTime::now_utc();
+        ca_params.not_before = now - time::Duration::minutes(5);
+        ca_params.not_after = now + time::Duration::days(2);
+        let ca_cert = ca_params.self_signed(&ca_key).context("registry CA certificate")?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().context("registry key")?;
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, "registry");
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(2);
+        let cert = params.signed_by(&key, &issuer).context("registry certificate")?;
+        let ca_path = dir.join("ca.crt");
+        std::fs::write(&ca_path, ca_cert.pem())?;
+        std::fs::write(dir.join("tls.crt"), cert.pem())?;
+        std::fs::write(dir.join("tls.key"), key.serialize_pem())?;
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n  tls:\n    certificate: {crt}\n    key: {key}\n",
+            data = dir.join("data").display(),
+            crt = dir.join("tls.crt").display(),
+            key = dir.join("tls.key").display(),
+        );
+        std::fs::write(dir.join("config.yml"), config)?;
+
+        let mut command = Command::new(binary);
+        // No OpenTelemetry export (it would dial localhost:4318 every few seconds).
+        command.arg("serve").arg(dir.join("config.yml")).env("OTEL_TRACES_EXPORTER", "none");
+        let mut process = Proc::spawn("registry", command, &dir.join("registry.log"))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_cert.pem().as_bytes())?)
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
+            .build()?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = process.exited() {
+                bail!("the registry exited ({status})\n{}", process.log_tail(40));
+            }
+            let answered = http.get(format!("https://{host}/v2/")).send().await;
+            if answered.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("the registry did not answer /v2/\n{}", process.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Self { process, host, ca_path, http, _scratch: scratch })
+    }
+
+    /// Uploads a blob (POST, then PUT with its digest) and returns its digest.
+    ///
+    /// # Errors
+    /// When the registry refuses it.
+    pub async fn push_blob(&self, repository: &str, bytes: Vec<u8>) -> Result<String> {
+        let digest = digest(&bytes);
+        let started = self
+            .http
+            .post(format!("https://{}/v2/{repository}/blobs/uploads/", self.host))
+            .send()
+            .await?;
+        ensure!(started.status().as_u16() == 202, "blob upload start: {}", started.status());
+        let location = started
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .context("the upload has no Location")?
+            .to_owned();
+        let location = if location.starts_with("http") {
+            location
+        } else {
+            format!("https://{}{location}", self.host)
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let done = self
+            .http
+            .put(format!("{location}{separator}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(bytes)
+            .send()
+            .await?;
+        ensure!(done.status().as_u16() == 201, "blob upload: {}", done.status());
+        Ok(digest)
+    }
+
+    /// PUTs a manifest under `reference` (a tag or its digest) and returns its digest.
+    ///
+    /// # Errors
+    /// When the registry refuses it.
+    pub async fn push_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Result<String> {
+        let response = self
+            .http
+            .put(format!("https://{}/v2/{repository}/manifests/{reference}", self.host))
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await?;
+        let status = response.status();
+        ensure!(status.as_u16() == 201, "manifest PUT: {status}: {}", response.text().await?);
+        Ok(digest(body))
+    }
+
+    /// Pushes a single-platform image (a config naming `os`/`arch` and one small layer whose
+    /// content is `marker`) under `tag` and returns the manifest's digest.
+    ///
+    /// # Errors
+    /// When the registry refuses a part.
+    pub async fn push_image(
+        &self,
+        repository: &str,
+        tag: &str,
+        (os, arch): (&str, &str),
+        marker: &str,
+    ) -> Result<String> {
+        let manifest = self.image_manifest(repository, (os, arch), marker).await?;
+        self.push_manifest(repository, tag, OCI_MANIFEST, &manifest).await
+    }
+
+    /// Pushes one image per platform (by digest) and an index of them under `tag`; returns the
+    /// index's digest.
+    ///
+    /// # Errors
+    /// When the registry refuses a part.
+    pub async fn push_index(
+        &self,
+        repository: &str,
+        tag: &str,
+        platforms: &[(&str, &str)],
+    ) -> Result<String> {
+        let mut entries = Vec::new();
+        for (os, arch) in platforms {
+            let manifest = self.image_manifest(repository, (os, arch), tag).await?;
+            let digest = digest(&manifest);
+            self.push_manifest(repository, &digest, OCI_MANIFEST, &manifest).await?;
+            entries.push(json!({"mediaType": OCI_MANIFEST, "digest": digest,
+                "size": manifest.len(), "platform": {"os": os, "architecture": arch}}));
+        }
+        let index = serde_json::to_vec(
+            &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}),
+        )?;
+        self.push_manifest(repository, tag, OCI_INDEX, &index).await
+    }
+
+    async fn image_manifest(
+        &self,
+        repository: &str,
+        (os, arch): (&str, &str),
+        marker: &str,
+    ) -> Result<Vec<u8>> {
+        let layer = format!("{repository} {os}/{arch} {marker}").into_bytes();
+        let layer_size = layer.len();
+        let layer_digest = self.push_blob(repository, layer).await?;
+        let config = serde_json::to_vec(&json!({"architecture": arch, "os": os,
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}))?;
+        let config_size = config.len();
+        let config_digest = self.push_blob(repository, config).await?;
+        Ok(serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config_size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer_digest, "size": layer_size}],
+        }))?)
+    }
+
+    /// The last lines of the registry's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+}

@@ -1,0 +1,221 @@
+//! imageProvenance against a real OCI registry: CNCF Distribution on loopback over HTTPS with
+//! its own CA (given to arcguard with `--registry-ca`), images and multi-platform indexes
+//! pushed through the distribution API. The cluster's sample policies are removed first (the
+//! registry is not a trusted one, and Windows pods here carry no gMSA).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use arcguard_e2e::registry::Registry;
+use arcguard_e2e::{Cluster, ClusterOptions, apply, denial, eventually, namespace};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+
+/// Long enough for a policy to reach arcguard's watch on a loaded machine.
+const PROPAGATION: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn image_provenance_against_a_real_registry() {
+    let registry = Registry::start().await.expect("the registry starts");
+    let ca = format!("--registry-ca={}", registry.ca_path.display());
+    let cluster =
+        Cluster::start(ClusterOptions::with_args(&[&ca])).await.expect("the cluster starts");
+    let result = scenarios(&cluster, &registry)
+        .await
+        .map_err(|e| anyhow!("{e:#}\n\nregistry log:\n{}", registry.log_tail(30)));
+    cluster.check(result);
+}
+
+fn policy(name: &str, ns: &str, block: Value) -> Value {
+    json!({
+        "apiVersion": "arcguard.io/v1alpha1", "kind": "ClusterGuardPolicy",
+        "metadata": {"name": name},
+        "spec": {"action": "Deny", "match": {"namespaces": [ns]}, "imageProvenance": block}
+    })
+}
+
+fn pod_json(name: &str, image: &str, spec: &Value) -> Value {
+    let mut spec = spec.clone();
+    spec["containers"] = json!([{"name": "app", "image": image}]);
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
+}
+
+fn pod(name: &str, image: &str, spec: &Value) -> Result<Pod> {
+    Ok(serde_json::from_value(pod_json(name, image, spec))?)
+}
+
+fn image_of(pod: &Pod) -> String {
+    pod.spec.as_ref().and_then(|s| s.containers[0].image.clone()).unwrap_or_default()
+}
+
+async fn scenarios(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let client = cluster.client().await?;
+    let policies_api = Api::<DynamicObject>::all_with(
+        client.clone(),
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "arcguard.io",
+            "v1alpha1",
+            "ClusterGuardPolicy",
+        )),
+    );
+    for sample in policies_api.list(&ListParams::default()).await? {
+        if let Some(name) = sample.metadata.name.as_deref() {
+            policies_api.delete(name, &DeleteParams::default()).await?;
+        }
+    }
+
+    let host = &registry.host;
+    let app =
+        registry.push_index("team/app", "1", &[("linux", "amd64"), ("linux", "arm64")]).await?;
+    let win = registry.push_image("team/win", "1", ("windows", "amd64"), "v1").await?;
+    // Nothing listens on this port: its registry cannot be read.
+    let dead = format!("127.0.0.1:{}", arcguard_e2e::process::free_port()?);
+
+    let ns = namespace(&client, "provenance", &[]).await?;
+    apply(&client, &policy("provenance", &ns, json!({"registries": [format!("{host}/team")]})))
+        .await?;
+    apply(&client, &policy("down-deny", &ns, json!({"registries": [format!("{dead}/deny")]})))
+        .await?;
+    apply(
+        &client,
+        &policy(
+            "down-warn",
+            &ns,
+            json!({"registries": [format!("{dead}/warn")], "onRegistryError": "Warn"}),
+        ),
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let linux = json!({});
+    let windows = json!({"os": {"name": "windows"}});
+
+    // The policies are in force once an image the registry lacks is denied.
+    let missing = format!("{host}/team/missing:1");
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    eventually(PROPAGATION, || async {
+        let result = pods.create(&dry_run, &pod("probe", &missing, &linux)?).await;
+        let message = denial(&result);
+        ensure!(
+            message.contains("which its registry does not serve")
+                && message.contains("MANIFEST_UNKNOWN"),
+            "the missing image was answered with: {message}"
+        );
+        Ok(())
+    })
+    .await
+    .context("the imageProvenance policies did not take effect")?;
+
+    // A Linux pod with a multi-platform tag is admitted, pinned to the index's digest.
+    let created = pods
+        .create(&PostParams::default(), &pod("linux-app", &format!("{host}/team/app:1"), &linux)?)
+        .await?;
+    ensure!(
+        image_of(&created) == format!("{host}/team/app:1@{app}"),
+        "the stored image is {}, not pinned to {app}",
+        image_of(&created)
+    );
+
+    // A Windows pod with a Linux-only image is denied, naming the platforms the image has.
+    let result = pods
+        .create(&PostParams::default(), &pod("win-app", &format!("{host}/team/app:1"), &windows)?)
+        .await;
+    let message = denial(&result);
+    ensure!(
+        message.contains("has no windows platform (it has linux/amd64, linux/arm64)")
+            && message.contains("this pod runs on windows nodes (spec.os.name"),
+        "Windows pod with a Linux-only image: {message}"
+    );
+
+    // A Windows pod with a Windows image is admitted and pinned to its manifest's digest; a
+    // Linux pod with it is denied.
+    let created = pods
+        .create(&PostParams::default(), &pod("win-win", &format!("{host}/team/win:1"), &windows)?)
+        .await?;
+    ensure!(
+        image_of(&created) == format!("{host}/team/win:1@{win}"),
+        "stored {}",
+        image_of(&created)
+    );
+    let result = pods
+        .create(&PostParams::default(), &pod("linux-win", &format!("{host}/team/win:1"), &linux)?)
+        .await;
+    let message = denial(&result);
+    ensure!(
+        message.contains("has no linux platform (it has windows/amd64)"),
+        "Linux pod with a Windows image: {message}"
+    );
+
+    // The tag moves: the pod admitted before keeps the digest that was checked, and a pod
+    // pinned to that digest is still admitted (it is still served).
+    let moved = registry.push_index("team/app", "1", &[("linux", "amd64")]).await?;
+    ensure!(moved != app, "the tag did not move");
+    let kept = pods.get("linux-app").await?;
+    ensure!(image_of(&kept) == format!("{host}/team/app:1@{app}"), "stored {}", image_of(&kept));
+    pods.create(&PostParams::default(), &pod("pinned", &format!("{host}/team/app@{app}"), &linux)?)
+        .await
+        .context("a pod pinned to the checked digest")?;
+    // A digest the registry never served is denied.
+    let unknown = format!("{host}/team/app@sha256:{}", "0".repeat(64));
+    let message =
+        denial(&pods.create(&PostParams::default(), &pod("unknown", &unknown, &linux)?).await);
+    ensure!(message.contains("which its registry does not serve"), "unknown digest: {message}");
+
+    // Templates are checked but left as written (GitOps sees no drift).
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "app", "image": format!("{host}/team/win:1")}]}}}
+    }))?;
+    let message = denial(&deployments.create(&PostParams::default(), &deployment).await);
+    ensure!(
+        message.contains("has no linux platform"),
+        "Deployment of a Windows image on Linux: {message}"
+    );
+    let mut fixed = deployment.clone();
+    if let Some(spec) = fixed.spec.template.spec.as_mut() {
+        spec.containers[0].image = Some(format!("{host}/team/app:1"));
+    }
+    let created = deployments.create(&PostParams::default(), &fixed).await?;
+    let stored =
+        created.spec.template.spec.and_then(|s| s.containers[0].image.clone()).unwrap_or_default();
+    ensure!(stored == format!("{host}/team/app:1"), "the template was rewritten to {stored}");
+
+    // A registry that cannot be read: denied under onRegistryError Deny ...
+    let message = denial(
+        &pods
+            .create(&PostParams::default(), &pod("down", &format!("{dead}/deny/app:1"), &linux)?)
+            .await,
+    );
+    ensure!(
+        message.contains("whose registry could not be read"),
+        "unreachable registry, Deny: {message}"
+    );
+    // ... admitted with a warning under Warn, and left unpinned.
+    let request = http::Request::post(format!("/api/v1/namespaces/{ns}/pods"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&pod_json("warned", &format!("{dead}/warn/app:1"), &linux))?)?;
+    let response = client.send(request.map(kube::client::Body::from)).await?;
+    ensure!(
+        response.status().as_u16() == 201,
+        "unreachable registry, Warn: HTTP {}",
+        response.status()
+    );
+    let warnings: Vec<String> = response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .filter_map(|w| w.to_str().ok().map(str::to_owned))
+        .collect();
+    ensure!(
+        warnings.iter().any(|w| w.contains("admitted unchecked: onRegistryError is Warn")),
+        "no warning for the unread registry: {warnings:?}"
+    );
+    let warned = pods.get("warned").await?;
+    ensure!(image_of(&warned) == format!("{dead}/warn/app:1"), "stored {}", image_of(&warned));
+    Ok(())
+}

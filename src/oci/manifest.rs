@@ -1,0 +1,227 @@
+//! The parts of OCI and Docker manifests imageProvenance reads: an index's platforms, or a
+//! single image's config descriptor and the platform its config names.
+//!
+//! Own minimal types rather than oci-client's `OciManifest`, whose untagged decoding picks
+//! the variant by which fields happen to parse: here the `mediaType` decides, as the OCI image
+//! spec says (image-spec v1.1 `manifest.md`, `image-index.md`, `config.md`), with Docker's
+//! schema 2 manifest list and manifest as their equivalents.
+
+use serde::Deserialize;
+
+use crate::rules::provenance::Platform;
+
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker schema 2 manifest list.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Docker schema 2 image manifest.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// The manifest types asked for, in the `Accept` header.
+pub const ACCEPTED: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+
+/// Largest image config read, in bytes; real ones are a few KiB.
+pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
+
+/// What a manifest says about platforms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// An index: the platforms of its entries (entries without one are left out).
+    Index(Vec<Platform>),
+    /// A single image: its config blob, which names the platform.
+    Image {
+        /// The config's digest.
+        config_digest: String,
+        /// The config's size in bytes, as the manifest declares it.
+        config_size: u64,
+    },
+}
+
+/// Why a manifest or config cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// Not JSON of the expected shape.
+    #[error("the manifest is not valid JSON for its media type: {0}")]
+    Malformed(String),
+    /// A media type arcguard does not read (schema 1, an artifact).
+    #[error("the manifest has media type {0:?}, not an image or image index")]
+    MediaType(String),
+    /// The config is larger than [`CONFIG_MAX_BYTES`].
+    #[error("the image config is {0} bytes, over the {CONFIG_MAX_BYTES} read")]
+    ConfigTooLarge(u64),
+    /// The config is not JSON naming an os and architecture.
+    #[error("the image config does not name an os and architecture: {0}")]
+    Config(String),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Option<Vec<Entry>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(default)]
+    platform: Option<WirePlatform>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+struct WirePlatform {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+    #[serde(default, rename = "os.version")]
+    os_version: Option<String>,
+}
+
+impl From<WirePlatform> for Platform {
+    fn from(wire: WirePlatform) -> Self {
+        Self {
+            os: wire.os,
+            architecture: wire.architecture,
+            variant: wire.variant.filter(|v| !v.is_empty()),
+            os_version: wire.os_version.filter(|v| !v.is_empty()),
+        }
+    }
+}
+
+/// Reads a manifest by its `mediaType`; without one (the OCI image spec makes it optional),
+/// an index is told by its `manifests` field.
+///
+/// # Errors
+/// [`ManifestError`] when it is not an image or an index.
+pub fn parse(body: &[u8]) -> Result<Parsed, ManifestError> {
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+    let is_index = match envelope.media_type.as_deref() {
+        Some(OCI_INDEX | DOCKER_LIST) => true,
+        Some(OCI_MANIFEST | DOCKER_MANIFEST) => false,
+        None | Some("") => envelope.manifests.is_some(),
+        Some(other) => return Err(ManifestError::MediaType(other.to_owned())),
+    };
+    if is_index {
+        let entries = envelope
+            .manifests
+            .ok_or_else(|| ManifestError::Malformed("an index without `manifests`".to_owned()))?;
+        return Ok(Parsed::Index(
+            entries.into_iter().filter_map(|e| e.platform.map(Platform::from)).collect(),
+        ));
+    }
+    let config = envelope
+        .config
+        .ok_or_else(|| ManifestError::Malformed("an image manifest without `config`".to_owned()))?;
+    if config.size > CONFIG_MAX_BYTES {
+        return Err(ManifestError::ConfigTooLarge(config.size));
+    }
+    Ok(Parsed::Image { config_digest: config.digest, config_size: config.size })
+}
+
+/// The platform an image config names (`os`, `architecture`, `variant`, `os.version`).
+///
+/// # Errors
+/// [`ManifestError::Config`] when it names none.
+pub fn config_platform(body: &[u8]) -> Result<Platform, ManifestError> {
+    serde_json::from_slice::<WirePlatform>(body)
+        .map(Platform::from)
+        .map_err(|e| ManifestError::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn platform(os: &str, arch: &str, variant: Option<&str>, version: Option<&str>) -> Platform {
+        Platform {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: variant.map(Into::into),
+            os_version: version.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn reads_platforms_of_indexes_and_configs_of_images() {
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": "sha256:aa", "size": 1,
+                 "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+                {"mediaType": OCI_MANIFEST, "digest": "sha256:bb", "size": 1,
+                 "platform": {"os": "windows", "architecture": "amd64", "os.version": "10.0.20348.2582"}},
+                // An entry without a platform (an artifact) is left out.
+                {"mediaType": OCI_MANIFEST, "digest": "sha256:cc", "size": 1},
+            ]
+        });
+        let cases: Vec<(serde_json::Value, Result<Parsed, ManifestError>)> = vec![
+            (
+                index,
+                Ok(Parsed::Index(vec![
+                    platform("linux", "arm64", Some("v8"), None),
+                    platform("windows", "amd64", None, Some("10.0.20348.2582")),
+                ])),
+            ),
+            (
+                json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [
+                    {"digest": "sha256:aa", "size": 1, "platform": {"os": "linux", "architecture": "amd64"}}]}),
+                Ok(Parsed::Index(vec![platform("linux", "amd64", None, None)])),
+            ),
+            // Without a media type, the `manifests` field tells an index.
+            (json!({"schemaVersion": 2, "manifests": []}), Ok(Parsed::Index(vec![]))),
+            (
+                json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:dd", "size": 300},
+                       "layers": []}),
+                Ok(Parsed::Image { config_digest: "sha256:dd".into(), config_size: 300 }),
+            ),
+            (
+                json!({"schemaVersion": 2, "config": {"digest": "sha256:dd", "size": 2_000_000}, "layers": []}),
+                Err(ManifestError::ConfigTooLarge(2_000_000)),
+            ),
+            (
+                json!({"schemaVersion": 2, "mediaType": "application/vnd.cncf.notary.signature"}),
+                Err(ManifestError::MediaType("application/vnd.cncf.notary.signature".into())),
+            ),
+            (
+                json!({"schemaVersion": 2, "mediaType": OCI_INDEX}),
+                Err(ManifestError::Malformed("an index without `manifests`".into())),
+            ),
+            (
+                json!({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "layers": []}),
+                Err(ManifestError::Malformed("an image manifest without `config`".into())),
+            ),
+        ];
+        for (body, want) in cases {
+            let body = serde_json::to_vec(&body).expect("json");
+            assert_eq!(parse(&body), want, "{}", String::from_utf8_lossy(&body));
+        }
+        assert!(matches!(parse(b"{"), Err(ManifestError::Malformed(_))));
+    }
+
+    #[test]
+    fn reads_the_platform_of_a_config() {
+        let config =
+            br#"{"architecture":"amd64","os":"windows","os.version":"10.0.17763.1","rootfs":{}}"#;
+        assert_eq!(
+            config_platform(config),
+            Ok(platform("windows", "amd64", None, Some("10.0.17763.1")))
+        );
+        assert!(matches!(config_platform(br#"{"rootfs":{}}"#), Err(ManifestError::Config(_))));
+    }
+}

@@ -1,0 +1,622 @@
+//! imageProvenance: what the registry holds for each image a pod runs. In its scope, every
+//! image must be served by its registry, its index must list a platform the pod's operating
+//! system (and the architecture its `nodeSelector` pins) can run, and the mutating webhook
+//! pins a Pod's tag to the digest that was checked, so that what the kubelet pulls is what
+//! was checked (a tag moved afterwards changes nothing).
+//!
+//! Pure: the registry is read before evaluation by an adapter (`crate::oci`), which reports
+//! an [`ImageFact`] for every [`lookup_key`] the rule asked for ([`ImageProvenance::needs`]).
+//! A pod's operating system is the one [`os::resolve`] decides (the node's, when the pod is
+//! placed on one); a pod that nothing pins is treated as Linux, as everywhere in arcguard.
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::image::{self, ImageParts};
+use super::os::{self, PodOs};
+use super::registry::{self, RegistryPrefix};
+use super::{FactNeeds, Facts, FieldError, Findings, Mutation};
+use crate::admission::objects::ContainerRef;
+use crate::admission::view::{PodView, RequestView, Subject};
+
+/// Node label naming a node's CPU architecture, as the kubelet sets it (`amd64`, `arm64`).
+pub const NODE_ARCH_LABEL: &str = "kubernetes.io/arch";
+
+/// The `imageProvenance` rule block.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageProvenanceSpec {
+    /// The registries (and repository prefixes) whose images are checked, written as in
+    /// `trustedRegistries.registries`: `host[:port]`, optionally followed by a repository
+    /// prefix. Images from elsewhere are not looked up.
+    pub registries: Vec<String>,
+    /// Require the image (its index, or its config for a single-platform image) to list a
+    /// platform for the pod's operating system, and for the architecture its `nodeSelector`
+    /// pins with `kubernetes.io/arch`. Default true.
+    #[serde(default = "enabled")]
+    pub require_platform: bool,
+    /// The mutating webhook rewrites each Pod image written by tag to `tag@digest`, with the
+    /// digest the registry served when it was checked. Workload templates are checked but not
+    /// rewritten (their Pods are), so GitOps tools see no drift. Default true.
+    #[serde(default = "enabled")]
+    pub pin_digest: bool,
+    /// What an image does when its registry cannot be read (no answer within the deadline,
+    /// a TLS or server error): `Deny` (default) or `Warn`. A registry that answers that the
+    /// image does not exist, refuses access, or serves content that does not match its
+    /// digest always counts as a violation.
+    #[serde(default)]
+    pub on_registry_error: OnRegistryError,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// What an image whose registry cannot be read does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum OnRegistryError {
+    /// A violation: the policy's action applies (fail closed).
+    #[default]
+    Deny,
+    /// A warning to the client; the request is admitted unchecked (fail open).
+    Warn,
+}
+
+/// A platform an image lists: from its index entries, or a single image's config.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Platform {
+    /// `linux`, `windows`, ... (`unknown` for attestation manifests).
+    pub os: String,
+    /// `amd64`, `arm64`, ...
+    pub architecture: String,
+    /// The CPU variant (`v8`), if listed.
+    pub variant: Option<String>,
+    /// The Windows build (`10.0.20348.2582`), if listed.
+    pub os_version: Option<String>,
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(variant) = &self.variant {
+            write!(f, "/{variant}")?;
+        }
+        if let Some(version) = &self.os_version {
+            write!(f, " ({version})")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a registry served for an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryImage {
+    /// The digest of the manifest (or index) the reference resolves to, `sha256:<hex>`.
+    pub digest: String,
+    /// The platforms it lists; empty when it names none.
+    pub platforms: Vec<Platform>,
+}
+
+/// What the adapter found for one [`lookup_key`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageFact {
+    /// The registry served the image.
+    Found(RegistryImage),
+    /// The registry answered, but not with a usable image: no such manifest or repository,
+    /// access refused, content that does not hash to its digest, a manifest that does not
+    /// parse. The text says which.
+    Refused(String),
+    /// The registry could not be read: no answer within the deadline, a connection, TLS or
+    /// server error. The text says which.
+    Unreachable(String),
+}
+
+/// An [`ImageFact`] borrowed from the facts of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageLookup<'a> {
+    /// The registry served the image.
+    Found(&'a RegistryImage),
+    /// The registry refused it; why.
+    Refused(&'a str),
+    /// The registry could not be read; why.
+    Unreachable(&'a str),
+    /// Registries are not read (`arcguard check` without `--registry`): nothing is judged.
+    NotChecked,
+}
+
+/// The key a registry fact is gathered and read under: the normalised
+/// `registry/repository@digest` when the image is pinned (the runtime pulls by digest, so a
+/// tag next to it does not matter), else `registry/repository:tag`.
+pub fn lookup_key(image: &ImageParts<'_>) -> String {
+    let normalized = image.to_image_ref();
+    match normalized.digest() {
+        Some(digest) => format!("{}@{digest}", normalized.name()),
+        None => normalized.to_string(),
+    }
+}
+
+/// A compiled `imageProvenance` rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageProvenance {
+    scope: Vec<RegistryPrefix>,
+    require_platform: bool,
+    pin_digest: bool,
+    on_registry_error: OnRegistryError,
+}
+
+impl ImageProvenance {
+    /// Compiles the rule block.
+    ///
+    /// # Errors
+    /// [`FieldError`] naming the first invalid field.
+    pub fn compile(spec: &ImageProvenanceSpec) -> Result<Self, FieldError> {
+        if spec.registries.is_empty() {
+            return Err(FieldError::new(
+                "registries",
+                format!(
+                    "at least one registry is required: the rule checks images from these only; {}",
+                    registry::VALID_ENTRY
+                ),
+            ));
+        }
+        let scope = spec
+            .registries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                RegistryPrefix::parse(entry).map_err(|why| {
+                    FieldError::new(
+                        format!("registries[{i}]"),
+                        format!("{why}; {}", registry::VALID_ENTRY),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            scope,
+            require_platform: spec.require_platform,
+            pin_digest: spec.pin_digest,
+            on_registry_error: spec.on_registry_error,
+        })
+    }
+
+    /// The images of the object under review to read from their registries: every container
+    /// image in scope that is new or changed (an UPDATE's unchanged images were judged before).
+    pub fn needs(&self, view: &RequestView, needs: &mut FactNeeds) {
+        let Subject::Pod(pod) = &view.subject else { return };
+        for (_, parts) in self.checked_images(pod) {
+            if let Ok(parts) = parts {
+                needs.images.insert(lookup_key(&parts));
+            }
+        }
+    }
+
+    /// Violations of the rule by the object under review.
+    pub fn validate(&self, view: &RequestView, facts: &dyn Facts) -> Findings {
+        let mut findings = Findings::default();
+        let Subject::Pod(pod) = &view.subject else { return findings };
+        let mut pod_os: Option<PodOs> = None;
+        for (container, parts) in self.checked_images(pod) {
+            let image = container.container.image.as_deref().unwrap_or_default();
+            let uses = || {
+                format!(
+                    "{} {:?} uses image {:?}",
+                    container.list.noun(),
+                    container.container.name,
+                    registry::shown(image)
+                )
+            };
+            let parts = match parts {
+                Ok(parts) => parts,
+                Err(why) => {
+                    // Whether it is in scope cannot be told: fail closed.
+                    findings.violations.push(format!(
+                        "{} {:?} has an invalid image reference {:?}: {why}",
+                        container.list.noun(),
+                        container.container.name,
+                        registry::shown(image)
+                    ));
+                    continue;
+                }
+            };
+            match facts.image(&lookup_key(&parts)) {
+                ImageLookup::NotChecked => {}
+                ImageLookup::Unreachable(why) => {
+                    let text = format!(
+                        "{}, whose registry could not be read: {why}; retry when the registry answers",
+                        uses()
+                    );
+                    match self.on_registry_error {
+                        OnRegistryError::Deny => findings.violations.push(text),
+                        OnRegistryError::Warn => findings
+                            .advisories
+                            .push(format!("{text} (admitted unchecked: onRegistryError is Warn)")),
+                    }
+                }
+                ImageLookup::Refused(why) => findings.violations.push(format!(
+                    "{}, which its registry does not serve: {why}; push the image or correct the reference",
+                    uses()
+                )),
+                ImageLookup::Found(served) => {
+                    if let Some(pinned) = parts.digest()
+                        && pinned != served.digest
+                    {
+                        findings.violations.push(format!(
+                            "{}, pinned to {pinned}, but its registry served {}; pin the digest that was checked",
+                            uses(),
+                            served.digest
+                        ));
+                        continue;
+                    }
+                    if !self.require_platform {
+                        continue;
+                    }
+                    let resolved = pod_os.get_or_insert_with(|| {
+                        os::resolve(&pod.spec, &|node| facts.node_os(node))
+                    });
+                    if let Some(problem) = platform_problem(served, resolved, arch(pod)) {
+                        findings.violations.push(format!("{} ({}), {problem}", uses(), served.digest));
+                    }
+                }
+            }
+        }
+        findings
+    }
+
+    /// The changes this rule makes: each Pod image in scope written by tag becomes
+    /// `tag@digest`, with the digest its registry served.
+    pub fn mutate(&self, view: &RequestView, facts: &dyn Facts) -> Vec<Mutation> {
+        let Subject::Pod(pod) = &view.subject else { return Vec::new() };
+        // Templates are left as written: their Pods are pinned when created.
+        if !self.pin_digest || !pod.root.is_empty() {
+            return Vec::new();
+        }
+        self.checked_images(pod)
+            .filter_map(|(container, parts)| {
+                let parts = parts.ok()?;
+                if parts.digest().is_some() {
+                    return None;
+                }
+                let ImageLookup::Found(served) = facts.image(&lookup_key(&parts)) else {
+                    return None;
+                };
+                let image = container.container.image.as_deref()?;
+                Some(Mutation::PinImageDigest {
+                    container_pointer: format!("{}{}", pod.spec_pointer(), container.pointer()),
+                    image: format!("{image}@{}", served.digest),
+                })
+            })
+            .collect()
+    }
+
+    /// The containers whose images this rule judges, with their parsed references: new or
+    /// changed images in scope, and images that do not parse (their scope cannot be told).
+    fn checked_images<'a>(
+        &'a self,
+        pod: &'a PodView,
+    ) -> impl Iterator<Item = (ContainerRef<'a>, Result<ImageParts<'a>, image::ImageError>)> + 'a
+    {
+        pod.spec.all_containers().filter_map(move |container| {
+            let image = container.container.image.as_deref()?;
+            if registry::is_unchanged(pod, container, image) {
+                return None;
+            }
+            match image::parse_parts(image) {
+                Ok(parts) => self
+                    .scope
+                    .iter()
+                    .any(|prefix| prefix.admits(&parts))
+                    .then_some((container, Ok(parts))),
+                Err(why) => Some((container, Err(why))),
+            }
+        })
+    }
+}
+
+/// The architecture the pod's `nodeSelector` pins, if any.
+fn arch(pod: &PodView) -> Option<&str> {
+    pod.spec.node_selector.as_ref()?.get(NODE_ARCH_LABEL).map(String::as_str)
+}
+
+/// Why the served image cannot run where the pod runs, or `None` when it can (or when the
+/// pod's OS cannot be told: the OS rules say so for such pods).
+fn platform_problem(served: &RegistryImage, pod_os: &PodOs, arch: Option<&str>) -> Option<String> {
+    let (os, why) = match pod_os {
+        PodOs::Pinned { os, by } => (*os, format!("this pod runs on {} nodes ({by})", os.as_str())),
+        PodOs::Unpinned => (
+            os::Os::Linux,
+            "nothing pins this pod to an operating system, so it is treated as linux (set \
+             spec.os.name: windows for a Windows pod)"
+                .to_owned(),
+        ),
+        PodOs::Contradiction(_) | PodOs::UnknownNode(_) => return None,
+    };
+    let wanted = match arch {
+        Some(arch) => format!("{}/{arch}", os.as_str()),
+        None => os.as_str().to_owned(),
+    };
+    let runs = served.platforms.iter().any(|platform| {
+        platform.os == os.as_str() && arch.is_none_or(|arch| platform.architecture == arch)
+    });
+    if runs {
+        return None;
+    }
+    let listed: Vec<String> = served
+        .platforms
+        .iter()
+        .filter(|platform| platform.os != "unknown")
+        .map(ToString::to_string)
+        .collect();
+    let has = if listed.is_empty() {
+        "it lists no platform".to_owned()
+    } else {
+        format!("it has {}", listed.join(", "))
+    };
+    let arch_why = if arch.is_some() { " and nodeSelector kubernetes.io/arch" } else { "" };
+    Some(format!(
+        "which has no {wanted} platform ({has}); {why}{arch_why}; use an image built for {wanted}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::value::RawValue;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::admission::review::Operation;
+    use crate::admission::view::Kind;
+    use crate::rules::StaticFacts;
+
+    const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const OTHER: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn rule(spec: Value) -> ImageProvenance {
+        let spec: ImageProvenanceSpec = serde_json::from_value(spec).expect("spec");
+        ImageProvenance::compile(&spec).expect("compiles")
+    }
+
+    fn platform(os: &str, arch: &str) -> Platform {
+        Platform { os: os.into(), architecture: arch.into(), variant: None, os_version: None }
+    }
+
+    /// The registry: `linux` (linux/amd64, linux/arm64 and an attestation entry),
+    /// `windows` (windows/amd64), `missing` (refused) and `down` (unreachable).
+    fn facts() -> StaticFacts {
+        let found = |platforms: Vec<Platform>| {
+            ImageFact::Found(RegistryImage { digest: DIGEST.into(), platforms })
+        };
+        let linux = found(vec![
+            platform("linux", "amd64"),
+            platform("linux", "arm64"),
+            platform("unknown", "unknown"),
+        ]);
+        let images = BTreeMap::from([
+            ("reg.example.com/team/linux:1".to_owned(), linux.clone()),
+            (format!("reg.example.com/team/linux@{DIGEST}"), linux),
+            (
+                "reg.example.com/team/windows:1".to_owned(),
+                found(vec![platform("windows", "amd64")]),
+            ),
+            (
+                "reg.example.com/team/missing:1".to_owned(),
+                ImageFact::Refused("the registry answered MANIFEST_UNKNOWN".into()),
+            ),
+            (
+                "reg.example.com/team/down:1".to_owned(),
+                ImageFact::Unreachable("no answer within 3000 ms".into()),
+            ),
+        ]);
+        StaticFacts { images: Some(images), nodes: Some(BTreeMap::new()), ..StaticFacts::default() }
+    }
+
+    fn view(kind: Kind, object: &Value, old: Option<&Value>) -> RequestView {
+        let raw = RawValue::from_string(object.to_string()).expect("json");
+        let old = old.map(|o| RawValue::from_string(o.to_string()).expect("json"));
+        let op = if old.is_some() { Operation::Update } else { Operation::Create };
+        RequestView::build(kind, op, Some("apps".into()), &raw, old.as_deref()).expect("view")
+    }
+
+    fn pod(image: &str, spec: Value) -> Value {
+        let mut spec = spec;
+        spec["containers"] = json!([{"name": "app", "image": image}]);
+        json!({"metadata": {"name": "p", "namespace": "apps"}, "spec": spec})
+    }
+
+    #[test]
+    fn judges_what_the_registry_served_against_the_pod() {
+        let deny = rule(json!({"registries": ["reg.example.com/team"]}));
+        let warn = rule(json!({"registries": ["reg.example.com/team"], "onRegistryError": "Warn"}));
+        let no_platform =
+            rule(json!({"registries": ["reg.example.com/team"], "requirePlatform": false}));
+        let windows = json!({"os": {"name": "windows"}});
+        let arm = json!({"nodeSelector": {"kubernetes.io/arch": "arm64"}});
+        let riscv = json!({"nodeSelector": {"kubernetes.io/arch": "riscv64"}});
+        // (rule, image, pod spec, violation contains, advisory contains)
+        type Case<'a> = (&'a ImageProvenance, String, Value, Option<&'a str>, Option<&'a str>);
+        let cases: Vec<Case<'_>> = vec![
+            (&deny, "reg.example.com/team/linux:1".into(), json!({}), None, None),
+            (&deny, "reg.example.com/team/linux:1".into(), arm.clone(), None, None),
+            (
+                &deny,
+                "reg.example.com/team/linux:1".into(),
+                riscv,
+                Some("has no linux/riscv64 platform (it has linux/amd64, linux/arm64)"),
+                None,
+            ),
+            (
+                &deny,
+                "reg.example.com/team/linux:1".into(),
+                windows.clone(),
+                Some(
+                    "has no windows platform (it has linux/amd64, linux/arm64); this pod runs on windows nodes (spec.os.name",
+                ),
+                None,
+            ),
+            (&no_platform, "reg.example.com/team/linux:1".into(), windows.clone(), None, None),
+            (&deny, "reg.example.com/team/windows:1".into(), windows, None, None),
+            (
+                &deny,
+                "reg.example.com/team/windows:1".into(),
+                json!({}),
+                Some("has no linux platform (it has windows/amd64); nothing pins this pod"),
+                None,
+            ),
+            // Pinned: read by digest, whatever the tag says.
+            (&deny, format!("reg.example.com/team/linux:9@{DIGEST}"), json!({}), None, None),
+            (
+                &deny,
+                "reg.example.com/team/missing:1".into(),
+                json!({}),
+                Some("which its registry does not serve: the registry answered MANIFEST_UNKNOWN"),
+                None,
+            ),
+            (
+                &deny,
+                "reg.example.com/team/down:1".into(),
+                json!({}),
+                Some("whose registry could not be read: no answer within 3000 ms"),
+                None,
+            ),
+            (
+                &warn,
+                "reg.example.com/team/down:1".into(),
+                json!({}),
+                None,
+                Some("admitted unchecked: onRegistryError is Warn"),
+            ),
+            // Out of scope: never looked up, never judged.
+            (&deny, "reg.example.com/other/app:1".into(), json!({}), None, None),
+            (&deny, "docker.io/library/nginx".into(), json!({}), None, None),
+            // Unparsable: its scope cannot be told.
+            (
+                &deny,
+                "Reg.Example.com/TEAM/x:1".into(),
+                json!({}),
+                Some("invalid image reference"),
+                None,
+            ),
+            // In scope but not gathered (a shell bug): fails closed.
+            (
+                &deny,
+                "reg.example.com/team/unasked:1".into(),
+                json!({}),
+                Some("the image was not looked up"),
+                None,
+            ),
+        ];
+        let facts = facts();
+        for (rule, image, spec, violation, advisory) in cases {
+            let findings =
+                rule.validate(&view(Kind::Pod, &pod(&image, spec.clone()), None), &facts);
+            let context = format!("{image} {spec}: {findings:?}");
+            match violation {
+                Some(text) => {
+                    assert_eq!(findings.violations.len(), 1, "{context}");
+                    assert!(findings.violations[0].contains(text), "{context}");
+                    assert!(findings.violations[0].starts_with("container \"app\""), "{context}");
+                }
+                None => assert!(findings.violations.is_empty(), "{context}"),
+            }
+            match advisory {
+                Some(text) => assert!(
+                    findings.advisories.len() == 1 && findings.advisories[0].contains(text),
+                    "{context}"
+                ),
+                None => assert!(findings.advisories.is_empty(), "{context}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_digest_other_than_the_one_served_is_denied() {
+        let mut facts = facts();
+        let images = facts.images.as_mut().expect("images");
+        images.insert(
+            format!("reg.example.com/team/linux@{OTHER}"),
+            ImageFact::Found(RegistryImage {
+                digest: DIGEST.into(),
+                platforms: vec![platform("linux", "amd64")],
+            }),
+        );
+        let rule = rule(json!({"registries": ["reg.example.com"]}));
+        let object = pod(&format!("reg.example.com/team/linux:1@{OTHER}"), json!({}));
+        let findings = rule.validate(&view(Kind::Pod, &object, None), &facts);
+        assert_eq!(findings.violations.len(), 1, "{findings:?}");
+        assert!(
+            findings.violations[0]
+                .contains(&format!("pinned to {OTHER}, but its registry served {DIGEST}"))
+        );
+    }
+
+    #[test]
+    fn needs_only_new_images_in_scope() {
+        let rule = rule(json!({"registries": ["reg.example.com/team"]}));
+        let object = json!({"metadata": {"name": "p"}, "spec": {
+            "initContainers": [{"name": "init", "image": "reg.example.com/team/linux:1"}],
+            "containers": [
+                {"name": "a", "image": format!("reg.example.com/team/linux:2@{DIGEST}")},
+                {"name": "b", "image": "nginx"},
+            ],
+            "ephemeralContainers": [{"name": "debug", "image": "reg.example.com/team/tools"}],
+        }});
+        let mut needs = FactNeeds::default();
+        rule.needs(&view(Kind::Pod, &object, None), &mut needs);
+        assert_eq!(
+            needs.images.into_iter().collect::<Vec<_>>(),
+            vec![
+                "reg.example.com/team/linux:1".to_owned(),
+                format!("reg.example.com/team/linux@{DIGEST}"),
+                "reg.example.com/team/tools:latest".to_owned(),
+            ]
+        );
+        // An UPDATE that keeps the images asks for nothing.
+        let mut needs = FactNeeds::default();
+        rule.needs(&view(Kind::Pod, &object, Some(&object)), &mut needs);
+        assert!(needs.images.is_empty());
+    }
+
+    #[test]
+    fn pins_pod_tags_to_the_served_digest_but_not_templates() {
+        let rule = rule(json!({"registries": ["reg.example.com/team"]}));
+        let facts = facts();
+        let object = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [
+                {"name": "a", "image": "reg.example.com/team/linux:1"},
+                {"name": "b", "image": format!("reg.example.com/team/linux:1@{DIGEST}")},
+                {"name": "c", "image": "reg.example.com/team/missing:1"},
+            ],
+        }});
+        assert_eq!(
+            rule.mutate(&view(Kind::Pod, &object, None), &facts),
+            vec![Mutation::PinImageDigest {
+                container_pointer: "/spec/containers/0".into(),
+                image: format!("reg.example.com/team/linux:1@{DIGEST}"),
+            }]
+        );
+        let deployment = json!({"metadata": {"name": "d"}, "spec": {"template": object}});
+        assert!(rule.mutate(&view(Kind::Deployment, &deployment, None), &facts).is_empty());
+        let off = super::ImageProvenance { pin_digest: false, ..rule };
+        assert!(off.mutate(&view(Kind::Pod, &object, None), &facts).is_empty());
+    }
+
+    #[test]
+    fn rejects_invalid_scopes_naming_the_field() {
+        let cases = [
+            (json!({"registries": []}), "registries"),
+            (json!({"registries": ["reg.example.com", "https://x.io"]}), "registries[1]"),
+        ];
+        for (spec, field) in cases {
+            let spec: ImageProvenanceSpec = serde_json::from_value(spec).expect("spec");
+            assert_eq!(ImageProvenance::compile(&spec).expect_err("invalid").field, field);
+        }
+        let unknown = serde_json::from_value::<ImageProvenanceSpec>(
+            json!({"registries": ["a.io"], "pinDigests": true}),
+        );
+        assert!(unknown.is_err());
+    }
+}
