@@ -9,8 +9,13 @@
 #             service-discovery plugins (`-tags remove_all_sd`: rule checks and tests need none)
 #   registry  github.com/distribution/distribution/v3/cmd/registry (e2e/tools/registry/): the
 #             OCI registry the image-provenance scenarios push to and arcguard reads from
+#   cosign    github.com/sigstore/cosign/v2/cmd/cosign (e2e/tools/cosign/): signs images with a
+#             key pair, as users do
+#   notation-sign  e2e/tools/notation-sign/main.go over github.com/notaryproject/notation-go:
+#             signs images as `notation sign` does (the Notation CLI module is not served);
+#             keyed by notation-go's version and a hash of the program's sources
 #
-# Usage: build-tools.sh [--path] [TOOL...]    (default: all four, in the order above)
+# Usage: build-tools.sh [--path] [TOOL...]    (default: all six, in the order above)
 # Prints the path of each tool's binary on stdout, one a line, in the order asked; progress goes
 # to stderr. With --path it builds nothing and prints where each binary is (or would be).
 #
@@ -73,8 +78,21 @@ describe() {
       version="$(required "$mod" github.com/distribution/distribution/v3)"
       ldflags="-s -w -X github.com/distribution/distribution/v3/version.version=$version"
       ;;
+    cosign)
+      mod="$here/tools/cosign"
+      pkg=github.com/sigstore/cosign/v2/cmd/cosign
+      version="$(required "$mod" github.com/sigstore/cosign/v2)"
+      ldflags="-s -w -X sigs.k8s.io/release-utils/version.gitVersion=$version"
+      ;;
+    notation-sign)
+      mod="$here/tools/notation-sign"
+      pkg=.
+      local sources; sources="$(cat "$mod/main.go" "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -c1-12)"
+      version="$(required "$mod" github.com/notaryproject/notation-go)-$sources"
+      ldflags="-s -w"
+      ;;
     *)
-      log "unknown tool $1 (kubectl, helm, promtool, registry)"
+      log "unknown tool $1 (kubectl, helm, promtool, registry, cosign, notation-sign)"
       exit 2
       ;;
   esac
@@ -112,7 +130,7 @@ if [ "${1:-}" = "--path" ]; then
   only_path=true
   shift
 fi
-[ "$#" -gt 0 ] || set -- kubectl helm promtool registry
+[ "$#" -gt 0 ] || set -- kubectl helm promtool registry cosign notation-sign
 
 for tool in "$@"; do
   describe "$tool"

@@ -4,9 +4,9 @@
 //! is built for it, the mutating webhook's patch is applied, and the patched object is
 //! validated.
 //!
-//! imageProvenance policies read registries only when asked (`--registry`): [`image_keys`]
-//! runs the objects once to learn which images they name, the shell reads those, and the
-//! check runs again on what was read. Without it their checks are skipped and
+//! imageProvenance policies read registries only when asked (`--registry`): [`registry_needs`]
+//! says which images (and signatures) the objects ask about, the shell reads those, and the
+//! check runs on what was read. Without it their checks are skipped and
 //! [`SKIPPED_REGISTRIES`] says so.
 
 use std::fmt::Write as _;
@@ -16,13 +16,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::admission;
-use crate::admission::objects::Labels;
 use crate::manifest::{self, ManifestError};
 use crate::pipeline::{self, Webhook};
 use crate::policy::PolicySet;
-use crate::rules::os::NodeOs;
-use crate::rules::provenance::ImageLookup;
-use crate::rules::{Access, Facts, PodLookup, StaticFacts};
+use crate::rules::{FactNeeds, Facts, StaticFacts};
 
 /// The note printed when imageProvenance policies were not checked against registries.
 pub const SKIPPED_REGISTRIES: &str =
@@ -138,6 +135,60 @@ pub fn check(
     Ok(reports)
 }
 
+/// An object's type and name, as a review of it carries them.
+struct Described {
+    api_version: String,
+    kind: String,
+    group: String,
+    version: String,
+    name: String,
+    namespace: String,
+}
+
+impl Described {
+    fn of(object: &Value) -> Result<Self, String> {
+        let (api_version, kind) = manifest::type_of(object);
+        let (api_version, kind) = (api_version.to_owned(), kind.to_owned());
+        if api_version.is_empty() || kind.is_empty() {
+            return Err("not a Kubernetes object: apiVersion and kind are required".into());
+        }
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+        let (group, version) = (group.to_owned(), version.to_owned());
+        let name =
+            object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let namespace = if kind == "GlobalNetworkPolicy" {
+            String::new()
+        } else {
+            let ns =
+                object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default");
+            ns.to_owned()
+        };
+        Ok(Self { api_version, kind, group, version, name, namespace })
+    }
+
+    /// Whether arcguard inspects the kind.
+    fn inspected(&self) -> bool {
+        admission::Kind::recognise(&self.group, &self.kind, None).is_some()
+    }
+
+    /// A CREATE AdmissionReview of `object`.
+    fn review(&self, index: usize, object: &Value) -> String {
+        json!({
+            "apiVersion": admission::review::API_VERSION,
+            "kind": admission::review::KIND,
+            "request": {
+                "uid": format!("check-{index}"),
+                "kind": {"group": self.group, "version": self.version, "kind": self.kind},
+                "operation": "CREATE",
+                "namespace": self.namespace,
+                "name": self.name,
+                "object": object,
+            }
+        })
+        .to_string()
+    }
+}
+
 fn check_object(
     file: &str,
     index: usize,
@@ -145,27 +196,17 @@ fn check_object(
     policies: &PolicySet,
     facts: &dyn Facts,
 ) -> Result<Report, String> {
-    let (api_version, kind) = manifest::type_of(&object);
-    let (api_version, kind) = (api_version.to_owned(), kind.to_owned());
-    if api_version.is_empty() || kind.is_empty() {
-        return Err("not a Kubernetes object: apiVersion and kind are required".into());
-    }
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
-    let name =
-        object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let cluster_scoped = kind == "GlobalNetworkPolicy";
-    let namespace = if cluster_scoped {
-        String::new()
+    let described = Described::of(&object)?;
+    let display = if described.namespace.is_empty() {
+        described.name.clone()
     } else {
-        let ns = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default");
-        ns.to_owned()
+        format!("{}/{}", described.namespace, described.name)
     };
-    let display = if namespace.is_empty() { name.clone() } else { format!("{namespace}/{name}") };
     let mut report = Report {
         file: file.to_owned(),
         index,
-        api_version: api_version.clone(),
-        kind: kind.clone(),
+        api_version: described.api_version.clone(),
+        kind: described.kind.clone(),
         name: display,
         verdict: Verdict::Skip,
         violations: Vec::new(),
@@ -173,26 +214,16 @@ fn check_object(
         audits: Vec::new(),
         patch: None,
     };
-    if admission::Kind::recognise(group, &kind, None).is_none() {
+    if !described.inspected() {
         return Ok(report);
     }
-    let review = |object: &Value| {
-        json!({
-            "apiVersion": admission::review::API_VERSION,
-            "kind": admission::review::KIND,
-            "request": {
-                "uid": format!("check-{index}"),
-                "kind": {"group": group, "version": version, "kind": kind},
-                "operation": "CREATE",
-                "namespace": namespace,
-                "name": name,
-                "object": object,
-            }
-        })
-        .to_string()
-    };
-    let mutated = pipeline::review(Webhook::Mutate, review(&object).as_bytes(), policies, facts)
-        .map_err(|e| e.to_string())?;
+    let mutated = pipeline::review(
+        Webhook::Mutate,
+        described.review(index, &object).as_bytes(),
+        policies,
+        facts,
+    )
+    .map_err(|e| e.to_string())?;
     if let Some(encoded) = &mutated.response.patch {
         let bytes =
             base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| e.to_string())?;
@@ -200,9 +231,13 @@ fn check_object(
         json_patch::patch(&mut object, &patch).map_err(|e| format!("patch does not apply: {e}"))?;
         report.patch = serde_json::to_value(&patch).ok();
     }
-    let validated =
-        pipeline::review(Webhook::Validate, review(&object).as_bytes(), policies, facts)
-            .map_err(|e| e.to_string())?;
+    let validated = pipeline::review(
+        Webhook::Validate,
+        described.review(index, &object).as_bytes(),
+        policies,
+        facts,
+    )
+    .map_err(|e| e.to_string())?;
     report.warnings = validated.response.warnings.clone();
     report.audits = validated.summary.audits.clone();
     report.violations = validated.summary.denials.clone();
@@ -216,57 +251,46 @@ fn check_object(
     Ok(report)
 }
 
-/// The registry keys ([`crate::rules::provenance::lookup_key`]) the objects of `inputs` ask
-/// about under `policies`: the check is run once with registries unread, recording them.
-///
-/// # Errors
-/// [`CheckError`] as [`check`].
-pub fn image_keys(
-    inputs: &[Input],
-    policies: &PolicySet,
-    facts: &StaticFacts,
-) -> Result<std::collections::BTreeSet<String>, CheckError> {
-    let recorder = Recorder { facts, keys: std::cell::RefCell::default() };
-    check(inputs, policies, &recorder)?;
-    Ok(recorder.keys.into_inner())
-}
-
-/// Facts that record the images asked about and answer that registries are not read.
-struct Recorder<'a> {
-    facts: &'a StaticFacts,
-    keys: std::cell::RefCell<std::collections::BTreeSet<String>>,
-}
-
-impl Facts for Recorder<'_> {
-    fn credential_spec(&self, name: &str) -> Option<&Value> {
-        self.facts.credential_spec(name)
-    }
-    fn may_use_credential_spec(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        name: &str,
-    ) -> Access {
-        self.facts.may_use_credential_spec(namespace, service_account, name)
-    }
-    fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
-        self.facts.namespace_labels(namespace)
-    }
-    fn node_os(&self, node: &str) -> NodeOs {
-        self.facts.node_os(node)
-    }
-    fn pod(&self, namespace: &str, name: &str) -> PodLookup<'_> {
-        self.facts.pod(namespace, name)
-    }
-    fn image(&self, key: &str) -> ImageLookup<'_> {
-        self.keys.borrow_mut().insert(key.to_owned());
-        ImageLookup::NotChecked
-    }
-}
-
 /// Whether any object was denied (exit code 1).
 pub fn any_denied(reports: &[Report]) -> bool {
     reports.iter().any(|r| r.verdict == Verdict::Deny)
+}
+
+/// What the objects of `inputs` need read from registries under `policies` (images and their
+/// signatures), as a CREATE of each asks for it.
+///
+/// # Errors
+/// [`CheckError`] as [`check`].
+pub fn registry_needs(
+    inputs: &[Input],
+    policies: &PolicySet,
+    facts: &StaticFacts,
+) -> Result<FactNeeds, CheckError> {
+    let mut needs = FactNeeds::default();
+    for input in inputs {
+        let objects = manifest::parse(&input.text)
+            .map_err(|source| CheckError::Manifest { name: input.name.clone(), source })?;
+        for (i, object) in objects.into_iter().enumerate() {
+            let fail = |message: String| CheckError::Object {
+                name: input.name.clone(),
+                index: i + 1,
+                message,
+            };
+            let described = Described::of(&object).map_err(fail)?;
+            if !described.inspected() {
+                continue;
+            }
+            let review = described.review(i + 1, &object);
+            let prepared =
+                admission::prepare(review.as_bytes()).map_err(|e| fail(e.to_string()))?;
+            if let Some(view) = &prepared.view {
+                let found = policies.needs(view, facts);
+                needs.images.extend(found.images);
+                needs.signatures.extend(found.signatures);
+            }
+        }
+    }
+    Ok(needs)
 }
 
 /// One line per object, then one indented line per finding, then the notes (what was not

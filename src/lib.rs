@@ -21,4 +21,5 @@ pub mod policy;
 pub mod rules;
 pub mod serve;
 pub mod server;
+pub mod signature;
 pub mod watch;

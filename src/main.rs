@@ -294,14 +294,16 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
     let mut notes = Vec::new();
     if loaded.policies.reads_registries() {
         if args.registry {
-            let keys = check::image_keys(&inputs, &loaded.policies, &facts)?;
+            let needs = check::registry_needs(&inputs, &loaded.policies, &facts)?;
             let registries =
                 arcguard::oci::Registries::new(&registry_config(&args.registry_access)?)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("failed to start the async runtime")?;
-            facts.images = Some(runtime.block_on(registries.lookup(&keys)));
+            let found = runtime.block_on(registries.lookup(&needs.images, &needs.signatures));
+            facts.images = Some(found.images);
+            facts.signatures = found.signatures;
         } else {
             notes.push(check::SKIPPED_REGISTRIES);
         }

@@ -16,6 +16,7 @@ pub mod noop_webhook;
 pub mod pki;
 pub mod process;
 pub mod registry;
+pub mod signing;
 pub mod tools;
 
 pub use cluster::{

@@ -225,6 +225,60 @@ impl Registry {
         }))?)
     }
 
+    /// A manifest and its media type.
+    ///
+    /// # Errors
+    /// When the registry does not serve it.
+    pub async fn manifest(&self, repository: &str, reference: &str) -> Result<(Vec<u8>, String)> {
+        let response = self
+            .http
+            .get(format!("https://{}/v2/{repository}/manifests/{reference}", self.host))
+            .header("accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
+            .send()
+            .await?;
+        ensure!(response.status().is_success(), "GET manifest {reference}: {}", response.status());
+        let media_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|t| t.to_str().ok())
+            .unwrap_or(OCI_MANIFEST)
+            .to_owned();
+        Ok((response.bytes().await?.to_vec(), media_type))
+    }
+
+    /// Copies a manifest and the blobs it names from one repository into another, under
+    /// `tag`: what an attacker with push rights can do with a signature made for another image.
+    ///
+    /// # Errors
+    /// When the registry refuses a part.
+    pub async fn copy(
+        &self,
+        (from, reference): (&str, &str),
+        (to, tag): (&str, &str),
+    ) -> Result<()> {
+        let (body, media_type) = self.manifest(from, reference).await?;
+        let manifest: serde_json::Value = serde_json::from_slice(&body)?;
+        let mut digests = Vec::new();
+        if let Some(config) = manifest.get("config") {
+            digests.extend(config["digest"].as_str().map(str::to_owned));
+        }
+        for layer in manifest["layers"].as_array().into_iter().flatten() {
+            digests.extend(layer["digest"].as_str().map(str::to_owned));
+        }
+        for digest in digests {
+            let blob = self
+                .http
+                .get(format!("https://{}/v2/{from}/blobs/{digest}", self.host))
+                .send()
+                .await?
+                .bytes()
+                .await?;
+            self.push_blob(to, blob.to_vec()).await?;
+        }
+        self.push_manifest(to, tag, &media_type, &body).await?;
+        Ok(())
+    }
+
     /// The last lines of the registry's log.
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)

@@ -9,7 +9,8 @@ use std::sync::Mutex;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-/// The binary of `name` (`kubectl`, `helm`): `$ARCGUARD_<NAME>`, or what `e2e/build-tools.sh`
+/// The binary of `name` (`kubectl`, `helm`, `notation-sign`...): `$ARCGUARD_<NAME>` (`-` as
+/// `_`), or what `e2e/build-tools.sh`
 /// prints (it builds the tool on the first run and reuses it after).
 ///
 /// # Errors
@@ -20,7 +21,8 @@ pub fn tool(name: &str) -> Result<PathBuf> {
     if let Some(path) = found.get(name) {
         return Ok(path.clone());
     }
-    let path = match std::env::var_os(format!("ARCGUARD_{}", name.to_uppercase())) {
+    let path = match std::env::var_os(format!("ARCGUARD_{}", name.to_uppercase().replace('-', "_")))
+    {
         Some(path) => PathBuf::from(path),
         None => {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-tools.sh");

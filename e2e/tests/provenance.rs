@@ -53,19 +53,7 @@ fn image_of(pod: &Pod) -> String {
 
 async fn scenarios(cluster: &Cluster, registry: &Registry) -> Result<()> {
     let client = cluster.client().await?;
-    let policies_api = Api::<DynamicObject>::all_with(
-        client.clone(),
-        &ApiResource::from_gvk(&GroupVersionKind::gvk(
-            "arcguard.io",
-            "v1alpha1",
-            "ClusterGuardPolicy",
-        )),
-    );
-    for sample in policies_api.list(&ListParams::default()).await? {
-        if let Some(name) = sample.metadata.name.as_deref() {
-            policies_api.delete(name, &DeleteParams::default()).await?;
-        }
-    }
+    remove_sample_policies(&client).await?;
 
     let host = &registry.host;
     let app =
@@ -217,5 +205,191 @@ async fn scenarios(cluster: &Cluster, registry: &Registry) -> Result<()> {
     );
     let warned = pods.get("warned").await?;
     ensure!(image_of(&warned) == format!("{dead}/warn/app:1"), "stored {}", image_of(&warned));
+    Ok(())
+}
+
+#[tokio::test]
+async fn signatures_made_by_cosign_and_notation_are_verified() {
+    let registry = Registry::start().await.expect("the registry starts");
+    let ca = format!("--registry-ca={}", registry.ca_path.display());
+    let cluster =
+        Cluster::start(ClusterOptions::with_args(&[&ca])).await.expect("the cluster starts");
+    let result = signatures(&cluster, &registry)
+        .await
+        .map_err(|e| anyhow!("{e:#}\n\nregistry log:\n{}", registry.log_tail(30)));
+    cluster.check(result);
+}
+
+async fn signatures(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    use arcguard_e2e::signing::{CosignKey, IDENTITY, NotationPki};
+    let client = cluster.client().await?;
+    remove_sample_policies(&client).await?;
+    let keys = arcguard_e2e::process::Scratch::new("signing")?;
+    let trusted = CosignKey::generate(keys.path(), "trusted")?;
+    let other = CosignKey::generate(keys.path(), "other")?;
+    let pki = NotationPki::generate(keys.path(), "notation")?;
+    let signer = pki.leaf("signer", time::Duration::days(1))?;
+
+    let host = &registry.host;
+    let image = |repository: &str, digest: &str| format!("{host}/signed/{repository}@{digest}");
+    let linux = [("linux", "amd64")];
+    let by_cosign = registry.push_index("signed/cosign", "1", &linux).await?;
+    trusted.sign(registry, &image("cosign", &by_cosign))?;
+    let by_notation = registry.push_index("signed/notation", "1", &linux).await?;
+    signer.sign(registry, &image("notation", &by_notation))?;
+    let unsigned = registry.push_index("signed/unsigned", "1", &linux).await?;
+    let wrong_key = registry.push_index("signed/wrong-key", "1", &linux).await?;
+    other.sign(registry, &image("wrong-key", &wrong_key))?;
+    // A signature made for one image, copied onto another's signature tag.
+    let replayed = registry.push_index("signed/replayed", "1", &linux).await?;
+    let sig_tag = |digest: &str| format!("{}.sig", digest.replacen(':', "-", 1));
+    registry
+        .copy(("signed/cosign", &sig_tag(&by_cosign)), ("signed/replayed", &sig_tag(&replayed)))
+        .await?;
+    // notation-go checks the chain when signing: a leaf that expires seconds later.
+    let expiring = registry.push_index("signed/expiring", "1", &linux).await?;
+    let short = pki.leaf("short-lived", time::Duration::seconds(30))?;
+    short.sign(registry, &image("expiring", &expiring))?;
+
+    let ns = namespace(&client, "signatures", &[]).await?;
+    apply(
+        &client,
+        &policy(
+            "signatures",
+            &ns,
+            json!({"registries": [format!("{host}/signed")], "signatures": {
+                "cosign": {"publicKeys": [trusted.public_pem]},
+                "notation": {"trustStore": [pki.root_pem], "trustedIdentities": [IDENTITY]},
+            }}),
+        ),
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let linux_spec = json!({});
+    let create = |name: &str, image: &str| {
+        let pod = pod(name, image, &linux_spec);
+        let pods = pods.clone();
+        async move { pods.create(&PostParams::default(), &pod?).await.map_err(anyhow::Error::from) }
+    };
+
+    // In force once an unsigned image is denied, naming what was looked for.
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    eventually(PROPAGATION, || async {
+        let result = pods
+            .create(&dry_run, &pod("probe", &format!("{host}/signed/unsigned:1"), &linux_spec)?)
+            .await;
+        let message = denial(&result);
+        ensure!(
+            message.contains("which has no signature this policy trusts")
+                && message.contains(&format!("cosign: no signature (no tag {})", sig_tag(&unsigned)))
+                && message.contains("Notation: no signature (no referrer of type application/vnd.cncf.notary.signature)"),
+            "the unsigned image was answered with: {message}"
+        );
+        Ok(())
+    })
+    .await
+    .context("the signature policy did not take effect")?;
+    // Signed by a certificate that expires seconds later: admitted while it is valid (and
+    // denied once it has expired, below).
+    create("expiring", &image("expiring", &expiring))
+        .await
+        .context("signed by a valid certificate")?;
+
+    // Signed by cosign and by Notation (JWS, found through the referrers tag schema): admitted
+    // and pinned to the digest that was verified.
+    let created = create("cosign", &format!("{host}/signed/cosign:1")).await?;
+    ensure!(
+        image_of(&created) == format!("{host}/signed/cosign:1@{by_cosign}"),
+        "stored {}",
+        image_of(&created)
+    );
+    let created = create("notation", &format!("{host}/signed/notation:1")).await?;
+    ensure!(
+        image_of(&created) == format!("{host}/signed/notation:1@{by_notation}"),
+        "stored {}",
+        image_of(&created)
+    );
+
+    // Signed by a key the policy does not list.
+    let message = denial(
+        &pods
+            .create(
+                &PostParams::default(),
+                &pod("wrong-key", &format!("{host}/signed/wrong-key:1"), &linux_spec)?,
+            )
+            .await,
+    );
+    ensure!(
+        message.contains("signed by none of the policy's cosign public keys"),
+        "wrong key: {message}"
+    );
+    // Another image's signature under this image's signature tag.
+    let message = denial(
+        &pods
+            .create(
+                &PostParams::default(),
+                &pod("replayed", &format!("{host}/signed/replayed:1"), &linux_spec)?,
+            )
+            .await,
+    );
+    ensure!(
+        message.contains(&format!("the signature is for {by_cosign}, not for this image's digest")),
+        "replayed signature: {message}"
+    );
+
+    // The tag moves to an unsigned index: the admitted pod keeps the verified digest, the
+    // verified digest is still admitted, and the new one is denied.
+    let moved = registry
+        .push_index("signed/cosign", "1", &[("linux", "arm64"), ("linux", "amd64")])
+        .await?;
+    let kept = pods.get("cosign").await?;
+    ensure!(
+        image_of(&kept) == format!("{host}/signed/cosign:1@{by_cosign}"),
+        "stored {}",
+        image_of(&kept)
+    );
+    create("verified-digest", &image("cosign", &by_cosign)).await.context("the verified digest")?;
+    let message = denial(
+        &pods
+            .create(&PostParams::default(), &pod("moved", &image("cosign", &moved), &linux_spec)?)
+            .await,
+    );
+    ensure!(
+        message.contains("which has no signature this policy trusts"),
+        "the moved tag's digest: {message}"
+    );
+
+    eventually(Duration::from_secs(60), || async {
+        let result = pods
+            .create(&dry_run, &pod("expired", &image("expiring", &expiring), &linux_spec)?)
+            .await;
+        let message = denial(&result);
+        ensure!(
+            message
+                .contains("certificate \"CN=short-lived, C=US, ST=WA, O=arcguard e2e\" expired at"),
+            "after the leaf expired: {message}"
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Deletes the sample ClusterGuardPolicies: the test registry is not a trusted one, and
+/// Windows pods here carry no gMSA.
+async fn remove_sample_policies(client: &kube::Client) -> Result<()> {
+    let policies = Api::<DynamicObject>::all_with(
+        client.clone(),
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "arcguard.io",
+            "v1alpha1",
+            "ClusterGuardPolicy",
+        )),
+    );
+    for sample in policies.list(&ListParams::default()).await? {
+        if let Some(name) = sample.metadata.name.as_deref() {
+            policies.delete(name, &DeleteParams::default()).await?;
+        }
+    }
     Ok(())
 }

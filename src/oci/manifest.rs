@@ -99,6 +99,21 @@ impl From<WirePlatform> for Platform {
     }
 }
 
+/// The media type of a manifest: its `mediaType`, or, without one (the OCI image spec makes it
+/// optional), the OCI type its shape says.
+///
+/// # Errors
+/// [`ManifestError::Malformed`] when it is not JSON.
+pub fn media_type(body: &[u8]) -> Result<String, ManifestError> {
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+    Ok(match envelope.media_type {
+        Some(media_type) if !media_type.is_empty() => media_type,
+        _ if envelope.manifests.is_some() => OCI_INDEX.to_owned(),
+        _ => OCI_MANIFEST.to_owned(),
+    })
+}
+
 /// Reads a manifest by its `mediaType`; without one (the OCI image spec makes it optional),
 /// an index is told by its `manifests` field.
 ///

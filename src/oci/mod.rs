@@ -20,14 +20,15 @@
 //! to the `Docker-Content-Digest` header and to a digest in the reference); the config blob
 //! against its descriptor.
 
+pub mod cache;
 pub mod manifest;
+pub mod signatures;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
-use futures::future::{BoxFuture, FutureExt as _, Shared};
+use futures::future::{BoxFuture, FutureExt as _};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -35,8 +36,10 @@ use oci_client::{Client, Reference};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
-use crate::rules::provenance::{ImageFact, RegistryImage};
+use self::cache::{Flights, TtlCache};
+use crate::rules::provenance::{ImageFact, RegistryFacts, RegistryImage};
 use crate::server::ImageSource;
+use crate::signature::{self, SignatureVerdict, TrustId, TrustRef};
 
 /// Default time one image may take to read.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
@@ -79,14 +82,14 @@ pub enum RegistryError {
     Client(#[from] OciDistributionError),
 }
 
-type InFlight = (Instant, Shared<BoxFuture<'static, ImageFact>>);
-
-/// Registry access with its cache; one per process.
+/// Registry access with its caches; one per process.
 pub struct Registries {
-    client: Client,
+    client: Arc<Client>,
     deadline: Duration,
-    cache: Mutex<HashMap<String, (Instant, ImageFact)>>,
-    in_flight: Mutex<HashMap<String, InFlight>>,
+    images: TtlCache<String, ImageFact>,
+    image_reads: Arc<Flights<String, ImageFact>>,
+    verdicts: TtlCache<(String, TrustId), SignatureVerdict>,
+    verdict_reads: Arc<Flights<(String, TrustId), SignatureVerdict>>,
 }
 
 impl std::fmt::Debug for Registries {
@@ -131,92 +134,78 @@ impl Registries {
             ..ClientConfig::default()
         })?;
         Ok(Arc::new(Self {
-            client,
+            client: Arc::new(client),
             deadline: config.deadline,
-            cache: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
+            images: TtlCache::new(CACHE_LIMIT),
+            image_reads: Arc::new(Flights::new(READ_CAP)),
+            verdicts: TtlCache::new(CACHE_LIMIT),
+            verdict_reads: Arc::new(Flights::new(READ_CAP)),
         }))
     }
 
     /// The facts for `keys` ([`crate::rules::provenance::lookup_key`]s), read side by side,
-    /// each within the deadline. An image read by tag is also answered under the digest it
-    /// resolved to, the key its pinned form is read by.
-    pub async fn lookup(self: &Arc<Self>, keys: &BTreeSet<String>) -> BTreeMap<String, ImageFact> {
-        let read = futures::future::join_all(
-            keys.iter().map(|key| async move { (key.clone(), self.fact(key).await) }),
-        )
+    /// each within the deadline, and the verdicts on their signatures under the trusts in
+    /// `signatures`, within what is left of the same deadline. An image read by tag is also
+    /// answered under the digest it resolved to, the key its pinned form is read by.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        keys: &BTreeSet<String>,
+        signatures: &BTreeSet<(String, TrustRef)>,
+    ) -> RegistryFacts {
+        let started = Instant::now();
+        let read = futures::future::join_all(keys.iter().map(|key| async move {
+            let fact = self.fact(key).await;
+            let mut verdicts = Vec::new();
+            if let ImageFact::Found(image) = &fact {
+                let trusts = signatures.iter().filter(|(k, _)| k == key).map(|(_, t)| t);
+                for trust in trusts {
+                    let left = self.deadline.saturating_sub(started.elapsed());
+                    let verdict = self.verdict(key, image, trust, left).await;
+                    verdicts.push(((key.clone(), trust.0.id()), verdict));
+                }
+            }
+            (key.clone(), fact, verdicts)
+        }))
         .await;
-        let mut facts = BTreeMap::new();
-        for (key, fact) in read {
+        let mut facts = RegistryFacts::default();
+        for (key, fact, verdicts) in read {
             if let ImageFact::Found(image) = &fact
                 && let Some((name, _)) = split_tag(&key)
             {
-                facts.insert(format!("{name}@{}", image.digest), fact.clone());
+                let pinned = format!("{name}@{}", image.digest);
+                for ((_, trust), verdict) in &verdicts {
+                    facts.signatures.insert((pinned.clone(), *trust), verdict.clone());
+                }
+                facts.images.insert(pinned, fact.clone());
             }
-            facts.insert(key, fact);
+            facts.signatures.extend(verdicts);
+            facts.images.insert(key, fact);
         }
         facts
     }
 
     /// One image's fact: from the cache, from a read already in flight, or from a new read.
     async fn fact(self: &Arc<Self>, key: &str) -> ImageFact {
-        if let Some(fact) = self.cached(key) {
+        let key = key.to_owned();
+        if let Some(fact) = self.images.get(&key) {
             return fact;
         }
-        let read = self.shared_read(key);
+        let this = Arc::clone(self);
+        let owned = key.clone();
+        let remember = Arc::clone(self);
+        let remembered = key.clone();
+        let read = self.image_reads.join(
+            &key,
+            move || async move { this.read(&owned).await }.boxed(),
+            move |fact| remember.remember(&remembered, fact),
+            ImageFact::Unreachable,
+        );
         match tokio::time::timeout(self.deadline, read).await {
             Ok(fact) => fact,
             Err(_) => {
                 ImageFact::Unreachable(format!("no answer within {} ms", self.deadline.as_millis()))
             }
         }
-    }
-
-    fn cached(&self, key: &str) -> Option<ImageFact> {
-        let cache = self.cache.lock().ok()?;
-        let (expires, fact) = cache.get(key)?;
-        (Instant::now() < *expires).then(|| fact.clone())
-    }
-
-    /// The read in flight for `key`, or a new one spawned so that it completes (and fills the
-    /// cache) even when every request waiting on it has given up.
-    fn shared_read(self: &Arc<Self>, key: &str) -> Shared<BoxFuture<'static, ImageFact>> {
-        let Ok(mut in_flight) = self.in_flight.lock() else {
-            return futures::future::ready(ImageFact::Unreachable(
-                "the registry cache is unavailable".to_owned(),
-            ))
-            .boxed()
-            .shared();
-        };
-        if let Some((started, read)) = in_flight.get(key)
-            && started.elapsed() < READ_CAP
-        {
-            return read.clone();
-        }
-        let this = Arc::clone(self);
-        let owned = key.to_owned();
-        let task = tokio::spawn(async move {
-            let fact = match tokio::time::timeout(READ_CAP, this.read(&owned)).await {
-                Ok(fact) => fact,
-                Err(_) => {
-                    ImageFact::Unreachable(format!("no answer within {} s", READ_CAP.as_secs()))
-                }
-            };
-            this.remember(&owned, &fact);
-            if let Ok(mut in_flight) = this.in_flight.lock() {
-                in_flight.remove(&owned);
-            }
-            fact
-        });
-        let read = async move {
-            task.await.unwrap_or_else(|error| {
-                ImageFact::Unreachable(format!("the registry read failed: {error}"))
-            })
-        }
-        .boxed()
-        .shared();
-        in_flight.insert(key.to_owned(), (Instant::now(), read.clone()));
-        read
     }
 
     fn remember(&self, key: &str, fact: &ImageFact) {
@@ -226,18 +215,76 @@ impl Registries {
             ImageFact::Refused(_) => REFUSED_TTL,
             ImageFact::Unreachable(_) => return,
         };
-        let Ok(mut cache) = self.cache.lock() else { return };
-        if cache.len() >= CACHE_LIMIT {
-            cache.clear();
-        }
-        let now = Instant::now();
-        cache.insert(key.to_owned(), (now + ttl, fact.clone()));
+        self.images.insert(key.to_owned(), fact.clone(), ttl);
         // The digest a tag resolved to is what the mutating webhook pins: the validating
         // webhook then reads it by digest.
         if let ImageFact::Found(image) = fact
             && let Some((name, _tag)) = split_tag(key)
         {
-            cache.insert(format!("{name}@{}", image.digest), (now + DIGEST_TTL, fact.clone()));
+            self.images.insert(format!("{name}@{}", image.digest), fact.clone(), DIGEST_TTL);
+        }
+    }
+
+    /// The verdict on an image's signatures under `trust`, within `left`.
+    async fn verdict(
+        self: &Arc<Self>,
+        key: &str,
+        image: &RegistryImage,
+        trust: &TrustRef,
+        left: Duration,
+    ) -> SignatureVerdict {
+        let name = split_tag(key)
+            .map_or_else(|| key.split_once('@').map_or(key, |(name, _)| name), |(name, _)| name);
+        let cache_key = (format!("{name}@{}", image.digest), trust.0.id());
+        if let Some(verdict) = self.verdicts.get(&cache_key) {
+            return verdict;
+        }
+        let client = Arc::clone(&self.client);
+        let (name, image_owned, trust_owned) = (name.to_owned(), image.clone(), trust.clone());
+        let this = Arc::clone(self);
+        let remembered = cache_key.clone();
+        let read = self.verdict_reads.join(
+            &cache_key,
+            move || {
+                async move {
+                    match signatures::evidence(&client, &name, &image_owned.digest, &trust_owned.0)
+                        .await
+                    {
+                        Ok(evidence) => signature::judge(
+                            &evidence,
+                            signature::Target {
+                                digest: &image_owned.digest,
+                                media_type: &image_owned.media_type,
+                                size: image_owned.size,
+                            },
+                            &trust_owned.0,
+                            unix_now(),
+                        ),
+                        Err(why) => SignatureVerdict::Unreachable(why),
+                    }
+                }
+                .boxed()
+            },
+            move |verdict| {
+                let ttl = match verdict {
+                    SignatureVerdict::Verified { valid_until, .. } => {
+                        let left =
+                            u64::try_from(valid_until.saturating_sub(unix_now())).unwrap_or(0);
+                        DIGEST_TTL.min(Duration::from_secs(left))
+                    }
+                    SignatureVerdict::Rejected(_) => REFUSED_TTL,
+                    SignatureVerdict::Unreachable(_) => return,
+                };
+                this.verdicts.insert(remembered, verdict.clone(), ttl);
+            },
+            SignatureVerdict::Unreachable,
+        );
+        match tokio::time::timeout(left, read).await {
+            Ok(verdict) => verdict,
+            Err(_) => SignatureVerdict::Unreachable(format!(
+                "no answer within {} ms",
+                self.deadline.as_millis()
+            )),
         }
     }
 
@@ -252,53 +299,53 @@ impl Registries {
         let (body, digest) =
             match self.client.pull_manifest_raw(&reference, &auth, &manifest::ACCEPTED).await {
                 Ok(pulled) => pulled,
-                Err(error) => return classify(&error),
+                Err(error) => return classify(&error).into(),
             };
         let platforms = match manifest::parse(&body) {
             Ok(manifest::Parsed::Index(platforms)) => platforms,
             Ok(manifest::Parsed::Image { config_digest, config_size }) => {
-                match self.config(&reference, &config_digest, config_size).await {
+                let config = signatures::blob(
+                    &self.client,
+                    &reference,
+                    &config_digest,
+                    config_size,
+                    manifest::CONFIG_MAX_BYTES,
+                )
+                .await
+                .map_err(|error| match error {
+                    signatures::BlobError::Unreachable(why) => ImageFact::Unreachable(why),
+                    signatures::BlobError::Refused(why) => {
+                        ImageFact::Refused(format!("the image config {config_digest}: {why}"))
+                    }
+                })
+                .and_then(|body| {
+                    manifest::config_platform(&body).map_err(|e| ImageFact::Refused(e.to_string()))
+                });
+                match config {
                     Ok(platform) => vec![platform],
                     Err(fact) => return fact,
                 }
             }
             Err(error) => return ImageFact::Refused(error.to_string()),
         };
-        ImageFact::Found(RegistryImage { digest, platforms })
+        let media_type = manifest::media_type(&body).unwrap_or_default();
+        let size = body.len() as u64;
+        ImageFact::Found(RegistryImage { digest, media_type, size, platforms })
     }
+}
 
-    /// The platform named by a single image's config blob, read up to its declared size.
-    async fn config(
-        &self,
-        reference: &Reference,
-        digest: &str,
-        size: u64,
-    ) -> Result<crate::rules::provenance::Platform, ImageFact> {
-        let sized =
-            self.client.pull_blob_stream(reference, digest).await.map_err(|e| classify(&e))?;
-        let mut body = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        let mut stream = sized.stream;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                ImageFact::Refused(format!("the image config {digest} does not verify: {e}"))
-            })?;
-            if (body.len() + chunk.len()) as u64 > size.min(manifest::CONFIG_MAX_BYTES) {
-                return Err(ImageFact::Refused(format!(
-                    "the image config {digest} is longer than the {size} bytes its manifest declares"
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        manifest::config_platform(&body).map_err(|e| ImageFact::Refused(e.to_string()))
-    }
+/// Now, in Unix seconds (the pure verification takes the time as an argument).
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 impl ImageSource for Arc<Registries> {
     fn lookup<'a>(
         &'a self,
         keys: &'a BTreeSet<String>,
-    ) -> BoxFuture<'a, BTreeMap<String, ImageFact>> {
-        Box::pin(Registries::lookup(self, keys))
+        signatures: &'a BTreeSet<(String, TrustRef)>,
+    ) -> BoxFuture<'a, RegistryFacts> {
+        Box::pin(Registries::lookup(self, keys, signatures))
     }
 }
 
@@ -312,9 +359,28 @@ fn split_tag(key: &str) -> Option<(&str, &str)> {
     Some((&key[..colon], &key[colon + 1..]))
 }
 
-/// An error from the registry as a fact: an answer about the image (not found, access denied,
-/// content that does not match its digest) is a refusal; no answer is unreachable.
-fn classify(error: &OciDistributionError) -> ImageFact {
+/// Why the registry did not serve what was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// It answered about the content: not found, access denied, content that does not match
+    /// its digest.
+    Refused(String),
+    /// It did not answer: connection, TLS, 5xx.
+    Unreachable(String),
+}
+
+impl From<Failure> for ImageFact {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Refused(why) => Self::Refused(why),
+            Failure::Unreachable(why) => Self::Unreachable(why),
+        }
+    }
+}
+
+/// An error from the registry, classified: an answer about the content is a refusal; no
+/// answer is unreachable.
+pub(crate) fn classify(error: &OciDistributionError) -> Failure {
     use OciDistributionError as E;
     match error {
         E::RegistryError { envelope, .. } => {
@@ -330,25 +396,25 @@ fn classify(error: &OciDistributionError) -> ImageFact {
                     if e.message.is_empty() { code } else { format!("{code} ({})", e.message) }
                 })
                 .collect();
-            ImageFact::Refused(format!("the registry answered {}", codes.join("; ")))
+            Failure::Refused(format!("the registry answered {}", codes.join("; ")))
         }
         E::ImageManifestNotFoundError(what) => {
-            ImageFact::Refused(format!("the manifest was not found: {what}"))
+            Failure::Refused(format!("the manifest was not found: {what}"))
         }
-        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => ImageFact::Refused(
-            "the registry refused an anonymous pull (401 Unauthorized)".to_owned(),
-        ),
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
+            Failure::Refused("the registry refused an anonymous pull (401 Unauthorized)".to_owned())
+        }
         E::ServerError { code, .. } if (400..500).contains(code) => {
-            ImageFact::Refused(format!("the registry answered HTTP {code}"))
+            Failure::Refused(format!("the registry answered HTTP {code}"))
         }
         E::ServerError { code, .. } => {
-            ImageFact::Unreachable(format!("the registry answered HTTP {code}"))
+            Failure::Unreachable(format!("the registry answered HTTP {code}"))
         }
-        E::DigestError(error) => ImageFact::Refused(format!(
+        E::DigestError(error) => Failure::Refused(format!(
             "the registry served content that does not match its digest: {error}"
         )),
-        E::RequestError(error) => ImageFact::Unreachable(request_error(error)),
-        other => ImageFact::Refused(other.to_string()),
+        E::RequestError(error) => Failure::Unreachable(request_error(error)),
+        other => Failure::Refused(other.to_string()),
     }
 }
 
@@ -376,20 +442,17 @@ mod tests {
 
     use super::*;
 
-    fn sha256(bytes: &[u8]) -> String {
-        let hash = ring::digest::digest(&ring::digest::SHA256, bytes);
-        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}")
-    }
+    use crate::signature::sha256;
 
     /// A plain-HTTP registry serving one index as `team/app:1` (and by digest), counting the
     /// manifest requests it answers; with `hang`, it accepts connections and never answers.
-    async fn mock_registry(hang: bool) -> (String, Arc<AtomicUsize>, String) {
+    async fn mock_registry(hang: bool) -> (String, Arc<AtomicUsize>, String, u64) {
         let index = serde_json::json!({"schemaVersion": 2, "mediaType": manifest::OCI_INDEX,
             "manifests": [{"mediaType": manifest::OCI_MANIFEST, "digest": "sha256:aa", "size": 1,
                            "platform": {"os": "windows", "architecture": "amd64"}}]})
         .to_string();
         let digest = sha256(index.as_bytes());
+        let size = index.len() as u64;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let host = listener.local_addr().expect("addr").to_string();
         let served = Arc::new(AtomicUsize::new(0));
@@ -435,7 +498,7 @@ mod tests {
                 });
             }
         });
-        (host, served, digest)
+        (host, served, digest, size)
     }
 
     fn registries(host: &str, deadline: Duration) -> Arc<Registries> {
@@ -449,14 +512,16 @@ mod tests {
 
     #[tokio::test]
     async fn facts_are_read_once_and_answered_under_tag_and_digest() {
-        let (host, served, digest) = mock_registry(false).await;
+        let (host, served, digest, size) = mock_registry(false).await;
         let registries = registries(&host, DEFAULT_DEADLINE);
         let tag = format!("{host}/team/app:1");
         let missing = format!("{host}/team/missing:1");
         let keys = BTreeSet::from([tag.clone(), missing.clone()]);
-        let facts = registries.lookup(&keys).await;
+        let facts = registries.lookup(&keys, &BTreeSet::new()).await.images;
         let found = ImageFact::Found(RegistryImage {
             digest: digest.clone(),
+            media_type: manifest::OCI_INDEX.into(),
+            size,
             platforms: vec![crate::rules::provenance::Platform {
                 os: "windows".into(),
                 architecture: "amd64".into(),
@@ -476,22 +541,23 @@ mod tests {
         assert_eq!(served.load(Ordering::SeqCst), 1);
         // Both keys again, and the digest's: all from the cache.
         let again = BTreeSet::from([tag.clone(), format!("{host}/team/app@{digest}")]);
-        let facts = registries.lookup(&again).await;
+        let facts = registries.lookup(&again, &BTreeSet::new()).await.images;
         assert!(facts.values().all(|fact| *fact == found), "{facts:?}");
         assert_eq!(served.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_registry_that_never_answers_is_unreachable_after_the_deadline() {
-        let (host, _, _) = mock_registry(true).await;
+        let (host, _, _, _) = mock_registry(true).await;
         let registries = registries(&host, Duration::from_millis(300));
         let key = format!("{host}/team/app:1");
         let facts = tokio::time::timeout(
             Duration::from_secs(20),
-            registries.lookup(&BTreeSet::from([key.clone()])),
+            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new()),
         )
         .await
-        .expect("the lookup ends at its deadline, not when the registry answers");
+        .expect("the lookup ends at its deadline, not when the registry answers")
+        .images;
         assert!(matches!(facts.get(&key), Some(ImageFact::Unreachable(_))), "{facts:?}");
     }
 

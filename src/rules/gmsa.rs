@@ -447,6 +447,13 @@ mod tests {
         fn image(&self, key: &str) -> crate::rules::provenance::ImageLookup<'_> {
             self.0.image(key)
         }
+        fn signature(
+            &self,
+            key: &str,
+            trust: crate::signature::TrustId,
+        ) -> Option<&crate::signature::SignatureVerdict> {
+            self.0.signature(key, trust)
+        }
     }
 
     fn facts() -> ClusterFacts {

@@ -144,6 +144,12 @@ pub trait Facts {
     fn pod(&self, namespace: &str, name: &str) -> PodLookup<'_>;
     /// What the registry served for an image, by [`provenance::lookup_key`].
     fn image(&self, key: &str) -> ImageLookup<'_>;
+    /// The verdict on an image's signatures under a trust; `None` when not judged.
+    fn signature(
+        &self,
+        key: &str,
+        trust: crate::signature::TrustId,
+    ) -> Option<&crate::signature::SignatureVerdict>;
 }
 
 /// A pod looked up for a request that names it.
@@ -184,6 +190,8 @@ pub struct FactNeeds {
     pub pod: Option<(String, String)>,
     /// Images to read from their registries, by [`provenance::lookup_key`].
     pub images: BTreeSet<String>,
+    /// Signatures to judge: an image (by [`provenance::lookup_key`]) under a policy's trust.
+    pub signatures: BTreeSet<(String, crate::signature::TrustRef)>,
 }
 
 impl FactNeeds {
@@ -212,6 +220,9 @@ pub struct StaticFacts {
     /// What registries served, by [`provenance::lookup_key`]; `None` when registries are not
     /// read.
     pub images: Option<BTreeMap<String, ImageFact>>,
+    /// Signature verdicts by image key and trust.
+    pub signatures:
+        BTreeMap<(String, crate::signature::TrustId), crate::signature::SignatureVerdict>,
 }
 
 impl Facts for StaticFacts {
@@ -265,6 +276,14 @@ impl Facts for StaticFacts {
             Some(ImageFact::Unreachable(why)) => ImageLookup::Unreachable(why),
             None => ImageLookup::Unreachable("the image was not looked up"),
         }
+    }
+
+    fn signature(
+        &self,
+        key: &str,
+        trust: crate::signature::TrustId,
+    ) -> Option<&crate::signature::SignatureVerdict> {
+        self.signatures.get(&(key.to_owned(), trust))
     }
 }
 

@@ -1,6 +1,7 @@
 //! imageProvenance: what the registry holds for each image a pod runs. In its scope, every
 //! image must be served by its registry, its index must list a platform the pod's operating
-//! system (and the architecture its `nodeSelector` pins) can run, and the mutating webhook
+//! system (and the architecture its `nodeSelector` pins) can run, it must carry a signature
+//! the policy trusts (cosign or Notation, when `signatures` is set), and the mutating webhook
 //! pins a Pod's tag to the digest that was checked, so that what the kubelet pulls is what
 //! was checked (a tag moved afterwards changes nothing).
 //!
@@ -10,6 +11,7 @@
 //! placed on one); a pod that nothing pins is treated as Linux, as everywhere in arcguard.
 
 use std::fmt;
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -20,6 +22,7 @@ use super::registry::{self, RegistryPrefix};
 use super::{FactNeeds, Facts, FieldError, Findings, Mutation};
 use crate::admission::objects::ContainerRef;
 use crate::admission::view::{PodView, RequestView, Subject};
+use crate::signature::{self, SignatureTrust, SignatureVerdict, TrustRef};
 
 /// Node label naming a node's CPU architecture, as the kubelet sets it (`amd64`, `arm64`).
 pub const NODE_ARCH_LABEL: &str = "kubernetes.io/arch";
@@ -48,6 +51,46 @@ pub struct ImageProvenanceSpec {
     /// digest always counts as a violation.
     #[serde(default)]
     pub on_registry_error: OnRegistryError,
+    /// Require a signature the policy trusts on the digest checked: at least one signature,
+    /// by any verifier listed here, must verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signatures: Option<SignaturesSpec>,
+}
+
+/// Who may sign the images in scope.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignaturesSpec {
+    /// cosign signatures (`cosign sign --key`): the `sha256-<hex>.sig` tag's simple-signing
+    /// layers, verified with these public keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cosign: Option<CosignSpec>,
+    /// Notation signatures (`notation sign`): the image's referrers of type
+    /// `application/vnd.cncf.notary.signature` (the referrers API, or the referrers tag schema),
+    /// JWS envelopes whose X.509 chain ends in the trust store, for a trusted identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notation: Option<NotationSpec>,
+}
+
+/// cosign verifiers.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CosignSpec {
+    /// PEM public keys (`cosign.pub`: ECDSA P-256 or P-384, RSA, Ed25519); a signature by any
+    /// of them verifies.
+    pub public_keys: Vec<String>,
+}
+
+/// Notation verifiers: the trust store and trust policy of this policy's scope.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NotationSpec {
+    /// PEM root CA certificates (a Notation `x509/ca` trust store).
+    pub trust_store: Vec<String>,
+    /// Leaf subjects trusted to sign, as in a Notation trust policy:
+    /// `x509.subject: C=US, ST=WA, O=Contoso` (C, ST and O required), or `*` for any subject
+    /// the trust store vouches for.
+    pub trusted_identities: Vec<String>,
 }
 
 fn enabled() -> bool {
@@ -95,6 +138,10 @@ impl fmt::Display for Platform {
 pub struct RegistryImage {
     /// The digest of the manifest (or index) the reference resolves to, `sha256:<hex>`.
     pub digest: String,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// The manifest's size in bytes.
+    pub size: u64,
     /// The platforms it lists; empty when it names none.
     pub platforms: Vec<Platform>,
 }
@@ -111,6 +158,16 @@ pub enum ImageFact {
     /// The registry could not be read: no answer within the deadline, a connection, TLS or
     /// server error. The text says which.
     Unreachable(String),
+}
+
+/// What the registry adapter read for one request: image facts by [`lookup_key`], and
+/// signature verdicts by key and trust.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegistryFacts {
+    /// What registries served.
+    pub images: std::collections::BTreeMap<String, ImageFact>,
+    /// Signature verdicts.
+    pub signatures: std::collections::BTreeMap<(String, signature::TrustId), SignatureVerdict>,
 }
 
 /// An [`ImageFact`] borrowed from the facts of one request.
@@ -144,6 +201,7 @@ pub struct ImageProvenance {
     require_platform: bool,
     pin_digest: bool,
     on_registry_error: OnRegistryError,
+    signatures: Option<Arc<SignatureTrust>>,
 }
 
 impl ImageProvenance {
@@ -174,11 +232,18 @@ impl ImageProvenance {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let signatures = match &spec.signatures {
+            Some(signatures) => {
+                Some(Arc::new(compile_signatures(signatures).map_err(|e| e.within("signatures"))?))
+            }
+            None => None,
+        };
         Ok(Self {
             scope,
             require_platform: spec.require_platform,
             pin_digest: spec.pin_digest,
             on_registry_error: spec.on_registry_error,
+            signatures,
         })
     }
 
@@ -188,7 +253,11 @@ impl ImageProvenance {
         let Subject::Pod(pod) = &view.subject else { return };
         for (_, parts) in self.checked_images(pod) {
             if let Ok(parts) = parts {
-                needs.images.insert(lookup_key(&parts));
+                let key = lookup_key(&parts);
+                if let Some(trust) = &self.signatures {
+                    needs.signatures.insert((key.clone(), TrustRef(Arc::clone(trust))));
+                }
+                needs.images.insert(key);
             }
         }
     }
@@ -221,25 +290,32 @@ impl ImageProvenance {
                     continue;
                 }
             };
-            match facts.image(&lookup_key(&parts)) {
-                ImageLookup::NotChecked => {}
-                ImageLookup::Unreachable(why) => {
-                    let text = format!(
-                        "{}, whose registry could not be read: {why}; retry when the registry answers",
-                        uses()
-                    );
-                    match self.on_registry_error {
-                        OnRegistryError::Deny => findings.violations.push(text),
-                        OnRegistryError::Warn => findings
-                            .advisories
-                            .push(format!("{text} (admitted unchecked: onRegistryError is Warn)")),
-                    }
+            let key = lookup_key(&parts);
+            let unreachable = |findings: &mut Findings, why: &str| {
+                let text = format!(
+                    "{}, whose registry could not be read: {why}; retry when the registry answers",
+                    uses()
+                );
+                match self.on_registry_error {
+                    OnRegistryError::Deny => findings.violations.push(text),
+                    OnRegistryError::Warn => findings
+                        .advisories
+                        .push(format!("{text} (admitted unchecked: onRegistryError is Warn)")),
                 }
+            };
+            match facts.image(&key) {
+                ImageLookup::NotChecked => {}
+                ImageLookup::Unreachable(why) => unreachable(&mut findings, why),
                 ImageLookup::Refused(why) => findings.violations.push(format!(
                     "{}, which its registry does not serve: {why}; push the image or correct the reference",
                     uses()
                 )),
                 ImageLookup::Found(served) => {
+                    // The digest checked, when the image does not already say it.
+                    let uses_digest = || match parts.digest() {
+                        Some(_) => uses(),
+                        None => format!("{} ({})", uses(), served.digest),
+                    };
                     if let Some(pinned) = parts.digest()
                         && pinned != served.digest
                     {
@@ -250,14 +326,25 @@ impl ImageProvenance {
                         ));
                         continue;
                     }
-                    if !self.require_platform {
-                        continue;
+                    if self.require_platform {
+                        let resolved = pod_os.get_or_insert_with(|| {
+                            os::resolve(&pod.spec, &|node| facts.node_os(node))
+                        });
+                        if let Some(problem) = platform_problem(served, resolved, arch(pod)) {
+                            findings.violations.push(format!("{}, {problem}", uses_digest()));
+                        }
                     }
-                    let resolved = pod_os.get_or_insert_with(|| {
-                        os::resolve(&pod.spec, &|node| facts.node_os(node))
-                    });
-                    if let Some(problem) = platform_problem(served, resolved, arch(pod)) {
-                        findings.violations.push(format!("{} ({}), {problem}", uses(), served.digest));
+                    let Some(trust) = &self.signatures else { continue };
+                    match facts.signature(&key, trust.id()) {
+                        Some(SignatureVerdict::Verified { .. }) => {}
+                        Some(SignatureVerdict::Rejected(why)) => findings.violations.push(format!(
+                            "{}, which has no signature this policy trusts: {why}; sign this digest with a key or certificate the policy lists (cosign sign --key, notation sign)",
+                            uses_digest()
+                        )),
+                        Some(SignatureVerdict::Unreachable(why)) => {
+                            unreachable(&mut findings, &format!("reading its signatures: {why}"));
+                        }
+                        None => unreachable(&mut findings, "its signatures were not looked up"),
                     }
                 }
             }
@@ -313,6 +400,37 @@ impl ImageProvenance {
             }
         })
     }
+}
+
+/// Compiles a `signatures` block; errors name the field within it.
+fn compile_signatures(spec: &SignaturesSpec) -> Result<SignatureTrust, FieldError> {
+    if spec.cosign.is_none() && spec.notation.is_none() {
+        return Err(FieldError::new("", "name a verifier: cosign, notation or both"));
+    }
+    let mut keys = Vec::new();
+    if let Some(cosign) = &spec.cosign {
+        if cosign.public_keys.is_empty() {
+            return Err(FieldError::new(
+                "cosign.publicKeys",
+                "at least one PEM public key is required",
+            ));
+        }
+        for (i, pem) in cosign.public_keys.iter().enumerate() {
+            keys.extend(
+                signature::keys::from_pem(pem)
+                    .map_err(|why| FieldError::new(format!("cosign.publicKeys[{i}]"), why))?,
+            );
+        }
+    }
+    let notation = match &spec.notation {
+        Some(notation) => Some(
+            signature::NotationTrust::compile(&notation.trust_store, &notation.trusted_identities)
+                .map_err(|e| e.within("notation"))?,
+        ),
+        None => None,
+    };
+    let canonical = serde_json::to_vec(spec).unwrap_or_default();
+    Ok(SignatureTrust::new(keys, notation, &canonical))
 }
 
 /// The architecture the pod's `nodeSelector` pins, if any.
@@ -388,7 +506,12 @@ mod tests {
     /// `windows` (windows/amd64), `missing` (refused) and `down` (unreachable).
     fn facts() -> StaticFacts {
         let found = |platforms: Vec<Platform>| {
-            ImageFact::Found(RegistryImage { digest: DIGEST.into(), platforms })
+            ImageFact::Found(RegistryImage {
+                digest: DIGEST.into(),
+                media_type: "application/vnd.oci.image.index.v1+json".into(),
+                size: 500,
+                platforms,
+            })
         };
         let linux = found(vec![
             platform("linux", "amd64"),
@@ -540,6 +663,8 @@ mod tests {
             format!("reg.example.com/team/linux@{OTHER}"),
             ImageFact::Found(RegistryImage {
                 digest: DIGEST.into(),
+                media_type: "application/vnd.oci.image.index.v1+json".into(),
+                size: 500,
                 platforms: vec![platform("linux", "amd64")],
             }),
         );
@@ -605,12 +730,76 @@ mod tests {
     }
 
     #[test]
+    fn judges_signature_verdicts_under_the_policy_trust() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let signed = |on_error: &str| {
+            rule(json!({"registries": ["reg.example.com/team"], "onRegistryError": on_error,
+                "signatures": {"cosign": {"publicKeys": [key.public_key_pem()]}}}))
+        };
+        let (deny, warn) = (signed("Deny"), signed("Warn"));
+        let trust = deny.signatures.as_ref().expect("trust").id();
+        assert_eq!(trust, warn.signatures.as_ref().expect("trust").id(), "same keys, same trust");
+        let image = "reg.example.com/team/linux:1";
+        let object = pod(image, json!({}));
+        let view = view(Kind::Pod, &object, None);
+        let mut needs = FactNeeds::default();
+        deny.needs(&view, &mut needs);
+        assert_eq!(needs.signatures.len(), 1);
+
+        let judged = |rule: &ImageProvenance, verdict: Option<SignatureVerdict>| {
+            let mut facts = facts();
+            if let Some(verdict) = verdict {
+                facts.signatures.insert((image.to_owned(), trust), verdict);
+            }
+            rule.validate(&view, &facts)
+        };
+        let verified = SignatureVerdict::Verified { by: "cosign".into(), valid_until: i64::MAX };
+        assert!(judged(&deny, Some(verified)).is_empty());
+        let rejected =
+            judged(&deny, Some(SignatureVerdict::Rejected("cosign: no signature".into())));
+        assert_eq!(rejected.violations.len(), 1, "{rejected:?}");
+        assert!(rejected.violations[0].contains(&format!(
+            "uses image \"{image}\" ({DIGEST}), which has no signature this policy trusts: cosign: no signature"
+        )));
+        let unread = SignatureVerdict::Unreachable("connection refused".into());
+        let denied = judged(&deny, Some(unread.clone()));
+        assert!(
+            denied.violations[0].contains("reading its signatures: connection refused"),
+            "{denied:?}"
+        );
+        let warned = judged(&warn, Some(unread));
+        assert!(warned.violations.is_empty() && warned.advisories.len() == 1, "{warned:?}");
+        let missing = judged(&deny, None);
+        assert!(missing.violations[0].contains("its signatures were not looked up"), "{missing:?}");
+        // A different key is a different trust: its verdicts are never read for this one.
+        let other = rcgen::KeyPair::generate().expect("key");
+        let other = rule(json!({"registries": ["reg.example.com/team"],
+            "signatures": {"cosign": {"publicKeys": [other.public_key_pem()]}}}));
+        assert_ne!(other.signatures.as_ref().expect("trust").id(), trust);
+    }
+
+    #[test]
     fn rejects_invalid_scopes_naming_the_field() {
         let cases = [
             (json!({"registries": []}), "registries"),
             (json!({"registries": ["reg.example.com", "https://x.io"]}), "registries[1]"),
         ];
-        for (spec, field) in cases {
+        let more = [
+            (json!({"registries": ["a.io"], "signatures": {}}), "signatures"),
+            (
+                json!({"registries": ["a.io"], "signatures": {"cosign": {"publicKeys": []}}}),
+                "signatures.cosign.publicKeys",
+            ),
+            (
+                json!({"registries": ["a.io"], "signatures": {"cosign": {"publicKeys": ["x"]}}}),
+                "signatures.cosign.publicKeys[0]",
+            ),
+            (
+                json!({"registries": ["a.io"], "signatures": {"notation": {"trustStore": [], "trustedIdentities": ["*"]}}}),
+                "signatures.notation.trustStore",
+            ),
+        ];
+        for (spec, field) in cases.into_iter().chain(more) {
             let spec: ImageProvenanceSpec = serde_json::from_value(spec).expect("spec");
             assert_eq!(ImageProvenance::compile(&spec).expect_err("invalid").field, field);
         }

@@ -156,12 +156,14 @@ pub trait FactSource: Send + Sync + std::fmt::Debug {
 /// Reads what registries serve for the images a request's policies ask about
 /// (imageProvenance), so that evaluation itself stays pure.
 pub trait ImageSource: Send + Sync + std::fmt::Debug {
-    /// The facts for `keys` ([`crate::rules::provenance::lookup_key`]s), each within the
-    /// source's deadline.
+    /// The facts for `keys` ([`crate::rules::provenance::lookup_key`]s) and the verdicts on
+    /// their signatures under the trusts in `signatures`, each image within the source's
+    /// deadline.
     fn lookup<'a>(
         &'a self,
         keys: &'a std::collections::BTreeSet<String>,
-    ) -> BoxFuture<'a, std::collections::BTreeMap<String, crate::rules::provenance::ImageFact>>;
+        signatures: &'a std::collections::BTreeSet<(String, crate::signature::TrustRef)>,
+    ) -> BoxFuture<'a, crate::rules::provenance::RegistryFacts>;
 }
 
 /// State shared by every request.

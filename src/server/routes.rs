@@ -193,11 +193,12 @@ async fn decide(
         && snapshot.policies.reads_registries()
     {
         let base = gathered.as_ref().unwrap_or(&snapshot.facts);
-        let keys = snapshot.policies.needs(view, base).images;
-        if !keys.is_empty() {
-            let found = images.lookup(&keys).await;
+        let needs = snapshot.policies.needs(view, base);
+        if !needs.images.is_empty() {
+            let found = images.lookup(&needs.images, &needs.signatures).await;
             let mut facts = gathered.unwrap_or_else(|| snapshot.facts.clone());
-            facts.images = Some(found);
+            facts.images = Some(found.images);
+            facts.signatures = found.signatures;
             gathered = Some(facts);
         }
     }

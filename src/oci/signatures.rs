@@ -1,0 +1,211 @@
+//! Reading an image's signatures from its registry, for [`crate::signature::judge`]:
+//! - cosign: the manifest tagged `sha256-<hex>.sig` in the image's repository, and its layers'
+//!   payload blobs with their signature annotations;
+//! - Notation: the image's referrers of type `application/vnd.cncf.notary.signature`, through
+//!   the OCI referrers API or, where the registry lacks it (CNCF Distribution 3.1 does), the
+//!   referrers tag schema (`sha256-<hex>`), as oci-client's `pull_referrers` does; each
+//!   signature manifest's one envelope blob.
+//!
+//! At most [`MAX_SIGNATURES`] signatures of each kind are read, each blob at most
+//! [`ENVELOPE_MAX_BYTES`], and only manifests whose `subject` is the image.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt as _;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+
+use super::{Failure, manifest};
+use crate::signature::{
+    CosignSignature, Evidence, MAX_SIGNATURES, NotationSignature, SignatureTrust, cosign, notation,
+};
+
+/// Largest signature payload or envelope read, in bytes; real ones are a few KiB.
+pub const ENVELOPE_MAX_BYTES: u64 = 256 * 1024;
+
+/// Why a blob was not read.
+#[derive(Debug)]
+pub enum BlobError {
+    /// The registry answered, but not with the blob it declared.
+    Refused(String),
+    /// The registry could not be read.
+    Unreachable(String),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SignatureManifest {
+    #[serde(default)]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    subject: Option<Descriptor>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// Reads a blob of declared `size` (at most `cap` bytes), checking its digest.
+///
+/// # Errors
+/// [`BlobError`] when it is larger than declared or `cap`, does not match its digest, or the
+/// registry cannot be read.
+pub async fn blob(
+    client: &Client,
+    reference: &Reference,
+    digest: &str,
+    size: u64,
+    cap: u64,
+) -> Result<Vec<u8>, BlobError> {
+    if size > cap {
+        return Err(BlobError::Refused(format!("{size} bytes, over the {cap} read")));
+    }
+    let sized =
+        client.pull_blob_stream(reference, digest).await.map_err(|e| {
+            match super::classify(&e) {
+                Failure::Unreachable(why) => BlobError::Unreachable(why),
+                Failure::Refused(why) => BlobError::Refused(why),
+            }
+        })?;
+    let mut body = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    let mut stream = sized.stream;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| BlobError::Refused(format!("does not verify: {e}")))?;
+        if (body.len() + chunk.len()) as u64 > size {
+            return Err(BlobError::Refused(format!("longer than the {size} bytes declared")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if crate::signature::sha256(&body) != digest {
+        return Err(BlobError::Refused("does not match its digest".to_owned()));
+    }
+    Ok(body)
+}
+
+/// The signatures `trust` looks for on the image `name@digest`.
+///
+/// # Errors
+/// Why the registry could not be read.
+pub async fn evidence(
+    client: &Client,
+    name: &str,
+    digest: &str,
+    trust: &SignatureTrust,
+) -> Result<Evidence, String> {
+    let mut evidence = Evidence::default();
+    if trust.wants_cosign() {
+        evidence.cosign = cosign_signatures(client, name, digest).await?;
+    }
+    if trust.wants_notation() {
+        evidence.notation = notation_signatures(client, name, digest).await?;
+    }
+    Ok(evidence)
+}
+
+async fn cosign_signatures(
+    client: &Client,
+    name: &str,
+    digest: &str,
+) -> Result<Vec<CosignSignature>, String> {
+    let reference: Reference = format!("{name}:{}", cosign::signature_tag(digest))
+        .parse()
+        .map_err(|e| format!("the signature tag is not a reference: {e}"))?;
+    let accepted = [manifest::OCI_MANIFEST, manifest::DOCKER_MANIFEST];
+    let body = match client.pull_manifest_raw(&reference, &RegistryAuth::Anonymous, &accepted).await
+    {
+        Ok((body, _)) => body,
+        Err(error) => {
+            return match super::classify(&error) {
+                // No such tag: the image has no cosign signature.
+                Failure::Refused(_) => Ok(Vec::new()),
+                Failure::Unreachable(why) => Err(why),
+            };
+        }
+    };
+    let Ok(signatures) = serde_json::from_slice::<SignatureManifest>(&body) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for layer in signatures.layers.into_iter().take(MAX_SIGNATURES) {
+        if layer.media_type != cosign::PAYLOAD_MEDIA_TYPE {
+            continue;
+        }
+        let payload =
+            match blob(client, &reference, &layer.digest, layer.size, ENVELOPE_MAX_BYTES).await {
+                Ok(payload) => payload,
+                Err(BlobError::Unreachable(why)) => return Err(why),
+                Err(BlobError::Refused(_)) => continue,
+            };
+        found.push(CosignSignature {
+            signature: layer.annotations.get(cosign::SIGNATURE_ANNOTATION).cloned(),
+            layer_digest: layer.digest,
+            payload,
+        });
+    }
+    Ok(found)
+}
+
+async fn notation_signatures(
+    client: &Client,
+    name: &str,
+    digest: &str,
+) -> Result<Vec<NotationSignature>, String> {
+    let image: Reference = format!("{name}@{digest}")
+        .parse()
+        .map_err(|e| format!("the image is not a reference: {e}"))?;
+    // oci-client answers an empty index when neither the API nor the tag schema has one.
+    let referrers =
+        client.pull_referrers(&image, Some(notation::ARTIFACT_TYPE)).await.map_err(|e| {
+            match super::classify(&e) {
+                Failure::Unreachable(why) | Failure::Refused(why) => why,
+            }
+        })?;
+    let mut found = Vec::new();
+    for entry in referrers.manifests.into_iter().take(MAX_SIGNATURES) {
+        let reference: Reference = match format!("{name}@{}", entry.digest).parse() {
+            Ok(reference) => reference,
+            Err(_) => continue,
+        };
+        let body = match client
+            .pull_manifest_raw(&reference, &RegistryAuth::Anonymous, &[manifest::OCI_MANIFEST])
+            .await
+        {
+            Ok((body, _)) => body,
+            Err(error) => match super::classify(&error) {
+                Failure::Unreachable(why) => return Err(why),
+                Failure::Refused(_) => continue,
+            },
+        };
+        let Ok(signature) = serde_json::from_slice::<SignatureManifest>(&body) else { continue };
+        let is_notation = signature.artifact_type.as_deref() == Some(notation::ARTIFACT_TYPE)
+            || signature.config.as_ref().is_some_and(|c| c.media_type == notation::ARTIFACT_TYPE);
+        let for_image = signature.subject.as_ref().is_some_and(|s| s.digest == digest);
+        let [envelope] = signature.layers.as_slice() else { continue };
+        if !is_notation || !for_image {
+            continue;
+        }
+        let bytes =
+            match blob(client, &reference, &envelope.digest, envelope.size, ENVELOPE_MAX_BYTES)
+                .await
+            {
+                Ok(bytes) => bytes,
+                Err(BlobError::Unreachable(why)) => return Err(why),
+                Err(BlobError::Refused(_)) => continue,
+            };
+        found.push(NotationSignature { media_type: envelope.media_type.clone(), envelope: bytes });
+    }
+    Ok(found)
+}

@@ -1,0 +1,831 @@
+//! Notation signatures: a JWS envelope signed with an X.509 key whose certificate chain ends in
+//! the policy's trust store, for a subject the policy trusts.
+//!
+//! Rules, from the notaryproject specifications (`signature-specification.md`,
+//! `signature-envelope-jws.md`, `trust-store-trust-policy.md`), at the `strict` verification
+//! level:
+//! - **integrity**: the envelope is flattened JWS JSON with exactly `payload`, `protected`,
+//!   `header` and `signature`; `cty` is the Notation payload type; `alg` is the one the leaf key
+//!   implies; every `crit` header is one arcguard understands (a verification plugin is
+//!   refused); the signature verifies over `protected '.' payload`; the payload's
+//!   `targetArtifact` names this image's digest, media type and size;
+//! - **authenticity**: the `x5c` chain is ordered leaf to root, each certificate signed by the
+//!   next; the last is in the trust store or signed by a certificate in it; CA certificates
+//!   have basicConstraints CA and keyUsage keyCertSign; the leaf may sign (digitalSignature, no
+//!   keyCertSign) and has no serverAuth, clientAuth, emailProtection, timeStamping or
+//!   anyExtendedKeyUsage; no SHA-1 signatures; the leaf's subject matches a trusted identity;
+//! - **expiry**: now is before `io.cncf.notary.expiry`;
+//! - **authentic timestamp** (scheme `notary.x509`, no timestamp authority): every certificate
+//!   of the chain is valid now.
+//!
+//! Not done: revocation (no CRL or OCSP is fetched at admission), RFC 3161 timestamps, the
+//! `notary.x509.signingAuthority` scheme, and COSE envelopes, which are refused by name.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer as _;
+
+use super::keys::PublicKey;
+
+/// `artifactType` of a Notation signature manifest.
+pub const ARTIFACT_TYPE: &str = "application/vnd.cncf.notary.signature";
+/// Media type of a JWS envelope layer.
+pub const JWS_MEDIA_TYPE: &str = "application/jose+json";
+/// Media type of a COSE envelope layer.
+pub const COSE_MEDIA_TYPE: &str = "application/cose";
+/// `cty` of a Notation payload.
+const PAYLOAD_CONTENT_TYPE: &str = "application/vnd.cncf.notary.payload.v1+json";
+const SIGNING_SCHEME: &str = "io.cncf.notary.signingScheme";
+const SIGNING_TIME: &str = "io.cncf.notary.signingTime";
+const EXPIRY: &str = "io.cncf.notary.expiry";
+const AUTHENTIC_SIGNING_TIME: &str = "io.cncf.notary.authenticSigningTime";
+const VERIFICATION_PLUGIN: &str = "io.cncf.notary.verificationPlugin";
+const VERIFICATION_PLUGIN_MIN_VERSION: &str = "io.cncf.notary.verificationPluginMinVersion";
+/// Subject attributes a trusted identity may name, by OID.
+const ATTRIBUTES: [(&str, &str); 6] = [
+    ("2.5.4.3", "CN"),
+    ("2.5.4.6", "C"),
+    ("2.5.4.7", "L"),
+    ("2.5.4.8", "ST"),
+    ("2.5.4.10", "O"),
+    ("2.5.4.11", "OU"),
+];
+/// Signature algorithms refused in chains (SHA-1).
+const SHA1_SIGNATURES: [&str; 2] = ["1.2.840.113549.1.1.5", "1.2.840.10045.4.1"];
+
+/// One signature envelope read from the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotationSignature {
+    /// The envelope layer's media type.
+    pub media_type: String,
+    /// The envelope.
+    pub envelope: Vec<u8>,
+}
+
+/// The image a signature must be for.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// `sha256:<hex>`.
+    pub digest: &'a str,
+    /// The manifest's media type.
+    pub media_type: &'a str,
+    /// The manifest's size in bytes.
+    pub size: u64,
+}
+
+/// Whose signatures are trusted: root certificates and subjects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotationTrust {
+    /// DER root (or intermediate) certificates.
+    roots: Vec<Vec<u8>>,
+    /// `None`: any subject (`"*"`); else the leaf's subject must hold every attribute of one.
+    identities: Option<Vec<Vec<(String, String)>>>,
+}
+
+/// A signature that verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The leaf certificate's subject.
+    pub signer: String,
+    /// Unix seconds after which it no longer verifies (expiry, or a certificate's notAfter).
+    pub valid_until: i64,
+}
+
+impl NotationTrust {
+    /// The trust of a trust store (PEM texts, each holding one or more certificates) and
+    /// trusted identities (`x509.subject: C=US, ST=WA, O=Contoso` or `*`). Errors name the
+    /// field relative to the `notation` block.
+    ///
+    /// # Errors
+    /// [`crate::rules::FieldError`] for a certificate that does not parse, or an identity that
+    /// is not `*` or an `x509.subject` with C, ST and O.
+    pub fn compile(
+        trust_store: &[String],
+        trusted_identities: &[String],
+    ) -> Result<Self, crate::rules::FieldError> {
+        use crate::rules::FieldError;
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = Vec::new();
+        if trust_store.is_empty() {
+            return Err(FieldError::new(
+                "trustStore",
+                "at least one PEM CA certificate is required (the root of the signing chain)",
+            ));
+        }
+        for (i, pem) in trust_store.iter().enumerate() {
+            let field = || format!("trustStore[{i}]");
+            let before = roots.len();
+            for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let der = der.map_err(|e| {
+                    FieldError::new(field(), format!("the PEM does not parse: {e}"))
+                })?;
+                X509Certificate::from_der(der.as_ref()).map_err(|e| {
+                    FieldError::new(field(), format!("not an X.509 certificate: {e}"))
+                })?;
+                roots.push(der.to_vec());
+            }
+            if roots.len() == before {
+                return Err(FieldError::new(field(), "no PEM CERTIFICATE block"));
+            }
+        }
+        if trusted_identities.is_empty() {
+            return Err(FieldError::new(
+                "trustedIdentities",
+                "at least one is required: \"x509.subject: C=..., ST=..., O=...\", or \"*\" for any subject the trust store vouches for",
+            ));
+        }
+        let identities = if trusted_identities.iter().any(|i| i.trim() == "*") {
+            if trusted_identities.len() > 1 {
+                return Err(FieldError::new("trustedIdentities", "\"*\" must be the only entry"));
+            }
+            None
+        } else {
+            let parsed = trusted_identities
+                .iter()
+                .enumerate()
+                .map(|(i, identity)| {
+                    parse_identity(identity)
+                        .map_err(|why| FieldError::new(format!("trustedIdentities[{i}]"), why))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(parsed)
+        };
+        Ok(Self { roots, identities })
+    }
+}
+
+/// Parses `x509.subject: C=US, ST=WA, O=Contoso` (`\,` and `\\` escape) into its attributes.
+fn parse_identity(identity: &str) -> Result<Vec<(String, String)>, String> {
+    let Some(subject) = identity.trim().strip_prefix("x509.subject:") else {
+        return Err(format!(
+            "{identity:?} is neither \"*\" nor \"x509.subject: <distinguished name>\""
+        ));
+    };
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut chars = subject.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            ',' => parts.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    parts.push(current);
+    let mut attributes = Vec::new();
+    for part in parts {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(format!("{:?} is not an attribute=value pair", part.trim()));
+        };
+        let key = match key.trim().to_ascii_uppercase().as_str() {
+            "S" => "ST".to_owned(),
+            key => key.to_owned(),
+        };
+        if !ATTRIBUTES.iter().any(|(_, name)| *name == key) {
+            return Err(format!("unknown attribute {key:?}; use C, ST, L, O, OU or CN"));
+        }
+        attributes.push((key, value.trim().to_owned()));
+    }
+    for required in ["C", "ST", "O"] {
+        if !attributes.iter().any(|(key, _)| key == required) {
+            return Err(format!(
+                "the subject must name {required}: Notation requires C, ST and O in a trusted identity"
+            ));
+        }
+    }
+    Ok(attributes)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Jws {
+    payload: String,
+    protected: String,
+    header: Unprotected,
+    signature: String,
+}
+
+#[derive(Deserialize)]
+struct Unprotected {
+    x5c: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Payload {
+    target_artifact: TargetArtifact,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TargetArtifact {
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+/// Verifies one envelope for `target` against `trust` at `now` (Unix seconds).
+///
+/// # Errors
+/// Why it does not verify, for the denial message.
+pub fn verify(
+    signature: &NotationSignature,
+    target: Target<'_>,
+    trust: &NotationTrust,
+    now: i64,
+) -> Result<Verified, String> {
+    match signature.media_type.as_str() {
+        JWS_MEDIA_TYPE => {}
+        COSE_MEDIA_TYPE => {
+            return Err("a COSE envelope, which arcguard does not verify yet; sign with the JWS envelope (notation sign --signature-format jws, the default)".to_owned());
+        }
+        other => return Err(format!("an envelope of media type {other:?}")),
+    }
+    let jws: Jws = serde_json::from_slice(&signature.envelope)
+        .map_err(|e| format!("the envelope is not flattened JWS JSON: {e}"))?;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let protected: Map<String, Value> = url
+        .decode(&jws.protected)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or("the protected header is not base64url JSON")?;
+    let text = |name: &str| protected.get(name).and_then(Value::as_str);
+    let alg = text("alg").ok_or("the protected header has no alg")?;
+    if text("cty") != Some(PAYLOAD_CONTENT_TYPE) {
+        return Err(format!("the payload content type is not {PAYLOAD_CONTENT_TYPE}"));
+    }
+    let critical: Vec<&str> = protected
+        .get("crit")
+        .and_then(Value::as_array)
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !critical.contains(&SIGNING_SCHEME) {
+        return Err(format!("{SIGNING_SCHEME} is not marked critical"));
+    }
+    for name in &critical {
+        match *name {
+            SIGNING_SCHEME | EXPIRY | AUTHENTIC_SIGNING_TIME => {}
+            VERIFICATION_PLUGIN | VERIFICATION_PLUGIN_MIN_VERSION => {
+                return Err(
+                    "the signature requires a verification plugin, which arcguard does not run"
+                        .to_owned(),
+                );
+            }
+            other => return Err(format!("unknown critical header {other:?}")),
+        }
+        if !protected.contains_key(*name) {
+            return Err(format!("critical header {name:?} is missing"));
+        }
+    }
+    for name in [EXPIRY, AUTHENTIC_SIGNING_TIME] {
+        if protected.contains_key(name) && !critical.contains(&name) {
+            return Err(format!("{name} is present but not marked critical"));
+        }
+    }
+    match text(SIGNING_SCHEME) {
+        Some("notary.x509") => {}
+        Some(other) => {
+            return Err(format!(
+                "signing scheme {other:?} (only notary.x509 is verified: no timestamp authority is consulted)"
+            ));
+        }
+        None => return Err(format!("no {SIGNING_SCHEME}")),
+    }
+    if text(SIGNING_TIME).is_none() {
+        return Err(format!("no {SIGNING_TIME}"));
+    }
+    let mut valid_until = i64::MAX;
+    if let Some(expiry) = protected.get(EXPIRY) {
+        let expiry = expiry
+            .as_str()
+            .and_then(|e| OffsetDateTime::parse(e, &Rfc3339).ok())
+            .ok_or("the expiry is not an RFC 3339 time")?;
+        if now >= expiry.unix_timestamp() {
+            return Err(format!("the signature expired at {}", rfc3339(expiry.unix_timestamp())));
+        }
+        valid_until = expiry.unix_timestamp();
+    }
+
+    // The chain: parse, then the leaf key must have made the signature.
+    let standard = base64::engine::general_purpose::STANDARD;
+    let ders: Vec<Vec<u8>> = jws
+        .header
+        .x5c
+        .iter()
+        .map(|c| standard.decode(c))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("an x5c certificate is not base64: {e}"))?;
+    let chain: Vec<X509Certificate<'_>> = ders
+        .iter()
+        .map(|der| X509Certificate::from_der(der).map(|(_, cert)| cert))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("an x5c certificate does not parse: {e}"))?;
+    let Some(leaf) = chain.first() else { return Err("x5c holds no certificate".to_owned()) };
+    let key = PublicKey::from_spki(leaf.public_key()).map_err(|e| format!("the leaf's {e}"))?;
+    match key.jws_algorithm() {
+        Some(expected) if expected == alg => {}
+        Some(expected) => {
+            return Err(format!(
+                "alg is {alg} but the leaf's {} key signs with {expected}",
+                key.kind()
+            ));
+        }
+        None => {
+            return Err(format!("the leaf's {} key is not one Notation signs with", key.kind()));
+        }
+    }
+    let signature_bytes =
+        url.decode(&jws.signature).map_err(|e| format!("the signature is not base64url: {e}"))?;
+    let signing_input = format!("{}.{}", jws.protected, jws.payload);
+    if !key.verify_jws(alg, signing_input.as_bytes(), &signature_bytes) {
+        return Err(
+            "the signature does not verify with the leaf certificate's key (tampered)".to_owned()
+        );
+    }
+    let payload: Payload = url
+        .decode(&jws.payload)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or("the payload is not a Notation payload")?;
+    let artifact = payload.target_artifact;
+    if artifact.digest != target.digest {
+        return Err(format!(
+            "the signature is for {}, not for this image's digest",
+            artifact.digest
+        ));
+    }
+    if artifact.media_type != target.media_type || artifact.size != target.size {
+        return Err(format!(
+            "the signature is for a {} of {} bytes, but the image's manifest is a {} of {} bytes",
+            artifact.media_type, artifact.size, target.media_type, target.size
+        ));
+    }
+
+    // Authenticity: the chain, its end in the trust store, the certificates' uses and times.
+    check_leaf(leaf)?;
+    for (i, pair) in chain.windows(2).enumerate() {
+        let (child, issuer) = (&pair[0], &pair[1]);
+        check_ca(issuer)?;
+        check_algorithm(child)?;
+        child
+            .verify_signature(Some(issuer.public_key()))
+            .map_err(|_| format!("certificate {} of x5c is not signed by the next one", i + 1))?;
+    }
+    let last_der = ders.last().ok_or("x5c holds no certificate")?;
+    let Some(last) = chain.last() else { return Err("x5c holds no certificate".to_owned()) };
+    let anchor = trust.roots.iter().find_map(|root| {
+        if root == last_der {
+            return Some(None);
+        }
+        let (_, root) = X509Certificate::from_der(root).ok()?;
+        (root.subject() == last.issuer() && last.verify_signature(Some(root.public_key())).is_ok())
+            .then_some(Some(root))
+    });
+    let anchor = match anchor {
+        Some(anchor) => anchor,
+        None => {
+            return Err(format!(
+                "the chain ends in {:?}, which is not in (or signed by) the trust store",
+                last.subject().to_string()
+            ));
+        }
+    };
+    if let Some(root) = &anchor {
+        check_ca(root)?;
+        check_algorithm(last)?;
+    }
+    for cert in chain.iter().chain(anchor.iter()) {
+        let validity = cert.validity();
+        let (from, until) = (validity.not_before.timestamp(), validity.not_after.timestamp());
+        if now < from {
+            return Err(format!(
+                "certificate {:?} is not valid before {}",
+                cert.subject().to_string(),
+                rfc3339(from)
+            ));
+        }
+        if now >= until {
+            return Err(format!(
+                "certificate {:?} expired at {}",
+                cert.subject().to_string(),
+                rfc3339(until)
+            ));
+        }
+        valid_until = valid_until.min(until);
+    }
+    if let Some(identities) = &trust.identities {
+        let subject = subject_attributes(leaf);
+        let trusted = identities.iter().any(|identity| {
+            identity.iter().all(|(key, value)| subject.iter().any(|(k, v)| k == key && v == value))
+        });
+        if !trusted {
+            return Err(format!(
+                "signed by {:?}, which is not a trusted identity",
+                leaf.subject().to_string()
+            ));
+        }
+    }
+    Ok(Verified { signer: leaf.subject().to_string(), valid_until })
+}
+
+fn check_leaf(leaf: &X509Certificate<'_>) -> Result<(), String> {
+    check_algorithm(leaf)?;
+    if let Ok(Some(constraints)) = leaf.basic_constraints()
+        && constraints.value.ca
+    {
+        return Err("the leaf certificate is a CA".to_owned());
+    }
+    match leaf.key_usage() {
+        Ok(Some(usage)) if usage.value.digital_signature() && !usage.value.key_cert_sign() => {}
+        Ok(Some(_)) => return Err("the leaf certificate's keyUsage does not allow signing (digitalSignature, without keyCertSign)".to_owned()),
+        Ok(None) => return Err("the leaf certificate has no keyUsage".to_owned()),
+        Err(e) => return Err(format!("the leaf certificate's keyUsage does not parse: {e}")),
+    }
+    if let Ok(Some(usage)) = leaf.extended_key_usage() {
+        let usage = usage.value;
+        if usage.any
+            || usage.server_auth
+            || usage.client_auth
+            || usage.email_protection
+            || usage.time_stamping
+        {
+            return Err(
+                "the leaf certificate's extendedKeyUsage is not for code signing".to_owned()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_ca(cert: &X509Certificate<'_>) -> Result<(), String> {
+    let subject = cert.subject().to_string();
+    match cert.basic_constraints() {
+        Ok(Some(constraints)) if constraints.value.ca => {}
+        _ => return Err(format!("issuer {subject:?} is not a CA (basicConstraints)")),
+    }
+    match cert.key_usage() {
+        Ok(Some(usage)) if usage.value.key_cert_sign() => Ok(()),
+        _ => Err(format!("issuer {subject:?} may not sign certificates (keyUsage keyCertSign)")),
+    }
+}
+
+fn check_algorithm(cert: &X509Certificate<'_>) -> Result<(), String> {
+    let algorithm = cert.signature_algorithm.algorithm.to_id_string();
+    if SHA1_SIGNATURES.contains(&algorithm.as_str()) {
+        return Err(format!("certificate {:?} is signed with SHA-1", cert.subject().to_string()));
+    }
+    Ok(())
+}
+
+/// The leaf subject's attributes arcguard matches identities against.
+fn subject_attributes(cert: &X509Certificate<'_>) -> Vec<(String, String)> {
+    cert.subject()
+        .iter_attributes()
+        .filter_map(|attribute| {
+            let oid = attribute.attr_type().to_id_string();
+            let (_, name) = ATTRIBUTES.iter().find(|(id, _)| *id == oid)?;
+            Some(((*name).to_owned(), attribute.as_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
+/// A Unix time as RFC 3339, for messages.
+fn rfc3339(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| {
+            let mut text = String::new();
+            let _ = write!(text, "{unix} (Unix time)");
+            text
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    /// 2026-11-30T00:00:00Z: every certificate below is valid a day either side of it.
+    const NOW: i64 = 1_796_083_200;
+
+    fn dn(params: &mut CertificateParams, org: &str, cn: &str) {
+        params.distinguished_name.push(DnType::CountryName, "US");
+        params.distinguished_name.push(DnType::StateOrProvinceName, "WA");
+        params.distinguished_name.push(DnType::OrganizationName, org);
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.not_before = OffsetDateTime::from_unix_timestamp(NOW - 86_400).expect("time");
+        params.not_after = OffsetDateTime::from_unix_timestamp(NOW + 86_400).expect("time");
+    }
+
+    struct Pki {
+        root_der: Vec<u8>,
+        root_pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn pki(name: &str) -> Pki {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        dn(&mut params, "Contoso", name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let cert = params.self_signed(&key).expect("root");
+        Pki {
+            root_der: cert.der().to_vec(),
+            root_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf of `pki`, adjusted by `edit`: its DER and key.
+    fn leaf(pki: &Pki, edit: impl FnOnce(&mut CertificateParams)) -> (Vec<u8>, KeyPair) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        dn(&mut params, "Contoso", "signer");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        edit(&mut params);
+        let cert = params.signed_by(&key, &pki.issuer).expect("leaf");
+        (cert.der().to_vec(), key)
+    }
+
+    /// A JWS envelope over `payload` with `protected`, signed by `key`, carrying `x5c`.
+    fn envelope(
+        protected: &Value,
+        payload: &Value,
+        key: &KeyPair,
+        x5c: &[&[u8]],
+    ) -> NotationSignature {
+        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let protected = url.encode(serde_json::to_vec(protected).expect("json"));
+        let payload = url.encode(serde_json::to_vec(payload).expect("json"));
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .expect("p-256 key");
+        let signature =
+            signer.sign(&rng, format!("{protected}.{payload}").as_bytes()).expect("signs");
+        let standard = base64::engine::general_purpose::STANDARD;
+        let envelope = json!({
+            "payload": payload,
+            "protected": protected,
+            "header": {"x5c": x5c.iter().map(|der| standard.encode(der)).collect::<Vec<_>>(),
+                       "io.cncf.notary.signingAgent": "arcguard tests"},
+            "signature": url.encode(signature.as_ref()),
+        });
+        NotationSignature {
+            media_type: JWS_MEDIA_TYPE.into(),
+            envelope: serde_json::to_vec(&envelope).expect("json"),
+        }
+    }
+
+    fn protected() -> Value {
+        json!({"alg": "ES256", "cty": PAYLOAD_CONTENT_TYPE, "crit": [SIGNING_SCHEME],
+               SIGNING_SCHEME: "notary.x509", SIGNING_TIME: "2026-11-30T00:00:00Z"})
+    }
+
+    fn payload(digest: &str) -> Value {
+        json!({"targetArtifact": {"mediaType": INDEX, "digest": digest, "size": 500}})
+    }
+
+    fn target() -> Target<'static> {
+        Target { digest: DIGEST, media_type: INDEX, size: 500 }
+    }
+
+    fn trust(pki: &Pki, identities: &[&str]) -> NotationTrust {
+        let identities: Vec<String> = identities.iter().map(|i| (*i).to_owned()).collect();
+        NotationTrust::compile(std::slice::from_ref(&pki.root_pem), &identities).expect("trust")
+    }
+
+    #[test]
+    fn a_signature_verifies_only_when_every_notation_rule_holds() {
+        let ca = pki("root");
+        let other_ca = pki("other root");
+        let (leaf_der, key) = leaf(&ca, |_| {});
+        let good = envelope(&protected(), &payload(DIGEST), &key, &[&leaf_der, &ca.root_der]);
+        let trusted = trust(&ca, &["x509.subject: C=US, ST=WA, O=Contoso"]);
+        let verified = verify(&good, target(), &trusted, NOW).expect("verifies");
+        assert_eq!(verified.signer, "CN=signer, C=US, ST=WA, O=Contoso");
+        assert_eq!(verified.valid_until, NOW + 86_400);
+        // Without the root in x5c: the leaf is signed by the trust store's root.
+        let short = envelope(&protected(), &payload(DIGEST), &key, &[&leaf_der]);
+        assert!(verify(&short, target(), &trust(&ca, &["*"]), NOW).is_ok());
+
+        let mut tampered: Value = serde_json::from_slice(&good.envelope).expect("json");
+        tampered["payload"] = json!(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(serde_json::to_vec(&payload("sha256:22")).expect("json"))
+        );
+        let tampered = NotationSignature {
+            envelope: serde_json::to_vec(&tampered).expect("json"),
+            ..good.clone()
+        };
+        let with = |edit: &dyn Fn(&mut Value)| {
+            let mut header = protected();
+            edit(&mut header);
+            envelope(&header, &payload(DIGEST), &key, &[&leaf_der, &ca.root_der])
+        };
+        let (server_der, server_key) =
+            leaf(&ca, |p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]);
+        let (ca_use_der, ca_use_key) =
+            leaf(&ca, |p| p.key_usages = vec![KeyUsagePurpose::KeyCertSign]);
+        let cases: Vec<(NotationSignature, Target<'_>, NotationTrust, i64, &str)> = vec![
+            (
+                good.clone(),
+                Target { digest: "sha256:33", ..target() },
+                trusted.clone(),
+                NOW,
+                "the signature is for sha256:1111",
+            ),
+            (
+                good.clone(),
+                Target { size: 501, ..target() },
+                trusted.clone(),
+                NOW,
+                "of 500 bytes, but the image's manifest is",
+            ),
+            (
+                tampered,
+                target(),
+                trusted.clone(),
+                NOW,
+                "does not verify with the leaf certificate's key (tampered)",
+            ),
+            (
+                good.clone(),
+                target(),
+                trust(&other_ca, &["*"]),
+                NOW,
+                "which is not in (or signed by) the trust store",
+            ),
+            (
+                good.clone(),
+                target(),
+                trust(&ca, &["x509.subject: C=US, ST=WA, O=Fabrikam"]),
+                NOW,
+                "which is not a trusted identity",
+            ),
+            (
+                good.clone(),
+                target(),
+                trusted.clone(),
+                NOW + 2 * 86_400,
+                "certificate \"CN=signer, C=US, ST=WA, O=Contoso\" expired at",
+            ),
+            (good.clone(), target(), trusted.clone(), NOW - 2 * 86_400, "is not valid before"),
+            (
+                with(&|h| {
+                    h[EXPIRY] = json!("2026-11-29T00:00:00Z");
+                    h["crit"] = json!([SIGNING_SCHEME, EXPIRY]);
+                }),
+                target(),
+                trusted.clone(),
+                NOW,
+                "the signature expired at 2026-11-29T00:00:00Z",
+            ),
+            (
+                with(&|h| h[EXPIRY] = json!("2027-01-01T00:00:00Z")),
+                target(),
+                trusted.clone(),
+                NOW,
+                "present but not marked critical",
+            ),
+            (
+                with(&|h| h["crit"] = json!([SIGNING_SCHEME, "x.custom"])),
+                target(),
+                trusted.clone(),
+                NOW,
+                "unknown critical header \"x.custom\"",
+            ),
+            (
+                with(&|h| {
+                    h[VERIFICATION_PLUGIN] = json!("acme");
+                    h["crit"] = json!([SIGNING_SCHEME, VERIFICATION_PLUGIN]);
+                }),
+                target(),
+                trusted.clone(),
+                NOW,
+                "requires a verification plugin",
+            ),
+            (
+                with(&|h| h["crit"] = json!([])),
+                target(),
+                trusted.clone(),
+                NOW,
+                "is not marked critical",
+            ),
+            (
+                with(&|h| h["alg"] = json!("ES384")),
+                target(),
+                trusted.clone(),
+                NOW,
+                "alg is ES384 but the leaf's ECDSA P-256 key signs with ES256",
+            ),
+            (
+                with(&|h| h[SIGNING_SCHEME] = json!("notary.x509.signingAuthority")),
+                target(),
+                trusted.clone(),
+                NOW,
+                "signing scheme",
+            ),
+            (
+                with(&|h| h["cty"] = json!("text/plain")),
+                target(),
+                trusted.clone(),
+                NOW,
+                "payload content type",
+            ),
+            (
+                envelope(&protected(), &payload(DIGEST), &server_key, &[&server_der, &ca.root_der]),
+                target(),
+                trusted.clone(),
+                NOW,
+                "extendedKeyUsage is not for code signing",
+            ),
+            (
+                envelope(&protected(), &payload(DIGEST), &ca_use_key, &[&ca_use_der, &ca.root_der]),
+                target(),
+                trusted.clone(),
+                NOW,
+                "keyUsage does not allow signing",
+            ),
+            (
+                NotationSignature { media_type: COSE_MEDIA_TYPE.into(), ..good.clone() },
+                target(),
+                trusted.clone(),
+                NOW,
+                "a COSE envelope",
+            ),
+            (
+                NotationSignature { envelope: b"{}".to_vec(), ..good.clone() },
+                target(),
+                trusted.clone(),
+                NOW,
+                "not flattened JWS JSON",
+            ),
+        ];
+        for (signature, target, trust, now, why) in cases {
+            let error = verify(&signature, target, &trust, now).expect_err(why);
+            assert!(error.contains(why), "expected {why:?} in {error:?}");
+        }
+    }
+
+    #[test]
+    fn trusted_identities_and_stores_are_checked_when_compiled() {
+        let ca = pki("root");
+        let store = [ca.root_pem.clone()];
+        let field = |identities: &[&str]| {
+            let identities: Vec<String> = identities.iter().map(|i| (*i).to_owned()).collect();
+            NotationTrust::compile(&store, &identities).map(|_| ()).map_err(|e| e.field)
+        };
+        assert_eq!(field(&["*"]), Ok(()));
+        assert_eq!(field(&["x509.subject: C=US, S=WA, O=A\\, Inc., CN=x"]), Ok(()));
+        assert_eq!(field(&[]), Err("trustedIdentities".to_owned()));
+        assert_eq!(
+            field(&["*", "x509.subject: C=US, ST=WA, O=A"]),
+            Err("trustedIdentities".to_owned())
+        );
+        assert_eq!(field(&["x509.subject: C=US, O=A"]), Err("trustedIdentities[0]".to_owned()));
+        assert_eq!(
+            field(&["x509.subject: C=US, ST=WA, O=A", "subject: x"]),
+            Err("trustedIdentities[1]".to_owned())
+        );
+        assert_eq!(
+            field(&["x509.subject: C=US, ST=WA, O=A, E=x@y"]),
+            Err("trustedIdentities[0]".to_owned())
+        );
+        let compiled = NotationTrust::compile(&["not pem".to_owned()], &["*".to_owned()]);
+        assert_eq!(compiled.map_err(|e| e.field), Err("trustStore[0]".to_owned()));
+        assert_eq!(
+            NotationTrust::compile(&[], &["*".to_owned()]).map_err(|e| e.field),
+            Err("trustStore".to_owned())
+        );
+        assert_eq!(
+            parse_identity("x509.subject: C=US, ST=WA, O=A\\, Inc."),
+            Ok(vec![
+                ("C".into(), "US".into()),
+                ("ST".into(), "WA".into()),
+                ("O".into(), "A, Inc.".into())
+            ])
+        );
+    }
+}
