@@ -18,6 +18,7 @@ pub mod names;
 pub mod oci;
 pub mod pipeline;
 pub mod policy;
+pub mod pull_secrets;
 pub mod rules;
 pub mod serve;
 pub mod server;

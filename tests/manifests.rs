@@ -713,6 +713,7 @@ fn documented_api_calls() -> BTreeSet<(&'static str, String, String, Vec<&'stati
                 }
             };
             let (kind, names) = match resource {
+                "secrets" if scope.contains("imagePullSecrets") => ("ClusterRole", vec![]),
                 "secrets" => ("Role", resource_name("arcguard-tls")),
                 "leases" => ("Role", resource_name("arcguard")),
                 "endpointslices" => ("Role", vec![]),
@@ -789,7 +790,7 @@ fn every_rbac_rule_says_which_code_path_uses_it() {
             );
         }
     }
-    assert_eq!(rules, 21);
+    assert_eq!(rules, 22);
 }
 
 // ---------------------------------------------------------------------------------------------

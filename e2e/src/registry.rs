@@ -26,6 +26,8 @@ pub struct Registry {
     pub host: String,
     /// Path of the PEM CA certificate that signed the registry's serving certificate.
     pub ca_path: std::path::PathBuf,
+    /// The user and password of a registry started with [`Registry::start_private`].
+    pub credentials: Option<(String, String)>,
     http: reqwest::Client,
     _scratch: Scratch,
 }
@@ -44,6 +46,19 @@ impl Registry {
     /// When the binary cannot be built, the certificates made, or the registry does not answer
     /// within a minute.
     pub async fn start() -> Result<Self> {
+        Self::launch(false).await
+    }
+
+    /// Starts a registry that serves only authenticated clients (htpasswd, one user that the
+    /// registry provisions and logs), as a private registry does.
+    ///
+    /// # Errors
+    /// As [`Registry::start`], or when the provisioned password is not in the log.
+    pub async fn start_private() -> Result<Self> {
+        Self::launch(true).await
+    }
+
+    async fn launch(private: bool) -> Result<Self> {
         let binary = tool("registry")?;
         let scratch = Scratch::new("registry")?;
         let dir = scratch.path();
@@ -70,12 +85,20 @@ impl Registry {
         std::fs::write(&ca_path, ca_cert.pem())?;
         std::fs::write(dir.join("tls.crt"), cert.pem())?;
         std::fs::write(dir.join("tls.key"), key.serialize_pem())?;
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n  tls:\n    certificate: {crt}\n    key: {key}\n",
             data = dir.join("data").display(),
             crt = dir.join("tls.crt").display(),
             key = dir.join("tls.key").display(),
         );
+        if private {
+            // A missing htpasswd file is provisioned with user `docker` and a random password,
+            // logged once (distribution registry/auth/htpasswd).
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: arcguard-e2e\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
         std::fs::write(dir.join("config.yml"), config)?;
 
         let mut command = Command::new(binary);
@@ -93,7 +116,8 @@ impl Registry {
                 bail!("the registry exited ({status})\n{}", process.log_tail(40));
             }
             let answered = http.get(format!("https://{host}/v2/")).send().await;
-            if answered.is_ok_and(|r| r.status().is_success()) {
+            // A private registry answers 401 until asked with credentials.
+            if answered.is_ok_and(|r| r.status().is_success() || (private && r.status() == 401)) {
                 break;
             }
             if start.elapsed() > Duration::from_secs(60) {
@@ -101,7 +125,37 @@ impl Registry {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Self { process, host, ca_path, http, _scratch: scratch })
+        let credentials = if private {
+            let log = std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
+            let password = log
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("password="))
+                .map(|p| p.trim_matches('"').to_owned())
+                .context("the private registry logged no provisioned password")?;
+            Some(("docker".to_owned(), password))
+        } else {
+            None
+        };
+        Ok(Self { process, host, ca_path, credentials, http, _scratch: scratch })
+    }
+
+    /// A request to the registry, with its credentials when it is private.
+    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, url);
+        match &self.credentials {
+            Some((user, password)) => request.basic_auth(user, Some(password)),
+            None => request,
+        }
+    }
+
+    /// A `kubernetes.io/dockerconfigjson` Secret's `.dockerconfigjson` for this registry's
+    /// credentials (`None` for a public registry).
+    pub fn docker_config(&self) -> Option<String> {
+        let (user, password) = self.credentials.as_ref()?;
+        Some(
+            serde_json::json!({"auths": {&self.host: {"username": user, "password": password}}})
+                .to_string(),
+        )
     }
 
     /// Uploads a blob (POST, then PUT with its digest) and returns its digest.
@@ -111,8 +165,10 @@ impl Registry {
     pub async fn push_blob(&self, repository: &str, bytes: Vec<u8>) -> Result<String> {
         let digest = digest(&bytes);
         let started = self
-            .http
-            .post(format!("https://{}/v2/{repository}/blobs/uploads/", self.host))
+            .request(
+                reqwest::Method::POST,
+                format!("https://{}/v2/{repository}/blobs/uploads/", self.host),
+            )
             .send()
             .await?;
         ensure!(started.status().as_u16() == 202, "blob upload start: {}", started.status());
@@ -129,8 +185,7 @@ impl Registry {
         };
         let separator = if location.contains('?') { '&' } else { '?' };
         let done = self
-            .http
-            .put(format!("{location}{separator}digest={digest}"))
+            .request(reqwest::Method::PUT, format!("{location}{separator}digest={digest}"))
             .header("content-type", "application/octet-stream")
             .body(bytes)
             .send()
@@ -151,8 +206,10 @@ impl Registry {
         body: &[u8],
     ) -> Result<String> {
         let response = self
-            .http
-            .put(format!("https://{}/v2/{repository}/manifests/{reference}", self.host))
+            .request(
+                reqwest::Method::PUT,
+                format!("https://{}/v2/{repository}/manifests/{reference}", self.host),
+            )
             .header("content-type", media_type)
             .body(body.to_vec())
             .send()
@@ -231,8 +288,10 @@ impl Registry {
     /// When the registry does not serve it.
     pub async fn manifest(&self, repository: &str, reference: &str) -> Result<(Vec<u8>, String)> {
         let response = self
-            .http
-            .get(format!("https://{}/v2/{repository}/manifests/{reference}", self.host))
+            .request(
+                reqwest::Method::GET,
+                format!("https://{}/v2/{repository}/manifests/{reference}", self.host),
+            )
             .header("accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
             .send()
             .await?;
@@ -267,8 +326,10 @@ impl Registry {
         }
         for digest in digests {
             let blob = self
-                .http
-                .get(format!("https://{}/v2/{from}/blobs/{digest}", self.host))
+                .request(
+                    reqwest::Method::GET,
+                    format!("https://{}/v2/{from}/blobs/{digest}", self.host),
+                )
                 .send()
                 .await?
                 .bytes()

@@ -393,3 +393,95 @@ async fn remove_sample_policies(client: &kube::Client) -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn private_images_are_read_with_image_pull_secrets() {
+    let registry = Registry::start_private().await.expect("the private registry starts");
+    let ca = format!("--registry-ca={}", registry.ca_path.display());
+    let cluster =
+        Cluster::start(ClusterOptions::with_args(&[&ca])).await.expect("the cluster starts");
+    let result = private(&cluster, &registry)
+        .await
+        .map_err(|e| anyhow!("{e:#}\n\nregistry log:\n{}", registry.log_tail(30)));
+    cluster.check(result);
+}
+
+async fn private(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+    let client = cluster.client().await?;
+    remove_sample_policies(&client).await?;
+    let host = &registry.host;
+    let digest = registry.push_image("private/app", "1", ("linux", "amd64"), "private").await?;
+    let image = format!("{host}/private/app:1");
+    let ns = namespace(&client, "private", &[]).await?;
+    let other = namespace(&client, "private", &[]).await?;
+    apply(
+        &client,
+        &json!({
+            "apiVersion": "arcguard.io/v1alpha1", "kind": "ClusterGuardPolicy",
+            "metadata": {"name": "private"},
+            "spec": {"match": {"namespaces": [ns, other]},
+                     "imageProvenance": {"registries": [format!("{host}/private")]}}
+        }),
+    )
+    .await?;
+    let config = registry.docker_config().context("a private registry has credentials")?;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "pull"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config},
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await?;
+    let account: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "puller"}, "imagePullSecrets": [{"name": "pull"}]}),
+    )?;
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &account)
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    // Without credentials the registry refuses the pull, and so does arcguard.
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    eventually(PROPAGATION, || async {
+        let message = denial(&pods.create(&dry_run, &pod("anonymous", &image, &json!({}))?).await);
+        ensure!(
+            message.contains("the registry refused an anonymous pull"),
+            "a private image without imagePullSecrets: {message}"
+        );
+        Ok(())
+    })
+    .await
+    .context("the private-registry policy did not take effect")?;
+
+    // With the pod's imagePullSecret, and through its service account's.
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("with-secret", &image, &json!({"imagePullSecrets": [{"name": "pull"}]}))?,
+        )
+        .await?;
+    ensure!(image_of(&created) == format!("{image}@{digest}"), "stored {}", image_of(&created));
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("with-account", &image, &json!({"serviceAccountName": "puller"}))?,
+        )
+        .await?;
+    ensure!(image_of(&created) == format!("{image}@{digest}"), "stored {}", image_of(&created));
+
+    // What one namespace's credentials read is never answered to another without them.
+    let elsewhere: Api<Pod> = Api::namespaced(client.clone(), &other);
+    let message = denial(
+        &elsewhere
+            .create(
+                &PostParams::default(),
+                &pod("borrowed", &image, &json!({"imagePullSecrets": [{"name": "pull"}]}))?,
+            )
+            .await,
+    );
+    ensure!(
+        message.contains("the registry refused an anonymous pull"),
+        "another namespace: {message}"
+    );
+    Ok(())
+}

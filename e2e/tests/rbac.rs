@@ -255,6 +255,28 @@ async fn exercise(cluster: &Cluster) -> Result<()> {
         .await?;
     }
 
+    // imageProvenance reads a pod's imagePullSecrets and its service account (get by name):
+    // a registry nothing listens on, so the policy is in force once the pod is denied.
+    apply(
+        &client,
+        &json!({"apiVersion": "arcguard.io/v1alpha1", "kind": "ClusterGuardPolicy",
+            "metadata": {"name": format!("provenance-{ns}")},
+            "spec": {"match": {"namespaces": [ns]},
+                     "imageProvenance": {"registries": ["127.0.0.1:9/rbac"]}}}),
+    )
+    .await?;
+    let private: Pod = serde_json::from_value(json!({"metadata": {"name": "private"}, "spec": {
+        "imagePullSecrets": [{"name": "pull"}],
+        "containers": [{"name": "app", "image": "127.0.0.1:9/rbac/app:1"}]}}))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    eventually(PROPAGATION, || async {
+        let message = denial(&pods.create(&dry_run, &private).await);
+        ensure!(message.contains("whose registry could not be read"), "private image: {message}");
+        Ok(())
+    })
+    .await?;
+
     // Policy status, cluster-scoped (the samples) and namespaced.
     apply(
         &client,

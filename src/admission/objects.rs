@@ -95,9 +95,20 @@ pub struct PodSpec {
     /// `spec.serviceAccount`, the deprecated alias the apiserver still honours.
     #[serde(default)]
     pub service_account: Option<String>,
+    /// `spec.imagePullSecrets`: Secrets in the pod's namespace the kubelet pulls with.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub image_pull_secrets: Vec<NameReference>,
     /// Whether the object carried a `spec` object at all (patches must not assume it).
     #[serde(skip)]
     pub present: bool,
+}
+
+/// A reference to an object by name (`LocalObjectReference`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct NameReference {
+    /// The name; empty when absent.
+    #[serde(default)]
+    pub name: String,
 }
 
 /// Decodes a pod `spec` object, marking it present.

@@ -15,6 +15,15 @@
 //! - `watch core/nodes (cluster, metadata only)`
 //! - `get core/pods (namespaced: the pod a binding names)`
 //! - `create authorization.k8s.io/localsubjectaccessreviews (namespaced: the pod's namespace)`
+//! - `get core/secrets (namespaced: the imagePullSecrets of pods under imageProvenance)`
+//! - `get core/serviceaccounts (namespaced: whose imagePullSecrets pods under imageProvenance use)`
+//!
+//! imagePullSecrets and service accounts are read by name, on demand, within the lookup
+//! deadline, and reused [`PULL_SECRET_TTL`]: `get secrets` cluster-wide is the cost of pulling
+//! private images, and it lets arcguard read any Secret it is asked for by name (it asks only
+//! for those a pod under an imageProvenance policy names, and keeps only their registry
+//! credentials). Clusters without private registries in imageProvenance scopes can remove
+//! both grants.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -25,7 +34,7 @@ use futures::future::{BoxFuture, FutureExt as _, Shared};
 use k8s_openapi::api::authorization::v1::{
     LocalSubjectAccessReview, ResourceAttributes, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
 use kube::api::{Api, DynamicObject, ListParams, PartialObjectMeta, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -34,6 +43,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use crate::admission::RequestView;
 use crate::admission::objects::PodTemplateSpec;
 use crate::policy::PolicySet;
+use crate::pull_secrets::RegistryCredential;
 use crate::rules::os;
 use crate::rules::{Access, PodFact, StaticFacts};
 use crate::server::FactSource;
@@ -42,6 +52,11 @@ use crate::server::FactSource;
 /// may take: below the webhooks' `timeoutSeconds: 5`, so the user reads arcguard's message
 /// rather than the apiserver's timeout.
 const LOOKUP_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How long an imagePullSecret's credentials, or a service account's list of them, is reused.
+pub const PULL_SECRET_TTL: Duration = Duration::from_secs(30);
+/// imagePullSecrets read per request, at most.
+const PULL_SECRETS_MAX: usize = 16;
 
 /// How long a `use` authorization is reused; RBAC changes take effect within this time.
 const AUTHORIZATION_TTL: Duration = Duration::from_secs(10);
@@ -64,6 +79,11 @@ pub struct ClusterFacts {
     /// never awaited to completion, so an entry older than [`LOOKUP_DEADLINE`] is replaced
     /// rather than answering from a stale review.
     in_flight: Mutex<HashMap<AccessKey, InFlight>>,
+    /// Registry credentials of imagePullSecrets by (namespace, name); empty for a Secret that
+    /// is missing or of another type.
+    pull_secrets: crate::oci::cache::TtlCache<(String, String), Vec<RegistryCredential>>,
+    /// The imagePullSecrets of service accounts by (namespace, name).
+    service_accounts: crate::oci::cache::TtlCache<(String, String), Vec<String>>,
 }
 
 impl std::fmt::Debug for ClusterFacts {
@@ -120,6 +140,8 @@ impl ClusterFacts {
             nodes,
             authorizations: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            pull_secrets: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
+            service_accounts: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
         })
     }
 
@@ -136,6 +158,8 @@ impl ClusterFacts {
             nodes: reflector::store().0,
             authorizations: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            pull_secrets: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
+            service_accounts: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
         }
     }
 
@@ -229,6 +253,90 @@ impl ClusterFacts {
                 BTreeMap::new()
             }
         }
+    }
+
+    /// The registry credentials of the imagePullSecrets `secrets` and those of
+    /// `service_account`, in that order (as the ServiceAccount admission plugin appends the
+    /// account's after the pod's), read within [`LOOKUP_DEADLINE`]. What cannot be read
+    /// counts as no credential: the kubelet, too, pulls without a secret it cannot find.
+    async fn pull_credentials(
+        &self,
+        namespace: &str,
+        secrets: &std::collections::BTreeSet<String>,
+        service_account: Option<&str>,
+    ) -> Vec<RegistryCredential> {
+        let mut names: Vec<String> = secrets.iter().cloned().collect();
+        if let Some(account) = service_account {
+            names.extend(self.service_account_pull_secrets(namespace, account).await);
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        names.retain(|name| {
+            crate::names::check_dns_subdomain(name).is_ok() && seen.insert(name.clone())
+        });
+        names.truncate(PULL_SECRETS_MAX);
+        futures::future::join_all(names.iter().map(|name| self.pull_secret(namespace, name)))
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    async fn service_account_pull_secrets(&self, namespace: &str, name: &str) -> Vec<String> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(names) = self.service_accounts.get(&key) {
+            return names;
+        }
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let names: Vec<String> = match tokio::time::timeout(LOOKUP_DEADLINE, api.get_opt(name))
+            .await
+        {
+            Ok(Ok(account)) => account
+                .and_then(|account| account.image_pull_secrets)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|secret| secret.name)
+                .collect(),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, namespace, service_account = name, "reading a service account's imagePullSecrets failed");
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+        self.service_accounts.insert(key, names.clone(), PULL_SECRET_TTL);
+        names
+    }
+
+    async fn pull_secret(&self, namespace: &str, name: &str) -> Vec<RegistryCredential> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(credentials) = self.pull_secrets.get(&key) {
+            return credentials;
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = match tokio::time::timeout(LOOKUP_DEADLINE, api.get_opt(name)).await {
+            Ok(Ok(secret)) => secret,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, namespace, secret = name, "reading an imagePullSecret failed");
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+        let credentials = secret
+            .and_then(|secret| {
+                let (field, legacy) = match secret.type_.as_deref() {
+                    Some("kubernetes.io/dockerconfigjson") => (".dockerconfigjson", false),
+                    Some("kubernetes.io/dockercfg") => (".dockercfg", true),
+                    _ => return None,
+                };
+                let data = secret.data?.remove(field)?;
+                crate::pull_secrets::parse(&data.0, legacy)
+                    .map_err(|why| {
+                        tracing::warn!(namespace, secret = name, "an imagePullSecret is {why}");
+                    })
+                    .ok()
+            })
+            .unwrap_or_default();
+        self.pull_secrets.insert(key, credentials.clone(), PULL_SECRET_TTL);
+        credentials
     }
 
     /// Reads the pod a binding names, within [`LOOKUP_DEADLINE`].
@@ -417,7 +525,21 @@ impl FactSource for ClusterFacts {
                 }
             };
             let specs = self.uncached_credential_specs(&uncached);
-            let (authorizations, pod, specs) = futures::join!(authorizations, pod, specs);
+            let namespace = view.namespace.clone().unwrap_or_default();
+            let credentials = async {
+                if needs.pull_secrets.is_empty() && needs.pull_service_account.is_none() {
+                    return Vec::new();
+                }
+                self.pull_credentials(
+                    &namespace,
+                    &needs.pull_secrets,
+                    needs.pull_service_account.as_deref(),
+                )
+                .await
+            };
+            let (authorizations, pod, specs, credentials) =
+                futures::join!(authorizations, pod, specs, credentials);
+            facts.registry_credentials = credentials;
             facts.authorizations = Some(authorizations.into_iter().collect());
             facts.pods = Some(pod.into_iter().collect());
             facts.credential_specs.extend(specs);

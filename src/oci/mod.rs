@@ -37,9 +37,13 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use self::cache::{Flights, TtlCache};
+use crate::pull_secrets::{self as credentials, RegistryCredential};
 use crate::rules::provenance::{ImageFact, RegistryFacts, RegistryImage};
 use crate::server::ImageSource;
 use crate::signature::{self, SignatureVerdict, TrustId, TrustRef};
+
+/// The identity of anonymous pulls in cache keys.
+const ANONYMOUS: &str = "anonymous";
 
 /// Default time one image may take to read.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
@@ -82,9 +86,26 @@ pub enum RegistryError {
     Client(#[from] OciDistributionError),
 }
 
+/// How clients are made: one per credential (oci-client keeps the first credentials it sees
+/// for a registry, so a client must never serve two).
+type MakeClient = Box<dyn Fn() -> Result<Client, OciDistributionError> + Send + Sync>;
+
+/// Clients kept at most, one per credential; emptied beyond.
+const CLIENT_LIMIT: usize = 256;
+
+/// One way of pulling: a client, the auth it pulls with, and an identity for cache keys.
+#[derive(Clone)]
+struct Access {
+    client: Arc<Client>,
+    auth: RegistryAuth,
+    /// `anonymous`, or the credential's [`RegistryCredential::identity`].
+    identity: String,
+}
+
 /// Registry access with its caches; one per process.
 pub struct Registries {
-    client: Arc<Client>,
+    make_client: MakeClient,
+    clients: std::sync::Mutex<std::collections::HashMap<String, Arc<Client>>>,
     deadline: Duration,
     images: TtlCache<String, ImageFact>,
     image_reads: Arc<Flights<String, ImageFact>>,
@@ -123,18 +144,27 @@ impl Registries {
         } else {
             ClientProtocol::HttpsExcept(config.plain_http.clone())
         };
-        let client = Client::try_from(ClientConfig {
-            protocol,
-            extra_root_certificates,
-            // Manifests are read by digest or tag, never resolved to a platform by the client.
-            platform_resolver: None,
-            connect_timeout: Some(config.deadline),
-            read_timeout: Some(config.deadline),
-            user_agent: concat!("arcguard/", env!("CARGO_PKG_VERSION")),
-            ..ClientConfig::default()
-        })?;
+        let deadline = config.deadline;
+        let make_client: MakeClient = Box::new(move || {
+            Client::try_from(ClientConfig {
+                protocol: protocol.clone(),
+                extra_root_certificates: extra_root_certificates.clone(),
+                // Manifests are read by digest or tag, never resolved to a platform here.
+                platform_resolver: None,
+                connect_timeout: Some(deadline),
+                read_timeout: Some(deadline),
+                user_agent: concat!("arcguard/", env!("CARGO_PKG_VERSION")),
+                ..ClientConfig::default()
+            })
+        });
+        // A configuration that cannot make a client fails at start, not on a request.
+        let anonymous = Arc::new(make_client()?);
         Ok(Arc::new(Self {
-            client: Arc::new(client),
+            make_client,
+            clients: std::sync::Mutex::new(std::collections::HashMap::from([(
+                ANONYMOUS.to_owned(),
+                anonymous,
+            )])),
             deadline: config.deadline,
             images: TtlCache::new(CACHE_LIMIT),
             image_reads: Arc::new(Flights::new(READ_CAP)),
@@ -151,16 +181,21 @@ impl Registries {
         self: &Arc<Self>,
         keys: &BTreeSet<String>,
         signatures: &BTreeSet<(String, TrustRef)>,
+        credentials: &[RegistryCredential],
     ) -> RegistryFacts {
         let started = Instant::now();
         let read = futures::future::join_all(keys.iter().map(|key| async move {
-            let fact = self.fact(key).await;
+            let access = match self.access(key, credentials) {
+                Ok(access) => access,
+                Err(why) => return (key.clone(), ImageFact::Unreachable(why), Vec::new()),
+            };
+            let fact = self.fact(&access, key).await;
             let mut verdicts = Vec::new();
             if let ImageFact::Found(image) = &fact {
                 let trusts = signatures.iter().filter(|(k, _)| k == key).map(|(_, t)| t);
                 for trust in trusts {
                     let left = self.deadline.saturating_sub(started.elapsed());
-                    let verdict = self.verdict(key, image, trust, left).await;
+                    let verdict = self.verdict(&access, key, image, trust, left).await;
                     verdicts.push(((key.clone(), trust.0.id()), verdict));
                 }
             }
@@ -184,20 +219,57 @@ impl Registries {
         facts
     }
 
+    /// How `key` is pulled: with the most specific of `credentials` that matches its
+    /// registry and repository (as the kubelet picks it), else anonymously.
+    fn access(&self, key: &str, credentials: &[RegistryCredential]) -> Result<Access, String> {
+        let (registry, rest) = key.split_once('/').unwrap_or((key, ""));
+        let repository = split_tag(key)
+            .map(|(name, _)| name)
+            .or_else(|| key.split_once('@').map(|(name, _)| name))
+            .and_then(|name| name.split_once('/').map(|(_, repository)| repository))
+            .unwrap_or(rest);
+        let credential = credentials::for_image(registry, repository, credentials);
+        let (identity, auth) = match credential {
+            Some(credential) => (
+                credential.identity(),
+                RegistryAuth::Basic(credential.username.clone(), credential.password.clone()),
+            ),
+            None => (ANONYMOUS.to_owned(), RegistryAuth::Anonymous),
+        };
+        let mut clients =
+            self.clients.lock().map_err(|_| "the registry clients are unavailable".to_owned())?;
+        let client = match clients.get(&identity) {
+            Some(client) => Arc::clone(client),
+            None => {
+                if clients.len() >= CLIENT_LIMIT {
+                    clients.clear();
+                }
+                let client = Arc::new(
+                    (self.make_client)()
+                        .map_err(|e| format!("the registry client cannot be built: {e}"))?,
+                );
+                clients.insert(identity.clone(), Arc::clone(&client));
+                client
+            }
+        };
+        Ok(Access { client, auth, identity })
+    }
+
     /// One image's fact: from the cache, from a read already in flight, or from a new read.
-    async fn fact(self: &Arc<Self>, key: &str) -> ImageFact {
-        let key = key.to_owned();
-        if let Some(fact) = self.images.get(&key) {
+    async fn fact(self: &Arc<Self>, access: &Access, key: &str) -> ImageFact {
+        // Who may read an image is the registry's to say: facts are kept per credential.
+        let cache_key = format!("{} {key}", access.identity);
+        if let Some(fact) = self.images.get(&cache_key) {
             return fact;
         }
         let this = Arc::clone(self);
-        let owned = key.clone();
+        let (owned, owned_access) = (key.to_owned(), access.clone());
         let remember = Arc::clone(self);
-        let remembered = key.clone();
+        let (remembered, identity) = (key.to_owned(), access.identity.clone());
         let read = self.image_reads.join(
-            &key,
-            move || async move { this.read(&owned).await }.boxed(),
-            move |fact| remember.remember(&remembered, fact),
+            &cache_key,
+            move || async move { this.read(&owned_access, &owned).await }.boxed(),
+            move |fact| remember.remember(&identity, &remembered, fact),
             ImageFact::Unreachable,
         );
         match tokio::time::timeout(self.deadline, read).await {
@@ -208,26 +280,31 @@ impl Registries {
         }
     }
 
-    fn remember(&self, key: &str, fact: &ImageFact) {
+    fn remember(&self, identity: &str, key: &str, fact: &ImageFact) {
         let ttl = match fact {
             ImageFact::Found(_) if key.contains('@') => DIGEST_TTL,
             ImageFact::Found(_) => TAG_TTL,
             ImageFact::Refused(_) => REFUSED_TTL,
             ImageFact::Unreachable(_) => return,
         };
-        self.images.insert(key.to_owned(), fact.clone(), ttl);
+        self.images.insert(format!("{identity} {key}"), fact.clone(), ttl);
         // The digest a tag resolved to is what the mutating webhook pins: the validating
         // webhook then reads it by digest.
         if let ImageFact::Found(image) = fact
             && let Some((name, _tag)) = split_tag(key)
         {
-            self.images.insert(format!("{name}@{}", image.digest), fact.clone(), DIGEST_TTL);
+            self.images.insert(
+                format!("{identity} {name}@{}", image.digest),
+                fact.clone(),
+                DIGEST_TTL,
+            );
         }
     }
 
     /// The verdict on an image's signatures under `trust`, within `left`.
     async fn verdict(
         self: &Arc<Self>,
+        access: &Access,
         key: &str,
         image: &RegistryImage,
         trust: &TrustRef,
@@ -235,11 +312,11 @@ impl Registries {
     ) -> SignatureVerdict {
         let name = split_tag(key)
             .map_or_else(|| key.split_once('@').map_or(key, |(name, _)| name), |(name, _)| name);
-        let cache_key = (format!("{name}@{}", image.digest), trust.0.id());
+        let cache_key = (format!("{} {name}@{}", access.identity, image.digest), trust.0.id());
         if let Some(verdict) = self.verdicts.get(&cache_key) {
             return verdict;
         }
-        let client = Arc::clone(&self.client);
+        let (client, auth) = (Arc::clone(&access.client), access.auth.clone());
         let (name, image_owned, trust_owned) = (name.to_owned(), image.clone(), trust.clone());
         let this = Arc::clone(self);
         let remembered = cache_key.clone();
@@ -247,8 +324,14 @@ impl Registries {
             &cache_key,
             move || {
                 async move {
-                    match signatures::evidence(&client, &name, &image_owned.digest, &trust_owned.0)
-                        .await
+                    match signatures::evidence(
+                        &client,
+                        &auth,
+                        &name,
+                        &image_owned.digest,
+                        &trust_owned.0,
+                    )
+                    .await
                     {
                         Ok(evidence) => signature::judge(
                             &evidence,
@@ -290,22 +373,24 @@ impl Registries {
 
     /// Reads an image from its registry: its manifest (or index) and, for a single image,
     /// its config.
-    async fn read(&self, key: &str) -> ImageFact {
+    async fn read(&self, access: &Access, key: &str) -> ImageFact {
         let reference: Reference = match key.parse() {
             Ok(reference) => reference,
             Err(error) => return ImageFact::Refused(format!("not a registry reference: {error}")),
         };
-        let auth = RegistryAuth::Anonymous;
-        let (body, digest) =
-            match self.client.pull_manifest_raw(&reference, &auth, &manifest::ACCEPTED).await {
-                Ok(pulled) => pulled,
-                Err(error) => return classify(&error).into(),
-            };
+        let (body, digest) = match access
+            .client
+            .pull_manifest_raw(&reference, &access.auth, &manifest::ACCEPTED)
+            .await
+        {
+            Ok(pulled) => pulled,
+            Err(error) => return classify(&error).into(),
+        };
         let platforms = match manifest::parse(&body) {
             Ok(manifest::Parsed::Index(platforms)) => platforms,
             Ok(manifest::Parsed::Image { config_digest, config_size }) => {
                 let config = signatures::blob(
-                    &self.client,
+                    &access.client,
                     &reference,
                     &config_digest,
                     config_size,
@@ -344,8 +429,9 @@ impl ImageSource for Arc<Registries> {
         &'a self,
         keys: &'a BTreeSet<String>,
         signatures: &'a BTreeSet<(String, TrustRef)>,
+        credentials: &'a [RegistryCredential],
     ) -> BoxFuture<'a, RegistryFacts> {
-        Box::pin(Registries::lookup(self, keys, signatures))
+        Box::pin(Registries::lookup(self, keys, signatures, credentials))
     }
 }
 
@@ -517,7 +603,7 @@ mod tests {
         let tag = format!("{host}/team/app:1");
         let missing = format!("{host}/team/missing:1");
         let keys = BTreeSet::from([tag.clone(), missing.clone()]);
-        let facts = registries.lookup(&keys, &BTreeSet::new()).await.images;
+        let facts = registries.lookup(&keys, &BTreeSet::new(), &[]).await.images;
         let found = ImageFact::Found(RegistryImage {
             digest: digest.clone(),
             media_type: manifest::OCI_INDEX.into(),
@@ -541,7 +627,7 @@ mod tests {
         assert_eq!(served.load(Ordering::SeqCst), 1);
         // Both keys again, and the digest's: all from the cache.
         let again = BTreeSet::from([tag.clone(), format!("{host}/team/app@{digest}")]);
-        let facts = registries.lookup(&again, &BTreeSet::new()).await.images;
+        let facts = registries.lookup(&again, &BTreeSet::new(), &[]).await.images;
         assert!(facts.values().all(|fact| *fact == found), "{facts:?}");
         assert_eq!(served.load(Ordering::SeqCst), 1);
     }
@@ -553,7 +639,7 @@ mod tests {
         let key = format!("{host}/team/app:1");
         let facts = tokio::time::timeout(
             Duration::from_secs(20),
-            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new()),
+            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[]),
         )
         .await
         .expect("the lookup ends at its deadline, not when the registry answers")

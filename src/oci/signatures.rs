@@ -101,22 +101,24 @@ pub async fn blob(
 /// Why the registry could not be read.
 pub async fn evidence(
     client: &Client,
+    auth: &RegistryAuth,
     name: &str,
     digest: &str,
     trust: &SignatureTrust,
 ) -> Result<Evidence, String> {
     let mut evidence = Evidence::default();
     if trust.wants_cosign() {
-        evidence.cosign = cosign_signatures(client, name, digest).await?;
+        evidence.cosign = cosign_signatures(client, auth, name, digest).await?;
     }
     if trust.wants_notation() {
-        evidence.notation = notation_signatures(client, name, digest).await?;
+        evidence.notation = notation_signatures(client, auth, name, digest).await?;
     }
     Ok(evidence)
 }
 
 async fn cosign_signatures(
     client: &Client,
+    auth: &RegistryAuth,
     name: &str,
     digest: &str,
 ) -> Result<Vec<CosignSignature>, String> {
@@ -124,8 +126,7 @@ async fn cosign_signatures(
         .parse()
         .map_err(|e| format!("the signature tag is not a reference: {e}"))?;
     let accepted = [manifest::OCI_MANIFEST, manifest::DOCKER_MANIFEST];
-    let body = match client.pull_manifest_raw(&reference, &RegistryAuth::Anonymous, &accepted).await
-    {
+    let body = match client.pull_manifest_raw(&reference, auth, &accepted).await {
         Ok((body, _)) => body,
         Err(error) => {
             return match super::classify(&error) {
@@ -160,6 +161,7 @@ async fn cosign_signatures(
 
 async fn notation_signatures(
     client: &Client,
+    auth: &RegistryAuth,
     name: &str,
     digest: &str,
 ) -> Result<Vec<NotationSignature>, String> {
@@ -179,9 +181,7 @@ async fn notation_signatures(
             Ok(reference) => reference,
             Err(_) => continue,
         };
-        let body = match client
-            .pull_manifest_raw(&reference, &RegistryAuth::Anonymous, &[manifest::OCI_MANIFEST])
-            .await
+        let body = match client.pull_manifest_raw(&reference, auth, &[manifest::OCI_MANIFEST]).await
         {
             Ok((body, _)) => body,
             Err(error) => match super::classify(&error) {

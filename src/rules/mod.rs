@@ -192,6 +192,10 @@ pub struct FactNeeds {
     pub images: BTreeSet<String>,
     /// Signatures to judge: an image (by [`provenance::lookup_key`]) under a policy's trust.
     pub signatures: BTreeSet<(String, crate::signature::TrustRef)>,
+    /// imagePullSecrets to read in the request's namespace, to pull the images above with.
+    pub pull_secrets: BTreeSet<String>,
+    /// The service account whose imagePullSecrets are read too.
+    pub pull_service_account: Option<String>,
 }
 
 impl FactNeeds {
@@ -223,6 +227,9 @@ pub struct StaticFacts {
     /// Signature verdicts by image key and trust.
     pub signatures:
         BTreeMap<(String, crate::signature::TrustId), crate::signature::SignatureVerdict>,
+    /// Registry credentials from the request's imagePullSecrets (the pod's, then its service
+    /// account's), in that order; empty in standalone mode.
+    pub registry_credentials: Vec<crate::pull_secrets::RegistryCredential>,
 }
 
 impl Facts for StaticFacts {

@@ -251,6 +251,7 @@ impl ImageProvenance {
     /// image in scope that is new or changed (an UPDATE's unchanged images were judged before).
     pub fn needs(&self, view: &RequestView, needs: &mut FactNeeds) {
         let Subject::Pod(pod) = &view.subject else { return };
+        let mut any = false;
         for (_, parts) in self.checked_images(pod) {
             if let Ok(parts) = parts {
                 let key = lookup_key(&parts);
@@ -258,7 +259,21 @@ impl ImageProvenance {
                     needs.signatures.insert((key.clone(), TrustRef(Arc::clone(trust))));
                 }
                 needs.images.insert(key);
+                any = true;
             }
+        }
+        // The images are read with the credentials the kubelet would pull them with: the pod's
+        // imagePullSecrets and its service account's (which the ServiceAccount admission
+        // plugin copies onto pods, but not onto workload templates).
+        if any {
+            needs.pull_secrets.extend(
+                pod.spec
+                    .image_pull_secrets
+                    .iter()
+                    .filter(|secret| !secret.name.is_empty())
+                    .map(|secret| secret.name.clone()),
+            );
+            needs.pull_service_account = Some(pod.spec.service_account().to_owned());
         }
     }
 

@@ -195,7 +195,8 @@ async fn decide(
         let base = gathered.as_ref().unwrap_or(&snapshot.facts);
         let needs = snapshot.policies.needs(view, base);
         if !needs.images.is_empty() {
-            let found = images.lookup(&needs.images, &needs.signatures).await;
+            let found =
+                images.lookup(&needs.images, &needs.signatures, &base.registry_credentials).await;
             let mut facts = gathered.unwrap_or_else(|| snapshot.facts.clone());
             facts.images = Some(found.images);
             facts.signatures = found.signatures;

@@ -1,0 +1,242 @@
+//! Registry credentials from imagePullSecrets, as the kubelet reads and matches them. Pure:
+//! the cluster adapter reads the Secrets, this parses them and picks the credential an image
+//! is pulled with.
+//!
+//! - **Parsing**: `kubernetes.io/dockerconfigjson` Secrets (`.dockerconfigjson`:
+//!   `{"auths": {"<key>": {"username", "password"} | {"auth": base64("user:pass")}}}`) and the
+//!   legacy `kubernetes.io/dockercfg` (`.dockercfg`: the `auths` map alone). Credential helpers
+//!   and stores (`credsStore`, `credHelpers`) are never run, and identity tokens are ignored.
+//! - **Matching** (kubelet `pkg/credentialprovider/keyring.go`, `URLsMatchStr`): a key is a
+//!   URL without its scheme, `host[:port][/path]`; it matches an image when the host has as
+//!   many dot-separated parts as the image's registry and each part matches as a glob
+//!   (`*.azurecr.io`), the ports are equal, and the key's path is a prefix of the image's
+//!   repository path. The most specific key wins (the kubelet sorts keys in reverse order,
+//!   longest first). Docker Hub's keys (`https://index.docker.io/v1/`, `docker.io`) match
+//!   `docker.io` images.
+//!
+//! Only the first matching credential is tried (the kubelet tries each in turn, then an
+//! anonymous pull).
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+/// A username and password for the registries a key names.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryCredential {
+    /// The key as written in the docker config (`contoso.azurecr.io`, `https://index.docker.io/v1/`).
+    pub key: String,
+    /// The user name.
+    pub username: String,
+    /// The password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredential")
+            .field("key", &self.key)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl RegistryCredential {
+    /// An identifier of the credential that does not reveal it (the SHA-256 of key, user and
+    /// password), for cache keys.
+    pub fn identity(&self) -> String {
+        crate::signature::sha256(
+            format!("{}\n{}\n{}", self.key, self.username, self.password).as_bytes(),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, Entry>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    auth: Option<String>,
+}
+
+/// The credentials of a Secret's data: `.dockerconfigjson` (with `auths`) or `.dockercfg` (the
+/// map alone). Entries without a user name and password are left out.
+///
+/// # Errors
+/// Why the data is not a docker config.
+pub fn parse(data: &[u8], legacy: bool) -> Result<Vec<RegistryCredential>, String> {
+    let auths = if legacy {
+        serde_json::from_slice::<BTreeMap<String, Entry>>(data)
+    } else {
+        serde_json::from_slice::<DockerConfig>(data).map(|config| config.auths)
+    }
+    .map_err(|e| format!("not a docker config: {e}"))?;
+    let mut credentials = Vec::new();
+    for (key, entry) in auths {
+        let (username, password) = match (entry.username, entry.password, entry.auth) {
+            (Some(user), Some(password), _) if !user.is_empty() => (user, password),
+            (_, _, Some(auth)) => {
+                let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(auth.trim())
+                else {
+                    continue;
+                };
+                let Ok(text) = String::from_utf8(decoded) else { continue };
+                let Some((user, password)) = text.split_once(':') else { continue };
+                (user.to_owned(), password.to_owned())
+            }
+            _ => continue,
+        };
+        credentials.push(RegistryCredential { key, username, password });
+    }
+    Ok(credentials)
+}
+
+/// A key split as the kubelet compares it: host parts, port and path.
+struct Parsed<'a> {
+    host: Vec<&'a str>,
+    port: Option<&'a str>,
+    path: &'a str,
+}
+
+fn split(key: &str) -> Option<Parsed<'_>> {
+    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    let (authority, path) = key.split_once('/').unwrap_or((key, ""));
+    if authority.is_empty() {
+        return None;
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            (host, Some(port))
+        }
+        _ => (authority, None),
+    };
+    let host = match host {
+        // Docker Hub's historical keys name the index; images name docker.io.
+        "index.docker.io" | "registry-1.docker.io" => "docker.io",
+        host => host,
+    };
+    // The kubelet compares paths without the Docker Hub API's `v1/` and trailing `/`.
+    let path = if host == "docker.io" { path.trim_start_matches("v1") } else { path };
+    Some(Parsed { host: host.split('.').collect(), port, path: path.trim_matches('/') })
+}
+
+/// Whether `pattern` (a host part, `*` matching any run of characters) matches `part`.
+fn glob(pattern: &str, part: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern.eq_ignore_ascii_case(part),
+        Some((prefix, rest)) => {
+            let Some(tail) = part.get(..prefix.len()) else { return false };
+            tail.eq_ignore_ascii_case(prefix)
+                && (prefix.len()..=part.len()).any(|i| glob(rest, &part[i..]))
+        }
+    }
+}
+
+fn matches(key: &Parsed<'_>, image: &Parsed<'_>) -> bool {
+    key.host.len() == image.host.len()
+        && key.host.iter().zip(&image.host).all(|(pattern, part)| glob(pattern, part))
+        && key.port == image.port
+        && (key.path.is_empty()
+            || image.path == key.path
+            || image.path.strip_prefix(key.path).is_some_and(|rest| rest.starts_with('/')))
+}
+
+/// The credential to pull `registry/repository` with: the most specific matching key (the
+/// longest), or `None` for an anonymous pull.
+pub fn for_image<'a>(
+    registry: &str,
+    repository: &str,
+    credentials: &'a [RegistryCredential],
+) -> Option<&'a RegistryCredential> {
+    let image = format!("{registry}/{repository}");
+    let image = split(&image)?;
+    credentials
+        .iter()
+        .filter(|credential| split(&credential.key).is_some_and(|key| matches(&key, &image)))
+        .max_by_key(|credential| {
+            let key = credential.key.trim_start_matches("https://").trim_start_matches("http://");
+            (key.len(), !key.contains('*'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn credential(key: &str) -> RegistryCredential {
+        RegistryCredential { key: key.into(), username: "u".into(), password: key.into() }
+    }
+
+    #[test]
+    fn parses_both_secret_types_and_skips_what_holds_no_password() {
+        let auth = base64::engine::general_purpose::STANDARD.encode("bob:s3cret:with:colons");
+        let config = json!({"auths": {
+            "contoso.azurecr.io": {"username": "alice", "password": "pw"},
+            "https://index.docker.io/v1/": {"auth": auth},
+            "token-only.io": {"identitytoken": "x"},
+            "bad.io": {"auth": "%%%"},
+        }, "credsStore": "desktop"});
+        let parsed = parse(&serde_json::to_vec(&config).expect("json"), false).expect("parses");
+        let found: Vec<(&str, &str, &str)> = parsed
+            .iter()
+            .map(|c| (c.key.as_str(), c.username.as_str(), c.password.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("contoso.azurecr.io", "alice", "pw"),
+                ("https://index.docker.io/v1/", "bob", "s3cret:with:colons"),
+            ]
+        );
+        let legacy = json!({"reg.io:5000": {"username": "a", "password": "b"}});
+        assert_eq!(
+            parse(&serde_json::to_vec(&legacy).expect("json"), true).map(|c| c.len()),
+            Ok(1)
+        );
+        assert!(parse(b"\"not a config\"", false).is_err());
+        assert!(!format!("{:?}", parsed[0]).contains("pw"), "Debug must not show the password");
+    }
+
+    #[test]
+    fn picks_the_most_specific_matching_key_as_the_kubelet_does() {
+        let keys = [
+            credential("*.azurecr.io"),
+            credential("contoso.azurecr.io"),
+            credential("contoso.azurecr.io/team"),
+            credential("https://index.docker.io/v1/"),
+            credential("localhost:5000"),
+            credential("127.0.0.1:5000/private"),
+        ];
+        let cases = [
+            ("contoso.azurecr.io", "team/app", Some("contoso.azurecr.io/team")),
+            ("contoso.azurecr.io", "teamx/app", Some("contoso.azurecr.io")),
+            ("fabrikam.azurecr.io", "app", Some("*.azurecr.io")),
+            // A glob stands for one part only.
+            ("a.b.azurecr.io", "app", None),
+            ("docker.io", "library/nginx", Some("https://index.docker.io/v1/")),
+            ("localhost:5000", "app", Some("localhost:5000")),
+            // Ports must be equal.
+            ("localhost:5001", "app", None),
+            ("localhost", "app", None),
+            ("127.0.0.1:5000", "private/app", Some("127.0.0.1:5000/private")),
+            ("127.0.0.1:5000", "privateer/app", None),
+            ("evil.io", "contoso.azurecr.io/app", None),
+        ];
+        for (registry, repository, want) in cases {
+            let found = for_image(registry, repository, &keys).map(|c| c.key.as_str());
+            assert_eq!(found, want, "{registry}/{repository}");
+        }
+    }
+}
