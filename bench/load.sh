@@ -22,6 +22,9 @@
 #   LOG=info                   the server's log filter (info is the shipped default)
 #   SKIP_BUILD=1               use the existing target/release/arcguard
 #   RESULTS=FILE               also write the report to FILE
+#   POLICIES=DIR               the policy directory (default: the sample policies, policies/)
+#   FIXTURE=FILE               the pod review driven (default: tests/fixtures/pod-create-trusted.json)
+#   SERVE_ARGS="..."           more arguments for `arcguard serve` (bench/provenance.sh: the registry's CA)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +34,9 @@ endpoints=${ENDPOINTS:-"validate mutate denied healthz"}
 protocols=${PROTOCOLS:-h1}
 runs=${RUNS:-3}
 log_filter=${LOG:-info}
-fixture="$root/tests/fixtures/pod-create-trusted.json"
+fixture="${FIXTURE:-$root/tests/fixtures/pod-create-trusted.json}"
+policies="${POLICIES:-$root/policies}"
+read -r -a serve_args <<<"${SERVE_ARGS:-}"
 
 # --- tools: installed from Debian's packages when missing --------------------------------
 apt_updated=""
@@ -120,7 +125,7 @@ poller=$!
 until [ -e "$tmp/polling" ]; do sleep 0.01; done
 t0=$(now_ns)
 "$bin" --log "$log_filter" serve \
-  --policies "$root/policies" \
+  --policies "$policies" "${serve_args[@]}" \
   --addr "127.0.0.1:$port" --metrics-addr "127.0.0.1:$metrics_port" \
   --tls-cert "$tmp/certs/tls.crt" --tls-key "$tmp/certs/tls.key" --ca-cert "$ca" \
   --no-dev-certs >"$tmp/server.log" 2>&1 &
