@@ -28,10 +28,21 @@ fn registry_config(args: &RegistryArgs) -> anyhow::Result<arcguard::oci::Registr
         ),
         None => None,
     };
+    let timeout = args.registry_timeout;
+    anyhow::ensure!(
+        (std::time::Duration::from_millis(100)..=arcguard::oci::READ_CAP).contains(&timeout),
+        "--registry-timeout {timeout:?} is outside 100ms..30s; keep it below the webhooks' timeoutSeconds (5 s in manifests/)"
+    );
+    for host in &args.registry_plain_http {
+        anyhow::ensure!(
+            !host.contains("://") && !host.contains('/') && !host.is_empty(),
+            "--registry-plain-http {host:?}: write the registry as images name it, host[:port], without a scheme or path"
+        );
+    }
     Ok(arcguard::oci::RegistryConfig {
         ca_pem,
         plain_http: args.registry_plain_http.clone(),
-        deadline: args.registry_timeout,
+        deadline: timeout,
     })
 }
 

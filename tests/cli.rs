@@ -294,6 +294,18 @@ fn image_provenance_is_skipped_without_registry_and_read_with_it() {
     );
     assert!(!stdout.contains("note:"), "{stdout}");
 
+    // Registry flags that cannot work are usage errors naming the flag.
+    for (flag, value, why) in [
+        ("--registry-timeout", "0s", "outside 100ms..30s"),
+        ("--registry-timeout", "1m", "outside 100ms..30s"),
+        ("--registry-plain-http", "http://127.0.0.1:5000", "without a scheme or path"),
+    ] {
+        let refused = run(&["--registry", flag, value]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(why), "{flag} {value}: {stderr}");
+    }
+
     // A CA file without a certificate is a usage error naming the flag.
     let bad_ca = write(&manifests, "ca.pem", "not a certificate\n");
     let refused = run(&["--registry", "--registry-ca", &bad_ca]);

@@ -92,6 +92,13 @@ type MakeClient = Box<dyn Fn() -> Result<Client, OciDistributionError> + Send + 
 
 /// Clients kept at most, one per credential; emptied beyond.
 const CLIENT_LIMIT: usize = 256;
+/// Distinct images read for one request, at most; more are refused by name. A pod rarely
+/// runs more than a handful, and each read holds a manifest in memory.
+pub const MAX_IMAGES_PER_REQUEST: usize = 64;
+/// Registry reads (manifests, configs, signatures) in flight process-wide, at most; more wait
+/// (within their deadline). oci-client reads a manifest whole: this bounds how many are held
+/// at once.
+const MAX_READS: usize = 16;
 
 /// One way of pulling: a client, the auth it pulls with, and an identity for cache keys.
 #[derive(Clone)]
@@ -111,6 +118,7 @@ pub struct Registries {
     image_reads: Arc<Flights<String, ImageFact>>,
     verdicts: TtlCache<(String, TrustId), SignatureVerdict>,
     verdict_reads: Arc<Flights<(String, TrustId), SignatureVerdict>>,
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Registries {
@@ -170,6 +178,7 @@ impl Registries {
             image_reads: Arc::new(Flights::new(READ_CAP)),
             verdicts: TtlCache::new(CACHE_LIMIT),
             verdict_reads: Arc::new(Flights::new(READ_CAP)),
+            reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
         }))
     }
 
@@ -184,7 +193,13 @@ impl Registries {
         credentials: &[RegistryCredential],
     ) -> RegistryFacts {
         let started = Instant::now();
-        let read = futures::future::join_all(keys.iter().map(|key| async move {
+        let read = futures::future::join_all(keys.iter().enumerate().map(|(i, key)| async move {
+            if i >= MAX_IMAGES_PER_REQUEST {
+                let refused = ImageFact::Refused(format!(
+                    "the pod names more than {MAX_IMAGES_PER_REQUEST} distinct images in scope, more than arcguard reads for one request"
+                ));
+                return (key.clone(), refused, Vec::new());
+            }
             let access = match self.access(key, credentials) {
                 Ok(access) => access,
                 Err(why) => return (key.clone(), ImageFact::Unreachable(why), Vec::new()),
@@ -268,7 +283,15 @@ impl Registries {
         let (remembered, identity) = (key.to_owned(), access.identity.clone());
         let read = self.image_reads.join(
             &cache_key,
-            move || async move { this.read(&owned_access, &owned).await }.boxed(),
+            move || {
+                async move {
+                    let Ok(_permit) = this.reads.acquire().await else {
+                        return ImageFact::Unreachable("arcguard is shutting down".to_owned());
+                    };
+                    this.read(&owned_access, &owned).await
+                }
+                .boxed()
+            },
             move |fact| remember.remember(&identity, &remembered, fact),
             ImageFact::Unreachable,
         );
@@ -317,6 +340,7 @@ impl Registries {
             return verdict;
         }
         let (client, auth) = (Arc::clone(&access.client), access.auth.clone());
+        let reads = Arc::clone(&self.reads);
         let (name, image_owned, trust_owned) = (name.to_owned(), image.clone(), trust.clone());
         let this = Arc::clone(self);
         let remembered = cache_key.clone();
@@ -324,6 +348,11 @@ impl Registries {
             &cache_key,
             move || {
                 async move {
+                    let Ok(_permit) = reads.acquire().await else {
+                        return SignatureVerdict::Unreachable(
+                            "arcguard is shutting down".to_owned(),
+                        );
+                    };
                     match signatures::evidence(
                         &client,
                         &auth,
@@ -499,7 +528,18 @@ pub(crate) fn classify(error: &OciDistributionError) -> Failure {
         E::DigestError(error) => Failure::Refused(format!(
             "the registry served content that does not match its digest: {error}"
         )),
-        E::RequestError(error) => Failure::Unreachable(request_error(error)),
+        E::RequestError(error) => {
+            let text = request_error(error);
+            // The two causes that are configuration, not availability, say which flag fixes them.
+            let hint = if text.contains("InvalidContentType") {
+                " (a plain-HTTP registry? list it in --registry-plain-http)"
+            } else if text.contains("UnknownIssuer") || text.contains("certificate") {
+                " (is the registry's CA in --registry-ca?)"
+            } else {
+                ""
+            };
+            Failure::Unreachable(format!("{text}{hint}"))
+        }
         other => Failure::Refused(other.to_string()),
     }
 }

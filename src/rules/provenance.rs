@@ -341,6 +341,21 @@ impl ImageProvenance {
                         ));
                         continue;
                     }
+                    // What the kubelet pulls must be what was checked: a Pod image in scope
+                    // reaches validation pinned (by the mutating webhook, or its author). One
+                    // that is not was never pinned (the mutating webhook's read did not complete,
+                    // or an UPDATE changed it without reaching that webhook), and by tag the
+                    // registry may serve other content to the kubelet than to arcguard.
+                    if self.pin_digest && pod.root.is_empty() && parts.digest().is_none() {
+                        findings.violations.push(format!(
+                            "{}, which is not pinned to the digest that was checked ({}); retry (arcguard's mutating webhook pins it), or write the image as {}@{}",
+                            uses(),
+                            served.digest,
+                            parts.to_image_ref().name(),
+                            served.digest
+                        ));
+                        continue;
+                    }
                     if self.require_platform {
                         let resolved = pod_os.get_or_insert_with(|| {
                             os::resolve(&pod.spec, &|node| facts.node_os(node))
@@ -487,7 +502,10 @@ fn platform_problem(served: &RegistryImage, pod_os: &PodOs, arch: Option<&str>) 
     } else {
         format!("it has {}", listed.join(", "))
     };
-    let arch_why = if arch.is_some() { " and nodeSelector kubernetes.io/arch" } else { "" };
+    let arch_why = match arch {
+        Some(arch) => format!("; its nodeSelector pins {NODE_ARCH_LABEL}: {arch}"),
+        None => String::new(),
+    };
     Some(format!(
         "which has no {wanted} platform ({has}); {why}{arch_why}; use an image built for {wanted}"
     ))
@@ -567,10 +585,13 @@ mod tests {
 
     #[test]
     fn judges_what_the_registry_served_against_the_pod() {
-        let deny = rule(json!({"registries": ["reg.example.com/team"]}));
-        let warn = rule(json!({"registries": ["reg.example.com/team"], "onRegistryError": "Warn"}));
-        let no_platform =
-            rule(json!({"registries": ["reg.example.com/team"], "requirePlatform": false}));
+        // Without pinning, so that images by tag reach the platform checks (pinning is
+        // judged below, and in `an_unpinned_pod_image_is_denied_when_pinning_is_on`).
+        let deny = rule(json!({"registries": ["reg.example.com/team"], "pinDigest": false}));
+        let warn = rule(json!({"registries": ["reg.example.com/team"], "onRegistryError": "Warn",
+            "pinDigest": false}));
+        let no_platform = rule(json!({"registries": ["reg.example.com/team"],
+            "requirePlatform": false, "pinDigest": false}));
         let windows = json!({"os": {"name": "windows"}});
         let arm = json!({"nodeSelector": {"kubernetes.io/arch": "arm64"}});
         let riscv = json!({"nodeSelector": {"kubernetes.io/arch": "riscv64"}});
@@ -671,6 +692,31 @@ mod tests {
     }
 
     #[test]
+    fn an_unpinned_pod_image_is_denied_when_pinning_is_on() {
+        let pinning = rule(json!({"registries": ["reg.example.com/team"]}));
+        let facts = facts();
+        let by_tag = pod("reg.example.com/team/linux:1", json!({}));
+        let findings = pinning.validate(&view(Kind::Pod, &by_tag, None), &facts);
+        assert_eq!(findings.violations.len(), 1, "{findings:?}");
+        assert!(
+            findings.violations[0].contains(&format!(
+                "which is not pinned to the digest that was checked ({DIGEST}); retry (arcguard's mutating webhook pins it), or write the image as reg.example.com/team/linux@{DIGEST}"
+            )),
+            "{findings:?}"
+        );
+        // Pinned (by the mutating webhook: tag and digest), it passes.
+        let pinned = pod(&format!("reg.example.com/team/linux:1@{DIGEST}"), json!({}));
+        assert!(pinning.validate(&view(Kind::Pod, &pinned, None), &facts).is_empty());
+        // Templates are never pinned, so never denied for it.
+        let deployment = json!({"metadata": {"name": "d"}, "spec": {"template": by_tag}});
+        assert!(pinning.validate(&view(Kind::Deployment, &deployment, None), &facts).is_empty());
+        // An UPDATE that changes the image without reaching the mutating webhook is denied.
+        let old = pod(&format!("reg.example.com/team/linux:0@{DIGEST}"), json!({}));
+        let update = pinning.validate(&view(Kind::Pod, &by_tag, Some(&old)), &facts);
+        assert_eq!(update.violations.len(), 1, "{update:?}");
+    }
+
+    #[test]
     fn a_digest_other_than_the_one_served_is_denied() {
         let mut facts = facts();
         let images = facts.images.as_mut().expect("images");
@@ -754,7 +800,8 @@ mod tests {
         let (deny, warn) = (signed("Deny"), signed("Warn"));
         let trust = deny.signatures.as_ref().expect("trust").id();
         assert_eq!(trust, warn.signatures.as_ref().expect("trust").id(), "same keys, same trust");
-        let image = "reg.example.com/team/linux:1";
+        let image = format!("reg.example.com/team/linux@{DIGEST}");
+        let image = image.as_str();
         let object = pod(image, json!({}));
         let view = view(Kind::Pod, &object, None);
         let mut needs = FactNeeds::default();
@@ -774,7 +821,7 @@ mod tests {
             judged(&deny, Some(SignatureVerdict::Rejected("cosign: no signature".into())));
         assert_eq!(rejected.violations.len(), 1, "{rejected:?}");
         assert!(rejected.violations[0].contains(&format!(
-            "uses image \"{image}\" ({DIGEST}), which has no signature this policy trusts: cosign: no signature"
+            "uses image \"{image}\", which has no signature this policy trusts: cosign: no signature"
         )));
         let unread = SignatureVerdict::Unreachable("connection refused".into());
         let denied = judged(&deny, Some(unread.clone()));

@@ -178,6 +178,13 @@ async fn decide(
     body: &[u8],
     start: Instant,
 ) -> Response {
+    // A replica that has not loaded its policies (cluster mode, before the first full list of
+    // the policy resources) would admit everything unchecked and unmutated: it answers 503,
+    // and the apiserver applies the webhook's failurePolicy (Fail: the client retries).
+    if !state.readiness.is_policies_loaded() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "arcguard has not loaded its policies yet\n")
+            .into_response();
+    }
     let prepared = match admission::prepare(body) {
         Ok(prepared) => prepared,
         Err(error) => return invalid(webhook, state, log, start, &error),
@@ -335,6 +342,25 @@ mod tests {
         ] {
             assert_eq!(decides_inline(len, tokens), inline, "{len} bytes, {tokens:?} tokens");
         }
+    }
+
+    #[tokio::test]
+    async fn no_review_is_decided_before_the_policies_are_loaded() {
+        use tower::ServiceExt as _;
+        let state = AppState::new(crate::server::Snapshot::default());
+        let router = webhook_router(state.clone(), &Limits::default());
+        let review = include_bytes!("../../tests/fixtures/pod-create-trusted.json");
+        let post = || {
+            axum::http::Request::post("/validate")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from(&review[..]))
+                .expect("request")
+        };
+        let before = router.clone().oneshot(post()).await.expect("answered");
+        assert_eq!(before.status(), StatusCode::SERVICE_UNAVAILABLE);
+        state.readiness.set_policies_loaded();
+        let after = router.oneshot(post()).await.expect("answered");
+        assert_eq!(after.status(), StatusCode::OK);
     }
 
     #[test]

@@ -422,6 +422,16 @@ pub fn verify(
     }
     if let Some(identities) = &trust.identities {
         let subject = subject_attributes(leaf);
+        // Notation refuses a subject naming an attribute twice (`O=Contoso, O=Evil` would
+        // otherwise match `O=Contoso`).
+        let mut names: Vec<&str> = subject.iter().map(|(name, _)| name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|pair| pair[0] == pair[1]) {
+            return Err(format!(
+                "signed by {:?}, whose subject names an attribute twice",
+                leaf.subject().to_string()
+            ));
+        }
         let trusted = identities.iter().any(|identity| {
             identity.iter().all(|(key, value)| subject.iter().any(|(k, v)| k == key && v == value))
         });
@@ -448,9 +458,13 @@ fn check_leaf(leaf: &X509Certificate<'_>) -> Result<(), String> {
         Ok(None) => return Err("the leaf certificate has no keyUsage".to_owned()),
         Err(e) => return Err(format!("the leaf certificate's keyUsage does not parse: {e}")),
     }
+    // Notation: when present, extendedKeyUsage must allow code signing and nothing that
+    // would make the certificate one issued for another purpose.
     if let Ok(Some(usage)) = leaf.extended_key_usage() {
         let usage = usage.value;
-        if usage.any
+        if !usage.code_signing
+            || usage.ocsp_signing
+            || usage.any
             || usage.server_auth
             || usage.client_auth
             || usage.email_protection
@@ -648,6 +662,8 @@ mod tests {
             leaf(&ca, |p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]);
         let (ca_use_der, ca_use_key) =
             leaf(&ca, |p| p.key_usages = vec![KeyUsagePurpose::KeyCertSign]);
+        let (ocsp_der, ocsp_key) =
+            leaf(&ca, |p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning]);
         let cases: Vec<(NotationSignature, Target<'_>, NotationTrust, i64, &str)> = vec![
             (
                 good.clone(),
@@ -756,6 +772,13 @@ mod tests {
             ),
             (
                 envelope(&protected(), &payload(DIGEST), &server_key, &[&server_der, &ca.root_der]),
+                target(),
+                trusted.clone(),
+                NOW,
+                "extendedKeyUsage is not for code signing",
+            ),
+            (
+                envelope(&protected(), &payload(DIGEST), &ocsp_key, &[&ocsp_der, &ca.root_der]),
                 target(),
                 trusted.clone(),
                 NOW,
