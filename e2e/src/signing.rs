@@ -146,14 +146,23 @@ impl NotationPki {
 }
 
 impl NotationSigner {
-    /// Signs `image` (`host/repository@digest`) with a JWS envelope, as `notation sign` does;
-    /// returns the signature manifest's digest.
+    /// Signs `image` (`host/repository@digest`) with a JWS envelope (`notation sign`'s
+    /// default); returns the signature manifest's digest.
     ///
     /// # Errors
     /// When notation-sign fails.
     pub fn sign(&self, registry: &Registry, image: &str) -> Result<String> {
+        self.sign_with(registry, image, "jws")
+    }
+
+    /// Signs `image` as [`NotationSigner::sign`] does, with a `jws` or `cose` envelope.
+    ///
+    /// # Errors
+    /// When notation-sign fails.
+    pub fn sign_with(&self, registry: &Registry, image: &str, envelope: &str) -> Result<String> {
         let mut command = Command::new(tool("notation-sign")?);
         command
+            .args(["-envelope", envelope])
             .arg("-key")
             .arg(&self.key)
             .arg("-chain")

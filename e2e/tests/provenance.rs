@@ -237,6 +237,8 @@ async fn signatures(cluster: &Cluster, registry: &Registry) -> Result<()> {
     trusted.sign(registry, &image("cosign", &by_cosign))?;
     let by_notation = registry.push_index("signed/notation", "1", &linux).await?;
     signer.sign(registry, &image("notation", &by_notation))?;
+    let by_cose = registry.push_index("signed/cose", "1", &linux).await?;
+    signer.sign_with(registry, &image("cose", &by_cose), "cose")?;
     let unsigned = registry.push_index("signed/unsigned", "1", &linux).await?;
     let wrong_key = registry.push_index("signed/wrong-key", "1", &linux).await?;
     other.sign(registry, &image("wrong-key", &wrong_key))?;
@@ -295,8 +297,8 @@ async fn signatures(cluster: &Cluster, registry: &Registry) -> Result<()> {
         .await
         .context("signed by a valid certificate")?;
 
-    // Signed by cosign and by Notation (JWS, found through the referrers tag schema): admitted
-    // and pinned to the digest that was verified.
+    // Signed by cosign and by Notation (JWS and COSE envelopes, found through the referrers
+    // tag schema): admitted and pinned to the digest that was verified.
     let created = create("cosign", &format!("{host}/signed/cosign:1")).await?;
     ensure!(
         image_of(&created) == format!("{host}/signed/cosign:1@{by_cosign}"),
@@ -306,6 +308,13 @@ async fn signatures(cluster: &Cluster, registry: &Registry) -> Result<()> {
     let created = create("notation", &format!("{host}/signed/notation:1")).await?;
     ensure!(
         image_of(&created) == format!("{host}/signed/notation:1@{by_notation}"),
+        "stored {}",
+        image_of(&created)
+    );
+
+    let created = create("cose", &format!("{host}/signed/cose:1")).await?;
+    ensure!(
+        image_of(&created) == format!("{host}/signed/cose:1@{by_cose}"),
         "stored {}",
         image_of(&created)
     );

@@ -1,11 +1,12 @@
-//! Notation signatures: a JWS envelope signed with an X.509 key whose certificate chain ends in
-//! the policy's trust store, for a subject the policy trusts.
+//! Notation signatures: a JWS or COSE envelope signed with an X.509 key whose certificate chain
+//! ends in the policy's trust store, for a subject the policy trusts.
 //!
 //! Rules, from the notaryproject specifications (`signature-specification.md`,
-//! `signature-envelope-jws.md`, `trust-store-trust-policy.md`), at the `strict` verification
-//! level:
+//! `signature-envelope-jws.md`, `signature-envelope-cose.md`, `trust-store-trust-policy.md`),
+//! at the `strict` verification level:
 //! - **integrity**: the envelope is flattened JWS JSON with exactly `payload`, `protected`,
-//!   `header` and `signature`; `cty` is the Notation payload type; `alg` is the one the leaf key
+//!   `header` and `signature`, or a tagged COSE_Sign1 (coset) with the chain in `x5chain`; the
+//!   content type is the Notation payload type; `alg` is the one the leaf key
 //!   implies; every `crit` header is one arcguard understands (a verification plugin is
 //!   refused); the signature verifies over `protected '.' payload`; the payload's
 //!   `targetArtifact` names this image's digest, media type and size;
@@ -18,8 +19,10 @@
 //! - **authentic timestamp** (scheme `notary.x509`, no timestamp authority): every certificate
 //!   of the chain is valid now.
 //!
-//! Not done: revocation (no CRL or OCSP is fetched at admission), RFC 3161 timestamps, the
-//! `notary.x509.signingAuthority` scheme, and COSE envelopes, which are refused by name.
+//! Not done: revocation (no CRL or OCSP is fetched at admission), RFC 3161 timestamps, and the
+//! `notary.x509.signingAuthority` scheme, which is refused by name. JWS is read with serde_json
+//! and base64 (no JOSE crate fits Notation's unprotected `x5c` header without OpenSSL or a second
+//! crypto stack); COSE with coset; X.509 with x509-parser; signatures with ring.
 
 use std::fmt::Write as _;
 
@@ -241,87 +244,22 @@ pub fn verify(
     trust: &NotationTrust,
     now: i64,
 ) -> Result<Verified, String> {
-    match signature.media_type.as_str() {
-        JWS_MEDIA_TYPE => {}
-        COSE_MEDIA_TYPE => {
-            return Err("a COSE envelope, which arcguard does not verify yet; sign with the JWS envelope (notation sign --signature-format jws, the default)".to_owned());
-        }
+    let envelope = match signature.media_type.as_str() {
+        JWS_MEDIA_TYPE => jws_envelope(&signature.envelope)?,
+        COSE_MEDIA_TYPE => cose_envelope(&signature.envelope)?,
         other => return Err(format!("an envelope of media type {other:?}")),
-    }
-    let jws: Jws = serde_json::from_slice(&signature.envelope)
-        .map_err(|e| format!("the envelope is not flattened JWS JSON: {e}"))?;
-    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let protected: Map<String, Value> = url
-        .decode(&jws.protected)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .ok_or("the protected header is not base64url JSON")?;
-    let text = |name: &str| protected.get(name).and_then(Value::as_str);
-    let alg = text("alg").ok_or("the protected header has no alg")?;
-    if text("cty") != Some(PAYLOAD_CONTENT_TYPE) {
-        return Err(format!("the payload content type is not {PAYLOAD_CONTENT_TYPE}"));
-    }
-    let critical: Vec<&str> = protected
-        .get("crit")
-        .and_then(Value::as_array)
-        .map(|c| c.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    if !critical.contains(&SIGNING_SCHEME) {
-        return Err(format!("{SIGNING_SCHEME} is not marked critical"));
-    }
-    for name in &critical {
-        match *name {
-            SIGNING_SCHEME | EXPIRY | AUTHENTIC_SIGNING_TIME => {}
-            VERIFICATION_PLUGIN | VERIFICATION_PLUGIN_MIN_VERSION => {
-                return Err(
-                    "the signature requires a verification plugin, which arcguard does not run"
-                        .to_owned(),
-                );
-            }
-            other => return Err(format!("unknown critical header {other:?}")),
-        }
-        if !protected.contains_key(*name) {
-            return Err(format!("critical header {name:?} is missing"));
-        }
-    }
-    for name in [EXPIRY, AUTHENTIC_SIGNING_TIME] {
-        if protected.contains_key(name) && !critical.contains(&name) {
-            return Err(format!("{name} is present but not marked critical"));
-        }
-    }
-    match text(SIGNING_SCHEME) {
-        Some("notary.x509") => {}
-        Some(other) => {
-            return Err(format!(
-                "signing scheme {other:?} (only notary.x509 is verified: no timestamp authority is consulted)"
-            ));
-        }
-        None => return Err(format!("no {SIGNING_SCHEME}")),
-    }
-    if text(SIGNING_TIME).is_none() {
-        return Err(format!("no {SIGNING_TIME}"));
-    }
+    };
+    let alg = envelope.alg;
     let mut valid_until = i64::MAX;
-    if let Some(expiry) = protected.get(EXPIRY) {
-        let expiry = expiry
-            .as_str()
-            .and_then(|e| OffsetDateTime::parse(e, &Rfc3339).ok())
-            .ok_or("the expiry is not an RFC 3339 time")?;
-        if now >= expiry.unix_timestamp() {
-            return Err(format!("the signature expired at {}", rfc3339(expiry.unix_timestamp())));
+    if let Some(expiry) = envelope.expiry {
+        if now >= expiry {
+            return Err(format!("the signature expired at {}", rfc3339(expiry)));
         }
-        valid_until = expiry.unix_timestamp();
+        valid_until = expiry;
     }
 
     // The chain: parse, then the leaf key must have made the signature.
-    let standard = base64::engine::general_purpose::STANDARD;
-    let ders: Vec<Vec<u8>> = jws
-        .header
-        .x5c
-        .iter()
-        .map(|c| standard.decode(c))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("an x5c certificate is not base64: {e}"))?;
+    let ders = &envelope.x5c;
     let chain: Vec<X509Certificate<'_>> = ders
         .iter()
         .map(|der| X509Certificate::from_der(der).map(|(_, cert)| cert))
@@ -341,19 +279,13 @@ pub fn verify(
             return Err(format!("the leaf's {} key is not one Notation signs with", key.kind()));
         }
     }
-    let signature_bytes =
-        url.decode(&jws.signature).map_err(|e| format!("the signature is not base64url: {e}"))?;
-    let signing_input = format!("{}.{}", jws.protected, jws.payload);
-    if !key.verify_jws(alg, signing_input.as_bytes(), &signature_bytes) {
+    if !key.verify_jws(alg, &envelope.signed, &envelope.signature) {
         return Err(
             "the signature does not verify with the leaf certificate's key (tampered)".to_owned()
         );
     }
-    let payload: Payload = url
-        .decode(&jws.payload)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .ok_or("the payload is not a Notation payload")?;
+    let payload: Payload = serde_json::from_slice(&envelope.payload)
+        .map_err(|_| "the payload is not a Notation payload".to_owned())?;
     let artifact = payload.target_artifact;
     if artifact.digest != target.digest {
         return Err(format!(
@@ -443,6 +375,201 @@ pub fn verify(
         }
     }
     Ok(Verified { signer: leaf.subject().to_string(), valid_until })
+}
+
+/// What an envelope says, whatever its format: the headers checked, the bytes signed, the
+/// signature, the payload and the certificate chain (DER, leaf first).
+struct Envelope {
+    /// The algorithm, by its JWS name (COSE's are mapped).
+    alg: &'static str,
+    /// `io.cncf.notary.expiry`, Unix seconds.
+    expiry: Option<i64>,
+    payload: Vec<u8>,
+    x5c: Vec<Vec<u8>>,
+    signed: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+/// The algorithms Notation signs with, by JWS name.
+const ALGORITHMS: [&str; 6] = ["ES256", "ES384", "ES512", "PS256", "PS384", "PS512"];
+
+/// Checks the headers every envelope carries: `crit` (given as the names it lists, `present`
+/// saying whether a header is there), the signing scheme and the signing time.
+fn check_headers(
+    critical: &[&str],
+    present: &dyn Fn(&str) -> bool,
+    scheme: Option<&str>,
+) -> Result<(), String> {
+    if !critical.contains(&SIGNING_SCHEME) {
+        return Err(format!("{SIGNING_SCHEME} is not marked critical"));
+    }
+    for name in critical {
+        match *name {
+            SIGNING_SCHEME | EXPIRY | AUTHENTIC_SIGNING_TIME => {}
+            VERIFICATION_PLUGIN | VERIFICATION_PLUGIN_MIN_VERSION => {
+                return Err(
+                    "the signature requires a verification plugin, which arcguard does not run"
+                        .to_owned(),
+                );
+            }
+            other => return Err(format!("unknown critical header {other:?}")),
+        }
+        if !present(name) {
+            return Err(format!("critical header {name:?} is missing"));
+        }
+    }
+    for name in [EXPIRY, AUTHENTIC_SIGNING_TIME] {
+        if present(name) && !critical.contains(&name) {
+            return Err(format!("{name} is present but not marked critical"));
+        }
+    }
+    match scheme {
+        Some("notary.x509") => {}
+        Some(other) => {
+            return Err(format!(
+                "signing scheme {other:?} (only notary.x509 is verified: no timestamp authority is consulted)"
+            ));
+        }
+        None => return Err(format!("no {SIGNING_SCHEME}")),
+    }
+    if !present(SIGNING_TIME) {
+        return Err(format!("no {SIGNING_TIME}"));
+    }
+    Ok(())
+}
+
+/// A flattened JWS JSON envelope (`signature-envelope-jws.md`).
+fn jws_envelope(bytes: &[u8]) -> Result<Envelope, String> {
+    let jws: Jws = serde_json::from_slice(bytes)
+        .map_err(|e| format!("the envelope is not flattened JWS JSON: {e}"))?;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let protected: Map<String, Value> = url
+        .decode(&jws.protected)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or("the protected header is not base64url JSON")?;
+    let text = |name: &str| protected.get(name).and_then(Value::as_str);
+    let alg = text("alg").ok_or("the protected header has no alg")?;
+    let alg = ALGORITHMS
+        .iter()
+        .find(|known| **known == alg)
+        .ok_or_else(|| format!("alg {alg:?} is not one Notation signs with"))?;
+    if text("cty") != Some(PAYLOAD_CONTENT_TYPE) {
+        return Err(format!("the payload content type is not {PAYLOAD_CONTENT_TYPE}"));
+    }
+    let critical: Vec<&str> = protected
+        .get("crit")
+        .and_then(Value::as_array)
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    check_headers(&critical, &|name| protected.contains_key(name), text(SIGNING_SCHEME))?;
+    let expiry = match protected.get(EXPIRY) {
+        Some(expiry) => Some(
+            expiry
+                .as_str()
+                .and_then(|e| OffsetDateTime::parse(e, &Rfc3339).ok())
+                .ok_or("the expiry is not an RFC 3339 time")?
+                .unix_timestamp(),
+        ),
+        None => None,
+    };
+    let standard = base64::engine::general_purpose::STANDARD;
+    let x5c = jws
+        .header
+        .x5c
+        .iter()
+        .map(|c| standard.decode(c))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("an x5c certificate is not base64: {e}"))?;
+    Ok(Envelope {
+        alg,
+        expiry,
+        payload: url
+            .decode(&jws.payload)
+            .map_err(|e| format!("the payload is not base64url: {e}"))?,
+        x5c,
+        signed: format!("{}.{}", jws.protected, jws.payload).into_bytes(),
+        signature: url
+            .decode(&jws.signature)
+            .map_err(|e| format!("the signature is not base64url: {e}"))?,
+    })
+}
+
+/// A `COSE_Sign1_Tagged` envelope (`signature-envelope-cose.md`): times are CBOR tag 1 epochs,
+/// the chain is label 33 (x5chain), the bytes signed are the `Signature1` structure.
+fn cose_envelope(bytes: &[u8]) -> Result<Envelope, String> {
+    use coset::{ContentType, Label, RegisteredLabelWithPrivate, TaggedCborSerializable as _};
+    let sign1 = coset::CoseSign1::from_tagged_slice(bytes)
+        .map_err(|e| format!("the envelope is not a tagged COSE_Sign1: {e}"))?;
+    let header = &sign1.protected.header;
+    let alg = match &header.alg {
+        Some(RegisteredLabelWithPrivate::Assigned(alg)) => match *alg as i64 {
+            -7 => "ES256",
+            -35 => "ES384",
+            -36 => "ES512",
+            -37 => "PS256",
+            -38 => "PS384",
+            -39 => "PS512",
+            other => return Err(format!("COSE alg {other} is not one Notation signs with")),
+        },
+        _ => return Err("the protected header has no alg".to_owned()),
+    };
+    match &header.content_type {
+        Some(ContentType::Text(content)) if content == PAYLOAD_CONTENT_TYPE => {}
+        _ => return Err(format!("the payload content type is not {PAYLOAD_CONTENT_TYPE}")),
+    }
+    let text_label = |name: &str| {
+        header.rest.iter().find(|(label, _)| *label == Label::Text(name.to_owned())).map(|(_, v)| v)
+    };
+    let mut critical = Vec::new();
+    for label in &header.crit {
+        match label {
+            RegisteredLabelWithPrivate::Text(name) => critical.push(name.as_str()),
+            other => return Err(format!("unknown critical header {other:?}")),
+        }
+    }
+    let scheme = text_label(SIGNING_SCHEME).and_then(|v| v.as_text());
+    check_headers(&critical, &|name| text_label(name).is_some(), scheme)?;
+    let epoch = |value: &coset::cbor::Value| match value {
+        coset::cbor::Value::Tag(1, inner) => {
+            inner.as_integer().and_then(|i| i64::try_from(i128::from(i)).ok())
+        }
+        _ => None,
+    };
+    if text_label(SIGNING_TIME).and_then(epoch).is_none() {
+        return Err(format!("{SIGNING_TIME} is not a CBOR epoch time"));
+    }
+    let expiry = match text_label(EXPIRY) {
+        Some(value) => Some(epoch(value).ok_or("the expiry is not a CBOR epoch time")?),
+        None => None,
+    };
+    let x5chain = Label::Int(33);
+    let chain = sign1
+        .unprotected
+        .rest
+        .iter()
+        .chain(&header.rest)
+        .find(|(label, _)| *label == x5chain)
+        .map(|(_, value)| value)
+        .ok_or("the envelope has no x5chain")?;
+    let x5c = match chain {
+        coset::cbor::Value::Bytes(der) => vec![der.clone()],
+        coset::cbor::Value::Array(items) => items
+            .iter()
+            .map(|item| item.as_bytes().cloned())
+            .collect::<Option<Vec<_>>>()
+            .ok_or("x5chain holds something other than certificates")?,
+        _ => return Err("x5chain holds something other than certificates".to_owned()),
+    };
+    let payload = sign1.payload.clone().ok_or("the envelope has no payload")?;
+    Ok(Envelope {
+        alg,
+        expiry,
+        payload,
+        x5c,
+        signed: sign1.tbs_data(&[]),
+        signature: sign1.signature.clone(),
+    })
 }
 
 fn check_leaf(leaf: &X509Certificate<'_>) -> Result<(), String> {
@@ -796,7 +923,7 @@ mod tests {
                 target(),
                 trusted.clone(),
                 NOW,
-                "a COSE envelope",
+                "not a tagged COSE_Sign1",
             ),
             (
                 NotationSignature { envelope: b"{}".to_vec(), ..good.clone() },
@@ -810,6 +937,80 @@ mod tests {
             let error = verify(&signature, target, &trust, now).expect_err(why);
             assert!(error.contains(why), "expected {why:?} in {error:?}");
         }
+    }
+
+    /// A COSE_Sign1 envelope as notation-go writes one, signed by `key`; `expiry` adds the
+    /// critical expiry header.
+    fn cose(
+        payload: &Value,
+        key: &KeyPair,
+        x5c: &[&[u8]],
+        expiry: Option<i64>,
+    ) -> NotationSignature {
+        use coset::cbor::Value as Cbor;
+        use coset::{CoseSign1Builder, HeaderBuilder, TaggedCborSerializable as _, iana};
+        let mut protected = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::ES256)
+            .content_type(PAYLOAD_CONTENT_TYPE.to_owned())
+            .add_critical_label(coset::RegisteredLabelWithPrivate::Text(SIGNING_SCHEME.into()))
+            .text_value(SIGNING_SCHEME.into(), Cbor::Text("notary.x509".into()))
+            .text_value(SIGNING_TIME.into(), Cbor::Tag(1, Box::new(Cbor::Integer(NOW.into()))));
+        if let Some(expiry) = expiry {
+            protected = protected
+                .add_critical_label(coset::RegisteredLabelWithPrivate::Text(EXPIRY.into()))
+                .text_value(EXPIRY.into(), Cbor::Tag(1, Box::new(Cbor::Integer(expiry.into()))));
+        }
+        let chain = Cbor::Array(x5c.iter().map(|der| Cbor::Bytes(der.to_vec())).collect());
+        let unprotected = HeaderBuilder::new().value(33, chain).build();
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .expect("p-256 key");
+        let sign1 = CoseSign1Builder::new()
+            .protected(protected.build())
+            .unprotected(unprotected)
+            .payload(serde_json::to_vec(payload).expect("json"))
+            .create_signature(&[], |tbs| signer.sign(&rng, tbs).expect("signs").as_ref().to_vec())
+            .build();
+        NotationSignature {
+            media_type: COSE_MEDIA_TYPE.into(),
+            envelope: sign1.to_tagged_vec().expect("cbor"),
+        }
+    }
+
+    #[test]
+    fn cose_envelopes_verify_as_jws_ones_do() {
+        let ca = pki("root");
+        let (leaf_der, key) = leaf(&ca, |_| {});
+        let trusted = trust(&ca, &["x509.subject: C=US, ST=WA, O=Contoso"]);
+        let good = cose(&payload(DIGEST), &key, &[&leaf_der, &ca.root_der], None);
+        let verified = verify(&good, target(), &trusted, NOW).expect("verifies");
+        assert_eq!(verified.signer, "CN=signer, C=US, ST=WA, O=Contoso");
+        let cases = [
+            (
+                cose(&payload("sha256:22"), &key, &[&leaf_der], None),
+                NOW,
+                "the signature is for sha256:22",
+            ),
+            (
+                cose(&payload(DIGEST), &key, &[&leaf_der], Some(NOW - 1)),
+                NOW,
+                "the signature expired at",
+            ),
+            (good.clone(), NOW + 2 * 86_400, "expired at"),
+        ];
+        for (signature, now, why) in cases {
+            let error = verify(&signature, target(), &trusted, now).expect_err(why);
+            assert!(error.contains(why), "expected {why:?} in {error:?}");
+        }
+        let mut tampered = good.envelope.clone();
+        let at = tampered.len() - 10;
+        tampered[at] ^= 1;
+        let tampered = NotationSignature { envelope: tampered, ..good };
+        assert!(verify(&tampered, target(), &trusted, NOW).is_err());
     }
 
     #[test]
