@@ -172,7 +172,11 @@ fn check_installed(kubectl: &Cli) -> Result<()> {
         ("patch", "pods", "default", "yes"),
         ("delete", "pods", "default", "no"),
         ("update", "secrets/arcguard-tls", NAMESPACE, "yes"),
-        ("get", "secrets/other", NAMESPACE, "no"),
+        // imageProvenance reads the imagePullSecrets pods name, by name only (rule 16).
+        ("get", "secrets/other", "default", "yes"),
+        ("list", "secrets", "default", "no"),
+        ("watch", "secrets", "default", "no"),
+        ("update", "secrets/other", NAMESPACE, "no"),
         ("patch", "validatingwebhookconfigurations/arcguard", "", "yes"),
         ("patch", "validatingwebhookconfigurations/other", "", "no"),
         ("update", "leases.coordination.k8s.io/arcguard", NAMESPACE, "yes"),

@@ -294,6 +294,65 @@ impl Facts for StaticFacts {
     }
 }
 
+/// Facts with what registries served layered over them: the request's other facts are read
+/// from `base` as they are, without a copy.
+#[derive(Debug)]
+pub struct RegistryLayer<'a> {
+    /// Every other fact.
+    pub base: &'a StaticFacts,
+    /// What the registry adapter read for this request.
+    pub registry: &'a provenance::RegistryFacts,
+}
+
+impl Facts for RegistryLayer<'_> {
+    fn credential_spec(&self, name: &str) -> Option<&Value> {
+        self.base.credential_spec(name)
+    }
+
+    fn may_use_credential_spec(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        name: &str,
+    ) -> Access {
+        self.base.may_use_credential_spec(namespace, service_account, name)
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
+        self.base.namespace_labels(namespace)
+    }
+
+    fn node_os(&self, node: &str) -> NodeOs {
+        self.base.node_os(node)
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> PodLookup<'_> {
+        self.base.pod(namespace, name)
+    }
+
+    fn image(&self, key: &str) -> ImageLookup<'_> {
+        match self.registry.images.get(key) {
+            Some(ImageFact::Found(image)) => ImageLookup::Found(image),
+            Some(ImageFact::Refused(why)) => ImageLookup::Refused(why),
+            Some(ImageFact::Unreachable(why)) => ImageLookup::Unreachable(why),
+            None => ImageLookup::Unreachable("the image was not looked up"),
+        }
+    }
+
+    fn signature(
+        &self,
+        key: &str,
+        trust: crate::signature::TrustId,
+    ) -> Option<&crate::signature::SignatureVerdict> {
+        // A request holds a handful: a scan, without building an owned key.
+        self.registry
+            .signatures
+            .iter()
+            .find(|((k, t), _)| k == key && *t == trust)
+            .map(|(_, verdict)| verdict)
+    }
+}
+
 /// One compiled rule block of a policy.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Rule {

@@ -19,6 +19,7 @@ use super::decision_log::{self, DecisionLog, Line};
 use super::{AppState, Limits};
 use crate::admission::{self, ReviewError};
 use crate::pipeline::{self, Decision, Webhook};
+use crate::rules::{Facts, RegistryLayer};
 
 /// The router of the HTTPS port: `POST /validate`, `POST /mutate`, `GET /healthz`, `GET /readyz`.
 pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
@@ -192,25 +193,28 @@ async fn decide(
     // The facts are gathered for the policies that apply under this snapshot, and the request
     // is decided on the same snapshot.
     let snapshot = state.snapshot.load_full();
-    let mut gathered = match (&state.facts, &prepared.view) {
+    let gathered = match (&state.facts, &prepared.view) {
         (Some(source), Some(view)) => Some(source.gather(view, &snapshot.policies).await),
         _ => None,
     };
+    let base = gathered.as_ref().unwrap_or(&snapshot.facts);
+    // What registries served is layered over the other facts rather than copied into them.
+    let mut registry = None;
     if let (Some(images), Some(view)) = (&state.images, &prepared.view)
         && snapshot.policies.reads_registries()
     {
-        let base = gathered.as_ref().unwrap_or(&snapshot.facts);
         let needs = snapshot.policies.needs(view, base);
         if !needs.images.is_empty() {
-            let found =
-                images.lookup(&needs.images, &needs.signatures, &base.registry_credentials).await;
-            let mut facts = gathered.unwrap_or_else(|| snapshot.facts.clone());
-            facts.images = Some(found.images);
-            facts.signatures = found.signatures;
-            gathered = Some(facts);
+            registry = Some(
+                images.lookup(&needs.images, &needs.signatures, &base.registry_credentials).await,
+            );
         }
     }
-    let facts = gathered.as_ref().unwrap_or(&snapshot.facts);
+    let layered = registry.as_ref().map(|registry| RegistryLayer { base, registry });
+    let facts: &dyn Facts = match &layered {
+        Some(layered) => layered,
+        None => base,
+    };
     match pipeline::decide(webhook, &prepared, &snapshot.policies, facts) {
         Ok(decision) => {
             let encoded = admission::review::encode(&decision.response);
