@@ -277,12 +277,7 @@ impl Facts for StaticFacts {
 
     fn image(&self, key: &str) -> ImageLookup<'_> {
         let Some(images) = &self.images else { return ImageLookup::NotChecked };
-        match images.get(key) {
-            Some(ImageFact::Found(image)) => ImageLookup::Found(image),
-            Some(ImageFact::Refused(why)) => ImageLookup::Refused(why),
-            Some(ImageFact::Unreachable(why)) => ImageLookup::Unreachable(why),
-            None => ImageLookup::Unreachable("the image was not looked up"),
-        }
+        ImageLookup::of(images.get(key))
     }
 
     fn signature(
@@ -331,12 +326,7 @@ impl Facts for RegistryLayer<'_> {
     }
 
     fn image(&self, key: &str) -> ImageLookup<'_> {
-        match self.registry.images.get(key) {
-            Some(ImageFact::Found(image)) => ImageLookup::Found(image),
-            Some(ImageFact::Refused(why)) => ImageLookup::Refused(why),
-            Some(ImageFact::Unreachable(why)) => ImageLookup::Unreachable(why),
-            None => ImageLookup::Unreachable("the image was not looked up"),
-        }
+        ImageLookup::of(self.registry.images.get(key))
     }
 
     fn signature(

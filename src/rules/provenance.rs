@@ -183,6 +183,19 @@ pub enum ImageLookup<'a> {
     NotChecked,
 }
 
+impl<'a> ImageLookup<'a> {
+    /// The lookup of a gathered fact; one that was not gathered (a shell bug) fails closed as
+    /// unreadable.
+    pub fn of(fact: Option<&'a ImageFact>) -> Self {
+        match fact {
+            Some(ImageFact::Found(image)) => Self::Found(image),
+            Some(ImageFact::Refused(why)) => Self::Refused(why),
+            Some(ImageFact::Unreachable(why)) => Self::Unreachable(why),
+            None => Self::Unreachable("the image was not looked up"),
+        }
+    }
+}
+
 /// The key a registry fact is gathered and read under: the normalised
 /// `registry/repository@digest` when the image is pinned (the runtime pulls by digest, so a
 /// tag next to it does not matter), else `registry/repository:tag`.
