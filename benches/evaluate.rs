@@ -8,10 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use arcguard::admission::{self, RequestView, review};
+use arcguard::image;
 use arcguard::pipeline::{self, Webhook, patch};
 use arcguard::policy::PolicySet;
 use arcguard::policy::load::{Loaded, load_dir, load_sources};
-use arcguard::rules::{StaticFacts, image};
+use arcguard::rules::StaticFacts;
 use arcguard::server::{AppState, Limits, Snapshot, webhook_router};
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};

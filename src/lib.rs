@@ -12,6 +12,7 @@ pub mod certs;
 pub mod check;
 pub mod cli;
 pub mod cluster;
+pub mod image;
 pub mod manifest;
 pub mod metrics;
 pub mod names;

@@ -158,6 +158,9 @@ pub fn for_image<'a>(
     repository: &str,
     credentials: &'a [RegistryCredential],
 ) -> Option<&'a RegistryCredential> {
+    if credentials.is_empty() {
+        return None;
+    }
     let image = format!("{registry}/{repository}");
     let image = split(&image)?;
     credentials

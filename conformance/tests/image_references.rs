@@ -5,7 +5,7 @@
 //! tag and digest. arcguard may be stricter than the reference only in the classes of
 //! [`deliberate`] (listed in conformance/README.md), never more permissive.
 
-use arcguard::rules::image::{self, ImageError};
+use arcguard::image::{self, ImageError};
 use arcguard_conformance::{Report, ask, generate, mutated_inputs, oracles, runner, vectors};
 use proptest::prelude::*;
 use serde::Deserialize;

@@ -5,8 +5,11 @@
 //! decoding cost proportional to what the rules look at, not to object size.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use serde::Deserialize;
+
+use crate::image::{self, ImageError, ImageParts, ImageSpans};
 
 /// Label map of an object or pod template.
 pub type Labels = BTreeMap<String, String>;
@@ -234,6 +237,22 @@ pub struct Container {
     /// Container-level `securityContext`.
     #[serde(default)]
     pub security_context: Option<SecurityContext>,
+    /// `image` parsed, once per request however many rules read it.
+    #[serde(skip)]
+    parsed_image: ParsedImage,
+}
+
+/// A container's image reference parsed when first asked for, with the address and length
+/// of the string it was parsed from: a memo that no longer matches its `image` (the field is
+/// public) is not used.
+#[derive(Clone, Debug, Default)]
+struct ParsedImage(OnceLock<(usize, usize, Result<ImageSpans, ImageError>)>);
+
+/// Two containers are equal by what was decoded, whether or not their image was parsed yet.
+impl PartialEq for ParsedImage {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Which list of a pod spec a container is in.
@@ -339,6 +358,22 @@ impl PodSpec {
 }
 
 impl Container {
+    /// The image reference parsed ([`image::parse_parts`]), `None` when there is no image.
+    /// The parse is kept with the container: every rule after the first reads it for free.
+    ///
+    /// # Errors
+    /// The inner [`ImageError`] says why the image is not a valid reference.
+    pub fn image_parts(&self) -> Option<Result<ImageParts<'_>, ImageError>> {
+        let image = self.image.as_deref()?;
+        let written = (image.as_ptr() as usize, image.len());
+        let (address, len, parsed) =
+            self.parsed_image.0.get_or_init(|| (written.0, written.1, image::parse_spans(image)));
+        if (*address, *len) != written {
+            return Some(image::parse_parts(image));
+        }
+        Some(parsed.as_ref().map(|spans| spans.parts(image)).map_err(Clone::clone))
+    }
+
     /// Container-level `windowsOptions`.
     pub fn windows_options(&self) -> Option<&WindowsOptions> {
         self.security_context.as_ref()?.windows_options.as_ref()
@@ -376,4 +411,41 @@ where
     T: Default + Deserialize<'de>,
 {
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(image: &str) -> Container {
+        Container { name: "app".into(), image: Some(image.into()), ..Container::default() }
+    }
+
+    fn normalised(container: &Container) -> Option<Result<String, ImageError>> {
+        container.image_parts().map(|parts| parts.map(|parts| parts.to_image_ref().to_string()))
+    }
+
+    #[test]
+    fn the_image_is_parsed_once_and_a_replaced_image_is_parsed_again() {
+        let mut app = container("contoso.azurecr.io/app:1");
+        assert_eq!(normalised(&app), Some(Ok("contoso.azurecr.io/app:1".into())));
+        // The memo is filled; it holds for the same string...
+        assert!(app.parsed_image.0.get().is_some());
+        assert_eq!(normalised(&app), Some(Ok("contoso.azurecr.io/app:1".into())));
+        // ...and is not used for another one written over it.
+        app.image = Some("nginx".into());
+        assert_eq!(normalised(&app), Some(Ok("docker.io/library/nginx:latest".into())));
+        app.image = Some("Bad Image".into());
+        assert_eq!(normalised(&app), Some(Err(ImageError::Whitespace)));
+        app.image = None;
+        assert_eq!(normalised(&app), None);
+    }
+
+    #[test]
+    fn containers_compare_by_what_was_decoded_not_by_what_was_parsed() {
+        let (parsed, fresh) = (container("nginx"), container("nginx"));
+        let _ = parsed.image_parts();
+        assert_eq!(parsed, fresh);
+        assert_ne!(parsed, container("redis"));
+    }
 }

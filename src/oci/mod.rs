@@ -106,12 +106,14 @@ struct Access {
     client: Arc<Client>,
     auth: RegistryAuth,
     /// `anonymous`, or the credential's [`RegistryCredential::identity`].
-    identity: String,
+    identity: Arc<str>,
 }
 
 /// Registry access with its caches; one per process.
 pub struct Registries {
     make_client: MakeClient,
+    /// Anonymous pulls, the common case, without a look into `clients`.
+    anonymous: Access,
     clients: std::sync::Mutex<std::collections::HashMap<String, Arc<Client>>>,
     deadline: Duration,
     images: TtlCache<String, ImageFact>,
@@ -168,11 +170,13 @@ impl Registries {
         // A configuration that cannot make a client fails at start, not on a request.
         let anonymous = Arc::new(make_client()?);
         Ok(Arc::new(Self {
+            anonymous: Access {
+                client: anonymous,
+                auth: RegistryAuth::Anonymous,
+                identity: Arc::from(ANONYMOUS),
+            },
             make_client,
-            clients: std::sync::Mutex::new(std::collections::HashMap::from([(
-                ANONYMOUS.to_owned(),
-                anonymous,
-            )])),
+            clients: std::sync::Mutex::new(std::collections::HashMap::new()),
             deadline: config.deadline,
             images: TtlCache::new(CACHE_LIMIT),
             image_reads: Arc::new(Flights::new(READ_CAP)),
@@ -192,6 +196,9 @@ impl Registries {
         signatures: &BTreeSet<(String, TrustRef)>,
         credentials: &[RegistryCredential],
     ) -> RegistryFacts {
+        if let Some(cached) = self.cached(keys, signatures, credentials) {
+            return assemble(cached);
+        }
         let started = Instant::now();
         let read = futures::future::join_all(keys.iter().enumerate().map(|(i, key)| async move {
             if i >= MAX_IMAGES_PER_REQUEST {
@@ -217,21 +224,35 @@ impl Registries {
             (key.clone(), fact, verdicts)
         }))
         .await;
-        let mut facts = RegistryFacts::default();
-        for (key, fact, verdicts) in read {
-            if let ImageFact::Found(image) = &fact
-                && let Some((name, _)) = split_tag(&key)
-            {
-                let pinned = format!("{name}@{}", image.digest);
-                for ((_, trust), verdict) in &verdicts {
-                    facts.signatures.insert((pinned.clone(), *trust), verdict.clone());
-                }
-                facts.images.insert(pinned, fact.clone());
-            }
-            facts.signatures.extend(verdicts);
-            facts.images.insert(key, fact);
+        assemble(read)
+    }
+
+    /// What [`Self::lookup`] reads when every fact and verdict it asks for is cached (the
+    /// common case, answered without a future per image); `None` when one is not.
+    fn cached(
+        &self,
+        keys: &BTreeSet<String>,
+        signatures: &BTreeSet<(String, TrustRef)>,
+        credentials: &[RegistryCredential],
+    ) -> Option<Vec<Read>> {
+        if keys.len() > MAX_IMAGES_PER_REQUEST {
+            return None;
         }
-        facts
+        keys.iter()
+            .map(|key| {
+                let access = self.access(key, credentials).ok()?;
+                let fact = self.images.get(&image_cache_key(&access.identity, key))?;
+                let mut verdicts = Vec::new();
+                if let ImageFact::Found(image) = &fact {
+                    for (_, trust) in signatures.iter().filter(|(k, _)| k == key) {
+                        let cache_key = verdict_cache_key(&access.identity, key, image, trust);
+                        let verdict = self.verdicts.get(&cache_key)?;
+                        verdicts.push(((key.clone(), cache_key.1), verdict));
+                    }
+                }
+                Some((key.clone(), fact, verdicts))
+            })
+            .collect()
     }
 
     /// How `key` is pulled: with the most specific of `credentials` that matches its
@@ -243,17 +264,14 @@ impl Registries {
             .or_else(|| key.split_once('@').map(|(name, _)| name))
             .and_then(|name| name.split_once('/').map(|(_, repository)| repository))
             .unwrap_or(rest);
-        let credential = credentials::for_image(registry, repository, credentials);
-        let (identity, auth) = match credential {
-            Some(credential) => (
-                credential.identity(),
-                RegistryAuth::Basic(credential.username.clone(), credential.password.clone()),
-            ),
-            None => (ANONYMOUS.to_owned(), RegistryAuth::Anonymous),
+        let Some(credential) = credentials::for_image(registry, repository, credentials) else {
+            return Ok(self.anonymous.clone());
         };
+        let identity: Arc<str> = Arc::from(credential.identity());
+        let auth = RegistryAuth::Basic(credential.username.clone(), credential.password.clone());
         let mut clients =
             self.clients.lock().map_err(|_| "the registry clients are unavailable".to_owned())?;
-        let client = match clients.get(&identity) {
+        let client = match clients.get(&*identity) {
             Some(client) => Arc::clone(client),
             None => {
                 if clients.len() >= CLIENT_LIMIT {
@@ -263,7 +281,7 @@ impl Registries {
                     (self.make_client)()
                         .map_err(|e| format!("the registry client cannot be built: {e}"))?,
                 );
-                clients.insert(identity.clone(), Arc::clone(&client));
+                clients.insert(identity.to_string(), Arc::clone(&client));
                 client
             }
         };
@@ -273,7 +291,7 @@ impl Registries {
     /// One image's fact: from the cache, from a read already in flight, or from a new read.
     async fn fact(self: &Arc<Self>, access: &Access, key: &str) -> ImageFact {
         // Who may read an image is the registry's to say: facts are kept per credential.
-        let cache_key = format!("{} {key}", access.identity);
+        let cache_key = image_cache_key(&access.identity, key);
         if let Some(fact) = self.images.get(&cache_key) {
             return fact;
         }
@@ -310,14 +328,14 @@ impl Registries {
             ImageFact::Refused(_) => REFUSED_TTL,
             ImageFact::Unreachable(_) => return,
         };
-        self.images.insert(format!("{identity} {key}"), fact.clone(), ttl);
+        self.images.insert(image_cache_key(identity, key), fact.clone(), ttl);
         // The digest a tag resolved to is what the mutating webhook pins: the validating
         // webhook then reads it by digest.
         if let ImageFact::Found(image) = fact
             && let Some((name, _tag)) = split_tag(key)
         {
             self.images.insert(
-                format!("{identity} {name}@{}", image.digest),
+                image_cache_key(identity, &format!("{name}@{}", image.digest)),
                 fact.clone(),
                 DIGEST_TTL,
             );
@@ -333,9 +351,8 @@ impl Registries {
         trust: &TrustRef,
         left: Duration,
     ) -> SignatureVerdict {
-        let name = split_tag(key)
-            .map_or_else(|| key.split_once('@').map_or(key, |(name, _)| name), |(name, _)| name);
-        let cache_key = (format!("{} {name}@{}", access.identity, image.digest), trust.0.id());
+        let name = repository_name(key);
+        let cache_key = verdict_cache_key(&access.identity, key, image, trust);
         if let Some(verdict) = self.verdicts.get(&cache_key) {
             return verdict;
         }
@@ -446,6 +463,64 @@ impl Registries {
         let size = body.len() as u64;
         ImageFact::Found(RegistryImage { digest, media_type, size, platforms })
     }
+}
+
+/// What one image of a request was found to be: its key, its fact, and the verdicts on its
+/// signatures by (key, trust).
+type Read = (String, ImageFact, Vec<((String, TrustId), SignatureVerdict)>);
+
+/// The facts of a request from what was read for each of its images; an image read by tag is
+/// also answered under the digest it resolved to, the key its pinned form is read by.
+fn assemble(read: Vec<Read>) -> RegistryFacts {
+    let mut facts = RegistryFacts::default();
+    for (key, fact, verdicts) in read {
+        if let ImageFact::Found(image) = &fact
+            && let Some((name, _)) = split_tag(&key)
+        {
+            let pinned = format!("{name}@{}", image.digest);
+            for ((_, trust), verdict) in &verdicts {
+                facts.signatures.insert((pinned.clone(), *trust), verdict.clone());
+            }
+            facts.images.insert(pinned, fact.clone());
+        }
+        facts.signatures.extend(verdicts);
+        facts.images.insert(key, fact);
+    }
+    facts
+}
+
+/// The image cache's key: facts are kept per credential identity, since who may read an image
+/// is the registry's to say.
+fn image_cache_key(identity: &str, key: &str) -> String {
+    let mut cache_key = String::with_capacity(identity.len() + 1 + key.len());
+    cache_key.push_str(identity);
+    cache_key.push(' ');
+    cache_key.push_str(key);
+    cache_key
+}
+
+/// The verdict cache's key: the image by repository and digest (a tag and its digest share
+/// one verdict) under a credential identity, and the trust judged by.
+fn verdict_cache_key(
+    identity: &str,
+    key: &str,
+    image: &RegistryImage,
+    trust: &TrustRef,
+) -> (String, TrustId) {
+    let name = repository_name(key);
+    let mut cache_key = String::with_capacity(identity.len() + 2 + name.len() + image.digest.len());
+    cache_key.push_str(identity);
+    cache_key.push(' ');
+    cache_key.push_str(name);
+    cache_key.push('@');
+    cache_key.push_str(&image.digest);
+    (cache_key, trust.0.id())
+}
+
+/// The repository part (`registry/repository`) of a lookup key.
+fn repository_name(key: &str) -> &str {
+    split_tag(key)
+        .map_or_else(|| key.split_once('@').map_or(key, |(name, _)| name), |(name, _)| name)
 }
 
 /// Now, in Unix seconds (the pure verification takes the time as an argument).

@@ -154,6 +154,19 @@ impl PolicySet {
         needs
     }
 
+    /// The registry facts (images, signatures, the credentials to read them with) the
+    /// applicable imageProvenance policies need: [`Self::needs`] without the cluster facts,
+    /// for the registry adapter, which runs after those are gathered.
+    pub fn registry_needs(&self, view: &RequestView, facts: &dyn Facts) -> FactNeeds {
+        let mut needs = FactNeeds::default();
+        for policy in self.applicable(view, facts) {
+            if let crate::rules::Rule::ImageProvenance(rule) = &policy.rule {
+                rule.needs(view, &mut needs);
+            }
+        }
+        needs
+    }
+
     /// Whether a policy reads registries (imageProvenance), so requests may need registry facts.
     pub fn reads_registries(&self) -> bool {
         self.policies().iter().any(|p| matches!(p.rule, crate::rules::Rule::ImageProvenance(_)))

@@ -13,7 +13,6 @@ use self::provenance::{ImageFact, ImageLookup};
 
 pub mod calico;
 pub mod gmsa;
-pub mod image;
 pub mod os;
 pub mod provenance;
 pub mod registry;

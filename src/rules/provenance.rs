@@ -16,12 +16,12 @@ use std::sync::Arc;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::image::{self, ImageParts};
 use super::os::{self, PodOs};
 use super::registry::{self, RegistryPrefix};
 use super::{FactNeeds, Facts, FieldError, Findings, Mutation};
 use crate::admission::objects::ContainerRef;
 use crate::admission::view::{PodView, RequestView, Subject};
+use crate::image::{self, ImageParts};
 use crate::signature::{self, SignatureTrust, SignatureVerdict, TrustRef};
 
 /// Node label naming a node's CPU architecture, as the kubelet sets it (`amd64`, `arm64`).
@@ -433,7 +433,7 @@ impl ImageProvenance {
             if registry::is_unchanged(pod, container, image) {
                 return None;
             }
-            match image::parse_parts(image) {
+            match container.container.image_parts()? {
                 Ok(parts) => self
                     .scope
                     .iter()

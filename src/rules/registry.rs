@@ -3,10 +3,10 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::image::{self, ImageParts, ImageRef};
 use super::{FieldError, Findings};
 use crate::admission::objects::ContainerRef;
 use crate::admission::view::{PodView, RequestView, Subject};
+use crate::image::{self, ImageParts, ImageRef};
 
 /// The `trustedRegistries` rule block.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -118,9 +118,11 @@ impl TrustedRegistries {
     /// violation.
     fn check(&self, container: ContainerRef<'_>, image: &str, violations: &mut Vec<String>) {
         let subject = || format!("{} {:?}", container.list.noun(), container.container.name);
-        let parsed = match image::parse_parts(image) {
-            Ok(parsed) => parsed,
-            Err(why) => {
+        let parsed = match container.container.image_parts() {
+            Some(Ok(parsed)) => parsed,
+            // `image` is the container's, so there is one to parse.
+            None => return,
+            Some(Err(why)) => {
                 violations.push(format!(
                     "{} has an invalid image reference {:?}: {why}",
                     subject(),

@@ -203,7 +203,7 @@ async fn decide(
     if let (Some(images), Some(view)) = (&state.images, &prepared.view)
         && snapshot.policies.reads_registries()
     {
-        let needs = snapshot.policies.needs(view, base);
+        let needs = snapshot.policies.registry_needs(view, base);
         if !needs.images.is_empty() {
             registry = Some(
                 images.lookup(&needs.images, &needs.signatures, &base.registry_credentials).await,

@@ -17,6 +17,7 @@
 //! normalised form in one allocation.
 
 use std::fmt;
+use std::ops::Range;
 
 /// Longest repository path (`library/` included for official images) the reference allows:
 /// `RepositoryNameTotalLengthMax` in distribution/reference's `reference.go`. The registry host
@@ -292,6 +293,47 @@ pub fn parse(input: &str) -> Result<ImageRef, ImageError> {
 /// # Errors
 /// [`ImageError`] saying why `input` is not a valid reference.
 pub fn parse_parts(input: &str) -> Result<ImageParts<'_>, ImageError> {
+    parse_spans(input).map(|spans| spans.parts(input))
+}
+
+/// Where the parts of a valid reference lie in the string it was parsed from: an
+/// [`ImageParts`] without the borrow, so that a parse can be kept next to its string (the
+/// request view parses each container's image once, however many rules read it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageSpans {
+    /// The registry host; `None` for Docker Hub, however it was spelled.
+    registry: Option<Range<usize>>,
+    official: bool,
+    repository: Range<usize>,
+    /// The tag as written; `None` with no digest either means `latest`.
+    tag: Option<Range<usize>>,
+    digest: Option<Range<usize>>,
+}
+
+impl ImageSpans {
+    /// The parts of `input`, the string these spans were parsed from (any other string gives
+    /// empty parts, never a panic).
+    pub fn parts<'a>(&self, input: &'a str) -> ImageParts<'a> {
+        let slice = |range: &Range<usize>| input.get(range.clone()).unwrap_or_default();
+        ImageParts {
+            registry: self.registry.as_ref().map_or(DOCKER_HUB, slice),
+            official: self.official,
+            repository: slice(&self.repository),
+            tag: match (&self.tag, &self.digest) {
+                (Some(tag), _) => Some(slice(tag)),
+                (None, None) => Some(DEFAULT_TAG),
+                (None, Some(_)) => None,
+            },
+            digest: self.digest.as_ref().map(slice),
+        }
+    }
+}
+
+/// Parses an image reference as [`parse_parts`] does, giving where its parts lie in `input`.
+///
+/// # Errors
+/// [`ImageError`] saying why `input` is not a valid reference.
+pub fn parse_spans(input: &str) -> Result<ImageSpans, ImageError> {
     let scan = Scan::of(input);
     check_shape(input, &scan)?;
     let (rest, digest) = match scan.at {
@@ -321,9 +363,9 @@ pub fn parse_parts(input: &str) -> Result<ImageParts<'_>, ImageError> {
         Some(host) => is_docker_hub(host) && scan.first_slash == scan.last_slash,
         None => scan.first_slash.is_none(),
     };
-    let registry = match registry {
-        Some(host) if !is_docker_hub(host) => host,
-        _ => DOCKER_HUB,
+    let (registry, docker_hub) = match registry {
+        Some(host) if !is_docker_hub(host) => (host, false),
+        _ => (DOCKER_HUB, true),
     };
     let repository_len =
         repository.len() + if official { DOCKER_HUB_OFFICIAL.len() + 1 } else { 0 };
@@ -358,8 +400,18 @@ pub fn parse_parts(input: &str) -> Result<ImageParts<'_>, ImageError> {
     if digest.is_some_and(has_uppercase) {
         return Err(ImageError::DigestHex);
     }
-    let tag = if tag.is_none() && digest.is_none() { Some(DEFAULT_TAG) } else { tag };
-    Ok(ImageParts { registry, official, repository, tag, digest })
+    // Every part but a Docker Hub registry is a slice of `input`: its span is its offset.
+    let span = |part: &str| {
+        let start = (part.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
+        start..start + part.len()
+    };
+    Ok(ImageSpans {
+        registry: (!docker_hub).then(|| span(registry)),
+        official,
+        repository: span(repository),
+        tag: tag.map(span),
+        digest: digest.map(span),
+    })
 }
 
 /// Where the separators of a reference are, found in one pass over its bytes.
@@ -1043,6 +1095,24 @@ mod tests {
         for (image, host, expected) in registry {
             let parts = parse_parts(image).expect("valid");
             assert_eq!(parts.registry_is(host), expected, "{image} from {host}");
+        }
+    }
+
+    #[test]
+    fn spans_give_the_parts_of_their_own_string_and_nothing_of_another() {
+        for image in [
+            "nginx",
+            "docker.io/library/nginx:1.27",
+            "index.docker.io/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "contoso.azurecr.io:5000/a/b:v1@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "[::1]:5000/app",
+        ] {
+            let spans = parse_spans(image).expect("valid");
+            let parts = spans.parts(image);
+            assert_eq!(parts.to_image_ref(), parse(image).expect("valid"), "{image}");
+            // A string the spans were not parsed from never panics: its parts are empty.
+            let other = spans.parts("x");
+            assert!(other.repository.is_empty() || other.repository == "x", "{image}");
         }
     }
 
