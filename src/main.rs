@@ -306,8 +306,11 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
     if loaded.policies.reads_registries() {
         if args.registry {
             let needs = check::registry_needs(&inputs, &loaded.policies, &facts)?;
-            let registries =
-                arcguard::oci::Registries::new(&registry_config(&args.registry_access)?)?;
+            // `check` exports no metrics; the registry adapter counts into a throwaway set.
+            let registries = arcguard::oci::Registries::new(
+                &registry_config(&args.registry_access)?,
+                std::sync::Arc::new(arcguard::metrics::Metrics::new()),
+            )?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -1,5 +1,6 @@
 //! Prometheus metrics: admission requests, policy results, policy and certificate reloads,
-//! certificate rotations, CA bundle injections and leadership.
+//! certificate rotations, CA bundle injections, leadership, the background audit, and the
+//! registry reads of imageProvenance.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -70,6 +71,31 @@ struct ConfigurationLabels {
     configuration: &'static str,
 }
 
+/// Registry-read durations in seconds: a cached answer costs nothing, a read on loopback about
+/// a millisecond, one across the internet tens to hundreds, up to the deadline (30 s cap).
+const REGISTRY_BUCKETS: [f64; 12] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 10.0];
+
+/// Labels of an image lookup: where the answer came from, and what it was.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabels {
+    source: &'static str,
+    result: &'static str,
+}
+
+/// Labels of a registry read: what was read, and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    read: &'static str,
+    result: &'static str,
+}
+
+/// Labels of registry-read durations: what was read.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadKindLabels {
+    read: &'static str,
+}
+
 /// Every metric arcguard exports, registered under the `arcguard` prefix.
 #[derive(Debug)]
 pub struct Metrics {
@@ -94,6 +120,9 @@ pub struct Metrics {
     audit_runs: Family<AuditRunLabels, Counter>,
     audit_interval: Gauge,
     audit_failed_scopes: Gauge,
+    registry_lookups: Family<LookupLabels, Counter>,
+    registry_reads: Family<ReadLabels, Counter>,
+    registry_read_duration: Family<ReadKindLabels, Histogram>,
 }
 
 /// Labels of the audit's runs: how a run ended.
@@ -241,7 +270,49 @@ impl Metrics {
             "On the leader: namespaces (and the cluster scope) whose last audit failed and waits for a retry; the leader's log names each",
             audit_failed_scopes.clone(),
         );
+        let registry_lookups = Family::<LookupLabels, Counter>::default();
+        let registry_read_duration =
+            Family::<ReadKindLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(REGISTRY_BUCKETS)
+            });
+        // Every series from 0 (a dashboard and increase() see them before the first image).
+        for source in ["cache", "read"] {
+            for result in ["found", "refused", "unreachable", "verified", "rejected"] {
+                let _ = registry_lookups.get_or_create(&LookupLabels { source, result });
+            }
+        }
+        for read in ["image", "signatures"] {
+            let _ = registry_read_duration.get_or_create(&ReadKindLabels { read });
+        }
+        registry.register(
+            "registry_lookups",
+            "imageProvenance: images and signature verdicts looked up for requests, by source (cache, or read: a registry read this request started or joined) and result (found, refused or unreachable for images; verified, rejected or unreachable for signatures)",
+            registry_lookups.clone(),
+        );
+        let registry_reads = Family::<ReadLabels, Counter>::default();
+        // Every outcome from 0, so increase() sees the first unreachable registry.
+        for (read, results) in [
+            ("image", ["found", "refused", "unreachable"]),
+            ("signatures", ["verified", "rejected", "unreachable"]),
+        ] {
+            for result in results {
+                let _ = registry_reads.get_or_create(&ReadLabels { read, result });
+            }
+        }
+        registry.register(
+            "registry_reads",
+            "imageProvenance: reads from registries by what was read (image: its manifest and config; signatures: what a trust looks for) and result; concurrent requests for one image share one read",
+            registry_reads.clone(),
+        );
+        registry.register(
+            "registry_read_duration_seconds",
+            "imageProvenance: time a registry read took, by what was read; a read that misses a request's deadline goes on (up to 30 s) to fill the cache",
+            registry_read_duration.clone(),
+        );
         Self {
+            registry_lookups,
+            registry_reads,
+            registry_read_duration,
             audit_runs,
             audit_interval,
             audit_failed_scopes,
@@ -264,6 +335,19 @@ impl Metrics {
             pods_labelled,
             budget_rejections,
         }
+    }
+
+    /// Counts one image or signature lookup for a request: `source` is `cache` or `read`.
+    pub fn record_registry_lookup(&self, source: &'static str, result: &'static str) {
+        self.registry_lookups.get_or_create(&LookupLabels { source, result }).inc();
+    }
+
+    /// Counts one registry read (`image` or `signatures`) and its duration.
+    pub fn record_registry_read(&self, read: &'static str, result: &'static str, took: Duration) {
+        self.registry_reads.get_or_create(&ReadLabels { read, result }).inc();
+        self.registry_read_duration
+            .get_or_create(&ReadKindLabels { read })
+            .observe(took.as_secs_f64());
     }
 
     /// Sets how many of arcguard's webhooks are not yet at their annotated failurePolicy.

@@ -86,9 +86,9 @@ pub async fn start(
     let resolver = Arc::new(CertResolver::new(key, info.clone()));
     let tls = Arc::new(certs::server_config(resolver.clone())?);
 
-    let registries = crate::oci::Registries::new(&config.registries)?;
-    let state = AppState::new(Snapshot { policies: loaded.policies, facts: loaded.facts })
-        .with_images(Arc::new(registries));
+    let state = AppState::new(Snapshot { policies: loaded.policies, facts: loaded.facts });
+    let registries = crate::oci::Registries::new(&config.registries, state.metrics.clone())?;
+    let state = state.with_images(Arc::new(registries));
     let snapshot = state.snapshot.load();
     state.metrics.set_policies(&snapshot.policies);
     state.metrics.record_certificate("serving", Some(info.not_after.unix_timestamp()));

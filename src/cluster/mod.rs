@@ -134,10 +134,9 @@ pub async fn start(
     config.certs.validate()?;
     let client = client().await?;
     let facts = facts::ClusterFacts::start(client.clone());
-    let registries = crate::oci::Registries::new(&config.registries)?;
-    let state = AppState::new(Snapshot::default())
-        .with_facts(facts.clone())
-        .with_images(Arc::new(registries));
+    let state = AppState::new(Snapshot::default()).with_facts(facts.clone());
+    let registries = crate::oci::Registries::new(&config.registries, state.metrics.clone())?;
+    let state = state.with_images(Arc::new(registries));
     let resolver = Arc::new(CertResolver::empty());
     let tls = Arc::new(crate::certs::server_config(resolver.clone())?);
 

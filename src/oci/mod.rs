@@ -37,6 +37,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use self::cache::{Flights, TtlCache};
+use crate::metrics::Metrics;
 use crate::pull_secrets::{self as credentials, RegistryCredential};
 use crate::rules::provenance::{ImageFact, RegistryFacts, RegistryImage};
 use crate::server::ImageSource;
@@ -121,6 +122,7 @@ pub struct Registries {
     verdicts: TtlCache<(String, TrustId), SignatureVerdict>,
     verdict_reads: Arc<Flights<(String, TrustId), SignatureVerdict>>,
     reads: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Registries {
@@ -130,11 +132,11 @@ impl std::fmt::Debug for Registries {
 }
 
 impl Registries {
-    /// Registry access as configured.
+    /// Registry access as configured, counting its lookups and reads in `metrics`.
     ///
     /// # Errors
     /// [`RegistryError`] for a CA bundle without certificates, or a client that cannot be built.
-    pub fn new(config: &RegistryConfig) -> Result<Arc<Self>, RegistryError> {
+    pub fn new(config: &RegistryConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, RegistryError> {
         // reqwest takes the process's default rustls provider and panics without one; ring is
         // the only provider compiled in (an error means one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -183,6 +185,7 @@ impl Registries {
             verdicts: TtlCache::new(CACHE_LIMIT),
             verdict_reads: Arc::new(Flights::new(READ_CAP)),
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
+            metrics,
         }))
     }
 
@@ -197,6 +200,12 @@ impl Registries {
         credentials: &[RegistryCredential],
     ) -> RegistryFacts {
         if let Some(cached) = self.cached(keys, signatures, credentials) {
+            for (_, fact, verdicts) in &cached {
+                self.metrics.record_registry_lookup("cache", fact_result(fact));
+                for (_, verdict) in verdicts {
+                    self.metrics.record_registry_lookup("cache", verdict_result(verdict));
+                }
+            }
             return assemble(cached);
         }
         let started = Instant::now();
@@ -293,8 +302,10 @@ impl Registries {
         // Who may read an image is the registry's to say: facts are kept per credential.
         let cache_key = image_cache_key(&access.identity, key);
         if let Some(fact) = self.images.get(&cache_key) {
+            self.metrics.record_registry_lookup("cache", fact_result(&fact));
             return fact;
         }
+        let began = Instant::now();
         let this = Arc::clone(self);
         let (owned, owned_access) = (key.to_owned(), access.clone());
         let remember = Arc::clone(self);
@@ -310,15 +321,20 @@ impl Registries {
                 }
                 .boxed()
             },
-            move |fact| remember.remember(&identity, &remembered, fact),
+            move |fact| {
+                remember.metrics.record_registry_read("image", fact_result(fact), began.elapsed());
+                remember.remember(&identity, &remembered, fact);
+            },
             ImageFact::Unreachable,
         );
-        match tokio::time::timeout(self.deadline, read).await {
+        let fact = match tokio::time::timeout(self.deadline, read).await {
             Ok(fact) => fact,
             Err(_) => {
                 ImageFact::Unreachable(format!("no answer within {} ms", self.deadline.as_millis()))
             }
-        }
+        };
+        self.metrics.record_registry_lookup("read", fact_result(&fact));
+        fact
     }
 
     fn remember(&self, identity: &str, key: &str, fact: &ImageFact) {
@@ -354,8 +370,10 @@ impl Registries {
         let name = repository_name(key);
         let cache_key = verdict_cache_key(&access.identity, key, image, trust);
         if let Some(verdict) = self.verdicts.get(&cache_key) {
+            self.metrics.record_registry_lookup("cache", verdict_result(&verdict));
             return verdict;
         }
+        let began = Instant::now();
         let (client, auth) = (Arc::clone(&access.client), access.auth.clone());
         let reads = Arc::clone(&self.reads);
         let (name, image_owned, trust_owned) = (name.to_owned(), image.clone(), trust.clone());
@@ -395,6 +413,11 @@ impl Registries {
                 .boxed()
             },
             move |verdict| {
+                this.metrics.record_registry_read(
+                    "signatures",
+                    verdict_result(verdict),
+                    began.elapsed(),
+                );
                 let ttl = match verdict {
                     SignatureVerdict::Verified { valid_until, .. } => {
                         let left =
@@ -408,13 +431,15 @@ impl Registries {
             },
             SignatureVerdict::Unreachable,
         );
-        match tokio::time::timeout(left, read).await {
+        let verdict = match tokio::time::timeout(left, read).await {
             Ok(verdict) => verdict,
             Err(_) => SignatureVerdict::Unreachable(format!(
                 "no answer within {} ms",
                 self.deadline.as_millis()
             )),
-        }
+        };
+        self.metrics.record_registry_lookup("read", verdict_result(&verdict));
+        verdict
     }
 
     /// Reads an image from its registry: its manifest (or index) and, for a single image,
@@ -487,6 +512,24 @@ fn assemble(read: Vec<Read>) -> RegistryFacts {
         facts.images.insert(key, fact);
     }
     facts
+}
+
+/// An image fact's result label in the metrics.
+fn fact_result(fact: &ImageFact) -> &'static str {
+    match fact {
+        ImageFact::Found(_) => "found",
+        ImageFact::Refused(_) => "refused",
+        ImageFact::Unreachable(_) => "unreachable",
+    }
+}
+
+/// A signature verdict's result label in the metrics.
+fn verdict_result(verdict: &SignatureVerdict) -> &'static str {
+    match verdict {
+        SignatureVerdict::Verified { .. } => "verified",
+        SignatureVerdict::Rejected(_) => "rejected",
+        SignatureVerdict::Unreachable(_) => "unreachable",
+    }
 }
 
 /// The image cache's key: facts are kept per credential identity, since who may read an image
@@ -703,11 +746,10 @@ mod tests {
     }
 
     fn registries(host: &str, deadline: Duration) -> Arc<Registries> {
-        Registries::new(&RegistryConfig {
-            ca_pem: None,
-            plain_http: vec![host.to_owned()],
-            deadline,
-        })
+        Registries::new(
+            &RegistryConfig { ca_pem: None, plain_http: vec![host.to_owned()], deadline },
+            Arc::new(Metrics::new()),
+        )
         .expect("client")
     }
 
@@ -745,6 +787,19 @@ mod tests {
         let facts = registries.lookup(&again, &BTreeSet::new(), &[]).await.images;
         assert!(facts.values().all(|fact| *fact == found), "{facts:?}");
         assert_eq!(served.load(Ordering::SeqCst), 1);
+        // Two reads (one found, one refused), and four lookups: two read, two from the cache.
+        let metrics = registries.metrics.encode();
+        for line in [
+            r#"arcguard_registry_reads_total{read="image",result="found"} 1"#,
+            r#"arcguard_registry_reads_total{read="image",result="refused"} 1"#,
+            r#"arcguard_registry_reads_total{read="image",result="unreachable"} 0"#,
+            r#"arcguard_registry_read_duration_seconds_count{read="image"} 2"#,
+            r#"arcguard_registry_lookups_total{source="read",result="found"} 1"#,
+            r#"arcguard_registry_lookups_total{source="read",result="refused"} 1"#,
+            r#"arcguard_registry_lookups_total{source="cache",result="found"} 2"#,
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
     }
 
     #[tokio::test]
