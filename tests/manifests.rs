@@ -1176,6 +1176,7 @@ fn the_alerts_use_metrics_arcguard_exports_and_scrape_the_metrics_port() {
         "ArcguardWebhooksFailOpen",
         "ArcguardAuditViolations",
         "ArcguardAuditStale",
+        "ArcguardRegistryUnreachable",
     ]
     .into_iter()
     .collect();

@@ -16,11 +16,13 @@
 //!   most [`CACHE_LIMIT`] entries: beyond it the cache is emptied. Concurrent requests for
 //!   one image share one read.
 //!
-//! What the registry serves is checked against its digest by oci-client (the body must hash
-//! to the `Docker-Content-Digest` header and to a digest in the reference); the config blob
-//! against its descriptor.
+//! What the registry serves is checked against its digest (the body must hash to the
+//! `Docker-Content-Digest` header and to a digest in the reference, [`fetch`]); the config
+//! blob against its descriptor. Manifests and referrers indexes are read by [`fetch`], capped
+//! in size; blobs and the token handshake by oci-client.
 
 pub mod cache;
+pub mod fetch;
 pub mod manifest;
 pub mod signatures;
 
@@ -85,6 +87,9 @@ pub enum RegistryError {
     /// The HTTP client cannot be built.
     #[error("the registry client cannot be built: {0}")]
     Client(#[from] OciDistributionError),
+    /// The HTTP client of the capped manifest reads cannot be built.
+    #[error("the registry HTTP client cannot be built: {0}")]
+    Http(String),
 }
 
 /// How clients are made: one per credential (oci-client keeps the first credentials it sees
@@ -97,17 +102,17 @@ const CLIENT_LIMIT: usize = 256;
 /// runs more than a handful, and each read holds a manifest in memory.
 pub const MAX_IMAGES_PER_REQUEST: usize = 64;
 /// Registry reads (manifests, configs, signatures) in flight process-wide, at most; more wait
-/// (within their deadline). oci-client reads a manifest whole: this bounds how many are held
-/// at once.
+/// (within their deadline). Each holds at most one manifest ([`fetch::MANIFEST_MAX_BYTES`]) or
+/// blob (capped by its reader) in memory.
 const MAX_READS: usize = 16;
 
 /// One way of pulling: a client, the auth it pulls with, and an identity for cache keys.
 #[derive(Clone)]
-struct Access {
-    client: Arc<Client>,
-    auth: RegistryAuth,
+pub(crate) struct Access {
+    pub(crate) client: Arc<Client>,
+    pub(crate) auth: RegistryAuth,
     /// `anonymous`, or the credential's [`RegistryCredential::identity`].
-    identity: Arc<str>,
+    pub(crate) identity: Arc<str>,
 }
 
 /// Registry access with its caches; one per process.
@@ -122,6 +127,7 @@ pub struct Registries {
     verdicts: TtlCache<(String, TrustId), SignatureVerdict>,
     verdict_reads: Arc<Flights<(String, TrustId), SignatureVerdict>>,
     reads: Arc<tokio::sync::Semaphore>,
+    fetcher: fetch::Fetcher,
     metrics: Arc<Metrics>,
 }
 
@@ -171,6 +177,10 @@ impl Registries {
         });
         // A configuration that cannot make a client fails at start, not on a request.
         let anonymous = Arc::new(make_client()?);
+        let fetcher = fetch::Fetcher::new(
+            http_client(config).map_err(|e| RegistryError::Http(e.to_string()))?,
+            config.plain_http.clone(),
+        );
         Ok(Arc::new(Self {
             anonymous: Access {
                 client: anonymous,
@@ -185,6 +195,7 @@ impl Registries {
             verdicts: TtlCache::new(CACHE_LIMIT),
             verdict_reads: Arc::new(Flights::new(READ_CAP)),
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
+            fetcher,
             metrics,
         }))
     }
@@ -374,7 +385,7 @@ impl Registries {
             return verdict;
         }
         let began = Instant::now();
-        let (client, auth) = (Arc::clone(&access.client), access.auth.clone());
+        let (reader, owned_access) = (Arc::clone(self), access.clone());
         let reads = Arc::clone(&self.reads);
         let (name, image_owned, trust_owned) = (name.to_owned(), image.clone(), trust.clone());
         let this = Arc::clone(self);
@@ -389,8 +400,8 @@ impl Registries {
                         );
                     };
                     match signatures::evidence(
-                        &client,
-                        &auth,
+                        &reader.fetcher,
+                        &owned_access,
                         &name,
                         &image_owned.digest,
                         &trust_owned.0,
@@ -449,14 +460,11 @@ impl Registries {
             Ok(reference) => reference,
             Err(error) => return ImageFact::Refused(format!("not a registry reference: {error}")),
         };
-        let (body, digest) = match access
-            .client
-            .pull_manifest_raw(&reference, &access.auth, &manifest::ACCEPTED)
-            .await
-        {
-            Ok(pulled) => pulled,
-            Err(error) => return classify(&error).into(),
-        };
+        let (body, digest) =
+            match self.fetcher.manifest(access, &reference, &manifest::ACCEPTED).await {
+                Ok(pulled) => pulled,
+                Err(failure) => return failure.into(),
+            };
         let platforms = match manifest::parse(&body) {
             Ok(manifest::Parsed::Index(platforms)) => platforms,
             Ok(manifest::Parsed::Image { config_digest, config_size }) => {
@@ -646,20 +654,41 @@ pub(crate) fn classify(error: &OciDistributionError) -> Failure {
         E::DigestError(error) => Failure::Refused(format!(
             "the registry served content that does not match its digest: {error}"
         )),
-        E::RequestError(error) => {
-            let text = request_error(error);
-            // The two causes that are configuration, not availability, say which flag fixes them.
-            let hint = if text.contains("InvalidContentType") {
-                " (a plain-HTTP registry? list it in --registry-plain-http)"
-            } else if text.contains("UnknownIssuer") || text.contains("certificate") {
-                " (is the registry's CA in --registry-ca?)"
-            } else {
-                ""
-            };
-            Failure::Unreachable(format!("{text}{hint}"))
-        }
+        E::RequestError(error) => transport_failure(error),
         other => Failure::Refused(other.to_string()),
     }
+}
+
+/// A request that got no answer: the registry is unreachable, and for the two causes that are
+/// configuration rather than availability, the message says which flag fixes them.
+pub(crate) fn transport_failure(error: &dyn std::error::Error) -> Failure {
+    let text = request_error(error);
+    let hint = if text.contains("InvalidContentType") {
+        " (a plain-HTTP registry? list it in --registry-plain-http)"
+    } else if text.contains("UnknownIssuer") || text.contains("certificate") {
+        " (is the registry's CA in --registry-ca?)"
+    } else {
+        ""
+    };
+    Failure::Unreachable(format!("{text}{hint}"))
+}
+
+/// The HTTP client of the capped manifest reads, built as oci-client builds its own (the
+/// system roots plus the configured CA, the deadline as connect and read timeouts, the user
+/// agent), from the same reqwest.
+fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, registry_http::Error> {
+    let mut roots = Vec::new();
+    if let Some(pem) = &config.ca_pem {
+        for cert in CertificateDer::pem_slice_iter(pem).flatten() {
+            roots.push(registry_http::Certificate::from_der(&cert)?);
+        }
+    }
+    registry_http::Client::builder()
+        .tls_certs_merge(roots)
+        .connect_timeout(config.deadline)
+        .read_timeout(config.deadline)
+        .user_agent(concat!("arcguard/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 /// A transport error with its causes (the TLS or connection reason is in the source chain).

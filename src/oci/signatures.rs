@@ -3,20 +3,20 @@
 //!   payload blobs with their signature annotations;
 //! - Notation: the image's referrers of type `application/vnd.cncf.notary.signature`, through
 //!   the OCI referrers API or, where the registry lacks it (CNCF Distribution 3.1 does), the
-//!   referrers tag schema (`sha256-<hex>`), as oci-client's `pull_referrers` does; each
-//!   signature manifest's one envelope blob.
+//!   referrers tag schema (`sha256-<hex>`); each signature manifest's one envelope blob.
 //!
 //! At most [`MAX_SIGNATURES`] signatures of each kind are read, each blob at most
-//! [`ENVELOPE_MAX_BYTES`], and only manifests whose `subject` is the image.
+//! [`ENVELOPE_MAX_BYTES`], each manifest and referrers index at most
+//! [`super::fetch::MANIFEST_MAX_BYTES`], and only manifests whose `subject` is the image.
 
 use std::collections::BTreeMap;
 
 use futures::StreamExt as _;
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 
-use super::{Failure, manifest};
+use super::fetch::Fetcher;
+use super::{Access, Failure, manifest};
 use crate::signature::{
     CosignSignature, Evidence, MAX_SIGNATURES, NotationSignature, SignatureTrust, cosign, notation,
 };
@@ -99,42 +99,39 @@ pub async fn blob(
 ///
 /// # Errors
 /// Why the registry could not be read.
-pub async fn evidence(
-    client: &Client,
-    auth: &RegistryAuth,
+pub(crate) async fn evidence(
+    fetcher: &Fetcher,
+    access: &Access,
     name: &str,
     digest: &str,
     trust: &SignatureTrust,
 ) -> Result<Evidence, String> {
     let mut evidence = Evidence::default();
     if trust.wants_cosign() {
-        evidence.cosign = cosign_signatures(client, auth, name, digest).await?;
+        evidence.cosign = cosign_signatures(fetcher, access, name, digest).await?;
     }
     if trust.wants_notation() {
-        evidence.notation = notation_signatures(client, auth, name, digest).await?;
+        evidence.notation = notation_signatures(fetcher, access, name, digest).await?;
     }
     Ok(evidence)
 }
 
 async fn cosign_signatures(
-    client: &Client,
-    auth: &RegistryAuth,
+    fetcher: &Fetcher,
+    access: &Access,
     name: &str,
     digest: &str,
 ) -> Result<Vec<CosignSignature>, String> {
+    let client = &access.client;
     let reference: Reference = format!("{name}:{}", cosign::signature_tag(digest))
         .parse()
         .map_err(|e| format!("the signature tag is not a reference: {e}"))?;
     let accepted = [manifest::OCI_MANIFEST, manifest::DOCKER_MANIFEST];
-    let body = match client.pull_manifest_raw(&reference, auth, &accepted).await {
+    let body = match fetcher.manifest(access, &reference, &accepted).await {
         Ok((body, _)) => body,
-        Err(error) => {
-            return match super::classify(&error) {
-                // No such tag: the image has no cosign signature.
-                Failure::Refused(_) => Ok(Vec::new()),
-                Failure::Unreachable(why) => Err(why),
-            };
-        }
+        // No such tag: the image has no cosign signature.
+        Err(Failure::Refused(_)) => return Ok(Vec::new()),
+        Err(Failure::Unreachable(why)) => return Err(why),
     };
     let Ok(signatures) = serde_json::from_slice::<SignatureManifest>(&body) else {
         return Ok(Vec::new());
@@ -160,34 +157,30 @@ async fn cosign_signatures(
 }
 
 async fn notation_signatures(
-    client: &Client,
-    auth: &RegistryAuth,
+    fetcher: &Fetcher,
+    access: &Access,
     name: &str,
     digest: &str,
 ) -> Result<Vec<NotationSignature>, String> {
+    let client = &access.client;
     let image: Reference = format!("{name}@{digest}")
         .parse()
         .map_err(|e| format!("the image is not a reference: {e}"))?;
-    // oci-client answers an empty index when neither the API nor the tag schema has one.
-    let referrers =
-        client.pull_referrers(&image, Some(notation::ARTIFACT_TYPE)).await.map_err(|e| {
-            match super::classify(&e) {
-                Failure::Unreachable(why) | Failure::Refused(why) => why,
-            }
-        })?;
+    // Empty when neither the referrers API nor the tag schema has an index.
+    let referrers = fetcher
+        .referrers(access, &image, notation::ARTIFACT_TYPE)
+        .await
+        .map_err(|(Failure::Unreachable(why) | Failure::Refused(why))| why)?;
     let mut found = Vec::new();
-    for entry in referrers.manifests.into_iter().take(MAX_SIGNATURES) {
+    for entry in referrers.into_iter().take(MAX_SIGNATURES) {
         let reference: Reference = match format!("{name}@{}", entry.digest).parse() {
             Ok(reference) => reference,
             Err(_) => continue,
         };
-        let body = match client.pull_manifest_raw(&reference, auth, &[manifest::OCI_MANIFEST]).await
-        {
+        let body = match fetcher.manifest(access, &reference, &[manifest::OCI_MANIFEST]).await {
             Ok((body, _)) => body,
-            Err(error) => match super::classify(&error) {
-                Failure::Unreachable(why) => return Err(why),
-                Failure::Refused(_) => continue,
-            },
+            Err(Failure::Unreachable(why)) => return Err(why),
+            Err(Failure::Refused(_)) => continue,
         };
         let Ok(signature) = serde_json::from_slice::<SignatureManifest>(&body) else { continue };
         let is_notation = signature.artifact_type.as_deref() == Some(notation::ARTIFACT_TYPE)
