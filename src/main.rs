@@ -102,7 +102,15 @@ fn chain(error: &anyhow::Error) -> String {
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    // rustls-platform-verifier logs every failed registry handshake at error level, without
+    // the registry and outside the decision log's rate; the denial says it, with the flag that
+    // fixes it. Named in the filter, it is logged as asked.
+    let filter = if filter.contains("rustls_platform_verifier") {
+        filter.to_owned()
+    } else {
+        format!("{filter},rustls_platform_verifier=off")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // No colour codes where a log collector, not a terminal, reads stderr (kubectl logs).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -130,7 +138,17 @@ fn run_serve(args: ServeArgs) -> ExitCode {
     };
     let addresses = server::Addresses { webhook: args.addr, metrics: args.metrics_addr };
     let registries = match registry_config(&args.registry) {
-        Ok(registries) => registries,
+        Ok(registries) => {
+            // The shipped webhooks wait 5 s (timeoutSeconds); a read allowed longer is cut
+            // short by the apiserver, which then applies the failurePolicy.
+            if registries.deadline >= std::time::Duration::from_secs(5) {
+                tracing::warn!(
+                    timeout = ?registries.deadline,
+                    "--registry-timeout is not below the webhooks' timeoutSeconds (5 s in manifests/): the apiserver gives up on a review before a slow registry read does; keep it at 4s or less"
+                );
+            }
+            registries
+        }
         Err(error) => {
             tracing::error!("{}", chain(&error));
             return ExitCode::from(EXIT_USAGE);

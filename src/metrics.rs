@@ -76,9 +76,11 @@ struct ConfigurationLabels {
 const REGISTRY_BUCKETS: [f64; 12] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 10.0];
 
-/// Labels of an image lookup: where the answer came from, and what it was.
+/// Labels of a lookup for a request: what was looked up, where the answer came from, and
+/// what it was.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LookupLabels {
+    lookup: &'static str,
     source: &'static str,
     result: &'static str,
 }
@@ -275,10 +277,20 @@ impl Metrics {
             Family::<ReadKindLabels, Histogram>::new_with_constructor(|| {
                 Histogram::new(REGISTRY_BUCKETS)
             });
-        // Every series from 0 (a dashboard and increase() see them before the first image).
-        for source in ["cache", "read"] {
-            for result in ["found", "refused", "unreachable", "verified", "rejected"] {
-                let _ = registry_lookups.get_or_create(&LookupLabels { source, result });
+        // Every series from 0 (a dashboard and increase() see them before the first image);
+        // an unreachable answer is never cached.
+        for (lookup, results) in [
+            ("image", ["found", "refused", "unreachable"]),
+            ("signatures", ["verified", "rejected", "unreachable"]),
+        ] {
+            for source in ["cache", "read"] {
+                for result in results {
+                    if source == "cache" && result == "unreachable" {
+                        continue;
+                    }
+                    let _ =
+                        registry_lookups.get_or_create(&LookupLabels { lookup, source, result });
+                }
             }
         }
         for read in ["image", "signatures"] {
@@ -286,7 +298,7 @@ impl Metrics {
         }
         registry.register(
             "registry_lookups",
-            "imageProvenance: images and signature verdicts looked up for requests, by source (cache, or read: a registry read this request started or joined) and result (found, refused or unreachable for images; verified, rejected or unreachable for signatures)",
+            "imageProvenance: lookups for admission requests by what was looked up (image, signatures), source (cache, or read: a registry read the request started or joined, unreachable when it did not end within --registry-timeout) and result (found, refused or unreachable for images; verified, rejected or unreachable for signatures)",
             registry_lookups.clone(),
         );
         let registry_reads = Family::<ReadLabels, Counter>::default();
@@ -337,9 +349,15 @@ impl Metrics {
         }
     }
 
-    /// Counts one image or signature lookup for a request: `source` is `cache` or `read`.
-    pub fn record_registry_lookup(&self, source: &'static str, result: &'static str) {
-        self.registry_lookups.get_or_create(&LookupLabels { source, result }).inc();
+    /// Counts one lookup for a request: `lookup` is `image` or `signatures`, `source` is
+    /// `cache` or `read`.
+    pub fn record_registry_lookup(
+        &self,
+        lookup: &'static str,
+        source: &'static str,
+        result: &'static str,
+    ) {
+        self.registry_lookups.get_or_create(&LookupLabels { lookup, source, result }).inc();
     }
 
     /// Counts one registry read (`image` or `signatures`) and its duration.

@@ -3,10 +3,10 @@
 
 use std::sync::OnceLock;
 
+use arcguard::image;
 use arcguard::pipeline::{self, Webhook};
 use arcguard::policy::load::{Loaded, load_sources};
 use arcguard::rules::calico::{scope_selector, selector};
-use arcguard::image;
 use base64::Engine as _;
 use serde_json::Value;
 

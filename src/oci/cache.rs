@@ -12,33 +12,65 @@ use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt as _, Shared};
 
-/// Answers kept until they expire; at most `limit`, emptied beyond.
+/// Answers kept until they expire; at most `limit` entries and `byte_limit` bytes as `weigh`
+/// counts them, emptied beyond. An answer weighing more than a sixteenth of `byte_limit` is
+/// not kept (it would empty the cache for itself).
 #[derive(Debug)]
 pub struct TtlCache<K, V> {
-    entries: Mutex<HashMap<K, (Instant, V)>>,
+    entries: Mutex<Entries<K, V>>,
     limit: usize,
+    byte_limit: usize,
+    weigh: fn(&K, &V) -> usize,
+}
+
+/// The entries of a [`TtlCache`] and their weight.
+#[derive(Debug)]
+struct Entries<K, V> {
+    map: HashMap<K, (Instant, V, usize)>,
+    bytes: usize,
 }
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
-    /// An empty cache of at most `limit` entries.
+    /// An empty cache of at most `limit` entries, whatever their size.
     pub fn new(limit: usize) -> Self {
-        Self { entries: Mutex::new(HashMap::new()), limit }
+        Self::weighed(limit, usize::MAX, |_, _| 0)
+    }
+
+    /// An empty cache of at most `limit` entries and `byte_limit` bytes, an entry weighing
+    /// what `weigh` says (an estimate of its heap bytes).
+    pub fn weighed(limit: usize, byte_limit: usize, weigh: fn(&K, &V) -> usize) -> Self {
+        Self {
+            entries: Mutex::new(Entries { map: HashMap::new(), bytes: 0 }),
+            limit,
+            byte_limit,
+            weigh,
+        }
     }
 
     /// The answer for `key`, if one has not expired.
     pub fn get(&self, key: &K) -> Option<V> {
         let entries = self.entries.lock().ok()?;
-        let (expires, value) = entries.get(key)?;
+        let (expires, value, _) = entries.map.get(key)?;
         (Instant::now() < *expires).then(|| value.clone())
     }
 
     /// Keeps `value` for `ttl`.
     pub fn insert(&self, key: K, value: V, ttl: Duration) {
-        let Ok(mut entries) = self.entries.lock() else { return };
-        if entries.len() >= self.limit {
-            entries.clear();
+        let weight = (self.weigh)(&key, &value);
+        if weight > self.byte_limit / 16 {
+            return;
         }
-        entries.insert(key, (Instant::now() + ttl, value));
+        let Ok(mut entries) = self.entries.lock() else { return };
+        if entries.map.len() >= self.limit || entries.bytes + weight > self.byte_limit {
+            entries.map.clear();
+            entries.bytes = 0;
+        }
+        if let Some((_, _, replaced)) =
+            entries.map.insert(key, (Instant::now() + ttl, value, weight))
+        {
+            entries.bytes -= replaced;
+        }
+        entries.bytes += weight;
     }
 }
 
@@ -126,6 +158,27 @@ mod tests {
         cache.insert("c", 3, Duration::from_secs(60));
         assert_eq!(cache.get(&"a"), None);
         assert_eq!(cache.get(&"c"), Some(3));
+    }
+
+    #[test]
+    fn a_cache_past_its_bytes_is_emptied_and_a_heavy_answer_not_kept() {
+        let cache: TtlCache<String, String> = TtlCache::weighed(100, 160, |_, v| v.len());
+        let long = Duration::from_secs(60);
+        cache.insert("a".into(), "x".repeat(8), long);
+        cache.insert("a".into(), "x".repeat(9), long);
+        cache.insert("b".into(), "y".repeat(10), long);
+        // Replacing "a" counted its new weight only: 19 bytes held, so 14 more of 10 fit.
+        for i in 0..14 {
+            cache.insert(format!("k{i}"), "z".repeat(10), long);
+        }
+        assert_eq!(cache.get(&"a".to_owned()).map(|v| v.len()), Some(9));
+        // The 15th would pass 160 bytes: the cache is emptied for it.
+        cache.insert("last".into(), "z".repeat(10), long);
+        assert_eq!(cache.get(&"a".to_owned()), None);
+        assert_eq!(cache.get(&"last".to_owned()).map(|v| v.len()), Some(10));
+        // Over a sixteenth of the bytes: never kept.
+        cache.insert("heavy".into(), "w".repeat(11), long);
+        assert_eq!(cache.get(&"heavy".to_owned()), None);
     }
 
     #[tokio::test]

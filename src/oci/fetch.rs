@@ -2,8 +2,8 @@
 //!
 //! oci-client reads a manifest or a referrers index whole, however large the registry says it
 //! is: a registry in a policy's scope could make each of the 16 reads in flight hold gigabytes.
-//! These reads stop at [`MANIFEST_MAX_BYTES`] (the limit CNCF Distribution puts on the
-//! manifests it accepts) and check what they read against its digest as oci-client does.
+//! These reads stop at [`MANIFEST_MAX_BYTES`] and check what they read against its digest as
+//! oci-client does.
 //!
 //! Authorization follows the distribution spec's token flow: a request goes out with the
 //! Bearer token cached for its credential and repository, or none; a `401` makes oci-client's
@@ -26,9 +26,11 @@ use serde::Deserialize;
 use super::cache::TtlCache;
 use super::{Access, Failure, transport_failure};
 
-/// The largest manifest or referrers index read: CNCF Distribution refuses to store larger
-/// manifests (`distribution/registry/handlers/manifests.go`, `maxManifestBodySize`, 4 MiB).
-pub const MANIFEST_MAX_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest manifest or referrers index read, in bytes. Real ones are kilobytes (an image
+/// of 100 layers, an index of 20 platforms: under 30 KiB); registries store up to 4 MiB (CNCF
+/// Distribution's `maxManifestBodySize`). 1 MiB keeps the 16 reads in flight within 16 MiB,
+/// which the memory budget's margin holds (README, "Memory budget").
+pub const MANIFEST_MAX_BYTES: u64 = 1024 * 1024;
 /// The most of an error answer read for its message.
 const ERROR_MAX_BYTES: u64 = 64 * 1024;
 /// How long a Bearer token is reused for one credential and repository.
@@ -191,9 +193,7 @@ impl Fetcher {
                     Err(error) => return Err(GetError::Failure(super::classify(&error))),
                 };
             let Some(authorization) = authorization else {
-                return Err(GetError::Failure(Failure::Refused(
-                    "the registry refused an anonymous pull (401 Unauthorized)".to_owned(),
-                )));
+                return Err(GetError::Failure(Failure::Refused(ANONYMOUS_REFUSED.to_owned())));
             };
             self.tokens.insert(key, authorization.clone(), TOKEN_TTL);
             response = self.send(url, accept, Some(&authorization)).await?;
@@ -233,6 +233,9 @@ impl Fetcher {
         request.send().await.map_err(|e| GetError::Failure(transport_failure(&e)))
     }
 }
+
+/// Why an anonymous pull was refused, and what fixes it.
+pub(crate) const ANONYMOUS_REFUSED: &str = "the registry refused an anonymous pull (401 Unauthorized): give the pod, or its service account, an imagePullSecret for this registry (arcguard reads with the credentials the kubelet would use; `serve` on files and `check` read anonymously)";
 
 /// The OCI image index media type, in which referrers are listed.
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -298,12 +301,16 @@ fn envelope_text(body: &[u8]) -> Option<String> {
 }
 
 fn too_large() -> Failure {
-    Failure::Refused(format!("the manifest is larger than the {MANIFEST_MAX_BYTES} bytes read"))
+    Failure::Refused(format!(
+        "the manifest is over the {} MiB arcguard reads (real manifests are kilobytes)",
+        MANIFEST_MAX_BYTES / (1024 * 1024)
+    ))
 }
 
-/// The body of `response`, at most `cap` bytes.
+/// The body of `response`, at most `cap` bytes, in one allocation of its declared length.
 async fn read_capped(response: &mut registry_http::Response, cap: u64) -> Result<Bytes, GetError> {
-    let mut body = Vec::new();
+    let declared = response.content_length().unwrap_or(0).min(cap);
+    let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
     while let Some(chunk) =
         response.chunk().await.map_err(|e| GetError::Failure(transport_failure(&e)))?
     {
@@ -315,9 +322,9 @@ async fn read_capped(response: &mut registry_http::Response, cap: u64) -> Result
     Ok(Bytes::from(body))
 }
 
-/// The digest of a manifest as oci-client settles it (`digest::validate_digest`): the body
-/// must match the registry's digest header and the reference's digest, each in its own
-/// algorithm; the header's is the answer, else the reference's, else the body's sha256.
+/// The digest of a manifest: the body must match the registry's digest header and the
+/// reference's digest, each in its own algorithm and in lowercase hex; the reference's is the
+/// answer, else the header's, else the body's sha256.
 fn verified_digest(
     body: &[u8],
     header: Option<&str>,
@@ -335,13 +342,17 @@ fn verified_digest(
                 return Err(Failure::Refused(format!("the digest algorithm {other} is not read")));
             }
         };
-        if !hex.eq_ignore_ascii_case(&hex_of(computed.as_ref())) {
+        // Digests are lowercase hex (OCI image spec, descriptor.md): another spelling is not
+        // the digest, and would not parse when pinned.
+        if hex != hex_of(computed.as_ref()) {
             return Err(Failure::Refused(format!(
                 "the registry served content that does not match its digest {digest}"
             )));
         }
     }
-    Ok(header.or(reference).map_or_else(|| crate::signature::sha256(body), str::to_owned))
+    // What was asked for by digest is answered by that digest (the distribution spec has the
+    // client verify against it); a tag by the registry's digest.
+    Ok(reference.or(header).map_or_else(|| crate::signature::sha256(body), str::to_owned))
 }
 
 /// `bytes` in lowercase hex.

@@ -48,7 +48,7 @@ pub enum ManifestError {
     #[error("the manifest has media type {0:?}, not an image or image index")]
     MediaType(String),
     /// The config is larger than [`CONFIG_MAX_BYTES`].
-    #[error("the image config is {0} bytes, over the {CONFIG_MAX_BYTES} read")]
+    #[error("the image config is {0} bytes, over the 1 MiB arcguard reads")]
     ConfigTooLarge(u64),
     /// The config is not JSON naming an os and architecture.
     #[error("the image config does not name an os and architecture: {0}")]

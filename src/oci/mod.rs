@@ -2,9 +2,8 @@
 //! [`ImageFact`] for every image a request's policies ask about, through the OCI distribution
 //! API (`oci-client`), within a deadline, from a bounded cache when it can.
 //!
-//! - **Access**: anonymous pulls (a Bearer token challenge is answered anonymously); HTTPS
-//!   verified against the system roots plus the configured CA certificates; plain HTTP only
-//!   for registries named for it (development).
+//! - **Transport**: HTTPS verified against the system roots plus the configured CA
+//!   certificates; plain HTTP only for registries named for it (development).
 //! - **Deadline**: each image is read within [`RegistryConfig::deadline`] (default 3 s, below
 //!   the webhooks' `timeoutSeconds: 5`), all images of a request side by side. A read that
 //!   misses it goes on in the background (up to [`READ_CAP`]) and fills the cache for the
@@ -13,8 +12,11 @@
 //!   [`DIGEST_TTL`]; a tag moves, so a fact read by tag is kept [`TAG_TTL`] (and seeds the
 //!   digest's entry, which the validating webhook reads after the mutating one pinned it); a
 //!   refusal is kept [`REFUSED_TTL`]; a registry that could not be read is not cached. At
-//!   most [`CACHE_LIMIT`] entries: beyond it the cache is emptied. Concurrent requests for
-//!   one image share one read.
+//!   most [`CACHE_LIMIT`] entries and [`CACHE_BYTES`]: beyond either the cache is emptied.
+//!   Concurrent requests for one image share one read.
+//! - **Access**: anonymous, or with the credential the kubelet would pick from the pod's
+//!   imagePullSecrets; one oci-client per credential, so no token or cached fact answers for
+//!   another credential.
 //!
 //! What the registry serves is checked against its digest (the body must hash to the
 //! `Docker-Content-Digest` header and to a digest in the reference, [`fetch`]); the config
@@ -60,6 +62,10 @@ pub const TAG_TTL: Duration = Duration::from_secs(30);
 pub const REFUSED_TTL: Duration = Duration::from_secs(10);
 /// Cached facts kept at most; the cache is emptied beyond it.
 pub const CACHE_LIMIT: usize = 10_000;
+/// Bytes each cache (facts, verdicts) holds at most, as [`fact_weight`] and [`verdict_weight`]
+/// estimate them; the cache is emptied beyond. With [`MAX_READS`] reads of at most
+/// [`fetch::MANIFEST_MAX_BYTES`] this bounds the adapter's memory at about 32 MiB.
+pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// How registries are reached.
 #[derive(Clone, Debug)]
@@ -162,15 +168,16 @@ impl Registries {
         } else {
             ClientProtocol::HttpsExcept(config.plain_http.clone())
         };
-        let deadline = config.deadline;
         let make_client: MakeClient = Box::new(move || {
             Client::try_from(ClientConfig {
                 protocol: protocol.clone(),
                 extra_root_certificates: extra_root_certificates.clone(),
                 // Manifests are read by digest or tag, never resolved to a platform here.
                 platform_resolver: None,
-                connect_timeout: Some(deadline),
-                read_timeout: Some(deadline),
+                // A request waits at most the deadline (`fact`, `verdict`); the read itself may
+                // go on to fill the cache for the apiserver's retry.
+                connect_timeout: Some(READ_CAP),
+                read_timeout: Some(READ_CAP),
                 user_agent: concat!("arcguard/", env!("CARGO_PKG_VERSION")),
                 ..ClientConfig::default()
             })
@@ -190,9 +197,9 @@ impl Registries {
             make_client,
             clients: std::sync::Mutex::new(std::collections::HashMap::new()),
             deadline: config.deadline,
-            images: TtlCache::new(CACHE_LIMIT),
+            images: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, fact_weight),
             image_reads: Arc::new(Flights::new(READ_CAP)),
-            verdicts: TtlCache::new(CACHE_LIMIT),
+            verdicts: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, verdict_weight),
             verdict_reads: Arc::new(Flights::new(READ_CAP)),
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
             fetcher,
@@ -212,9 +219,13 @@ impl Registries {
     ) -> RegistryFacts {
         if let Some(cached) = self.cached(keys, signatures, credentials) {
             for (_, fact, verdicts) in &cached {
-                self.metrics.record_registry_lookup("cache", fact_result(fact));
+                self.metrics.record_registry_lookup("image", "cache", fact_result(fact));
                 for (_, verdict) in verdicts {
-                    self.metrics.record_registry_lookup("cache", verdict_result(verdict));
+                    self.metrics.record_registry_lookup(
+                        "signatures",
+                        "cache",
+                        verdict_result(verdict),
+                    );
                 }
             }
             return assemble(cached);
@@ -313,7 +324,7 @@ impl Registries {
         // Who may read an image is the registry's to say: facts are kept per credential.
         let cache_key = image_cache_key(&access.identity, key);
         if let Some(fact) = self.images.get(&cache_key) {
-            self.metrics.record_registry_lookup("cache", fact_result(&fact));
+            self.metrics.record_registry_lookup("image", "cache", fact_result(&fact));
             return fact;
         }
         let began = Instant::now();
@@ -344,7 +355,7 @@ impl Registries {
                 ImageFact::Unreachable(format!("no answer within {} ms", self.deadline.as_millis()))
             }
         };
-        self.metrics.record_registry_lookup("read", fact_result(&fact));
+        self.metrics.record_registry_lookup("image", "read", fact_result(&fact));
         fact
     }
 
@@ -381,7 +392,7 @@ impl Registries {
         let name = repository_name(key);
         let cache_key = verdict_cache_key(&access.identity, key, image, trust);
         if let Some(verdict) = self.verdicts.get(&cache_key) {
-            self.metrics.record_registry_lookup("cache", verdict_result(&verdict));
+            self.metrics.record_registry_lookup("signatures", "cache", verdict_result(&verdict));
             return verdict;
         }
         let began = Instant::now();
@@ -449,7 +460,7 @@ impl Registries {
                 self.deadline.as_millis()
             )),
         };
-        self.metrics.record_registry_lookup("read", verdict_result(&verdict));
+        self.metrics.record_registry_lookup("signatures", "read", verdict_result(&verdict));
         verdict
     }
 
@@ -520,6 +531,42 @@ fn assemble(read: Vec<Read>) -> RegistryFacts {
         facts.images.insert(key, fact);
     }
     facts
+}
+
+/// What a cached entry costs besides its strings: the map's slot, the expiry, the headers of
+/// its strings and vectors.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// The bytes a cached image fact holds, estimated.
+#[allow(clippy::ptr_arg, reason = "the cache's weigh is fn(&K, &V), K = String")]
+fn fact_weight(key: &String, fact: &ImageFact) -> usize {
+    let held = match fact {
+        ImageFact::Found(image) => {
+            image.digest.len()
+                + image.media_type.len()
+                + image
+                    .platforms
+                    .iter()
+                    .map(|p| {
+                        96 + p.os.len()
+                            + p.architecture.len()
+                            + p.variant.as_ref().map_or(0, String::len)
+                            + p.os_version.as_ref().map_or(0, String::len)
+                    })
+                    .sum::<usize>()
+        }
+        ImageFact::Refused(why) | ImageFact::Unreachable(why) => why.len(),
+    };
+    ENTRY_OVERHEAD + key.len() + held
+}
+
+/// The bytes a cached signature verdict holds, estimated.
+fn verdict_weight(key: &(String, TrustId), verdict: &SignatureVerdict) -> usize {
+    let held = match verdict {
+        SignatureVerdict::Verified { by, .. } => by.len(),
+        SignatureVerdict::Rejected(why) | SignatureVerdict::Unreachable(why) => why.len(),
+    };
+    ENTRY_OVERHEAD + key.0.len() + held
 }
 
 /// An image fact's result label in the metrics.
@@ -643,7 +690,7 @@ pub(crate) fn classify(error: &OciDistributionError) -> Failure {
             Failure::Refused(format!("the manifest was not found: {what}"))
         }
         E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
-            Failure::Refused("the registry refused an anonymous pull (401 Unauthorized)".to_owned())
+            Failure::Refused(fetch::ANONYMOUS_REFUSED.to_owned())
         }
         E::ServerError { code, .. } if (400..500).contains(code) => {
             Failure::Refused(format!("the registry answered HTTP {code}"))
@@ -674,7 +721,7 @@ pub(crate) fn transport_failure(error: &dyn std::error::Error) -> Failure {
 }
 
 /// The HTTP client of the capped manifest reads, built as oci-client builds its own (the
-/// system roots plus the configured CA, the deadline as connect and read timeouts, the user
+/// system roots plus the configured CA, [`READ_CAP`] as connect and read timeouts, the user
 /// agent), from the same reqwest.
 fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, registry_http::Error> {
     let mut roots = Vec::new();
@@ -685,8 +732,8 @@ fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, registr
     }
     registry_http::Client::builder()
         .tls_certs_merge(roots)
-        .connect_timeout(config.deadline)
-        .read_timeout(config.deadline)
+        .connect_timeout(READ_CAP)
+        .read_timeout(READ_CAP)
         .user_agent(concat!("arcguard/", env!("CARGO_PKG_VERSION")))
         .build()
 }
@@ -823,9 +870,9 @@ mod tests {
             r#"arcguard_registry_reads_total{read="image",result="refused"} 1"#,
             r#"arcguard_registry_reads_total{read="image",result="unreachable"} 0"#,
             r#"arcguard_registry_read_duration_seconds_count{read="image"} 2"#,
-            r#"arcguard_registry_lookups_total{source="read",result="found"} 1"#,
-            r#"arcguard_registry_lookups_total{source="read",result="refused"} 1"#,
-            r#"arcguard_registry_lookups_total{source="cache",result="found"} 2"#,
+            r#"arcguard_registry_lookups_total{lookup="image",source="read",result="found"} 1"#,
+            r#"arcguard_registry_lookups_total{lookup="image",source="read",result="refused"} 1"#,
+            r#"arcguard_registry_lookups_total{lookup="image",source="cache",result="found"} 2"#,
         ] {
             assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
         }

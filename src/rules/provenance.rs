@@ -335,7 +335,7 @@ impl ImageProvenance {
                 ImageLookup::NotChecked => {}
                 ImageLookup::Unreachable(why) => unreachable(&mut findings, why),
                 ImageLookup::Refused(why) => findings.violations.push(format!(
-                    "{}, which its registry does not serve: {why}; push the image or correct the reference",
+                    "{}, which its registry does not serve: {why}; check the reference, and that the image was pushed",
                     uses()
                 )),
                 ImageLookup::Found(served) => {
@@ -367,7 +367,8 @@ impl ImageProvenance {
                             parts.to_image_ref().name(),
                             served.digest
                         ));
-                        continue;
+                        // What else is known about the digest is said too, so that pinning
+                        // it is not followed by a second denial.
                     }
                     if self.require_platform {
                         let resolved = pod_os.get_or_insert_with(|| {
