@@ -286,6 +286,11 @@ fn status_failure(status: StatusCode, body: &[u8]) -> Failure {
 /// unknown)`), if it is one.
 fn envelope_text(body: &[u8]) -> Option<String> {
     let envelope: OciEnvelope = serde_json::from_slice(body).ok()?;
+    (!envelope.errors.is_empty()).then(|| envelope_codes(&envelope))
+}
+
+/// The codes of a distribution error envelope as the spec spells them, with their messages.
+pub(crate) fn envelope_codes(envelope: &OciEnvelope) -> String {
     let codes: Vec<String> = envelope
         .errors
         .iter()
@@ -297,7 +302,7 @@ fn envelope_text(body: &[u8]) -> Option<String> {
             if e.message.is_empty() { code } else { format!("{code} ({})", e.message) }
         })
         .collect();
-    (!codes.is_empty()).then(|| codes.join("; "))
+    codes.join("; ")
 }
 
 fn too_large() -> Failure {

@@ -672,19 +672,7 @@ pub(crate) fn classify(error: &OciDistributionError) -> Failure {
     use OciDistributionError as E;
     match error {
         E::RegistryError { envelope, .. } => {
-            let codes: Vec<String> = envelope
-                .errors
-                .iter()
-                .map(|e| {
-                    // The code as the distribution spec spells it (MANIFEST_UNKNOWN).
-                    let code = serde_json::to_value(&e.code)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_else(|| format!("{:?}", e.code));
-                    if e.message.is_empty() { code } else { format!("{code} ({})", e.message) }
-                })
-                .collect();
-            Failure::Refused(format!("the registry answered {}", codes.join("; ")))
+            Failure::Refused(format!("the registry answered {}", fetch::envelope_codes(envelope)))
         }
         E::ImageManifestNotFoundError(what) => {
             Failure::Refused(format!("the manifest was not found: {what}"))
