@@ -101,6 +101,17 @@ impl Fetcher {
         reference: &Reference,
         accepted: &[&str],
     ) -> Result<(Bytes, String), Failure> {
+        Ok(self.manifest_get(access, reference, accepted).await?)
+    }
+
+    /// [`Self::manifest`], its registry's status kept for the caller to tell a missing
+    /// manifest from a failure.
+    async fn manifest_get(
+        &self,
+        access: &Access,
+        reference: &Reference,
+        accepted: &[&str],
+    ) -> Result<(Bytes, String), GetError> {
         let target = reference.digest().or(reference.tag()).unwrap_or("latest");
         let url = self.url(reference, &format!("manifests/{target}"));
         let (body, digest) = self.get(access, reference, &url, &accepted.join(", ")).await?;
@@ -133,16 +144,11 @@ impl Fetcher {
                     reference.repository().to_owned(),
                     tag,
                 );
-                match self.manifest(access, &fallback, &[OCI_INDEX]).await {
+                match self.manifest_get(access, &fallback, &[OCI_INDEX]).await {
                     Ok((body, _)) => body,
                     // No tag either: no referrers.
-                    Err(Failure::Refused(why)) if why.contains("MANIFEST_UNKNOWN") => {
-                        return Ok(Vec::new());
-                    }
-                    Err(Failure::Refused(why)) if why.contains("HTTP 404") => {
-                        return Ok(Vec::new());
-                    }
-                    Err(failure) => return Err(failure),
+                    Err(GetError::Status(StatusCode::NOT_FOUND, _)) => return Ok(Vec::new()),
+                    Err(error) => return Err(error.into()),
                 }
             }
             Err(error) => return Err(error.into()),
