@@ -6,13 +6,14 @@
 //!   `{"auths": {"<key>": {"username", "password"} | {"auth": base64("user:pass")}}}`) and the
 //!   legacy `kubernetes.io/dockercfg` (`.dockercfg`: the `auths` map alone). Credential helpers
 //!   and stores (`credsStore`, `credHelpers`) are never run, and identity tokens are ignored.
-//! - **Matching** (kubelet `pkg/credentialprovider/keyring.go`, `URLsMatchStr`): a key is a
-//!   URL without its scheme, `host[:port][/path]`; it matches an image when the host has as
-//!   many dot-separated parts as the image's registry and each part matches as a glob
-//!   (`*.azurecr.io`), the ports are equal, and the key's path is a prefix of the image's
-//!   repository path. The most specific key wins (the kubelet sorts keys in reverse order,
-//!   longest first). Docker Hub's keys (`https://index.docker.io/v1/`, `docker.io`) match
-//!   `docker.io` images.
+//! - **Matching** (kubelet `pkg/credentialprovider/keyring.go`, `BasicDockerKeyring.Add`,
+//!   `Lookup`, `URLsMatch`): a key is a URL without its scheme and without a leading `/v1/` or
+//!   `/v2/`, `host[:port][/path]`; it matches an image when the ports are equal, the host has
+//!   as many dot-separated parts as the image's registry and each part matches as a glob
+//!   (`*.azurecr.io`), and the key's path is a string prefix of the image's. Keys are tried
+//!   in reverse sorted order (longer before shorter with the same prefix, names before
+//!   globs); Docker Hub's key (`https://index.docker.io/v1/`) is the fallback for `docker.io`
+//!   images that no key matched.
 //!
 //! Only the first matching credential is tried (the kubelet tries each in turn, then an
 //! anonymous pull).
@@ -101,16 +102,20 @@ pub fn parse(data: &[u8], legacy: bool) -> Result<Vec<RegistryCredential>, Strin
     Ok(credentials)
 }
 
-/// A key split as the kubelet compares it: host parts, port and path.
+/// A key or image as the kubelet compares them (`ParseSchemelessURL`, `splitURL`): host parts,
+/// port and path (from its `/`).
 struct Parsed<'a> {
     host: Vec<&'a str>,
     port: Option<&'a str>,
     path: &'a str,
 }
 
-fn split(key: &str) -> Option<Parsed<'_>> {
-    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
-    let (authority, path) = key.split_once('/').unwrap_or((key, ""));
+fn split(url: &str) -> Option<Parsed<'_>> {
+    let url = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).unwrap_or(url);
+    let (authority, path) = match url.find('/') {
+        Some(at) => url.split_at(at),
+        None => (url, ""),
+    };
     if authority.is_empty() {
         return None;
     }
@@ -120,15 +125,25 @@ fn split(key: &str) -> Option<Parsed<'_>> {
         }
         _ => (authority, None),
     };
-    let host = match host {
-        // Docker Hub's historical keys name the index; images name docker.io.
-        "index.docker.io" | "registry-1.docker.io" => "docker.io",
-        host => host,
-    };
-    // The kubelet compares paths without the Docker Hub API's `v1/` and trailing `/`.
-    let path = if host == "docker.io" { path.trim_start_matches("v1") } else { path };
-    Some(Parsed { host: host.split('.').collect(), port, path: path.trim_matches('/') })
+    Some(Parsed { host: host.split('.').collect(), port, path })
 }
+
+/// A docker config key as the kubelet's keyring indexes it (`BasicDockerKeyring.Add`): without
+/// its scheme, and without a leading `/v1/` or `/v2/` (the Docker registry API's versions,
+/// which docker treats as the host itself); a path of just `/` is dropped.
+fn normalised_key(key: &str) -> String {
+    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    let (authority, path) = match key.find('/') {
+        Some(at) => key.split_at(at),
+        None => (key, ""),
+    };
+    let path = if path.starts_with("/v1/") || path.starts_with("/v2/") { &path[3..] } else { path };
+    if path.is_empty() || path == "/" { authority.to_owned() } else { format!("{authority}{path}") }
+}
+
+/// Docker Hub's key in the kubelet's keyring (`defaultRegistryHost`), used for Docker Hub
+/// images when no key matched them.
+const DOCKER_HUB_KEY: &str = "index.docker.io";
 
 /// Whether `pattern` (a host part, `*` matching any run of characters) matches `part`.
 /// Whether `part` matches `pattern`, whose `*` stands for any run of characters, in any ASCII
@@ -158,17 +173,20 @@ fn glob(pattern: &str, part: &str) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
+/// Whether `key` matches `image` (kubelet `URLsMatch`): equal ports, as many host parts, each
+/// matching as a glob, and the key's path a prefix of the image's (a string prefix, as there:
+/// `reg.io/team` matches `reg.io/teamx/app`).
 fn matches(key: &Parsed<'_>, image: &Parsed<'_>) -> bool {
-    key.host.len() == image.host.len()
+    key.port == image.port
+        && key.host.len() == image.host.len()
+        && image.path.starts_with(key.path)
         && key.host.iter().zip(&image.host).all(|(pattern, part)| glob(pattern, part))
-        && key.port == image.port
-        && (key.path.is_empty()
-            || image.path == key.path
-            || image.path.strip_prefix(key.path).is_some_and(|rest| rest.starts_with('/')))
 }
 
-/// The credential to pull `registry/repository` with: the most specific matching key (the
-/// longest), or `None` for an anonymous pull.
+/// The credential the kubelet pulls `registry/repository` with first (`BasicDockerKeyring.Lookup`):
+/// of the keys sorted in reverse order (longer before shorter with the same prefix, names
+/// before globs), the first that matches; else, for a Docker Hub image, Docker Hub's key; else
+/// `None`, an anonymous pull.
 pub fn for_image<'a>(
     registry: &str,
     repository: &str,
@@ -179,13 +197,18 @@ pub fn for_image<'a>(
     }
     let image = format!("{registry}/{repository}");
     let image = split(&image)?;
-    credentials
+    let mut keys: Vec<(String, &RegistryCredential)> = credentials
         .iter()
-        .filter(|credential| split(&credential.key).is_some_and(|key| matches(&key, &image)))
-        .max_by_key(|credential| {
-            let key = credential.key.trim_start_matches("https://").trim_start_matches("http://");
-            (key.len(), !key.contains('*'))
+        .map(|credential| (normalised_key(&credential.key), credential))
+        .collect();
+    // Stable: a key given twice keeps the order its Secrets were given in.
+    keys.sort_by(|a, b| b.0.cmp(&a.0));
+    keys.iter()
+        .find(|(key, _)| split(key).is_some_and(|key| matches(&key, &image)))
+        .or_else(|| {
+            (registry == "docker.io").then(|| keys.iter().find(|(key, _)| key == DOCKER_HUB_KEY))?
         })
+        .map(|(_, credential)| *credential)
 }
 
 #[cfg(test)]
@@ -263,7 +286,9 @@ mod tests {
         ];
         let cases = [
             ("contoso.azurecr.io", "team/app", Some("contoso.azurecr.io/team")),
-            ("contoso.azurecr.io", "teamx/app", Some("contoso.azurecr.io")),
+            // The kubelet compares paths as strings.
+            ("contoso.azurecr.io", "teamx/app", Some("contoso.azurecr.io/team")),
+            ("contoso.azurecr.io", "other/app", Some("contoso.azurecr.io")),
             ("fabrikam.azurecr.io", "app", Some("*.azurecr.io")),
             // A glob stands for one part only.
             ("a.b.azurecr.io", "app", None),
@@ -273,11 +298,25 @@ mod tests {
             ("localhost:5001", "app", None),
             ("localhost", "app", None),
             ("127.0.0.1:5000", "private/app", Some("127.0.0.1:5000/private")),
-            ("127.0.0.1:5000", "privateer/app", None),
+            ("127.0.0.1:5000", "privateer/app", Some("127.0.0.1:5000/private")),
+            ("127.0.0.1:5000", "app", None),
             ("evil.io", "contoso.azurecr.io/app", None),
+            // A leading /v1/ or /v2/ of a key is the registry itself; an image's path is kept.
+            ("reg.io", "team/app", Some("https://reg.io/v2/team")),
+            ("reg.io", "v1beta/app", None),
+            ("reg.io", "beta/app", Some("reg.io/beta")),
+            // Docker Hub's key is the fallback, after any key that matches.
+            ("docker.io", "library/nginx", Some("docker.io/library")),
         ];
+        let more = [credential("https://reg.io/v2/team"), credential("reg.io/beta")];
+        let hub = [credential("https://index.docker.io/v1/"), credential("docker.io/library")];
         for (registry, repository, want) in cases {
-            let found = for_image(registry, repository, &keys).map(|c| c.key.as_str());
+            let keys: &[RegistryCredential] = match registry {
+                "reg.io" => &more,
+                "docker.io" if want == Some("docker.io/library") => &hub,
+                _ => &keys,
+            };
+            let found = for_image(registry, repository, keys).map(|c| c.key.as_str());
             assert_eq!(found, want, "{registry}/{repository}");
         }
     }

@@ -378,7 +378,7 @@ fn hex_of(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -392,10 +392,10 @@ mod tests {
 
     /// What the mock registry answers: (path, Authorization header) to the response's head and
     /// body chunks, written one after the other.
-    type Answer = dyn Fn(&str, Option<&str>) -> (String, Vec<Vec<u8>>) + Send + Sync;
+    pub(crate) type Answer = dyn Fn(&str, Option<&str>) -> (String, Vec<Vec<u8>>) + Send + Sync;
 
     /// A registry on loopback answering with `answer`; its host and the requests it served.
-    async fn registry(answer: Arc<Answer>) -> (String, Arc<AtomicUsize>) {
+    pub(crate) async fn registry(answer: Arc<Answer>) -> (String, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let host = listener.local_addr().expect("addr").to_string();
         let served = Arc::new(AtomicUsize::new(0));

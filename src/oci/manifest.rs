@@ -23,6 +23,13 @@ pub const ACCEPTED: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MA
 
 /// Largest image config read, in bytes; real ones are a few KiB.
 pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
+/// Longest platform field (`os`, `architecture`, `variant`, `os.version`) accepted, in bytes.
+/// Real ones are under 32 (`10.0.20348.2582`); denial messages name the platforms an image
+/// has, so a registry must not be able to put megabytes into them.
+pub const PLATFORM_FIELD_MAX: usize = 128;
+/// Most distinct platforms an index may list; real ones list a few dozen at most (Windows
+/// images, one per build).
+pub const INDEX_PLATFORMS_MAX: usize = 256;
 
 /// What a manifest says about platforms.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,14 +95,26 @@ struct WirePlatform {
     os_version: Option<String>,
 }
 
-impl From<WirePlatform> for Platform {
-    fn from(wire: WirePlatform) -> Self {
-        Self {
-            os: wire.os,
-            architecture: wire.architecture,
-            variant: wire.variant.filter(|v| !v.is_empty()),
-            os_version: wire.os_version.filter(|v| !v.is_empty()),
+impl WirePlatform {
+    /// The platform, or which field is over [`PLATFORM_FIELD_MAX`].
+    fn checked(self) -> Result<Platform, String> {
+        let fields = [
+            ("os", Some(&self.os)),
+            ("architecture", Some(&self.architecture)),
+            ("variant", self.variant.as_ref()),
+            ("os.version", self.os_version.as_ref()),
+        ];
+        for (name, value) in fields {
+            if value.is_some_and(|v| v.len() > PLATFORM_FIELD_MAX) {
+                return Err(format!("a platform's {name} is over {PLATFORM_FIELD_MAX} bytes"));
+            }
         }
+        Ok(Platform {
+            os: self.os,
+            architecture: self.architecture,
+            variant: self.variant.filter(|v| !v.is_empty()),
+            os_version: self.os_version.filter(|v| !v.is_empty()),
+        })
     }
 }
 
@@ -118,7 +137,8 @@ pub fn media_type(body: &[u8]) -> Result<String, ManifestError> {
 /// an index is told by its `manifests` field.
 ///
 /// # Errors
-/// [`ManifestError`] when it is not an image or an index.
+/// [`ManifestError`] when it is not an image or an index, or an index lists a platform field
+/// over [`PLATFORM_FIELD_MAX`] or more than [`INDEX_PLATFORMS_MAX`] distinct platforms.
 pub fn parse(body: &[u8]) -> Result<Parsed, ManifestError> {
     let envelope: Envelope =
         serde_json::from_slice(body).map_err(|e| ManifestError::Malformed(e.to_string()))?;
@@ -132,9 +152,22 @@ pub fn parse(body: &[u8]) -> Result<Parsed, ManifestError> {
         let entries = envelope
             .manifests
             .ok_or_else(|| ManifestError::Malformed("an index without `manifests`".to_owned()))?;
-        return Ok(Parsed::Index(
-            entries.into_iter().filter_map(|e| e.platform.map(Platform::from)).collect(),
-        ));
+        // Distinct platforms in the order listed: an index that repeats one (or many) says no
+        // more than one that lists it once.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut platforms = Vec::new();
+        for wire in entries.into_iter().filter_map(|e| e.platform) {
+            let platform = wire.checked().map_err(ManifestError::Malformed)?;
+            if seen.insert(platform.clone()) {
+                if platforms.len() == INDEX_PLATFORMS_MAX {
+                    return Err(ManifestError::Malformed(format!(
+                        "the index lists over {INDEX_PLATFORMS_MAX} distinct platforms"
+                    )));
+                }
+                platforms.push(platform);
+            }
+        }
+        return Ok(Parsed::Index(platforms));
     }
     let config = envelope
         .config
@@ -148,11 +181,12 @@ pub fn parse(body: &[u8]) -> Result<Parsed, ManifestError> {
 /// The platform an image config names (`os`, `architecture`, `variant`, `os.version`).
 ///
 /// # Errors
-/// [`ManifestError::Config`] when it names none.
+/// [`ManifestError::Config`] when it names none, or a field over [`PLATFORM_FIELD_MAX`].
 pub fn config_platform(body: &[u8]) -> Result<Platform, ManifestError> {
     serde_json::from_slice::<WirePlatform>(body)
-        .map(Platform::from)
-        .map_err(|e| ManifestError::Config(e.to_string()))
+        .map_err(|e| ManifestError::Config(e.to_string()))?
+        .checked()
+        .map_err(ManifestError::Config)
 }
 
 #[cfg(test)]
@@ -227,6 +261,46 @@ mod tests {
             assert_eq!(parse(&body), want, "{}", String::from_utf8_lossy(&body));
         }
         assert!(matches!(parse(b"{"), Err(ManifestError::Malformed(_))));
+    }
+
+    #[test]
+    fn bounds_what_a_registry_can_put_into_platforms() {
+        let index = |entries: Vec<serde_json::Value>| {
+            serde_json::to_vec(&json!({"mediaType": OCI_INDEX, "manifests": entries}))
+                .expect("json")
+        };
+        let entry = |os: &str, version: &str| {
+            json!({"digest": "sha256:aa", "size": 1,
+                   "platform": {"os": os, "architecture": "amd64", "os.version": version}})
+        };
+        let long = "x".repeat(PLATFORM_FIELD_MAX + 1);
+        assert_eq!(
+            parse(&index(vec![entry("linux", ""), entry(&long, "")])),
+            Err(ManifestError::Malformed(format!(
+                "a platform's os is over {PLATFORM_FIELD_MAX} bytes"
+            )))
+        );
+        assert!(
+            matches!(parse(&index(vec![entry("windows", &long)])), Err(ManifestError::Malformed(m)) if m.contains("os.version"))
+        );
+        let config = format!(r#"{{"os":"linux","architecture":"{long}"}}"#);
+        assert!(
+            matches!(config_platform(config.as_bytes()), Err(ManifestError::Config(m)) if m.contains("architecture"))
+        );
+        // Repeated platforms count once; past the cap of distinct ones the index is refused.
+        let repeated: Vec<_> = (0..5000).map(|_| entry("linux", "")).collect();
+        assert_eq!(
+            parse(&index(repeated)),
+            Ok(Parsed::Index(vec![platform("linux", "amd64", None, None)]))
+        );
+        let distinct: Vec<_> =
+            (0..=INDEX_PLATFORMS_MAX).map(|i| entry("windows", &format!("10.0.{i}"))).collect();
+        assert!(
+            matches!(parse(&index(distinct[..INDEX_PLATFORMS_MAX].to_vec())), Ok(Parsed::Index(p)) if p.len() == INDEX_PLATFORMS_MAX)
+        );
+        assert!(
+            matches!(parse(&index(distinct)), Err(ManifestError::Malformed(m)) if m.contains("distinct platforms"))
+        );
     }
 
     #[test]

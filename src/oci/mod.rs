@@ -339,7 +339,7 @@ impl Registries {
                     let Ok(_permit) = this.reads.acquire().await else {
                         return ImageFact::Unreachable("arcguard is shutting down".to_owned());
                     };
-                    this.read(&owned_access, &owned).await
+                    bounded_fact(this.read(&owned_access, &owned).await)
                 }
                 .boxed()
             },
@@ -410,7 +410,7 @@ impl Registries {
                             "arcguard is shutting down".to_owned(),
                         );
                     };
-                    match signatures::evidence(
+                    let verdict = match signatures::evidence(
                         &reader.fetcher,
                         &owned_access,
                         &name,
@@ -430,7 +430,8 @@ impl Registries {
                             unix_now(),
                         ),
                         Err(why) => SignatureVerdict::Unreachable(why),
-                    }
+                    };
+                    bounded_verdict(verdict)
                 }
                 .boxed()
             },
@@ -480,7 +481,7 @@ impl Registries {
             Ok(manifest::Parsed::Index(platforms)) => platforms,
             Ok(manifest::Parsed::Image { config_digest, config_size }) => {
                 let config = signatures::blob(
-                    &access.client,
+                    access,
                     &reference,
                     &config_digest,
                     config_size,
@@ -506,6 +507,41 @@ impl Registries {
         let media_type = manifest::media_type(&body).unwrap_or_default();
         let size = body.len() as u64;
         ImageFact::Found(RegistryImage { digest, media_type, size, platforms })
+    }
+}
+
+/// Longest reason kept from a read, in bytes: a registry's error texts (and serde's, which
+/// quote what they could not read) reach denial messages, the caches and the log.
+pub const REASON_MAX_BYTES: usize = 1024;
+
+/// `why` cut to [`REASON_MAX_BYTES`] on a character boundary, marked when cut.
+fn bounded(mut why: String) -> String {
+    if why.len() > REASON_MAX_BYTES {
+        let mut end = REASON_MAX_BYTES;
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        why.truncate(end);
+        why.push_str("… (cut)");
+    }
+    why
+}
+
+/// A fact whose reason is [`bounded`].
+fn bounded_fact(fact: ImageFact) -> ImageFact {
+    match fact {
+        ImageFact::Refused(why) => ImageFact::Refused(bounded(why)),
+        ImageFact::Unreachable(why) => ImageFact::Unreachable(bounded(why)),
+        found @ ImageFact::Found(_) => found,
+    }
+}
+
+/// A verdict whose reason is [`bounded`].
+fn bounded_verdict(verdict: SignatureVerdict) -> SignatureVerdict {
+    match verdict {
+        SignatureVerdict::Rejected(why) => SignatureVerdict::Rejected(bounded(why)),
+        SignatureVerdict::Unreachable(why) => SignatureVerdict::Unreachable(bounded(why)),
+        verified @ SignatureVerdict::Verified { .. } => verified,
     }
 }
 
@@ -792,6 +828,16 @@ mod tests {
                             )
                         } else if path == "/v2/" {
                             "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        } else if path.starts_with("/v2/team/loud/") {
+                            // A registry that puts 60 KiB into its error message.
+                            let error = format!(
+                                r#"{{"errors":[{{"code":"DENIED","message":"{}"}}]}}"#,
+                                "é".repeat(30 * 1024)
+                            );
+                            format!(
+                                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{error}",
+                                error.len()
+                            )
                         } else {
                             let error = r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
                             format!(
@@ -846,23 +892,101 @@ mod tests {
             ))
         );
         assert_eq!(served.load(Ordering::SeqCst), 1);
+        // A registry's error text is kept to REASON_MAX_BYTES, whatever it sends.
+        let loud = format!("{host}/team/loud:1");
+        let facts = registries.lookup(&BTreeSet::from([loud.clone()]), &BTreeSet::new(), &[]).await;
+        match facts.images.get(&loud) {
+            Some(ImageFact::Refused(why)) => {
+                assert!(
+                    why.starts_with("the registry refused the pull (403 Forbidden): DENIED (éé"),
+                    "{why}"
+                );
+                assert!(
+                    why.ends_with("… (cut)") && why.len() <= REASON_MAX_BYTES + 12,
+                    "{}",
+                    why.len()
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         // Both keys again, and the digest's: all from the cache.
         let again = BTreeSet::from([tag.clone(), format!("{host}/team/app@{digest}")]);
         let facts = registries.lookup(&again, &BTreeSet::new(), &[]).await.images;
         assert!(facts.values().all(|fact| *fact == found), "{facts:?}");
         assert_eq!(served.load(Ordering::SeqCst), 1);
-        // Two reads (one found, one refused), and four lookups: two read, two from the cache.
+        // Three reads (one found, two refused), and five lookups: three read, two from the cache.
         let metrics = registries.metrics.encode();
         for line in [
             r#"arcguard_registry_reads_total{read="image",result="found"} 1"#,
-            r#"arcguard_registry_reads_total{read="image",result="refused"} 1"#,
+            r#"arcguard_registry_reads_total{read="image",result="refused"} 2"#,
             r#"arcguard_registry_reads_total{read="image",result="unreachable"} 0"#,
-            r#"arcguard_registry_read_duration_seconds_count{read="image"} 2"#,
+            r#"arcguard_registry_read_duration_seconds_count{read="image"} 3"#,
             r#"arcguard_registry_lookups_total{lookup="image",source="read",result="found"} 1"#,
-            r#"arcguard_registry_lookups_total{lookup="image",source="read",result="refused"} 1"#,
+            r#"arcguard_registry_lookups_total{lookup="image",source="read",result="refused"} 2"#,
             r#"arcguard_registry_lookups_total{lookup="image",source="cache",result="found"} 2"#,
         ] {
             assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+    }
+
+    #[tokio::test]
+    async fn config_reads_carry_the_pull_secret_on_a_client_built_after_its_token_was_kept() {
+        use base64::Engine as _;
+        let config = br#"{"os":"linux","architecture":"amd64","rootfs":{}}"#.to_vec();
+        let config_digest = sha256(&config);
+        let image = serde_json::json!({"schemaVersion": 2, "mediaType": manifest::OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config.len()}, "layers": []})
+        .to_string();
+        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p"));
+        let answer = Arc::new(move |path: &str, authorization: Option<&str>| {
+            let ok = |kind: &str, body: &[u8]| {
+                (
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ndocker-content-digest: {}\r\ncontent-length: {}\r\n\r\n",
+                        sha256(body),
+                        body.len()
+                    ),
+                    vec![body.to_vec()],
+                )
+            };
+            if authorization != Some(basic.as_str()) {
+                let head = "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"r\"\r\ncontent-length: 0\r\n\r\n";
+                return (head.to_owned(), Vec::new());
+            }
+            if path == "/v2/" {
+                ok("application/json", b"{}")
+            } else if path.starts_with("/v2/team/solo/manifests/") {
+                ok(manifest::OCI_MANIFEST, image.as_bytes())
+            } else if path == format!("/v2/team/solo/blobs/{config_digest}") {
+                ok("application/octet-stream", &config)
+            } else {
+                ("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_owned(), Vec::new())
+            }
+        });
+        let (host, _) = fetch::tests::registry(answer).await;
+        let registries = registries(&host, DEFAULT_DEADLINE);
+        let secret =
+            [RegistryCredential { key: host.clone(), username: "u".into(), password: "p".into() }];
+        let linux = vec![crate::rules::provenance::Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+            os_version: None,
+        }];
+        for (tag, rebuild) in [("1", false), ("2", true)] {
+            // The clients are emptied (as past CLIENT_LIMIT identities): the new one has no
+            // credentials stored, while the fetcher still holds the token for the manifest.
+            if rebuild {
+                registries.clients.lock().expect("clients").clear();
+            }
+            let key = format!("{host}/team/solo:{tag}");
+            let facts =
+                registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &secret).await;
+            match facts.images.get(&key) {
+                Some(ImageFact::Found(found)) => assert_eq!(found.platforms, linux, "{tag}"),
+                other => panic!("{tag}: {other:?}"),
+            }
         }
     }
 

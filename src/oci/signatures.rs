@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use futures::StreamExt as _;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 use serde::Deserialize;
 
 use super::fetch::Fetcher;
@@ -63,8 +63,8 @@ struct Descriptor {
 /// # Errors
 /// [`BlobError`] when it is larger than declared or `cap`, does not match its digest, or the
 /// registry cannot be read.
-pub async fn blob(
-    client: &Client,
+pub(crate) async fn blob(
+    access: &Access,
     reference: &Reference,
     digest: &str,
     size: u64,
@@ -73,13 +73,17 @@ pub async fn blob(
     if size > cap {
         return Err(BlobError::Refused(format!("{size} bytes, over the {cap} read")));
     }
+    // oci-client answers a blob read's 401 only with credentials stored in the client: store
+    // this access's, whichever client it is (one just built has none, and the manifest may
+    // have been read with a token the fetcher reused).
+    access.client.store_auth_if_needed(reference.resolve_registry(), &access.auth).await;
     let sized =
-        client.pull_blob_stream(reference, digest).await.map_err(|e| {
-            match super::classify(&e) {
+        access.client.pull_blob_stream(reference, digest).await.map_err(
+            |e| match super::classify(&e) {
                 Failure::Unreachable(why) => BlobError::Unreachable(why),
                 Failure::Refused(why) => BlobError::Refused(why),
-            }
-        })?;
+            },
+        )?;
     let mut body = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     let mut stream = sized.stream;
     while let Some(chunk) = stream.next().await {
@@ -111,7 +115,10 @@ pub(crate) async fn evidence(
         evidence.cosign = cosign_signatures(fetcher, access, name, digest).await?;
     }
     if trust.wants_notation() {
-        evidence.notation = notation_signatures(fetcher, access, name, digest).await?;
+        match notation_signatures(fetcher, access, name, digest).await? {
+            Ok(found) => evidence.notation = found,
+            Err(unlisted) => evidence.notation_unlisted = Some(unlisted),
+        }
     }
     Ok(evidence)
 }
@@ -122,7 +129,6 @@ async fn cosign_signatures(
     name: &str,
     digest: &str,
 ) -> Result<Vec<CosignSignature>, String> {
-    let client = &access.client;
     let reference: Reference = format!("{name}:{}", cosign::signature_tag(digest))
         .parse()
         .map_err(|e| format!("the signature tag is not a reference: {e}"))?;
@@ -142,7 +148,7 @@ async fn cosign_signatures(
             continue;
         }
         let payload =
-            match blob(client, &reference, &layer.digest, layer.size, ENVELOPE_MAX_BYTES).await {
+            match blob(access, &reference, &layer.digest, layer.size, ENVELOPE_MAX_BYTES).await {
                 Ok(payload) => payload,
                 Err(BlobError::Unreachable(why)) => return Err(why),
                 Err(BlobError::Refused(_)) => continue,
@@ -156,21 +162,26 @@ async fn cosign_signatures(
     Ok(found)
 }
 
+/// The image's Notation signatures; inside, why its referrers could not be listed though the
+/// registry answered (refused, over the size read, malformed).
+///
+/// # Errors
+/// Why the registry could not be read.
 async fn notation_signatures(
     fetcher: &Fetcher,
     access: &Access,
     name: &str,
     digest: &str,
-) -> Result<Vec<NotationSignature>, String> {
-    let client = &access.client;
+) -> Result<Result<Vec<NotationSignature>, String>, String> {
     let image: Reference = format!("{name}@{digest}")
         .parse()
         .map_err(|e| format!("the image is not a reference: {e}"))?;
     // Empty when neither the referrers API nor the tag schema has an index.
-    let referrers = fetcher
-        .referrers(access, &image, notation::ARTIFACT_TYPE)
-        .await
-        .map_err(|(Failure::Unreachable(why) | Failure::Refused(why))| why)?;
+    let referrers = match fetcher.referrers(access, &image, notation::ARTIFACT_TYPE).await {
+        Ok(referrers) => referrers,
+        Err(Failure::Unreachable(why)) => return Err(why),
+        Err(Failure::Refused(why)) => return Ok(Err(why)),
+    };
     let mut found = Vec::new();
     for entry in referrers.into_iter().take(MAX_SIGNATURES) {
         let reference: Reference = match format!("{name}@{}", entry.digest).parse() {
@@ -191,7 +202,7 @@ async fn notation_signatures(
             continue;
         }
         let bytes =
-            match blob(client, &reference, &envelope.digest, envelope.size, ENVELOPE_MAX_BYTES)
+            match blob(access, &reference, &envelope.digest, envelope.size, ENVELOPE_MAX_BYTES)
                 .await
             {
                 Ok(bytes) => bytes,
@@ -200,5 +211,5 @@ async fn notation_signatures(
             };
         found.push(NotationSignature { media_type: envelope.media_type.clone(), envelope: bytes });
     }
-    Ok(found)
+    Ok(Ok(found))
 }

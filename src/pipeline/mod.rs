@@ -217,7 +217,8 @@ pub const MAX_LISTED: usize = 50;
 /// The message a denied user reads: what was denied, then each violation and what to change
 /// (at most [`MAX_LISTED`], then how many more).
 pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
-    let listed: usize = denials.iter().take(MAX_LISTED).map(|denial| denial.len() + 3).sum();
+    let listed: usize =
+        denials.iter().take(MAX_LISTED).map(|denial| denial.len().min(MAX_ITEM_BYTES) + 12).sum();
     let mut message = String::with_capacity(64 + listed);
     // Writing into a String cannot fail.
     let _ = write!(
@@ -229,7 +230,7 @@ pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
     );
     for denial in denials.iter().take(MAX_LISTED) {
         message.push_str("\n- ");
-        message.push_str(denial);
+        message.push_str(&item(denial));
     }
     if denials.len() > MAX_LISTED {
         let _ = write!(message, "\n- and {} more violations", denials.len() - MAX_LISTED);
@@ -237,7 +238,6 @@ pub fn denial_message(view: &RequestView, denials: &[String]) -> String {
     message
 }
 
-/// At most [`MAX_LISTED`] warnings, then one saying how many more.
 /// The longest value of an audit annotation, in bytes: the apiserver keeps audit events in
 /// memory and writes them to every audit backend, so a pod with thousands of violations must
 /// not make each event megabytes long.
@@ -296,7 +296,27 @@ fn cut(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
+/// The longest violation or warning listed, in bytes; longer ones are cut. A rule's own text is
+/// far shorter; this bounds what a rule quotes (a registry's answer, an object's field) even
+/// if its own cap is missed.
+pub const MAX_ITEM_BYTES: usize = 4096;
+
+/// `text` cut to [`MAX_ITEM_BYTES`] on a character boundary, marked when cut.
+fn item(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_ITEM_BYTES {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(format!("{}… (cut)", cut(text, MAX_ITEM_BYTES)))
+}
+
+/// At most [`MAX_LISTED`] warnings, each at most [`MAX_ITEM_BYTES`], then one saying how many
+/// more.
 fn capped(mut warnings: Vec<String>) -> Vec<String> {
+    for warning in &mut warnings {
+        if warning.len() > MAX_ITEM_BYTES {
+            *warning = item(warning).into_owned();
+        }
+    }
     if warnings.len() > MAX_LISTED {
         let more = warnings.len() - MAX_LISTED;
         warnings.truncate(MAX_LISTED);
@@ -318,6 +338,14 @@ mod tests {
         let capped = capped(many);
         assert_eq!(capped.len(), MAX_LISTED + 1);
         assert_eq!(capped[MAX_LISTED], "and 7 more warnings");
+        // Each is cut to MAX_ITEM_BYTES, on a character boundary.
+        let long = vec!["ü".repeat(MAX_ITEM_BYTES)];
+        let cut = super::capped(long);
+        assert!(
+            cut[0].ends_with("… (cut)") && cut[0].len() <= MAX_ITEM_BYTES + 10,
+            "{}",
+            cut[0].len()
+        );
     }
 
     #[test]

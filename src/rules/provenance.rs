@@ -290,35 +290,16 @@ impl ImageProvenance {
         }
     }
 
-    /// Violations of the rule by the object under review.
+    /// Violations of the rule by the object under review: one finding per problem of each
+    /// distinct image (containers that share an image share its findings, and the message
+    /// names them), so a pod of many containers of one image is told once.
     pub fn validate(&self, view: &RequestView, facts: &dyn Facts) -> Findings {
         let mut findings = Findings::default();
         let Subject::Pod(pod) = &view.subject else { return findings };
         let mut pod_os: Option<PodOs> = None;
-        for (container, parts) in self.checked_images(pod) {
-            let image = container.container.image.as_deref().unwrap_or_default();
-            let uses = || {
-                format!(
-                    "{} {:?} uses image {:?}",
-                    container.list.noun(),
-                    container.container.name,
-                    registry::shown(image)
-                )
-            };
-            let parts = match parts {
-                Ok(parts) => parts,
-                Err(why) => {
-                    // Whether it is in scope cannot be told: fail closed.
-                    findings.violations.push(format!(
-                        "{} {:?} has an invalid image reference {:?}: {why}",
-                        container.list.noun(),
-                        container.container.name,
-                        registry::shown(image)
-                    ));
-                    continue;
-                }
-            };
-            let key = lookup_key(&parts);
+        for judged in self.judged_images(pod, &mut findings) {
+            let uses = || judged.uses();
+            let parts = &judged.parts;
             let unreachable = |findings: &mut Findings, why: &str| {
                 let text = format!(
                     "{}, whose registry could not be read: {why}; retry when the registry answers",
@@ -331,7 +312,7 @@ impl ImageProvenance {
                         .push(format!("{text} (admitted unchecked: onRegistryError is Warn)")),
                 }
             };
-            match facts.image(&key) {
+            match facts.image(&judged.key) {
                 ImageLookup::NotChecked => {}
                 ImageLookup::Unreachable(why) => unreachable(&mut findings, why),
                 ImageLookup::Refused(why) => findings.violations.push(format!(
@@ -379,7 +360,7 @@ impl ImageProvenance {
                         }
                     }
                     let Some(trust) = &self.signatures else { continue };
-                    match facts.signature(&key, trust.id()) {
+                    match facts.signature(&judged.key, trust.id()) {
                         Some(SignatureVerdict::Verified { .. }) => {}
                         Some(SignatureVerdict::Rejected(why)) => findings.violations.push(format!(
                             "{}, which has no signature this policy trusts: {why}; sign this digest with a key or certificate the policy lists (cosign sign --key, notation sign)",
@@ -394,6 +375,36 @@ impl ImageProvenance {
             }
         }
         findings
+    }
+
+    /// The distinct images this rule judges in `pod`, each with the containers that use it,
+    /// in the order first used. An image reference that does not parse is a violation of its
+    /// container, pushed to `findings` (its scope cannot be told: fail closed).
+    fn judged_images<'a>(&'a self, pod: &'a PodView, findings: &mut Findings) -> Vec<Judged<'a>> {
+        let mut judged: Vec<Judged<'a>> = Vec::new();
+        let mut by_key: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for (container, parts) in self.checked_images(pod) {
+            let image = container.container.image.as_deref().unwrap_or_default();
+            match parts {
+                Ok(parts) => {
+                    let key = lookup_key(&parts);
+                    match by_key.get(&key) {
+                        Some(&at) => judged[at].containers.push(container),
+                        None => {
+                            by_key.insert(key.clone(), judged.len());
+                            judged.push(Judged { key, parts, image, containers: vec![container] });
+                        }
+                    }
+                }
+                Err(why) => findings.violations.push(format!(
+                    "{} {:?} has an invalid image reference {:?}: {why}",
+                    container.list.noun(),
+                    container.container.name,
+                    registry::shown(image)
+                )),
+            }
+        }
+        judged
     }
 
     /// The changes this rule makes: each Pod image in scope written by tag becomes
@@ -446,6 +457,44 @@ impl ImageProvenance {
     }
 }
 
+/// Containers named in one message, at most; the rest are counted.
+const USERS_NAMED: usize = 5;
+
+/// One distinct image of a pod and the containers that use it.
+struct Judged<'a> {
+    /// Its [`lookup_key`].
+    key: String,
+    /// Its parsed reference (the first container's, as written there).
+    parts: ImageParts<'a>,
+    /// The image as the first container writes it.
+    image: &'a str,
+    /// The containers using it, in pod order; never empty.
+    containers: Vec<ContainerRef<'a>>,
+}
+
+impl Judged<'_> {
+    /// `container "app" uses image "…"`, or for several containers
+    /// `container "a", init container "b" and 3 more use image "…"`.
+    fn uses(&self) -> String {
+        let named: Vec<String> = self
+            .containers
+            .iter()
+            .take(USERS_NAMED)
+            .map(|c| format!("{} {:?}", c.list.noun(), c.container.name))
+            .collect();
+        let image = registry::shown(self.image);
+        match (self.containers.len(), named.split_last()) {
+            (1, _) | (_, None) => format!("{} uses image {image:?}", named.join("")),
+            (n, Some((last, first))) if n <= USERS_NAMED => {
+                format!("{} and {last} use image {image:?}", first.join(", "))
+            }
+            (n, _) => {
+                format!("{} and {} more use image {image:?}", named.join(", "), n - USERS_NAMED)
+            }
+        }
+    }
+}
+
 /// Compiles a `signatures` block; errors name the field within it.
 fn compile_signatures(spec: &SignaturesSpec) -> Result<SignatureTrust, FieldError> {
     if spec.cosign.is_none() && spec.notation.is_none() {
@@ -482,6 +531,9 @@ fn arch(pod: &PodView) -> Option<&str> {
     pod.spec.node_selector.as_ref()?.get(NODE_ARCH_LABEL).map(String::as_str)
 }
 
+/// Platforms named in a denial, at most; the rest are counted.
+const PLATFORMS_LISTED: usize = 12;
+
 /// Why the served image cannot run where the pod runs, or `None` when it can (or when the
 /// pod's OS cannot be told: the OS rules say so for such pods).
 fn platform_problem(served: &RegistryImage, pod_os: &PodOs, arch: Option<&str>) -> Option<String> {
@@ -505,16 +557,13 @@ fn platform_problem(served: &RegistryImage, pod_os: &PodOs, arch: Option<&str>) 
     if runs {
         return None;
     }
-    let listed: Vec<String> = served
-        .platforms
-        .iter()
-        .filter(|platform| platform.os != "unknown")
-        .map(ToString::to_string)
-        .collect();
-    let has = if listed.is_empty() {
-        "it lists no platform".to_owned()
-    } else {
-        format!("it has {}", listed.join(", "))
+    let real: Vec<&Platform> =
+        served.platforms.iter().filter(|platform| platform.os != "unknown").collect();
+    let listed: Vec<String> = real.iter().take(PLATFORMS_LISTED).map(ToString::to_string).collect();
+    let has = match real.len() {
+        0 => "it lists no platform".to_owned(),
+        n if n <= PLATFORMS_LISTED => format!("it has {}", listed.join(", ")),
+        n => format!("it has {} and {} more", listed.join(", "), n - PLATFORMS_LISTED),
     };
     let arch_why = match arch {
         Some(arch) => format!("; its nodeSelector pins {NODE_ARCH_LABEL}: {arch}"),
@@ -802,6 +851,68 @@ mod tests {
         assert!(rule.mutate(&view(Kind::Deployment, &deployment, None), &facts).is_empty());
         let off = super::ImageProvenance { pin_digest: false, ..rule };
         assert!(off.mutate(&view(Kind::Pod, &object, None), &facts).is_empty());
+    }
+
+    #[test]
+    fn an_image_shared_by_containers_is_judged_once_and_platforms_listed_are_capped() {
+        let deny = rule(json!({"registries": ["reg.example.com/team"], "pinDigest": false}));
+        let mut facts = facts();
+        let many: Vec<Platform> = (0..PLATFORMS_LISTED + 3)
+            .map(|i| Platform {
+                os_version: Some(format!("10.0.{i}")),
+                ..platform("windows", "amd64")
+            })
+            .collect();
+        facts.images.get_or_insert_default().insert(
+            "reg.example.com/team/builds:1".to_owned(),
+            ImageFact::Found(RegistryImage {
+                digest: DIGEST.into(),
+                media_type: "application/vnd.oci.image.index.v1+json".into(),
+                size: 500,
+                platforms: many,
+            }),
+        );
+        let windows = "reg.example.com/team/windows:1";
+        // (containers, init containers, the one violation's start)
+        let cases: Vec<(usize, usize, String)> = vec![
+            (2, 0, format!("container \"c0\" and container \"c1\" use image {windows:?}")),
+            (
+                2,
+                1,
+                format!(
+                    "container \"c0\", container \"c1\" and init container \"i0\" use image {windows:?}"
+                ),
+            ),
+            (
+                7,
+                1,
+                format!(
+                    "container \"c0\", container \"c1\", container \"c2\", container \"c3\", container \"c4\" and 3 more use image {windows:?}"
+                ),
+            ),
+        ];
+        for (containers, inits, start) in cases {
+            let list = |prefix: &str, n: usize| -> Vec<Value> {
+                (0..n).map(|i| json!({"name": format!("{prefix}{i}"), "image": windows})).collect()
+            };
+            let object = json!({"metadata": {"name": "p"}, "spec": {
+                "containers": list("c", containers), "initContainers": list("i", inits)}});
+            let findings = deny.validate(&view(Kind::Pod, &object, None), &facts);
+            assert_eq!(findings.violations.len(), 1, "{findings:?}");
+            assert!(findings.violations[0].starts_with(&start), "{findings:?}");
+            assert!(findings.violations[0].contains("has no linux platform"), "{findings:?}");
+        }
+        let findings = deny.validate(
+            &view(Kind::Pod, &pod("reg.example.com/team/builds:1", json!({})), None),
+            &facts,
+        );
+        assert_eq!(findings.violations.len(), 1, "{findings:?}");
+        let last = format!("windows/amd64 (10.0.{}) and 3 more)", PLATFORMS_LISTED - 1);
+        assert!(findings.violations[0].contains(&last), "{findings:?}");
+        assert!(
+            !findings.violations[0].contains(&format!("10.0.{PLATFORMS_LISTED})")),
+            "{findings:?}"
+        );
     }
 
     #[test]

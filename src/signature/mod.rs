@@ -110,6 +110,10 @@ pub struct Evidence {
     /// Notation envelopes (the referrers of type [`notation::ARTIFACT_TYPE`]), empty when
     /// there is none.
     pub notation: Vec<NotationSignature>,
+    /// Why the registry's answer to the referrers listing (API or tag schema) was not usable:
+    /// a refusal, an index over the size read or malformed. The registry answered, so this is
+    /// a rejection, not an unreachable registry (which `onRegistryError: Warn` would admit).
+    pub notation_unlisted: Option<String>,
 }
 
 /// Whether an image's signatures satisfy a trust.
@@ -161,7 +165,9 @@ pub fn judge(
         }
     }
     if let Some(notation_trust) = &trust.notation {
-        if evidence.notation.is_empty() {
+        if let Some(why) = &evidence.notation_unlisted {
+            reasons.push(format!("Notation: the image's referrers could not be listed: {why}"));
+        } else if evidence.notation.is_empty() {
             reasons.push(format!(
                 "Notation: no signature (no referrer of type {})",
                 notation::ARTIFACT_TYPE

@@ -1014,6 +1014,30 @@ mod tests {
     }
 
     #[test]
+    fn referrers_the_registry_would_not_list_are_a_rejection_not_an_outage() {
+        let ca = pki("root");
+        let notation = NotationTrust::compile(&[ca.root_pem], &["*".to_owned()]).expect("trust");
+        let trust = crate::signature::SignatureTrust::new(Vec::new(), Some(notation), b"t");
+        let target = Target { digest: DIGEST, media_type: INDEX, size: 1 };
+        let unlisted = crate::signature::Evidence {
+            notation_unlisted: Some("the manifest is over the 1 MiB arcguard reads".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            crate::signature::judge(&unlisted, target, &trust, NOW),
+            crate::signature::SignatureVerdict::Rejected(
+                "Notation: the image's referrers could not be listed: the manifest is over the 1 MiB arcguard reads".into()
+            )
+        );
+        assert_eq!(
+            crate::signature::judge(&crate::signature::Evidence::default(), target, &trust, NOW),
+            crate::signature::SignatureVerdict::Rejected(format!(
+                "Notation: no signature (no referrer of type {ARTIFACT_TYPE})"
+            ))
+        );
+    }
+
+    #[test]
     fn trusted_identities_and_stores_are_checked_when_compiled() {
         let ca = pki("root");
         let store = [ca.root_pem.clone()];
