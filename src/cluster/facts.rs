@@ -42,6 +42,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 
 use crate::admission::RequestView;
 use crate::admission::objects::PodTemplateSpec;
+use crate::oci::cache::TtlCache;
 use crate::policy::PolicySet;
 use crate::pull_secrets::RegistryCredential;
 use crate::rules::os;
@@ -58,9 +59,29 @@ pub const PULL_SECRET_TTL: Duration = Duration::from_secs(30);
 /// imagePullSecrets read per request, at most.
 const PULL_SECRETS_MAX: usize = 16;
 
+/// Bytes each of the imagePullSecret and service account caches holds at most, as their
+/// weights estimate them: a tenant's Secrets may be up to 1 MiB each.
+const PULL_SECRET_CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The cache of imagePullSecrets' credentials, weighed by their text.
+fn pull_secret_cache() -> TtlCache<(String, String), Vec<RegistryCredential>> {
+    TtlCache::weighed(AUTHORIZATION_CACHE_LIMIT, PULL_SECRET_CACHE_BYTES, |(ns, name), found| {
+        let text: usize =
+            found.iter().map(|c| 96 + c.key.len() + c.username.len() + c.password.len()).sum();
+        160 + ns.len() + name.len() + text
+    })
+}
+
+/// The cache of service accounts' imagePullSecrets names, weighed by their text.
+fn service_account_cache() -> TtlCache<(String, String), Vec<String>> {
+    TtlCache::weighed(AUTHORIZATION_CACHE_LIMIT, PULL_SECRET_CACHE_BYTES, |(ns, name), names| {
+        160 + ns.len() + name.len() + names.iter().map(|n| 24 + n.len()).sum::<usize>()
+    })
+}
+
 /// How long a `use` authorization is reused; RBAC changes take effect within this time.
 const AUTHORIZATION_TTL: Duration = Duration::from_secs(10);
-/// Cached authorizations kept at most; the cache is emptied beyond it.
+/// Cached authorizations kept at most, the least reused evicted first.
 const AUTHORIZATION_CACHE_LIMIT: usize = 10_000;
 
 type AccessKey = (String, String, String);
@@ -74,16 +95,16 @@ pub struct ClusterFacts {
     credential_spec_resource: ApiResource,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     nodes: Store<PartialObjectMeta<Node>>,
-    authorizations: Mutex<HashMap<AccessKey, (Instant, Access)>>,
+    authorizations: TtlCache<AccessKey, Access>,
     /// Reviews in flight, with when they were sent: one whose callers were all cancelled is
     /// never awaited to completion, so an entry older than [`LOOKUP_DEADLINE`] is replaced
     /// rather than answering from a stale review.
     in_flight: Mutex<HashMap<AccessKey, InFlight>>,
     /// Registry credentials of imagePullSecrets by (namespace, name); empty for a Secret that
     /// is missing or of another type.
-    pull_secrets: crate::oci::cache::TtlCache<(String, String), Vec<RegistryCredential>>,
+    pull_secrets: TtlCache<(String, String), Vec<RegistryCredential>>,
     /// The imagePullSecrets of service accounts by (namespace, name).
-    service_accounts: crate::oci::cache::TtlCache<(String, String), Vec<String>>,
+    service_accounts: TtlCache<(String, String), Vec<String>>,
 }
 
 impl std::fmt::Debug for ClusterFacts {
@@ -138,10 +159,10 @@ impl ClusterFacts {
             credential_spec_resource: resource,
             namespaces,
             nodes,
-            authorizations: Mutex::new(HashMap::new()),
+            authorizations: TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
             in_flight: Mutex::new(HashMap::new()),
-            pull_secrets: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
-            service_accounts: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
+            pull_secrets: pull_secret_cache(),
+            service_accounts: service_account_cache(),
         })
     }
 
@@ -156,10 +177,10 @@ impl ClusterFacts {
             credential_spec_resource: resource,
             namespaces: reflector::store().0,
             nodes: reflector::store().0,
-            authorizations: Mutex::new(HashMap::new()),
+            authorizations: TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
             in_flight: Mutex::new(HashMap::new()),
-            pull_secrets: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
-            service_accounts: crate::oci::cache::TtlCache::new(AUTHORIZATION_CACHE_LIMIT),
+            pull_secrets: pull_secret_cache(),
+            service_accounts: service_account_cache(),
         }
     }
 
@@ -360,11 +381,8 @@ impl ClusterFacts {
 
     async fn authorize(&self, namespace: &str, service_account: &str, name: &str) -> Access {
         let key = (namespace.to_owned(), service_account.to_owned(), name.to_owned());
-        if let Ok(cache) = self.authorizations.lock()
-            && let Some((at, access)) = cache.get(&key)
-            && at.elapsed() < AUTHORIZATION_TTL
-        {
-            return access.clone();
+        if let Some(access) = self.authorizations.get(&key) {
+            return access;
         }
         // One review in flight per key: concurrent requests for the same pod template (a
         // Deployment scaling up) wait for the same answer instead of each sending their own.
@@ -390,13 +408,8 @@ impl ClusterFacts {
             // replaced) stays for its own callers.
             inflight.remove(&key);
         }
-        if !matches!(access, Access::Unknown(_))
-            && let Ok(mut cache) = self.authorizations.lock()
-        {
-            if cache.len() >= AUTHORIZATION_CACHE_LIMIT {
-                cache.clear();
-            }
-            cache.insert(key, (Instant::now(), access.clone()));
+        if !matches!(access, Access::Unknown(_)) {
+            self.authorizations.insert(key, access.clone(), AUTHORIZATION_TTL);
         }
         access
     }

@@ -1,76 +1,106 @@
 //! The registry adapter's two memories: a bounded cache of answers with per-entry expiry, and
 //! the reads in flight that concurrent requests for the same thing share.
 //!
-//! Own code rather than a caching crate: each is a mutex around a `HashMap` (emptied when full,
-//! as the authorization cache in `cluster/facts.rs` is), and sharing a read needs a spawned
-//! task that outlives the requests waiting on it, which the general-purpose caches do not do.
+//! The cache is `quick_cache`'s (S3-FIFO eviction, bounded by weight), with an expiry kept in
+//! each entry: a new entry goes to a small queue and only one read again reaches the main
+//! one, so a tenant's flood of images never seen before evicts its own entries, not those
+//! every tenant reuses (a cache emptied when full, as this was, let it evict everything).
+//! Reads in flight are own code: sharing a read needs a spawned task that outlives the
+//! requests waiting on it, which the general-purpose caches do not do.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{Hash, RandomState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt as _, Shared};
+use quick_cache::Weighter;
+use quick_cache::sync::{Cache, DefaultLifecycle};
 
-/// Answers kept until they expire; at most `limit` entries and `byte_limit` bytes as `weigh`
-/// counts them, emptied beyond. An answer weighing more than a sixteenth of `byte_limit` is
-/// not kept (it would empty the cache for itself).
-#[derive(Debug)]
+/// Answers kept until they expire; at most `byte_limit` bytes as `weigh` counts them (with
+/// `TtlCache::new`, at most `limit` entries), the least reused evicted first. An answer
+/// weighing more than a sixteenth of `byte_limit` is not kept.
 pub struct TtlCache<K, V> {
-    entries: Mutex<Entries<K, V>>,
-    limit: usize,
+    entries: Cache<K, Entry<V>, ByWeight, RandomState, DefaultLifecycle<K, Entry<V>>>,
     byte_limit: usize,
     weigh: fn(&K, &V) -> usize,
 }
 
-/// The entries of a [`TtlCache`] and their weight.
-#[derive(Debug)]
-struct Entries<K, V> {
-    map: HashMap<K, (Instant, V, usize)>,
-    bytes: usize,
+impl<K: Eq + Hash, V: Clone> std::fmt::Debug for TtlCache<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtlCache")
+            .field("entries", &self.entries.len())
+            .field("bytes", &self.entries.weight())
+            .field("byte_limit", &self.byte_limit)
+            .finish()
+    }
+}
+
+/// A cached answer, its expiry, and its weight (computed once, as the cache requires).
+#[derive(Clone)]
+struct Entry<V> {
+    expires: Instant,
+    value: V,
+    weight: u64,
+}
+
+/// Weighs an [`Entry`] by the weight it carries.
+#[derive(Clone, Copy)]
+struct ByWeight;
+
+impl<K, V> Weighter<K, Entry<V>> for ByWeight {
+    fn weight(&self, _: &K, entry: &Entry<V>) -> u64 {
+        entry.weight
+    }
 }
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     /// An empty cache of at most `limit` entries, whatever their size.
     pub fn new(limit: usize) -> Self {
-        Self::weighed(limit, usize::MAX, |_, _| 0)
+        Self::build(limit, limit, |_, _| 1)
     }
 
-    /// An empty cache of at most `limit` entries and `byte_limit` bytes, an entry weighing
-    /// what `weigh` says (an estimate of its heap bytes).
-    pub fn weighed(limit: usize, byte_limit: usize, weigh: fn(&K, &V) -> usize) -> Self {
+    /// An empty cache of at most `byte_limit` bytes, an entry weighing what `weigh` says (an
+    /// estimate of its heap bytes); `items` is about how many entries that makes.
+    pub fn weighed(items: usize, byte_limit: usize, weigh: fn(&K, &V) -> usize) -> Self {
+        Self::build(items, byte_limit, weigh)
+    }
+
+    fn build(items: usize, byte_limit: usize, weigh: fn(&K, &V) -> usize) -> Self {
         Self {
-            entries: Mutex::new(Entries { map: HashMap::new(), bytes: 0 }),
-            limit,
+            entries: Cache::with(
+                items,
+                byte_limit as u64,
+                ByWeight,
+                RandomState::new(),
+                DefaultLifecycle::default(),
+            ),
             byte_limit,
             weigh,
         }
     }
 
-    /// The answer for `key`, if one has not expired.
+    /// The answer for `key`, if one has not expired (an expired one is dropped).
     pub fn get(&self, key: &K) -> Option<V> {
-        let entries = self.entries.lock().ok()?;
-        let (expires, value, _) = entries.map.get(key)?;
-        (Instant::now() < *expires).then(|| value.clone())
+        let entry = self.entries.get(key)?;
+        let now = Instant::now();
+        if now < entry.expires {
+            return Some(entry.value);
+        }
+        self.entries.remove_if(key, |entry| entry.expires <= now);
+        None
     }
 
     /// Keeps `value` for `ttl`.
     pub fn insert(&self, key: K, value: V, ttl: Duration) {
-        let weight = (self.weigh)(&key, &value);
+        // Never zero: the cache never evicts an entry of no weight.
+        let weight = (self.weigh)(&key, &value).max(1);
         if weight > self.byte_limit / 16 {
+            self.entries.remove(&key);
             return;
         }
-        let Ok(mut entries) = self.entries.lock() else { return };
-        if entries.map.len() >= self.limit || entries.bytes + weight > self.byte_limit {
-            entries.map.clear();
-            entries.bytes = 0;
-        }
-        if let Some((_, _, replaced)) =
-            entries.map.insert(key, (Instant::now() + ttl, value, weight))
-        {
-            entries.bytes -= replaced;
-        }
-        entries.bytes += weight;
+        let entry = Entry { expires: Instant::now() + ttl, value, weight: weight as u64 };
+        self.entries.insert(key, entry);
     }
 }
 
@@ -94,6 +124,13 @@ impl<K: Eq + Hash + Clone + Send + 'static, V: Clone + Send + Sync + 'static> Fl
     /// No reads; a read is joined for at most `cap`.
     pub fn new(cap: Duration) -> Self {
         Self { reads: Mutex::new(HashMap::new()), cap }
+    }
+
+    /// The read in flight for `key`, if one is (and is younger than the cap).
+    pub fn joined(&self, key: &K) -> Option<Shared<BoxFuture<'static, V>>> {
+        let reads = self.reads.lock().ok()?;
+        let (started, read) = reads.get(key)?;
+        (started.elapsed() < self.cap).then(|| read.clone())
     }
 
     /// The read in flight for `key`, or `start()` spawned as a new one. The task runs to its
@@ -149,36 +186,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_expire_and_a_full_cache_is_emptied() {
-        let cache = TtlCache::new(2);
+    fn entries_expire_and_a_full_cache_keeps_to_its_limit() {
+        let cache = TtlCache::new(100);
         cache.insert("a", 1, Duration::from_secs(60));
         cache.insert("b", 2, Duration::ZERO);
         assert_eq!(cache.get(&"a"), Some(1));
         assert_eq!(cache.get(&"b"), None);
-        cache.insert("c", 3, Duration::from_secs(60));
-        assert_eq!(cache.get(&"a"), None);
-        assert_eq!(cache.get(&"c"), Some(3));
+        let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        let cache = TtlCache::new(100);
+        for key in &keys {
+            cache.insert(key.clone(), 0, Duration::from_secs(60));
+        }
+        let held = keys.iter().filter(|key| cache.get(key).is_some()).count();
+        assert!((50..=100).contains(&held), "{held} of 1000 held in a cache of 100");
     }
 
     #[test]
-    fn a_cache_past_its_bytes_is_emptied_and_a_heavy_answer_not_kept() {
-        let cache: TtlCache<String, String> = TtlCache::weighed(100, 160, |_, v| v.len());
+    fn a_flood_of_new_answers_does_not_evict_the_ones_reused() {
+        let cache: TtlCache<String, String> = TtlCache::weighed(1000, 160_000, |_, v| v.len());
         let long = Duration::from_secs(60);
-        cache.insert("a".into(), "x".repeat(8), long);
-        cache.insert("a".into(), "x".repeat(9), long);
-        cache.insert("b".into(), "y".repeat(10), long);
-        // Replacing "a" counted its new weight only: 19 bytes held, so 14 more of 10 fit.
-        for i in 0..14 {
-            cache.insert(format!("k{i}"), "z".repeat(10), long);
+        let reused: Vec<String> = (0..100).map(|i| format!("reused-{i}")).collect();
+        for key in &reused {
+            cache.insert(key.clone(), "x".repeat(100), long);
+            assert!(cache.get(key).is_some());
         }
-        assert_eq!(cache.get(&"a".to_owned()).map(|v| v.len()), Some(9));
-        // The 15th would pass 160 bytes: the cache is emptied for it.
-        cache.insert("last".into(), "z".repeat(10), long);
-        assert_eq!(cache.get(&"a".to_owned()), None);
-        assert_eq!(cache.get(&"last".to_owned()).map(|v| v.len()), Some(10));
-        // Over a sixteenth of the bytes: never kept.
-        cache.insert("heavy".into(), "w".repeat(11), long);
-        assert_eq!(cache.get(&"heavy".to_owned()), None);
+        // A tenant's images never seen before: fifty times what the cache holds.
+        for i in 0..80_000 {
+            cache.insert(format!("flood-{i}"), "y".repeat(100), long);
+            if i % 1000 == 0 {
+                // Everyone else's pods keep reading theirs.
+                for key in &reused {
+                    let _ = cache.get(key);
+                }
+            }
+        }
+        let kept = reused.iter().filter(|key| cache.get(key).is_some()).count();
+        assert_eq!(kept, reused.len(), "the reused answers survive the flood");
+        assert!(cache.entries.weight() <= 160_000, "{}", cache.entries.weight());
+    }
+
+    #[test]
+    fn a_heavy_answer_is_not_kept() {
+        let cache: TtlCache<String, String> = TtlCache::weighed(100, 1600, |_, v| v.len());
+        let long = Duration::from_secs(60);
+        cache.insert("fits".into(), "w".repeat(100), long);
+        assert!(cache.get(&"fits".to_owned()).is_some());
+        // Over a sixteenth of the bytes: never kept, and it drops what the key held.
+        cache.insert("fits".into(), "w".repeat(101), long);
+        assert_eq!(cache.get(&"fits".to_owned()), None);
     }
 
     #[tokio::test]

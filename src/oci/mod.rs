@@ -12,8 +12,9 @@
 //!   [`DIGEST_TTL`]; a tag moves, so a fact read by tag is kept [`TAG_TTL`] (and seeds the
 //!   digest's entry, which the validating webhook reads after the mutating one pinned it); a
 //!   refusal is kept [`REFUSED_TTL`]; a registry that could not be read is not cached. At
-//!   most [`CACHE_LIMIT`] entries and [`CACHE_BYTES`]: beyond either the cache is emptied.
-//!   Concurrent requests for one image share one read.
+//!   most [`CACHE_BYTES`] per cache, the least reused answers evicted first (S3-FIFO, so a
+//!   flood of new images does not push out the ones reused, [`cache`]). Concurrent requests
+//!   for one image share one read.
 //! - **Access**: anonymous, or with the credential the kubelet would pick from the pod's
 //!   imagePullSecrets; one oci-client per credential, so no token or cached fact answers for
 //!   another credential.
@@ -27,6 +28,7 @@ pub mod cache;
 pub mod fetch;
 pub mod manifest;
 pub mod signatures;
+pub mod slots;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use self::cache::{Flights, TtlCache};
+use self::slots::ReadSlots;
 use crate::metrics::Metrics;
 use crate::pull_secrets::{self as credentials, RegistryCredential};
 use crate::rules::provenance::{ImageFact, RegistryFacts, RegistryImage};
@@ -60,10 +63,11 @@ pub const DIGEST_TTL: Duration = Duration::from_secs(600);
 pub const TAG_TTL: Duration = Duration::from_secs(30);
 /// How long a refusal (no such image, access denied) is reused.
 pub const REFUSED_TTL: Duration = Duration::from_secs(10);
-/// Cached facts kept at most; the cache is emptied beyond it.
+/// About how many facts (or verdicts) a cache holds: its sizing hint, the bound is
+/// [`CACHE_BYTES`].
 pub const CACHE_LIMIT: usize = 10_000;
 /// Bytes each cache (facts, verdicts) holds at most, as [`fact_weight`] and [`verdict_weight`]
-/// estimate them; the cache is emptied beyond. With [`MAX_READS`] reads of at most
+/// estimate them; the least reused are evicted beyond. With [`slots::MAX_READS`] reads of at most
 /// [`fetch::MANIFEST_MAX_BYTES`] this bounds the adapter's memory at about 32 MiB.
 pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
@@ -107,10 +111,6 @@ const CLIENT_LIMIT: usize = 256;
 /// Distinct images read for one request, at most; more are refused by name. A pod rarely
 /// runs more than a handful, and each read holds a manifest in memory.
 pub const MAX_IMAGES_PER_REQUEST: usize = 64;
-/// Registry reads (manifests, configs, signatures) in flight process-wide, at most; more wait
-/// (within their deadline). Each holds at most one manifest ([`fetch::MANIFEST_MAX_BYTES`]) or
-/// blob (capped by its reader) in memory.
-const MAX_READS: usize = 16;
 
 /// One way of pulling: a client, the auth it pulls with, and an identity for cache keys.
 #[derive(Clone)]
@@ -132,7 +132,7 @@ pub struct Registries {
     image_reads: Arc<Flights<String, ImageFact>>,
     verdicts: TtlCache<(String, TrustId), SignatureVerdict>,
     verdict_reads: Arc<Flights<(String, TrustId), SignatureVerdict>>,
-    reads: Arc<tokio::sync::Semaphore>,
+    slots: ReadSlots,
     fetcher: fetch::Fetcher,
     metrics: Arc<Metrics>,
 }
@@ -201,7 +201,7 @@ impl Registries {
             image_reads: Arc::new(Flights::new(READ_CAP)),
             verdicts: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, verdict_weight),
             verdict_reads: Arc::new(Flights::new(READ_CAP)),
-            reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
+            slots: ReadSlots::new(),
             fetcher,
             metrics,
         }))
@@ -211,11 +211,15 @@ impl Registries {
     /// each within the deadline, and the verdicts on their signatures under the trusts in
     /// `signatures`, within what is left of the same deadline. An image read by tag is also
     /// answered under the digest it resolved to, the key its pinned form is read by.
+    ///
+    /// Reads not answered by the cache run in [`slots`]: `namespace` (the object's; `""` for
+    /// none) names whose share they take.
     pub async fn lookup(
         self: &Arc<Self>,
         keys: &BTreeSet<String>,
         signatures: &BTreeSet<(String, TrustRef)>,
         credentials: &[RegistryCredential],
+        namespace: &str,
     ) -> RegistryFacts {
         if let Some(cached) = self.cached(keys, signatures, credentials) {
             for (_, fact, verdicts) in &cached {
@@ -242,13 +246,13 @@ impl Registries {
                 Ok(access) => access,
                 Err(why) => return (key.clone(), ImageFact::Unreachable(why), Vec::new()),
             };
-            let fact = self.fact(&access, key).await;
+            let fact = self.fact(&access, key, namespace).await;
             let mut verdicts = Vec::new();
             if let ImageFact::Found(image) = &fact {
                 let trusts = signatures.iter().filter(|(k, _)| k == key).map(|(_, t)| t);
                 for trust in trusts {
                     let left = self.deadline.saturating_sub(started.elapsed());
-                    let verdict = self.verdict(&access, key, image, trust, left).await;
+                    let verdict = self.verdict(&access, key, image, trust, namespace, left).await;
                     verdicts.push(((key.clone(), trust.0.id()), verdict));
                 }
             }
@@ -319,44 +323,71 @@ impl Registries {
         Ok(Access { client, auth, identity })
     }
 
-    /// One image's fact: from the cache, from a read already in flight, or from a new read.
-    async fn fact(self: &Arc<Self>, access: &Access, key: &str) -> ImageFact {
+    /// One image's fact: from the cache, from a read already in flight, or from a new read
+    /// in one of `namespace`'s slots, all within the deadline.
+    async fn fact(self: &Arc<Self>, access: &Access, key: &str, namespace: &str) -> ImageFact {
         // Who may read an image is the registry's to say: facts are kept per credential.
         let cache_key = image_cache_key(&access.identity, key);
         if let Some(fact) = self.images.get(&cache_key) {
             self.metrics.record_registry_lookup("image", "cache", fact_result(&fact));
             return fact;
         }
-        let began = Instant::now();
-        let this = Arc::clone(self);
-        let (owned, owned_access) = (key.to_owned(), access.clone());
-        let remember = Arc::clone(self);
-        let (remembered, identity) = (key.to_owned(), access.identity.clone());
-        let read = self.image_reads.join(
-            &cache_key,
-            move || {
-                async move {
-                    let Ok(_permit) = this.reads.acquire().await else {
-                        return ImageFact::Unreachable("arcguard is shutting down".to_owned());
-                    };
-                    bounded_fact(this.read(&owned_access, &owned).await)
-                }
-                .boxed()
-            },
-            move |fact| {
-                remember.metrics.record_registry_read("image", fact_result(fact), began.elapsed());
-                remember.remember(&identity, &remembered, fact);
-            },
-            ImageFact::Unreachable,
-        );
-        let fact = match tokio::time::timeout(self.deadline, read).await {
-            Ok(fact) => fact,
-            Err(_) => {
-                ImageFact::Unreachable(format!("no answer within {} ms", self.deadline.as_millis()))
+        let until = tokio::time::Instant::now() + self.deadline;
+        let fact = match self.image_reads.joined(&cache_key) {
+            Some(read) => {
+                within(until, read, self.deadline).await.unwrap_or_else(ImageFact::Unreachable)
             }
+            None => match self.slot(namespace, until).await {
+                Err(why) => ImageFact::Unreachable(why),
+                Ok(slot) => {
+                    let began = Instant::now();
+                    let this = Arc::clone(self);
+                    let (owned, owned_access) = (key.to_owned(), access.clone());
+                    let remember = Arc::clone(self);
+                    let (remembered, identity) = (key.to_owned(), access.identity.clone());
+                    let read = self.image_reads.join(
+                        &cache_key,
+                        move || {
+                            async move {
+                                let _slot = slot;
+                                bounded_fact(this.read(&owned_access, &owned).await)
+                            }
+                            .boxed()
+                        },
+                        move |fact| {
+                            remember.metrics.record_registry_read(
+                                "image",
+                                fact_result(fact),
+                                began.elapsed(),
+                            );
+                            remember.remember(&identity, &remembered, fact);
+                        },
+                        ImageFact::Unreachable,
+                    );
+                    within(until, read, self.deadline).await.unwrap_or_else(ImageFact::Unreachable)
+                }
+            },
         };
         self.metrics.record_registry_lookup("image", "read", fact_result(&fact));
         fact
+    }
+
+    /// A read slot of `namespace`'s, waited for until `until`; else why there is none.
+    async fn slot(
+        &self,
+        namespace: &str,
+        until: tokio::time::Instant,
+    ) -> Result<slots::ReadSlot, String> {
+        match tokio::time::timeout_at(until, self.slots.acquire(namespace)).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(closed)) => Err(closed.to_string()),
+            Err(_) => Err(format!(
+                "no registry read could start within {} ms: this namespace's {} or all {} read slots were busy; retry",
+                self.deadline.as_millis(),
+                slots::NAMESPACE_READS,
+                slots::MAX_READS
+            )),
+        }
     }
 
     fn remember(&self, identity: &str, key: &str, fact: &ImageFact) {
@@ -380,13 +411,15 @@ impl Registries {
         }
     }
 
-    /// The verdict on an image's signatures under `trust`, within `left`.
+    /// The verdict on an image's signatures under `trust`, within `left`, read (if it must
+    /// be) in one of `namespace`'s slots.
     async fn verdict(
         self: &Arc<Self>,
         access: &Access,
         key: &str,
         image: &RegistryImage,
         trust: &TrustRef,
+        namespace: &str,
         left: Duration,
     ) -> SignatureVerdict {
         let name = repository_name(key);
@@ -395,71 +428,75 @@ impl Registries {
             self.metrics.record_registry_lookup("signatures", "cache", verdict_result(&verdict));
             return verdict;
         }
-        let began = Instant::now();
-        let (reader, owned_access) = (Arc::clone(self), access.clone());
-        let reads = Arc::clone(&self.reads);
-        let (name, image_owned, trust_owned) = (name.to_owned(), image.clone(), trust.clone());
-        let this = Arc::clone(self);
-        let remembered = cache_key.clone();
-        let read = self.verdict_reads.join(
-            &cache_key,
-            move || {
-                async move {
-                    let Ok(_permit) = reads.acquire().await else {
-                        return SignatureVerdict::Unreachable(
-                            "arcguard is shutting down".to_owned(),
-                        );
-                    };
-                    let verdict = match signatures::evidence(
-                        &reader.fetcher,
-                        &owned_access,
-                        &name,
-                        &image_owned.digest,
-                        &trust_owned.0,
-                    )
-                    .await
-                    {
-                        Ok(evidence) => signature::judge(
-                            &evidence,
-                            signature::Target {
-                                digest: &image_owned.digest,
-                                media_type: &image_owned.media_type,
-                                size: image_owned.size,
-                            },
-                            &trust_owned.0,
-                            unix_now(),
-                        ),
-                        Err(why) => SignatureVerdict::Unreachable(why),
-                    };
-                    bounded_verdict(verdict)
+        let until = tokio::time::Instant::now() + left;
+        let verdict = match self.verdict_reads.joined(&cache_key) {
+            Some(read) => within(until, read, self.deadline)
+                .await
+                .unwrap_or_else(SignatureVerdict::Unreachable),
+            None => match self.slot(namespace, until).await {
+                Err(why) => SignatureVerdict::Unreachable(why),
+                Ok(slot) => {
+                    let began = Instant::now();
+                    let (reader, owned_access) = (Arc::clone(self), access.clone());
+                    let (name, image_owned, trust_owned) =
+                        (name.to_owned(), image.clone(), trust.clone());
+                    let this = Arc::clone(self);
+                    let remembered = cache_key.clone();
+                    let read = self.verdict_reads.join(
+                        &cache_key,
+                        move || {
+                            async move {
+                                let _slot = slot;
+                                let verdict = match signatures::evidence(
+                                    &reader.fetcher,
+                                    &owned_access,
+                                    &name,
+                                    &image_owned.digest,
+                                    &trust_owned.0,
+                                )
+                                .await
+                                {
+                                    Ok(evidence) => signature::judge(
+                                        &evidence,
+                                        signature::Target {
+                                            digest: &image_owned.digest,
+                                            media_type: &image_owned.media_type,
+                                            size: image_owned.size,
+                                        },
+                                        &trust_owned.0,
+                                        unix_now(),
+                                    ),
+                                    Err(why) => SignatureVerdict::Unreachable(why),
+                                };
+                                bounded_verdict(verdict)
+                            }
+                            .boxed()
+                        },
+                        move |verdict| {
+                            this.metrics.record_registry_read(
+                                "signatures",
+                                verdict_result(verdict),
+                                began.elapsed(),
+                            );
+                            let ttl = match verdict {
+                                SignatureVerdict::Verified { valid_until, .. } => {
+                                    let left =
+                                        u64::try_from(valid_until.saturating_sub(unix_now()))
+                                            .unwrap_or(0);
+                                    DIGEST_TTL.min(Duration::from_secs(left))
+                                }
+                                SignatureVerdict::Rejected(_) => REFUSED_TTL,
+                                SignatureVerdict::Unreachable(_) => return,
+                            };
+                            this.verdicts.insert(remembered, verdict.clone(), ttl);
+                        },
+                        SignatureVerdict::Unreachable,
+                    );
+                    within(until, read, self.deadline)
+                        .await
+                        .unwrap_or_else(SignatureVerdict::Unreachable)
                 }
-                .boxed()
             },
-            move |verdict| {
-                this.metrics.record_registry_read(
-                    "signatures",
-                    verdict_result(verdict),
-                    began.elapsed(),
-                );
-                let ttl = match verdict {
-                    SignatureVerdict::Verified { valid_until, .. } => {
-                        let left =
-                            u64::try_from(valid_until.saturating_sub(unix_now())).unwrap_or(0);
-                        DIGEST_TTL.min(Duration::from_secs(left))
-                    }
-                    SignatureVerdict::Rejected(_) => REFUSED_TTL,
-                    SignatureVerdict::Unreachable(_) => return,
-                };
-                this.verdicts.insert(remembered, verdict.clone(), ttl);
-            },
-            SignatureVerdict::Unreachable,
-        );
-        let verdict = match tokio::time::timeout(left, read).await {
-            Ok(verdict) => verdict,
-            Err(_) => SignatureVerdict::Unreachable(format!(
-                "no answer within {} ms",
-                self.deadline.as_millis()
-            )),
         };
         self.metrics.record_registry_lookup("signatures", "read", verdict_result(&verdict));
         verdict
@@ -508,6 +545,18 @@ impl Registries {
         let size = body.len() as u64;
         ImageFact::Found(RegistryImage { digest, media_type, size, platforms })
     }
+}
+
+/// What `read` answers by `until`; else that the registry gave no answer within `deadline`
+/// (the read goes on in the background and fills the cache).
+async fn within<V>(
+    until: tokio::time::Instant,
+    read: impl std::future::Future<Output = V>,
+    deadline: Duration,
+) -> Result<V, String> {
+    tokio::time::timeout_at(until, read)
+        .await
+        .map_err(|_| format!("no answer within {} ms", deadline.as_millis()))
 }
 
 /// Longest reason kept from a read, in bytes: a registry's error texts (and serde's, which
@@ -668,8 +717,9 @@ impl ImageSource for Arc<Registries> {
         keys: &'a BTreeSet<String>,
         signatures: &'a BTreeSet<(String, TrustRef)>,
         credentials: &'a [RegistryCredential],
+        namespace: &'a str,
     ) -> BoxFuture<'a, RegistryFacts> {
-        Box::pin(Registries::lookup(self, keys, signatures, credentials))
+        Box::pin(Registries::lookup(self, keys, signatures, credentials, namespace))
     }
 }
 
@@ -870,7 +920,7 @@ mod tests {
         let tag = format!("{host}/team/app:1");
         let missing = format!("{host}/team/missing:1");
         let keys = BTreeSet::from([tag.clone(), missing.clone()]);
-        let facts = registries.lookup(&keys, &BTreeSet::new(), &[]).await.images;
+        let facts = registries.lookup(&keys, &BTreeSet::new(), &[], "apps").await.images;
         let found = ImageFact::Found(RegistryImage {
             digest: digest.clone(),
             media_type: manifest::OCI_INDEX.into(),
@@ -894,7 +944,8 @@ mod tests {
         assert_eq!(served.load(Ordering::SeqCst), 1);
         // A registry's error text is kept to REASON_MAX_BYTES, whatever it sends.
         let loud = format!("{host}/team/loud:1");
-        let facts = registries.lookup(&BTreeSet::from([loud.clone()]), &BTreeSet::new(), &[]).await;
+        let facts =
+            registries.lookup(&BTreeSet::from([loud.clone()]), &BTreeSet::new(), &[], "apps").await;
         match facts.images.get(&loud) {
             Some(ImageFact::Refused(why)) => {
                 assert!(
@@ -911,7 +962,7 @@ mod tests {
         }
         // Both keys again, and the digest's: all from the cache.
         let again = BTreeSet::from([tag.clone(), format!("{host}/team/app@{digest}")]);
-        let facts = registries.lookup(&again, &BTreeSet::new(), &[]).await.images;
+        let facts = registries.lookup(&again, &BTreeSet::new(), &[], "apps").await.images;
         assert!(facts.values().all(|fact| *fact == found), "{facts:?}");
         assert_eq!(served.load(Ordering::SeqCst), 1);
         // Three reads (one found, two refused), and five lookups: three read, two from the cache.
@@ -981,13 +1032,44 @@ mod tests {
                 registries.clients.lock().expect("clients").clear();
             }
             let key = format!("{host}/team/solo:{tag}");
-            let facts =
-                registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &secret).await;
+            let facts = registries
+                .lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &secret, "apps")
+                .await;
             match facts.images.get(&key) {
                 Some(ImageFact::Found(found)) => assert_eq!(found.platforms, linux, "{tag}"),
                 other => panic!("{tag}: {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_namespace_reading_a_hung_registry_leaves_read_slots_to_the_others() {
+        let (hung, _, _, _) = mock_registry(true).await;
+        let (working, _, _, _) = mock_registry(false).await;
+        let registries = Registries::new(
+            &RegistryConfig {
+                ca_pem: None,
+                plain_http: vec![hung.clone(), working.clone()],
+                deadline: Duration::from_millis(300),
+            },
+            Arc::new(Metrics::new()),
+        )
+        .expect("client");
+        // More images never seen before than there are read slots, all on a registry that
+        // never answers: the namespace's share of reads hangs, the rest are told it is busy.
+        let noisy: BTreeSet<String> = (0..20).map(|i| format!("{hung}/team/app{i}:1")).collect();
+        let facts = registries.lookup(&noisy, &BTreeSet::new(), &[], "noisy").await.images;
+        let busy = facts
+            .values()
+            .filter(|fact| matches!(fact, ImageFact::Unreachable(why) if why.contains("read slots were busy")))
+            .count();
+        assert_eq!(busy, 20 - slots::NAMESPACE_READS, "{facts:?}");
+        assert_eq!(registries.slots.in_flight(), slots::NAMESPACE_READS);
+        // Another namespace's pod is read at once.
+        let key = format!("{working}/team/app:1");
+        let facts =
+            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "quiet").await;
+        assert!(matches!(facts.images.get(&key), Some(ImageFact::Found(_))), "{facts:?}");
     }
 
     #[tokio::test]
@@ -997,7 +1079,7 @@ mod tests {
         let key = format!("{host}/team/app:1");
         let facts = tokio::time::timeout(
             Duration::from_secs(20),
-            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[]),
+            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "apps"),
         )
         .await
         .expect("the lookup ends at its deadline, not when the registry answers")

@@ -33,7 +33,10 @@ pub const NODE_ARCH_LABEL: &str = "kubernetes.io/arch";
 pub struct ImageProvenanceSpec {
     /// The registries (and repository prefixes) whose images are checked, written as in
     /// `trustedRegistries.registries`: `host[:port]`, optionally followed by a repository
-    /// prefix. Images from elsewhere are not looked up.
+    /// prefix. Images from elsewhere are not looked up. Hosts are compared as images write
+    /// them (`host:443`, an IP address or `registry-1.docker.io` are other registries), so
+    /// pair the rule with a `trustedRegistries` policy listing the same entries, which denies
+    /// every other spelling.
     pub registries: Vec<String>,
     /// Require the image (its index, or its config for a single-platform image) to list a
     /// platform for the pod's operating system, and for the architecture its `nodeSelector`

@@ -158,12 +158,14 @@ pub trait FactSource: Send + Sync + std::fmt::Debug {
 pub trait ImageSource: Send + Sync + std::fmt::Debug {
     /// The facts for `keys` ([`crate::rules::provenance::lookup_key`]s) and the verdicts on
     /// their signatures under the trusts in `signatures`, each image within the source's
-    /// deadline, pulled with the matching one of `credentials` (the pod's imagePullSecrets).
+    /// deadline, pulled with the matching one of `credentials` (the pod's imagePullSecrets),
+    /// on behalf of `namespace` (the object's, `""` for none: reads are shared out by it).
     fn lookup<'a>(
         &'a self,
         keys: &'a std::collections::BTreeSet<String>,
         signatures: &'a std::collections::BTreeSet<(String, crate::signature::TrustRef)>,
         credentials: &'a [crate::pull_secrets::RegistryCredential],
+        namespace: &'a str,
     ) -> BoxFuture<'a, crate::rules::provenance::RegistryFacts>;
 }
 

@@ -206,7 +206,14 @@ async fn decide(
         let needs = snapshot.policies.registry_needs(view, base);
         if !needs.images.is_empty() {
             registry = Some(
-                images.lookup(&needs.images, &needs.signatures, &base.registry_credentials).await,
+                images
+                    .lookup(
+                        &needs.images,
+                        &needs.signatures,
+                        &base.registry_credentials,
+                        view.namespace.as_deref().unwrap_or_default(),
+                    )
+                    .await,
             );
         }
     }
