@@ -249,8 +249,21 @@ impl<'a> ImageParts<'a> {
 
     /// The normalised, owned reference.
     pub fn to_image_ref(&self) -> ImageRef {
+        self.normalized(true)
+    }
+
+    /// The normalised reference the runtime pulls: `registry/repository@digest` when pinned
+    /// (a tag next to the digest does not matter), else `registry/repository:tag`. One
+    /// allocation; the key registry facts are read and cached by.
+    pub fn pull_reference(&self) -> String {
+        self.normalized(self.digest.is_none()).text
+    }
+
+    /// The normalised reference, with its tag (if any) when `with_tag`.
+    fn normalized(&self, with_tag: bool) -> ImageRef {
+        let tag = self.tag.filter(|_| with_tag);
         let official = if self.official { DOCKER_HUB_OFFICIAL.len() + 1 } else { 0 };
-        let tag_len = self.tag.map_or(0, |tag| 1 + tag.len());
+        let tag_len = tag.map_or(0, |tag| 1 + tag.len());
         let digest_len = self.digest.map_or(0, |digest| 1 + digest.len());
         let mut text = String::with_capacity(
             self.registry.len() + 1 + official + self.repository.len() + tag_len + digest_len,
@@ -267,7 +280,7 @@ impl<'a> ImageParts<'a> {
         }
         text.push_str(self.repository);
         let name_end = text.len();
-        if let Some(tag) = self.tag {
+        if let Some(tag) = tag {
             text.push(':');
             text.push_str(tag);
         }
@@ -1095,6 +1108,28 @@ mod tests {
         for (image, host, expected) in registry {
             let parts = parse_parts(image).expect("valid");
             assert_eq!(parts.registry_is(host), expected, "{image} from {host}");
+        }
+    }
+
+    #[test]
+    fn the_pull_reference_is_the_digest_when_pinned_else_the_tag() {
+        let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for (image, want) in [
+            ("nginx".to_owned(), "docker.io/library/nginx:latest".to_owned()),
+            ("index.docker.io/nginx:1.27".to_owned(), "docker.io/library/nginx:1.27".to_owned()),
+            (format!("nginx@{digest}"), format!("docker.io/library/nginx@{digest}")),
+            (format!("Reg.IO/team/app:1@{digest}"), format!("reg.io/team/app@{digest}")),
+            ("localhost:5000/app".to_owned(), "localhost:5000/app:latest".to_owned()),
+        ] {
+            let parts = parse_parts(&image).expect("valid");
+            assert_eq!(parts.pull_reference(), want, "{image}");
+            // As the normalised reference spells it, without the tag next to a digest.
+            let owned = parts.to_image_ref();
+            let spelled = match owned.digest() {
+                Some(digest) => format!("{}@{digest}", owned.name()),
+                None => owned.to_string(),
+            };
+            assert_eq!(parts.pull_reference(), spelled, "{image}");
         }
     }
 

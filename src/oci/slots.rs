@@ -63,8 +63,7 @@ impl ReadSlots {
     /// # Errors
     /// [`NoSlot::Closed`] when the process is shutting down.
     pub async fn acquire(&self, namespace: &str) -> Result<ReadSlot, NoSlot> {
-        let own = self.namespace(namespace)?;
-        let own = own.acquire_owned().await.map_err(|_| NoSlot::Closed)?;
+        let own = self.namespace(namespace).acquire_owned().await.map_err(|_| NoSlot::Closed)?;
         let global = Arc::clone(&self.global).acquire_owned().await.map_err(|_| NoSlot::Closed)?;
         Ok(ReadSlot { _namespace: own, _global: global })
     }
@@ -74,10 +73,13 @@ impl ReadSlots {
         MAX_READS - self.global.available_permits()
     }
 
-    fn namespace(&self, namespace: &str) -> Result<Arc<Semaphore>, NoSlot> {
-        let mut namespaces = self.namespaces.lock().map_err(|_| NoSlot::Closed)?;
+    fn namespace(&self, namespace: &str) -> Arc<Semaphore> {
+        // A panic while the map was held leaves it whole (each change is one insert or
+        // retain): go on with it rather than refuse every read.
+        let mut namespaces =
+            self.namespaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(semaphore) = namespaces.get(namespace) {
-            return Ok(Arc::clone(semaphore));
+            return Arc::clone(semaphore);
         }
         if namespaces.len() >= IDLE_NAMESPACES {
             // A namespace whose semaphore only the map holds has no read in flight or waiting.
@@ -85,7 +87,7 @@ impl ReadSlots {
         }
         let semaphore = Arc::new(Semaphore::new(NAMESPACE_READS));
         namespaces.insert(namespace.to_owned(), Arc::clone(&semaphore));
-        Ok(semaphore)
+        semaphore
     }
 }
 

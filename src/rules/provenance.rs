@@ -203,11 +203,7 @@ impl<'a> ImageLookup<'a> {
 /// `registry/repository@digest` when the image is pinned (the runtime pulls by digest, so a
 /// tag next to it does not matter), else `registry/repository:tag`.
 pub fn lookup_key(image: &ImageParts<'_>) -> String {
-    let normalized = image.to_image_ref();
-    match normalized.digest() {
-        Some(digest) => format!("{}@{digest}", normalized.name()),
-        None => normalized.to_string(),
-    }
+    image.pull_reference()
 }
 
 /// A compiled `imageProvenance` rule.

@@ -10,13 +10,18 @@
 //!    the signature verified. Then the same reviews again: every answer from the cache. p50,
 //!    p90, p99 and max of each, in milliseconds, client side (TLS included, one keep-alive
 //!    connection).
-//! 2. **Throughput, cached.** `bench/load.sh` twice: the sample policies on the realistic pod
-//!    review (today's /validate), then the same review with its three images in the local
-//!    registry, signed, under the sample policies plus imageProvenance with signatures. The
-//!    second run's reads are all cache hits after the first request.
+//! 2. **Throughput, cached.** `bench/load.sh` for two servers, in turns: the sample policies on
+//!    the realistic pod review (today's /validate), then the same review with its three images
+//!    in the local registry, signed, under the sample policies plus imageProvenance with
+//!    signatures (its reads are all cache hits after the first request). `RUNS` rounds (default
+//!    3), each one `bench/load.sh` run of each server, today's first in odd rounds and
+//!    imageProvenance's first in even ones: the two figures of a round are taken a minute
+//!    apart, so a machine that slows down during the benchmark (a shared VM does) moves both,
+//!    not the ratio. The summary gives medians and the median of the rounds' ratios, with
+//!    min–max.
 //!
 //! Usage: `provenance_cost [--images N]`; the environment of `bench/load.sh` (DURATION, RUNS,
-//! CONNECTIONS, PROTOCOLS) passes through to it.
+//! CONNECTIONS, PROTOCOLS, ENDPOINTS) passes through to it.
 
 use std::path::Path;
 use std::process::Command;
@@ -104,7 +109,8 @@ async fn main() -> Result<()> {
     latency(dir, &policies, &registry.ca_path, &fixture, &fresh).await?;
 
     println!("\n## imageProvenance: cached throughput against today's /validate\n");
-    for (title, policies, fixture, args) in [
+    let rounds: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let servers = [
         (
             "today: the sample policies",
             root.join("policies"),
@@ -117,24 +123,81 @@ async fn main() -> Result<()> {
             review_path.clone(),
             serve_args.clone(),
         ),
-    ] {
-        println!("### {title}\n");
-        let status = Command::new("bash")
-            .arg(root.join("bench/load.sh"))
-            .env("SKIP_BUILD", "1")
-            .env("POLICIES", &policies)
-            .env("FIXTURE", &fixture)
-            .env("SERVE_ARGS", &args)
-            .env(
-                "ENDPOINTS",
-                std::env::var("ENDPOINTS").unwrap_or_else(|_| "validate mutate".into()),
-            )
-            .status()
-            .context("running bench/load.sh")?;
-        ensure!(status.success(), "bench/load.sh failed ({status})");
+    ];
+    // (server, "h1 /validate") to requests per second, one per round.
+    let mut figures: std::collections::BTreeMap<(usize, String), Vec<f64>> = Default::default();
+    for round in 1..=rounds {
+        // ABBA: odd rounds run today's server first, even rounds imageProvenance's, so a
+        // machine that runs slower for the second of two runs (a turbo budget spent, a
+        // neighbour waking up) does not favour one of them.
+        let order: [usize; 2] = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        for server in order {
+            let (title, policies, fixture, args) = &servers[server];
+            println!("### round {round} of {rounds}: {title}\n");
+            let output = Command::new("bash")
+                .arg(root.join("bench/load.sh"))
+                .env("SKIP_BUILD", "1")
+                .env("RUNS", "1")
+                .env("POLICIES", policies)
+                .env("FIXTURE", fixture)
+                .env("SERVE_ARGS", args)
+                .env(
+                    "ENDPOINTS",
+                    std::env::var("ENDPOINTS").unwrap_or_else(|_| "validate mutate".into()),
+                )
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .context("running bench/load.sh")?;
+            print!("{}", String::from_utf8_lossy(&output.stdout));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            eprint!("{stderr}");
+            ensure!(output.status.success(), "bench/load.sh failed ({})", output.status);
+            // `bench/load.sh: run 1 h1 /validate c=64: 30992.0 req/s`
+            for line in stderr.lines().filter_map(|l| l.strip_prefix("bench/load.sh: run 1 ")) {
+                let mut words = line.split_whitespace();
+                let (Some(protocol), Some(path), Some(_), Some(rate)) =
+                    (words.next(), words.next(), words.next(), words.next())
+                else {
+                    continue;
+                };
+                if let Ok(rate) = rate.parse::<f64>() {
+                    figures.entry((server, format!("{protocol} {path}"))).or_default().push(rate);
+                }
+            }
+        }
+    }
+    println!("## Summary: {rounds} rounds, each server once in each (alternating which first)\n");
+    println!(
+        "| protocol, path | today req/s median (min–max) | imageProvenance, cached, req/s median (min–max) | ratio, median of rounds (min–max) |"
+    );
+    println!("|---|---:|---:|---:|");
+    let paths: std::collections::BTreeSet<&String> = figures.keys().map(|(_, p)| p).collect();
+    for path in paths {
+        let today = figures.get(&(0, path.clone())).cloned().unwrap_or_default();
+        let with = figures.get(&(1, path.clone())).cloned().unwrap_or_default();
+        let ratios: Vec<f64> = today.iter().zip(&with).map(|(t, w)| w / t * 100.0).collect();
+        println!(
+            "| {path} | {} | {} | {} |",
+            spread(&today, 0),
+            spread(&with, 0),
+            spread(&ratios, 0).replace(" (", " % (").replace(')', " %)")
+        );
     }
     drop(registry);
     Ok(())
+}
+
+/// `median (min–max)` of `values`, with `decimals`; `–` for none.
+fn spread(values: &[f64], decimals: usize) -> String {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match (sorted.first(), sorted.last()) {
+        (Some(min), Some(max)) => {
+            let median = sorted[sorted.len() / 2];
+            format!("{median:.decimals$} ({min:.decimals$}–{max:.decimals$})")
+        }
+        _ => "–".to_owned(),
+    }
 }
 
 /// Starts a standalone arcguard on `policies` and times /validate for each of `images`
