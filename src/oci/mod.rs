@@ -543,7 +543,7 @@ impl Registries {
         };
         let media_type = manifest::media_type(&body).unwrap_or_default();
         let size = body.len() as u64;
-        ImageFact::Found(RegistryImage { digest, media_type, size, platforms })
+        ImageFact::Found(Arc::new(RegistryImage { digest, media_type, size, platforms }))
     }
 }
 
@@ -921,7 +921,7 @@ mod tests {
         let missing = format!("{host}/team/missing:1");
         let keys = BTreeSet::from([tag.clone(), missing.clone()]);
         let facts = registries.lookup(&keys, &BTreeSet::new(), &[], "apps").await.images;
-        let found = ImageFact::Found(RegistryImage {
+        let found = ImageFact::Found(Arc::new(RegistryImage {
             digest: digest.clone(),
             media_type: manifest::OCI_INDEX.into(),
             size,
@@ -931,7 +931,7 @@ mod tests {
                 variant: None,
                 os_version: None,
             }],
-        });
+        }));
         assert_eq!(facts.get(&tag), Some(&found));
         // The pinned form's key is answered from the same read.
         assert_eq!(facts.get(&format!("{host}/team/app@{digest}")), Some(&found));

@@ -152,8 +152,9 @@ pub struct RegistryImage {
 /// What the adapter found for one [`lookup_key`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageFact {
-    /// The registry served the image.
-    Found(RegistryImage),
+    /// The registry served the image (shared: a cached fact is answered to every request
+    /// without copying its platforms).
+    Found(Arc<RegistryImage>),
     /// The registry answered, but not with a usable image: no such manifest or repository,
     /// access refused, content that does not hash to its digest, a manifest that does not
     /// parse. The text says which.
@@ -191,7 +192,7 @@ impl<'a> ImageLookup<'a> {
     /// unreadable.
     pub fn of(fact: Option<&'a ImageFact>) -> Self {
         match fact {
-            Some(ImageFact::Found(image)) => Self::Found(image),
+            Some(ImageFact::Found(image)) => Self::Found(image.as_ref()),
             Some(ImageFact::Refused(why)) => Self::Refused(why),
             Some(ImageFact::Unreachable(why)) => Self::Unreachable(why),
             None => Self::Unreachable("the image was not looked up"),
@@ -601,12 +602,12 @@ mod tests {
     /// `windows` (windows/amd64), `missing` (refused) and `down` (unreachable).
     fn facts() -> StaticFacts {
         let found = |platforms: Vec<Platform>| {
-            ImageFact::Found(RegistryImage {
+            ImageFact::Found(Arc::new(RegistryImage {
                 digest: DIGEST.into(),
                 media_type: "application/vnd.oci.image.index.v1+json".into(),
                 size: 500,
                 platforms,
-            })
+            }))
         };
         let linux = found(vec![
             platform("linux", "amd64"),
@@ -784,12 +785,12 @@ mod tests {
         let images = facts.images.as_mut().expect("images");
         images.insert(
             format!("reg.example.com/team/linux@{OTHER}"),
-            ImageFact::Found(RegistryImage {
+            ImageFact::Found(Arc::new(RegistryImage {
                 digest: DIGEST.into(),
                 media_type: "application/vnd.oci.image.index.v1+json".into(),
                 size: 500,
                 platforms: vec![platform("linux", "amd64")],
-            }),
+            })),
         );
         let rule = rule(json!({"registries": ["reg.example.com"]}));
         let object = pod(&format!("reg.example.com/team/linux:1@{OTHER}"), json!({}));
@@ -864,12 +865,12 @@ mod tests {
             .collect();
         facts.images.get_or_insert_default().insert(
             "reg.example.com/team/builds:1".to_owned(),
-            ImageFact::Found(RegistryImage {
+            ImageFact::Found(Arc::new(RegistryImage {
                 digest: DIGEST.into(),
                 media_type: "application/vnd.oci.image.index.v1+json".into(),
                 size: 500,
                 platforms: many,
-            }),
+            })),
         );
         let windows = "reg.example.com/team/windows:1";
         // (containers, init containers, the one violation's start)
