@@ -209,8 +209,8 @@ pub struct RegistryArgs {
     /// (repeatable; comma-separated in the environment).
     #[arg(long, env = "ARCGUARD_REGISTRY_PLAIN_HTTP", value_delimiter = ',')]
     pub registry_plain_http: Vec<String>,
-    /// Time one image may take to read from its registry; keep it below the webhooks'
-    /// timeoutSeconds (5 s in manifests/), so a slow registry gets arcguard's message rather
+    /// Time a request's registry reads (its images and their signatures) may take, counted
+    /// from the request's arrival; keep it below the webhooks' timeoutSeconds (5 s in manifests/), so a slow registry gets arcguard's message rather
     /// than the apiserver's timeout.
     #[arg(long, env = "ARCGUARD_REGISTRY_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub registry_timeout: Duration,

@@ -333,8 +333,13 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
                 .enable_all()
                 .build()
                 .context("failed to start the async runtime")?;
-            let found =
-                runtime.block_on(registries.lookup(&needs.images, &needs.signatures, &[], ""));
+            let found = runtime.block_on(registries.lookup(
+                &needs.images,
+                &needs.signatures,
+                &[],
+                "",
+                std::time::Instant::now(),
+            ));
             facts.images = Some(found.images);
             facts.signatures = found.signatures;
         } else {

@@ -278,7 +278,7 @@ impl ClusterFacts {
 
     /// The registry credentials of the imagePullSecrets `secrets` and those of
     /// `service_account`, in that order (as the ServiceAccount admission plugin appends the
-    /// account's after the pod's), read within [`LOOKUP_DEADLINE`]. What cannot be read
+    /// account's after the pod's), all read within one [`LOOKUP_DEADLINE`]. What cannot be read
     /// counts as no credential: the kubelet, too, pulls without a secret it cannot find.
     async fn pull_credentials(
         &self,
@@ -286,20 +286,25 @@ impl ClusterFacts {
         secrets: &std::collections::BTreeSet<String>,
         service_account: Option<&str>,
     ) -> Vec<RegistryCredential> {
-        let mut names: Vec<String> = secrets.iter().cloned().collect();
-        if let Some(account) = service_account {
-            names.extend(self.service_account_pull_secrets(namespace, account).await);
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        names.retain(|name| {
-            crate::names::check_dns_subdomain(name).is_ok() && seen.insert(name.clone())
-        });
-        names.truncate(PULL_SECRETS_MAX);
-        futures::future::join_all(names.iter().map(|name| self.pull_secret(namespace, name)))
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+        // One deadline for the service account and then its Secrets, not one each: the
+        // registry reads that follow count from the request's arrival.
+        let read = async {
+            let mut names: Vec<String> = secrets.iter().cloned().collect();
+            if let Some(account) = service_account {
+                names.extend(self.service_account_pull_secrets(namespace, account).await);
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            names.retain(|name| {
+                crate::names::check_dns_subdomain(name).is_ok() && seen.insert(name.clone())
+            });
+            names.truncate(PULL_SECRETS_MAX);
+            futures::future::join_all(names.iter().map(|name| self.pull_secret(namespace, name)))
+                .await
+                .into_iter()
+                .flatten()
+                .collect()
+        };
+        tokio::time::timeout(LOOKUP_DEADLINE, read).await.unwrap_or_default()
     }
 
     async fn service_account_pull_secrets(&self, namespace: &str, name: &str) -> Vec<String> {

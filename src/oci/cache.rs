@@ -91,6 +91,11 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
         None
     }
 
+    /// Forgets every answer.
+    pub fn clear(&self) {
+        self.entries.clear();
+    }
+
     /// Keeps `value` for `ttl`.
     pub fn insert(&self, key: K, value: V, ttl: Duration) {
         // Never zero: the cache never evicts an entry of no weight.

@@ -67,9 +67,11 @@ pub const REFUSED_TTL: Duration = Duration::from_secs(10);
 /// [`CACHE_BYTES`].
 pub const CACHE_LIMIT: usize = 10_000;
 /// Bytes each cache (facts, verdicts) holds at most, as [`fact_weight`] and [`verdict_weight`]
-/// estimate them; the least reused are evicted beyond. With [`slots::MAX_READS`] reads of at most
-/// [`fetch::MANIFEST_MAX_BYTES`] this bounds the adapter's memory at about 32 MiB.
-pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
+/// estimate them; the least reused are evicted beyond (a fact is a few hundred bytes: tens of
+/// thousands fit). The adapter's memory is bounded by these two, [`CLIENT_LIMIT`] clients, and
+/// [`slots::MAX_READS`] reads each holding one manifest, config or the signatures' payloads
+/// at a time (at most about 1.5 MiB each): about 35 MiB at worst.
+pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// How registries are reached.
 #[derive(Clone, Debug)]
@@ -104,13 +106,26 @@ pub enum RegistryError {
 
 /// How clients are made: one per credential (oci-client keeps the first credentials it sees
 /// for a registry, so a client must never serve two).
-type MakeClient = Box<dyn Fn() -> Result<Client, OciDistributionError> + Send + Sync>;
+type MakeClient = Arc<dyn Fn() -> Result<Client, OciDistributionError> + Send + Sync>;
 
-/// Clients kept at most, one per credential; emptied beyond.
-const CLIENT_LIMIT: usize = 256;
+/// Clients kept at most, one per credential, the least reused evicted first. Each holds its own
+/// TLS roots and connection pool (about 140 KiB, measured) and takes milliseconds of CPU to
+/// build, so clients are built only for a read, in its slot, off the async workers.
+const CLIENT_LIMIT: usize = 32;
+/// How long an idle credential's client is kept.
+const CLIENT_TTL: Duration = Duration::from_secs(3600);
 /// Distinct images read for one request, at most; more are refused by name. A pod rarely
 /// runs more than a handful, and each read holds a manifest in memory.
 pub const MAX_IMAGES_PER_REQUEST: usize = 64;
+
+/// Who pulls an image: the auth, and an identity for cache keys. Picking it builds nothing;
+/// [`Registries::access`] finds or builds its client when a read needs one.
+#[derive(Clone)]
+pub(crate) struct Pull {
+    auth: RegistryAuth,
+    /// `anonymous`, or the credential's [`RegistryCredential::identity`].
+    identity: Arc<str>,
+}
 
 /// One way of pulling: a client, the auth it pulls with, and an identity for cache keys.
 #[derive(Clone)]
@@ -126,7 +141,7 @@ pub struct Registries {
     make_client: MakeClient,
     /// Anonymous pulls, the common case, without a look into `clients`.
     anonymous: Access,
-    clients: std::sync::Mutex<std::collections::HashMap<String, Arc<Client>>>,
+    clients: TtlCache<Arc<str>, Arc<Client>>,
     deadline: Duration,
     images: TtlCache<String, ImageFact>,
     image_reads: Arc<Flights<String, ImageFact>>,
@@ -168,7 +183,7 @@ impl Registries {
         } else {
             ClientProtocol::HttpsExcept(config.plain_http.clone())
         };
-        let make_client: MakeClient = Box::new(move || {
+        let make_client: MakeClient = Arc::new(move || {
             Client::try_from(ClientConfig {
                 protocol: protocol.clone(),
                 extra_root_certificates: extra_root_certificates.clone(),
@@ -195,7 +210,7 @@ impl Registries {
                 identity: Arc::from(ANONYMOUS),
             },
             make_client,
-            clients: std::sync::Mutex::new(std::collections::HashMap::new()),
+            clients: TtlCache::new(CLIENT_LIMIT),
             deadline: config.deadline,
             images: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, fact_weight),
             image_reads: Arc::new(Flights::new(READ_CAP)),
@@ -208,8 +223,9 @@ impl Registries {
     }
 
     /// The facts for `keys` ([`crate::rules::provenance::lookup_key`]s), read side by side,
-    /// each within the deadline, and the verdicts on their signatures under the trusts in
-    /// `signatures`, within what is left of the same deadline. An image read by tag is also
+    /// and the verdicts on their signatures under the trusts in `signatures`, all by the
+    /// deadline counted from `arrived` (when the request arrived: the cluster lookups before
+    /// this one do not add to it). An image read by tag is also
     /// answered under the digest it resolved to, the key its pinned form is read by.
     ///
     /// Reads not answered by the cache run in [`slots`]: `namespace` (the object's; `""` for
@@ -220,6 +236,7 @@ impl Registries {
         signatures: &BTreeSet<(String, TrustRef)>,
         credentials: &[RegistryCredential],
         namespace: &str,
+        arrived: Instant,
     ) -> RegistryFacts {
         if let Some(cached) = self.cached(keys, signatures, credentials) {
             for (_, fact, verdicts) in &cached {
@@ -234,7 +251,9 @@ impl Registries {
             }
             return assemble(cached);
         }
-        let started = Instant::now();
+        // Every read of this request, signatures included, ends `deadline` after the request
+        // arrived, whatever the cluster lookups before took.
+        let until = tokio::time::Instant::from_std(arrived) + self.deadline;
         let read = futures::future::join_all(keys.iter().enumerate().map(|(i, key)| async move {
             if i >= MAX_IMAGES_PER_REQUEST {
                 let refused = ImageFact::Refused(format!(
@@ -242,17 +261,13 @@ impl Registries {
                 ));
                 return (key.clone(), refused, Vec::new());
             }
-            let access = match self.access(key, credentials) {
-                Ok(access) => access,
-                Err(why) => return (key.clone(), ImageFact::Unreachable(why), Vec::new()),
-            };
-            let fact = self.fact(&access, key, namespace).await;
+            let pull = self.pull(key, credentials);
+            let fact = self.fact(&pull, key, namespace, until).await;
             let mut verdicts = Vec::new();
             if let ImageFact::Found(image) = &fact {
                 let trusts = signatures.iter().filter(|(k, _)| k == key).map(|(_, t)| t);
                 for trust in trusts {
-                    let left = self.deadline.saturating_sub(started.elapsed());
-                    let verdict = self.verdict(&access, key, image, trust, namespace, left).await;
+                    let verdict = self.verdict(&pull, key, image, trust, namespace, until).await;
                     verdicts.push(((key.clone(), trust.0.id()), verdict));
                 }
             }
@@ -275,12 +290,12 @@ impl Registries {
         }
         keys.iter()
             .map(|key| {
-                let access = self.access(key, credentials).ok()?;
-                let fact = self.images.get(&image_cache_key(&access.identity, key))?;
+                let pull = self.pull(key, credentials);
+                let fact = self.images.get(&image_cache_key(&pull.identity, key))?;
                 let mut verdicts = Vec::new();
                 if let ImageFact::Found(image) = &fact {
                     for (_, trust) in signatures.iter().filter(|(k, _)| k == key) {
-                        let cache_key = verdict_cache_key(&access.identity, key, image, trust);
+                        let cache_key = verdict_cache_key(&pull.identity, key, image, trust);
                         let verdict = self.verdicts.get(&cache_key)?;
                         verdicts.push(((key.clone(), cache_key.1), verdict));
                     }
@@ -290,49 +305,64 @@ impl Registries {
             .collect()
     }
 
-    /// How `key` is pulled: with the most specific of `credentials` that matches its
-    /// registry and repository (as the kubelet picks it), else anonymously.
-    fn access(&self, key: &str, credentials: &[RegistryCredential]) -> Result<Access, String> {
+    /// How `key` is pulled: with the credential of `credentials` the kubelet would pick for
+    /// its registry and repository, else anonymously.
+    fn pull(&self, key: &str, credentials: &[RegistryCredential]) -> Pull {
         let (registry, rest) = key.split_once('/').unwrap_or((key, ""));
         let repository = split_tag(key)
             .map(|(name, _)| name)
             .or_else(|| key.split_once('@').map(|(name, _)| name))
             .and_then(|name| name.split_once('/').map(|(_, repository)| repository))
             .unwrap_or(rest);
-        let Some(credential) = credentials::for_image(registry, repository, credentials) else {
+        match credentials::for_image(registry, repository, credentials) {
+            None => Pull {
+                auth: RegistryAuth::Anonymous,
+                identity: Arc::clone(&self.anonymous.identity),
+            },
+            Some(credential) => Pull {
+                auth: RegistryAuth::Basic(credential.username.clone(), credential.password.clone()),
+                identity: Arc::from(credential.identity()),
+            },
+        }
+    }
+
+    /// The client `pull` reads with: the anonymous one, a kept one, or one built now (on a
+    /// blocking thread: a client loads its TLS roots).
+    async fn access(&self, pull: &Pull) -> Result<Access, String> {
+        if matches!(pull.auth, RegistryAuth::Anonymous) {
             return Ok(self.anonymous.clone());
-        };
-        let identity: Arc<str> = Arc::from(credential.identity());
-        let auth = RegistryAuth::Basic(credential.username.clone(), credential.password.clone());
-        let mut clients =
-            self.clients.lock().map_err(|_| "the registry clients are unavailable".to_owned())?;
-        let client = match clients.get(&*identity) {
-            Some(client) => Arc::clone(client),
+        }
+        let client = match self.clients.get(&pull.identity) {
+            Some(client) => client,
             None => {
-                if clients.len() >= CLIENT_LIMIT {
-                    clients.clear();
-                }
-                let client = Arc::new(
-                    (self.make_client)()
-                        .map_err(|e| format!("the registry client cannot be built: {e}"))?,
-                );
-                clients.insert(identity.to_string(), Arc::clone(&client));
+                let make = Arc::clone(&self.make_client);
+                let client = tokio::task::spawn_blocking(move || make())
+                    .await
+                    .map_err(|e| format!("the registry client cannot be built: {e}"))?
+                    .map_err(|e| format!("the registry client cannot be built: {e}"))?;
+                let client = Arc::new(client);
+                self.clients.insert(Arc::clone(&pull.identity), Arc::clone(&client), CLIENT_TTL);
                 client
             }
         };
-        Ok(Access { client, auth, identity })
+        Ok(Access { client, auth: pull.auth.clone(), identity: Arc::clone(&pull.identity) })
     }
 
     /// One image's fact: from the cache, from a read already in flight, or from a new read
     /// in one of `namespace`'s slots, all within the deadline.
-    async fn fact(self: &Arc<Self>, access: &Access, key: &str, namespace: &str) -> ImageFact {
+    async fn fact(
+        self: &Arc<Self>,
+        pull: &Pull,
+        key: &str,
+        namespace: &str,
+        until: tokio::time::Instant,
+    ) -> ImageFact {
         // Who may read an image is the registry's to say: facts are kept per credential.
-        let cache_key = image_cache_key(&access.identity, key);
+        let cache_key = image_cache_key(&pull.identity, key);
         if let Some(fact) = self.images.get(&cache_key) {
             self.metrics.record_registry_lookup("image", "cache", fact_result(&fact));
             return fact;
         }
-        let until = tokio::time::Instant::now() + self.deadline;
         let fact = match self.image_reads.joined(&cache_key) {
             Some(read) => {
                 within(until, read, self.deadline).await.unwrap_or_else(ImageFact::Unreachable)
@@ -342,15 +372,19 @@ impl Registries {
                 Ok(slot) => {
                     let began = Instant::now();
                     let this = Arc::clone(self);
-                    let (owned, owned_access) = (key.to_owned(), access.clone());
+                    let (owned, owned_pull) = (key.to_owned(), pull.clone());
                     let remember = Arc::clone(self);
-                    let (remembered, identity) = (key.to_owned(), access.identity.clone());
+                    let (remembered, identity) = (key.to_owned(), pull.identity.clone());
                     let read = self.image_reads.join(
                         &cache_key,
                         move || {
                             async move {
                                 let _slot = slot;
-                                bounded_fact(this.read(&owned_access, &owned).await)
+                                let fact = match this.access(&owned_pull).await {
+                                    Ok(access) => this.read(&access, &owned).await,
+                                    Err(why) => ImageFact::Unreachable(why),
+                                };
+                                bounded_fact(fact)
                             }
                             .boxed()
                         },
@@ -378,6 +412,12 @@ impl Registries {
         namespace: &str,
         until: tokio::time::Instant,
     ) -> Result<slots::ReadSlot, String> {
+        if until <= tokio::time::Instant::now() {
+            return Err(format!(
+                "the {} ms of this request's registry reads were spent before they could start (reading its imagePullSecrets took that long); retry",
+                self.deadline.as_millis()
+            ));
+        }
         match tokio::time::timeout_at(until, self.slots.acquire(namespace)).await {
             Ok(Ok(slot)) => Ok(slot),
             Ok(Err(closed)) => Err(closed.to_string()),
@@ -415,20 +455,19 @@ impl Registries {
     /// be) in one of `namespace`'s slots.
     async fn verdict(
         self: &Arc<Self>,
-        access: &Access,
+        pull: &Pull,
         key: &str,
         image: &RegistryImage,
         trust: &TrustRef,
         namespace: &str,
-        left: Duration,
+        until: tokio::time::Instant,
     ) -> SignatureVerdict {
         let name = repository_name(key);
-        let cache_key = verdict_cache_key(&access.identity, key, image, trust);
+        let cache_key = verdict_cache_key(&pull.identity, key, image, trust);
         if let Some(verdict) = self.verdicts.get(&cache_key) {
             self.metrics.record_registry_lookup("signatures", "cache", verdict_result(&verdict));
             return verdict;
         }
-        let until = tokio::time::Instant::now() + left;
         let verdict = match self.verdict_reads.joined(&cache_key) {
             Some(read) => within(until, read, self.deadline)
                 .await
@@ -437,7 +476,7 @@ impl Registries {
                 Err(why) => SignatureVerdict::Unreachable(why),
                 Ok(slot) => {
                     let began = Instant::now();
-                    let (reader, owned_access) = (Arc::clone(self), access.clone());
+                    let (reader, owned_pull) = (Arc::clone(self), pull.clone());
                     let (name, image_owned, trust_owned) =
                         (name.to_owned(), image.clone(), trust.clone());
                     let this = Arc::clone(self);
@@ -447,6 +486,10 @@ impl Registries {
                         move || {
                             async move {
                                 let _slot = slot;
+                                let owned_access = match reader.access(&owned_pull).await {
+                                    Ok(access) => access,
+                                    Err(why) => return SignatureVerdict::Unreachable(why),
+                                };
                                 let verdict = match signatures::evidence(
                                     &reader.fetcher,
                                     &owned_access,
@@ -514,7 +557,13 @@ impl Registries {
                 Ok(pulled) => pulled,
                 Err(failure) => return failure.into(),
             };
-        let platforms = match manifest::parse(&body) {
+        let media_type = manifest::media_type(&body).unwrap_or_default();
+        let size = body.len() as u64;
+        // Parsed, the manifest's bytes are let go before the config is read: a read holds one
+        // of them at a time.
+        let parsed = manifest::parse(&body);
+        drop(body);
+        let platforms = match parsed {
             Ok(manifest::Parsed::Index(platforms)) => platforms,
             Ok(manifest::Parsed::Image { config_digest, config_size }) => {
                 let config = signatures::blob(
@@ -541,8 +590,6 @@ impl Registries {
             }
             Err(error) => return ImageFact::Refused(error.to_string()),
         };
-        let media_type = manifest::media_type(&body).unwrap_or_default();
-        let size = body.len() as u64;
         ImageFact::Found(Arc::new(RegistryImage { digest, media_type, size, platforms }))
     }
 }
@@ -718,8 +765,9 @@ impl ImageSource for Arc<Registries> {
         signatures: &'a BTreeSet<(String, TrustRef)>,
         credentials: &'a [RegistryCredential],
         namespace: &'a str,
+        arrived: Instant,
     ) -> BoxFuture<'a, RegistryFacts> {
-        Box::pin(Registries::lookup(self, keys, signatures, credentials, namespace))
+        Box::pin(Registries::lookup(self, keys, signatures, credentials, namespace, arrived))
     }
 }
 
@@ -920,7 +968,8 @@ mod tests {
         let tag = format!("{host}/team/app:1");
         let missing = format!("{host}/team/missing:1");
         let keys = BTreeSet::from([tag.clone(), missing.clone()]);
-        let facts = registries.lookup(&keys, &BTreeSet::new(), &[], "apps").await.images;
+        let facts =
+            registries.lookup(&keys, &BTreeSet::new(), &[], "apps", Instant::now()).await.images;
         let found = ImageFact::Found(Arc::new(RegistryImage {
             digest: digest.clone(),
             media_type: manifest::OCI_INDEX.into(),
@@ -944,8 +993,9 @@ mod tests {
         assert_eq!(served.load(Ordering::SeqCst), 1);
         // A registry's error text is kept to REASON_MAX_BYTES, whatever it sends.
         let loud = format!("{host}/team/loud:1");
-        let facts =
-            registries.lookup(&BTreeSet::from([loud.clone()]), &BTreeSet::new(), &[], "apps").await;
+        let facts = registries
+            .lookup(&BTreeSet::from([loud.clone()]), &BTreeSet::new(), &[], "apps", Instant::now())
+            .await;
         match facts.images.get(&loud) {
             Some(ImageFact::Refused(why)) => {
                 assert!(
@@ -962,7 +1012,8 @@ mod tests {
         }
         // Both keys again, and the digest's: all from the cache.
         let again = BTreeSet::from([tag.clone(), format!("{host}/team/app@{digest}")]);
-        let facts = registries.lookup(&again, &BTreeSet::new(), &[], "apps").await.images;
+        let facts =
+            registries.lookup(&again, &BTreeSet::new(), &[], "apps", Instant::now()).await.images;
         assert!(facts.values().all(|fact| *fact == found), "{facts:?}");
         assert_eq!(served.load(Ordering::SeqCst), 1);
         // Three reads (one found, two refused), and five lookups: three read, two from the cache.
@@ -1029,11 +1080,17 @@ mod tests {
             // The clients are emptied (as past CLIENT_LIMIT identities): the new one has no
             // credentials stored, while the fetcher still holds the token for the manifest.
             if rebuild {
-                registries.clients.lock().expect("clients").clear();
+                registries.clients.clear();
             }
             let key = format!("{host}/team/solo:{tag}");
             let facts = registries
-                .lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &secret, "apps")
+                .lookup(
+                    &BTreeSet::from([key.clone()]),
+                    &BTreeSet::new(),
+                    &secret,
+                    "apps",
+                    Instant::now(),
+                )
                 .await;
             match facts.images.get(&key) {
                 Some(ImageFact::Found(found)) => assert_eq!(found.platforms, linux, "{tag}"),
@@ -1058,7 +1115,8 @@ mod tests {
         // More images never seen before than there are read slots, all on a registry that
         // never answers: the namespace's share of reads hangs, the rest are told it is busy.
         let noisy: BTreeSet<String> = (0..20).map(|i| format!("{hung}/team/app{i}:1")).collect();
-        let facts = registries.lookup(&noisy, &BTreeSet::new(), &[], "noisy").await.images;
+        let facts =
+            registries.lookup(&noisy, &BTreeSet::new(), &[], "noisy", Instant::now()).await.images;
         let busy = facts
             .values()
             .filter(|fact| matches!(fact, ImageFact::Unreachable(why) if why.contains("read slots were busy")))
@@ -1067,8 +1125,32 @@ mod tests {
         assert_eq!(registries.slots.in_flight(), slots::NAMESPACE_READS);
         // Another namespace's pod is read at once.
         let key = format!("{working}/team/app:1");
-        let facts =
-            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "quiet").await;
+        let facts = registries
+            .lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "quiet", Instant::now())
+            .await;
+        assert!(matches!(facts.images.get(&key), Some(ImageFact::Found(_))), "{facts:?}");
+    }
+
+    #[tokio::test]
+    async fn the_deadline_counts_from_the_request_s_arrival() {
+        let (host, served, _, _) = mock_registry(false).await;
+        let registries = registries(&host, Duration::from_millis(300));
+        let key = format!("{host}/team/app:1");
+        // The cluster lookups before took the whole deadline: no read starts.
+        let late = Instant::now().checked_sub(Duration::from_millis(300)).expect("uptime");
+        let facts = registries
+            .lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "apps", late)
+            .await;
+        match facts.images.get(&key) {
+            Some(ImageFact::Unreachable(why)) => {
+                assert!(why.contains("were spent before"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 0);
+        let facts = registries
+            .lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "apps", Instant::now())
+            .await;
         assert!(matches!(facts.images.get(&key), Some(ImageFact::Found(_))), "{facts:?}");
     }
 
@@ -1079,7 +1161,13 @@ mod tests {
         let key = format!("{host}/team/app:1");
         let facts = tokio::time::timeout(
             Duration::from_secs(20),
-            registries.lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "apps"),
+            registries.lookup(
+                &BTreeSet::from([key.clone()]),
+                &BTreeSet::new(),
+                &[],
+                "apps",
+                Instant::now(),
+            ),
         )
         .await
         .expect("the lookup ends at its deadline, not when the registry answers")

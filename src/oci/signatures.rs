@@ -6,7 +6,8 @@
 //!   referrers tag schema (`sha256-<hex>`); each signature manifest's one envelope blob.
 //!
 //! At most [`MAX_SIGNATURES`] signatures of each kind are read, each blob at most
-//! [`ENVELOPE_MAX_BYTES`], each manifest and referrers index at most
+//! [`ENVELOPE_MAX_BYTES`] and all of them together at most [`EVIDENCE_MAX_BYTES`], one manifest
+//! held at a time, each manifest and referrers index at most
 //! [`super::fetch::MANIFEST_MAX_BYTES`], and only manifests whose `subject` is the image.
 
 use std::collections::BTreeMap;
@@ -21,8 +22,30 @@ use crate::signature::{
     CosignSignature, Evidence, MAX_SIGNATURES, NotationSignature, SignatureTrust, cosign, notation,
 };
 
-/// Largest signature payload or envelope read, in bytes; real ones are a few KiB.
-pub const ENVELOPE_MAX_BYTES: u64 = 256 * 1024;
+/// Largest signature payload or envelope read, in bytes; real ones are a few KiB (a cosign
+/// payload under 1 KiB, a Notation envelope with its certificate chain under 16 KiB).
+pub const ENVELOPE_MAX_BYTES: u64 = 64 * 1024;
+/// Most bytes of payloads and envelopes one signatures read holds, all verifiers together:
+/// with [`super::slots::MAX_READS`] reads at once, this (and the one manifest a read holds at
+/// a time) is what a registry in scope can make arcguard hold for signatures.
+pub const EVIDENCE_MAX_BYTES: u64 = 512 * 1024;
+
+/// What is left of [`EVIDENCE_MAX_BYTES`] for one signatures read.
+struct Budget(u64);
+
+impl Budget {
+    /// Takes `size` bytes, or says why a blob that large is not read.
+    fn take(&mut self, size: u64) -> Result<(), String> {
+        if size > self.0 {
+            return Err(format!(
+                "not read: the signatures of this image are over the {} KiB arcguard reads in all",
+                EVIDENCE_MAX_BYTES / 1024
+            ));
+        }
+        self.0 -= size;
+        Ok(())
+    }
+}
 
 /// Why a blob was not read.
 #[derive(Debug)]
@@ -111,24 +134,29 @@ pub(crate) async fn evidence(
     trust: &SignatureTrust,
 ) -> Result<Evidence, String> {
     let mut evidence = Evidence::default();
+    let mut budget = Budget(EVIDENCE_MAX_BYTES);
     if trust.wants_cosign() {
-        evidence.cosign = cosign_signatures(fetcher, access, name, digest).await?;
+        cosign_signatures(fetcher, access, name, digest, &mut budget, &mut evidence).await?;
     }
     if trust.wants_notation() {
-        match notation_signatures(fetcher, access, name, digest).await? {
-            Ok(found) => evidence.notation = found,
-            Err(unlisted) => evidence.notation_unlisted = Some(unlisted),
-        }
+        notation_signatures(fetcher, access, name, digest, &mut budget, &mut evidence).await?;
     }
     Ok(evidence)
 }
 
+/// The image's cosign signatures into `evidence` (and why layers of its `.sig` tag were not
+/// usable).
+///
+/// # Errors
+/// Why the registry could not be read.
 async fn cosign_signatures(
     fetcher: &Fetcher,
     access: &Access,
     name: &str,
     digest: &str,
-) -> Result<Vec<CosignSignature>, String> {
+    budget: &mut Budget,
+    evidence: &mut Evidence,
+) -> Result<(), String> {
     let reference: Reference = format!("{name}:{}", cosign::signature_tag(digest))
         .parse()
         .map_err(|e| format!("the signature tag is not a reference: {e}"))?;
@@ -136,34 +164,51 @@ async fn cosign_signatures(
     let body = match fetcher.manifest(access, &reference, &accepted).await {
         Ok((body, _)) => body,
         // No such tag: the image has no cosign signature.
-        Err(Failure::Refused(_)) => return Ok(Vec::new()),
+        Err(Failure::Refused(_)) => return Ok(()),
         Err(Failure::Unreachable(why)) => return Err(why),
     };
-    let Ok(signatures) = serde_json::from_slice::<SignatureManifest>(&body) else {
-        return Ok(Vec::new());
+    evidence.cosign_tag = true;
+    // Parsed, the manifest's bytes are let go before any payload is read.
+    let parsed = serde_json::from_slice::<SignatureManifest>(&body);
+    drop(body);
+    let signatures = match parsed {
+        Ok(signatures) => signatures,
+        Err(e) => {
+            evidence.cosign_unusable.push(format!("its manifest does not parse: {e}"));
+            return Ok(());
+        }
     };
-    let mut found = Vec::new();
-    for layer in signatures.layers.into_iter().take(MAX_SIGNATURES) {
-        if layer.media_type != cosign::PAYLOAD_MEDIA_TYPE {
-            continue;
+    let payloads = signatures
+        .layers
+        .into_iter()
+        .filter(|layer| layer.media_type == cosign::PAYLOAD_MEDIA_TYPE)
+        .take(MAX_SIGNATURES);
+    for layer in payloads {
+        if let Err(why) = budget.take(layer.size) {
+            evidence.cosign_unusable.push(format!("payload {}: {why}", layer.digest));
+            break;
         }
         let payload =
             match blob(access, &reference, &layer.digest, layer.size, ENVELOPE_MAX_BYTES).await {
                 Ok(payload) => payload,
                 Err(BlobError::Unreachable(why)) => return Err(why),
-                Err(BlobError::Refused(_)) => continue,
+                Err(BlobError::Refused(why)) => {
+                    evidence.cosign_unusable.push(format!("payload {}: {why}", layer.digest));
+                    continue;
+                }
             };
-        found.push(CosignSignature {
+        evidence.cosign.push(CosignSignature {
             signature: layer.annotations.get(cosign::SIGNATURE_ANNOTATION).cloned(),
             layer_digest: layer.digest,
             payload,
         });
     }
-    Ok(found)
+    Ok(())
 }
 
-/// The image's Notation signatures; inside, why its referrers could not be listed though the
-/// registry answered (refused, over the size read, malformed).
+/// The image's Notation signatures into `evidence`, or why its referrers could not be listed
+/// though the registry answered (refused, over the size read, malformed), and why referrers
+/// were not usable.
 ///
 /// # Errors
 /// Why the registry could not be read.
@@ -172,7 +217,9 @@ async fn notation_signatures(
     access: &Access,
     name: &str,
     digest: &str,
-) -> Result<Result<Vec<NotationSignature>, String>, String> {
+    budget: &mut Budget,
+    evidence: &mut Evidence,
+) -> Result<(), String> {
     let image: Reference = format!("{name}@{digest}")
         .parse()
         .map_err(|e| format!("the image is not a reference: {e}"))?;
@@ -180,26 +227,49 @@ async fn notation_signatures(
     let referrers = match fetcher.referrers(access, &image, notation::ARTIFACT_TYPE).await {
         Ok(referrers) => referrers,
         Err(Failure::Unreachable(why)) => return Err(why),
-        Err(Failure::Refused(why)) => return Ok(Err(why)),
+        Err(Failure::Refused(why)) => {
+            evidence.notation_unlisted = Some(why);
+            return Ok(());
+        }
     };
-    let mut found = Vec::new();
     for entry in referrers.into_iter().take(MAX_SIGNATURES) {
         let reference: Reference = match format!("{name}@{}", entry.digest).parse() {
             Ok(reference) => reference,
             Err(_) => continue,
         };
+        let unusable = |why: String| format!("referrer {}: {why}", entry.digest);
         let body = match fetcher.manifest(access, &reference, &[manifest::OCI_MANIFEST]).await {
             Ok((body, _)) => body,
             Err(Failure::Unreachable(why)) => return Err(why),
-            Err(Failure::Refused(_)) => continue,
+            Err(Failure::Refused(why)) => {
+                evidence.notation_unusable.push(unusable(why));
+                continue;
+            }
         };
-        let Ok(signature) = serde_json::from_slice::<SignatureManifest>(&body) else { continue };
+        let parsed = serde_json::from_slice::<SignatureManifest>(&body);
+        drop(body);
+        let signature = match parsed {
+            Ok(signature) => signature,
+            Err(e) => {
+                evidence.notation_unusable.push(unusable(format!("does not parse: {e}")));
+                continue;
+            }
+        };
         let is_notation = signature.artifact_type.as_deref() == Some(notation::ARTIFACT_TYPE)
             || signature.config.as_ref().is_some_and(|c| c.media_type == notation::ARTIFACT_TYPE);
         let for_image = signature.subject.as_ref().is_some_and(|s| s.digest == digest);
-        let [envelope] = signature.layers.as_slice() else { continue };
-        if !is_notation || !for_image {
+        let [envelope] = signature.layers.as_slice() else {
+            evidence.notation_unusable.push(unusable("not one envelope layer".to_owned()));
             continue;
+        };
+        if !is_notation || !for_image {
+            let why = if is_notation { "signs another digest" } else { "not a Notation signature" };
+            evidence.notation_unusable.push(unusable(why.to_owned()));
+            continue;
+        }
+        if let Err(why) = budget.take(envelope.size) {
+            evidence.notation_unusable.push(unusable(why));
+            break;
         }
         let bytes =
             match blob(access, &reference, &envelope.digest, envelope.size, ENVELOPE_MAX_BYTES)
@@ -207,9 +277,14 @@ async fn notation_signatures(
             {
                 Ok(bytes) => bytes,
                 Err(BlobError::Unreachable(why)) => return Err(why),
-                Err(BlobError::Refused(_)) => continue,
+                Err(BlobError::Refused(why)) => {
+                    evidence.notation_unusable.push(unusable(format!("its envelope: {why}")));
+                    continue;
+                }
             };
-        found.push(NotationSignature { media_type: envelope.media_type.clone(), envelope: bytes });
+        evidence
+            .notation
+            .push(NotationSignature { media_type: envelope.media_type.clone(), envelope: bytes });
     }
-    Ok(Ok(found))
+    Ok(())
 }

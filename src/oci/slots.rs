@@ -1,7 +1,8 @@
 //! Read slots: how many registry reads run at once, process-wide and for one namespace.
 //!
 //! A read holds a slot from before it starts until it ends (up to [`super::READ_CAP`]), so at
-//! most [`MAX_READS`] manifests or blobs are in memory at once. One namespace's requests hold
+//! most [`MAX_READS`] reads' bytes are in memory at once, each one manifest, config or
+//! signatures' payloads at a time ([`super::signatures::EVIDENCE_MAX_BYTES`]). One namespace's requests hold
 //! at most [`NAMESPACE_READS`] of them: a tenant that creates pods naming many images never
 //! seen before waits for its own slots, and every other namespace still finds one free. A
 //! request waits for a slot within its own deadline and no longer; a read that never got one
@@ -13,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Registry reads (manifests, configs, signatures) in flight process-wide, at most. Each holds
-/// at most one manifest ([`super::fetch::MANIFEST_MAX_BYTES`]) or blob (capped by its reader)
-/// in memory.
+/// one manifest ([`super::fetch::MANIFEST_MAX_BYTES`]), config or the signatures' payloads
+/// at a time.
 pub const MAX_READS: usize = 16;
 /// Reads in flight for one namespace's requests, at most: a quarter of [`MAX_READS`].
 pub const NAMESPACE_READS: usize = MAX_READS / 4;

@@ -159,13 +159,15 @@ pub trait ImageSource: Send + Sync + std::fmt::Debug {
     /// The facts for `keys` ([`crate::rules::provenance::lookup_key`]s) and the verdicts on
     /// their signatures under the trusts in `signatures`, each image within the source's
     /// deadline, pulled with the matching one of `credentials` (the pod's imagePullSecrets),
-    /// on behalf of `namespace` (the object's, `""` for none: reads are shared out by it).
+    /// on behalf of `namespace` (the object's, `""` for none: reads are shared out by it), all
+    /// within the deadline from `arrived`, when the request arrived.
     fn lookup<'a>(
         &'a self,
         keys: &'a std::collections::BTreeSet<String>,
         signatures: &'a std::collections::BTreeSet<(String, crate::signature::TrustRef)>,
         credentials: &'a [crate::pull_secrets::RegistryCredential],
         namespace: &'a str,
+        arrived: std::time::Instant,
     ) -> BoxFuture<'a, crate::rules::provenance::RegistryFacts>;
 }
 

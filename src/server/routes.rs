@@ -212,6 +212,7 @@ async fn decide(
                         &needs.signatures,
                         &base.registry_credentials,
                         view.namespace.as_deref().unwrap_or_default(),
+                        start,
                     )
                     .await,
             );

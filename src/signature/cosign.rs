@@ -130,6 +130,47 @@ mod tests {
     }
 
     #[test]
+    fn a_denial_tells_a_missing_tag_from_a_tag_whose_payloads_were_unusable() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let trust = crate::signature::SignatureTrust::new(
+            keys::from_pem(&key.public_key_pem()).expect("key"),
+            None,
+            b"t",
+        );
+        let target = crate::signature::Target { digest: DIGEST, media_type: "m", size: 1 };
+        let tag = signature_tag(DIGEST);
+        let judge = |evidence: crate::signature::Evidence| match crate::signature::judge(
+            &evidence, target, &trust, 0,
+        ) {
+            crate::signature::SignatureVerdict::Rejected(why) => why,
+            other => panic!("{other:?}"),
+        };
+        let unusable = |notes: &[&str]| crate::signature::Evidence {
+            cosign_tag: true,
+            cosign_unusable: notes.iter().map(|n| (*n).to_owned()).collect(),
+            ..Default::default()
+        };
+        for (evidence, want) in [
+            (crate::signature::Evidence::default(), format!("cosign: no signature (no tag {tag})")),
+            (unusable(&[]), format!("cosign: the tag {tag} holds no signature payload")),
+            (
+                unusable(&["payload sha256:aa: 70000 bytes, over the 65536 read"]),
+                format!(
+                    "cosign: the tag {tag} holds no usable signature (payload sha256:aa: 70000 bytes, over the 65536 read)"
+                ),
+            ),
+            (
+                unusable(&["payload sha256:aa: gone", "payload sha256:bb: gone"]),
+                format!(
+                    "cosign: the tag {tag} holds no usable signature (payload sha256:aa: gone; and 1 more)"
+                ),
+            ),
+        ] {
+            assert_eq!(judge(evidence), want);
+        }
+    }
+
+    #[test]
     fn a_signature_verifies_for_its_digest_by_a_listed_key_only() {
         let key = rcgen::KeyPair::generate().expect("key");
         let other = rcgen::KeyPair::generate().expect("key");

@@ -114,6 +114,12 @@ pub struct Evidence {
     /// a refusal, an index over the size read or malformed. The registry answered, so this is
     /// a rejection, not an unreachable registry (which `onRegistryError: Warn` would admit).
     pub notation_unlisted: Option<String>,
+    /// Whether the image's cosign signature tag (`sha256-<hex>.sig`) exists.
+    pub cosign_tag: bool,
+    /// Why layers of the cosign signature tag were not read (refused, over the size read).
+    pub cosign_unusable: Vec<String>,
+    /// Why referrers of the Notation signature type were not read or used.
+    pub notation_unusable: Vec<String>,
 }
 
 /// Whether an image's signatures satisfy a trust.
@@ -133,6 +139,15 @@ pub enum SignatureVerdict {
     Unreachable(String),
 }
 
+/// The first of `notes`, then how many more (notes of one kind are much alike).
+fn listed(notes: &[String]) -> String {
+    match notes {
+        [] => String::new(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("{first}; and {} more", rest.len()),
+    }
+}
+
 /// Judges `evidence` for the image `target` against `trust` at `now` (Unix seconds).
 pub fn judge(
     evidence: &Evidence,
@@ -143,10 +158,15 @@ pub fn judge(
     let mut reasons = Vec::new();
     if trust.wants_cosign() {
         if evidence.cosign.is_empty() {
-            reasons.push(format!(
-                "cosign: no signature (no tag {})",
-                cosign::signature_tag(target.digest)
-            ));
+            let tag = cosign::signature_tag(target.digest);
+            reasons.push(match (evidence.cosign_tag, evidence.cosign_unusable.as_slice()) {
+                (false, _) => format!("cosign: no signature (no tag {tag})"),
+                (true, []) => format!("cosign: the tag {tag} holds no signature payload"),
+                (true, unusable) => format!(
+                    "cosign: the tag {tag} holds no usable signature ({})",
+                    listed(unusable)
+                ),
+            });
         }
         for (i, signature) in evidence.cosign.iter().take(MAX_SIGNATURES).enumerate() {
             match cosign::verify(signature, target.digest, &trust.cosign) {
@@ -168,10 +188,11 @@ pub fn judge(
         if let Some(why) = &evidence.notation_unlisted {
             reasons.push(format!("Notation: the image's referrers could not be listed: {why}"));
         } else if evidence.notation.is_empty() {
-            reasons.push(format!(
-                "Notation: no signature (no referrer of type {})",
-                notation::ARTIFACT_TYPE
-            ));
+            reasons.push(if evidence.notation_unusable.is_empty() {
+                format!("Notation: no signature (no referrer of type {})", notation::ARTIFACT_TYPE)
+            } else {
+                format!("Notation: no usable signature ({})", listed(&evidence.notation_unusable))
+            });
         }
         for (i, signature) in evidence.notation.iter().take(MAX_SIGNATURES).enumerate() {
             match notation::verify(signature, target, notation_trust, now) {
