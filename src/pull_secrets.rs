@@ -70,18 +70,38 @@ struct Entry {
     auth: Option<String>,
 }
 
+/// Largest docker config read from a Secret, in bytes: real ones hold a few credentials in
+/// well under a KiB each, and a tenant's Secret may be 1 MiB.
+pub const CONFIG_MAX_BYTES: usize = 64 * 1024;
+/// Most credentials one docker config may hold.
+pub const CREDENTIALS_MAX: usize = 64;
+
 /// The credentials of a Secret's data: `.dockerconfigjson` (with `auths`) or `.dockercfg` (the
 /// map alone). Entries without a user name and password are left out.
 ///
 /// # Errors
-/// Why the data is not a docker config.
+/// Why the data is not a docker config, or is over [`CONFIG_MAX_BYTES`] or
+/// [`CREDENTIALS_MAX`] entries.
 pub fn parse(data: &[u8], legacy: bool) -> Result<Vec<RegistryCredential>, String> {
+    if data.len() > CONFIG_MAX_BYTES {
+        return Err(format!(
+            "{} bytes, over the {} KiB arcguard reads",
+            data.len(),
+            CONFIG_MAX_BYTES / 1024
+        ));
+    }
     let auths = if legacy {
         serde_json::from_slice::<BTreeMap<String, Entry>>(data)
     } else {
         serde_json::from_slice::<DockerConfig>(data).map(|config| config.auths)
     }
     .map_err(|e| format!("not a docker config: {e}"))?;
+    if auths.len() > CREDENTIALS_MAX {
+        return Err(format!(
+            "a docker config of {} credentials, over the {CREDENTIALS_MAX} arcguard reads",
+            auths.len()
+        ));
+    }
     let mut credentials = Vec::new();
     for (key, entry) in auths {
         let (username, password) = match (entry.username, entry.password, entry.auth) {
@@ -271,6 +291,17 @@ mod tests {
             Ok(1)
         );
         assert!(parse(b"\"not a config\"", false).is_err());
+        // Bounded: a tenant's Secret of 1 MiB, or of thousands of credentials, is refused.
+        let big = format!(
+            r#"{{"auths":{{"a.io":{{"username":"u","password":"{}"}}}}}}"#,
+            "p".repeat(CONFIG_MAX_BYTES)
+        );
+        assert!(parse(big.as_bytes(), false).is_err_and(|e| e.contains("KiB arcguard reads")));
+        let many: BTreeMap<String, serde_json::Value> = (0..=CREDENTIALS_MAX)
+            .map(|i| (format!("r{i}.io"), json!({"username": "u", "password": "p"})))
+            .collect();
+        let many = serde_json::to_vec(&json!({"auths": many})).expect("json");
+        assert!(parse(&many, false).is_err_and(|e| e.contains("credentials, over the")));
         assert!(!format!("{:?}", parsed[0]).contains("pw"), "Debug must not show the password");
     }
 

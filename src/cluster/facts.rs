@@ -298,11 +298,16 @@ impl ClusterFacts {
                 crate::names::check_dns_subdomain(name).is_ok() && seen.insert(name.clone())
             });
             names.truncate(PULL_SECRETS_MAX);
-            futures::future::join_all(names.iter().map(|name| self.pull_secret(namespace, name)))
-                .await
-                .into_iter()
-                .flatten()
-                .collect()
+            let mut credentials: Vec<RegistryCredential> = futures::future::join_all(
+                names.iter().map(|name| self.pull_secret(namespace, name)),
+            )
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+            // Picking a credential for each image sorts them: bounded per request.
+            credentials.truncate(crate::pull_secrets::CREDENTIALS_MAX);
+            credentials
         };
         tokio::time::timeout(LOOKUP_DEADLINE, read).await.unwrap_or_default()
     }
