@@ -9,9 +9,14 @@ use arcguard::certs::plan::{
     CA_BUNDLE_KEY, CA_CERT_KEY, CA_KEY_KEY, REVOKE_ANNOTATION, REVOKE_HANDLED_ANNOTATION,
     TLS_CERT_KEY,
 };
+use std::sync::Arc;
+
 use arcguard::cluster::certs::{
-    CertApis, CertConfig, ControllerError, Outcome, reconcile_once, request_revoke,
+    CertApis, CertConfig, ControllerError, Outcome, reconcile_once, request_revoke, run_controller,
 };
+use arcguard::cluster::leader::Leadership;
+use arcguard::cluster::objects::{Objects, Seen};
+use arcguard::metrics::Metrics;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -19,6 +24,7 @@ use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+use tokio::sync::watch;
 use tower_test::mock::{Handle, SendResponse};
 
 type ApiServer = Handle<Request<Body>, Response<Body>>;
@@ -152,8 +158,13 @@ fn stored(mut body: Value, version: &str) -> Value {
     body
 }
 
-/// Creates the Secret from nothing and returns it as stored (resourceVersion "1").
+/// Creates the Secret from nothing at `t0` and returns it as stored (resourceVersion "1").
 async fn created_secret(config: &CertConfig) -> Value {
+    created_secret_at(config, t0()).await
+}
+
+/// Creates the Secret from nothing at `now` and returns it as stored (resourceVersion "1").
+async fn created_secret_at(config: &CertConfig, now: OffsetDateTime) -> Value {
     let (apis, mut server) = context();
     let scenario = tokio::spawn(async move {
         not_found(expect(&mut server, Method::GET, SECRET_PATH).await);
@@ -164,12 +175,81 @@ async fn created_secret(config: &CertConfig) -> Value {
         ok(post, &secret);
         secret
     });
-    let outcome = reconcile(&apis, config).await.expect("reconciles");
+    let outcome = tokio::time::timeout(Duration::from_secs(5), reconcile_once(&apis, config, now))
+        .await
+        .expect("the reconcile finishes without further calls")
+        .expect("reconciles");
     assert_eq!(outcome, Outcome::Wrote(arcguard::certs::plan::Reason::Created));
     tokio::time::timeout(Duration::from_secs(5), scenario)
         .await
         .expect("every expected call arrived")
         .expect("the scenario's assertions hold")
+}
+
+/// The leader's loop, not one reconcile: a change that lands while a plan is reading (here a
+/// revocation request just after the Secret was read, as when a new leader's first plan races
+/// the request) wakes another plan at once. It must not be folded into the plan that missed
+/// it, or the request waits for the next due time (weeks away).
+#[tokio::test]
+async fn a_change_that_lands_during_a_plan_wakes_the_next_plan() {
+    let config = CertConfig::default();
+    let secret = created_secret_at(&config, OffsetDateTime::now_utc()).await;
+    let bundle = data(&secret, CA_BUNDLE_KEY);
+    let vwc = validating(
+        "10",
+        &[
+            webhook("validate.arcguard.io", Some(&bundle)),
+            webhook("policies.arcguard.io", Some(&bundle)),
+        ],
+    );
+    let mwc = mutating("20", &[webhook("mutate.arcguard.io", Some(&bundle))]);
+    let mut revoked = secret.clone();
+    revoked["metadata"]["annotations"] = json!({REVOKE_ANNOTATION: "rotate-now"});
+    revoked["metadata"]["resourceVersion"] = json!("2");
+
+    let (secret_events, secret_seen) = watch::channel(Seen::<Secret>::NotListed);
+    let (_validating_events, validating_seen) = watch::channel(Seen::NotListed);
+    let (_mutating_events, mutating_seen) = watch::channel(Seen::NotListed);
+    let objects = Objects::from_channels(secret_seen, validating_seen, mutating_seen);
+    let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "arcguard-system");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(run_controller(
+        client,
+        objects,
+        config,
+        Leadership::fixed(true),
+        Arc::new(Metrics::new()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // The first plan reads a settled state; the revocation's watch event arrives mid-plan.
+    ok(expect(&mut server, Method::GET, SECRET_PATH).await, &secret);
+    let event: Secret = serde_json::from_value(revoked.clone()).expect("a Secret");
+    secret_events.send_replace(Seen::Present(Arc::new(event)));
+    ok(expect(&mut server, Method::GET, VALIDATING_PATH).await, &vwc);
+    ok(expect(&mut server, Method::GET, MUTATING_PATH).await, &mwc);
+
+    // The next plan comes at once, reads the request and acts on it.
+    let next =
+        tokio::time::timeout(Duration::from_secs(5), expect(&mut server, Method::GET, SECRET_PATH))
+            .await
+            .expect("a change during the plan wakes the next plan");
+    ok(next, &revoked);
+    ok(expect(&mut server, Method::GET, VALIDATING_PATH).await, &vwc);
+    ok(expect(&mut server, Method::GET, MUTATING_PATH).await, &mwc);
+    let write = expect(&mut server, Method::PUT, SECRET_PATH).await;
+    assert_eq!(write.body["metadata"]["annotations"][REVOKE_HANDLED_ANNOTATION], "rotate-now");
+    assert_ne!(data(&write.body, CA_CERT_KEY), data(&secret, CA_CERT_KEY));
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), controller)
+        .await
+        .expect("the controller stops on shutdown")
+        .expect("the controller task")
+        .expect("the controller's configuration is valid");
 }
 
 #[tokio::test]

@@ -96,6 +96,10 @@ async fn lead(apis: &CertApis, mut changes: Objects, config: &CertConfig, metric
     let mut wrote_since_injection = false;
     let mut steps = 0u32;
     loop {
+        // Marked before the plan reads, not after: a change that lands between the plan's reads
+        // and its end (a revocation request just after this replica took the lease) must wake
+        // the next wait. The price is one extra plan for the echo of our own writes.
+        changes.mark_seen();
         let now = OffsetDateTime::now_utc();
         // Some(delay): sleep through changes; None with a deadline: wake on a change too.
         let (delay, wake_on_change) = match reconcile_once(apis, config, now).await {
@@ -169,8 +173,6 @@ async fn lead(apis: &CertApis, mut changes: Objects, config: &CertConfig, metric
         } else {
             delay
         };
-        // Changes caused by our own writes are folded into the next plan, which reads afresh.
-        changes.mark_seen();
         if wake_on_change {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
