@@ -81,8 +81,9 @@ pub struct ServeArgs {
     /// Connections served at once.
     #[arg(long, env = "ARCGUARD_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
-    /// The container's memory limit in bytes: webhook requests in flight may use half of it
-    /// (the rest of their load waits briefly, then gets 503). Without it, the cgroup's
+    /// The container's memory limit in bytes: webhook requests and registry reads in flight
+    /// may use half of it (the rest of the requests wait briefly, then get 503; reads wait
+    /// within the registry deadline). Without it, the cgroup's
     /// `memory.max` is read; without either, the budget is 512 MiB.
     #[arg(long, env = "ARCGUARD_MEMORY_LIMIT")]
     pub memory_limit: Option<u64>,

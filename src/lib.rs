@@ -14,6 +14,7 @@ pub mod cli;
 pub mod cluster;
 pub mod image;
 pub mod manifest;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod oci;

@@ -327,6 +327,10 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
             // `check` exports no metrics; the registry adapter counts into a throwaway set.
             let registries = arcguard::oci::Registries::new(
                 &registry_config(&args.registry_access)?,
+                // One process reading for one run: the pool only bounds the reads in flight.
+                arcguard::memory::MemoryPool::new(
+                    arcguard::oci::slots::MAX_READS * arcguard::oci::slots::READ_BYTES,
+                ),
                 std::sync::Arc::new(arcguard::metrics::Metrics::new()),
             )?;
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::certs::{self, CertResolver};
+use crate::memory::MemoryPool;
 use crate::policy::load;
 use crate::server::{self, Addresses, AppState, Limits, Running, Snapshot, drain_on, listen};
 use crate::watch::FileWatcher;
@@ -86,8 +87,12 @@ pub async fn start(
     let resolver = Arc::new(CertResolver::new(key, info.clone()));
     let tls = Arc::new(certs::server_config(resolver.clone())?);
 
-    let state = AppState::new(Snapshot { policies: loaded.policies, facts: loaded.facts });
-    let registries = crate::oci::Registries::new(&config.registries, state.metrics.clone())?;
+    // Webhook requests and registry reads share one memory budget.
+    let memory = MemoryPool::new(config.limits.request_budget());
+    let state = AppState::new(Snapshot { policies: loaded.policies, facts: loaded.facts })
+        .with_memory(memory.clone());
+    let registries =
+        crate::oci::Registries::new(&config.registries, memory, state.metrics.clone())?;
     let state = state.with_images(Arc::new(registries));
     let snapshot = state.snapshot.load();
     state.metrics.set_policies(&snapshot.policies);

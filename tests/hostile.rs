@@ -1314,3 +1314,35 @@ async fn one_client_cannot_take_every_connection_slot() {
     drop(held);
     h.shutdown().await;
 }
+
+/// A registry's answers decode to what arcguard keeps, not to their length: an index of 1 MiB
+/// (the most a manifest read takes) of tiny entries would be some 35 MiB of decoded entries,
+/// over a read's whole charge to the memory budget (`arcguard::oci::slots::READ_BYTES`);
+/// read entry by entry it allocates a small fraction of that.
+#[tokio::test]
+async fn a_registry_index_of_tiny_entries_decodes_to_bounded_memory() {
+    use arcguard::oci::manifest::{OCI_INDEX, Parsed, parse};
+    let _exclusive = MEMORY.write().await;
+    let index_of = |entry: &str| {
+        let entries = vec![entry; MIB / (entry.len() + 1)].join(",");
+        format!(r#"{{"mediaType":"{OCI_INDEX}","manifests":[{entries}]}}"#)
+    };
+    let linux = Parsed::Index(vec![arcguard::rules::provenance::Platform {
+        os: "linux".into(),
+        architecture: "amd64".into(),
+        variant: None,
+        os_version: None,
+    }]);
+    let cases = [
+        (index_of("{}"), Parsed::Index(vec![])),
+        (index_of(r#"{"platform":{"os":"linux","architecture":"amd64"}}"#), linux),
+    ];
+    for (body, want) in cases {
+        assert!(body.len().abs_diff(MIB) < 128, "{}", body.len());
+        let allocated = Allocated::start();
+        let parsed = parse(body.as_bytes());
+        let growth = allocated.growth();
+        assert_eq!(parsed, Ok(want));
+        assert!(growth < MIB / 8, "decoding 1 MiB of index took {growth} bytes at its peak");
+    }
+}

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use self::certs::CertConfig;
 use self::leader::{LeaderElector, LeaseConfig};
 use crate::certs::CertResolver;
+use crate::memory::MemoryPool;
 use crate::server::{Addresses, AppState, Limits, Snapshot};
 use crate::server::{ListenError, Running, drain_on, listen};
 
@@ -134,8 +135,12 @@ pub async fn start(
     config.certs.validate()?;
     let client = client().await?;
     let facts = facts::ClusterFacts::start(client.clone());
-    let state = AppState::new(Snapshot::default()).with_facts(facts.clone());
-    let registries = crate::oci::Registries::new(&config.registries, state.metrics.clone())?;
+    // Webhook requests and registry reads share one memory budget.
+    let memory = MemoryPool::new(config.limits.request_budget());
+    let state =
+        AppState::new(Snapshot::default()).with_facts(facts.clone()).with_memory(memory.clone());
+    let registries =
+        crate::oci::Registries::new(&config.registries, memory, state.metrics.clone())?;
     let state = state.with_images(Arc::new(registries));
     let resolver = Arc::new(CertResolver::empty());
     let tls = Arc::new(crate::certs::server_config(resolver.clone())?);

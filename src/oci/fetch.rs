@@ -24,6 +24,7 @@ use registry_http::header::{ACCEPT, HeaderValue};
 use serde::Deserialize;
 
 use super::cache::TtlCache;
+use super::json::Kept;
 use super::{Access, Failure, transport_failure};
 
 /// The largest manifest or referrers index read, in bytes. Real ones are kilobytes (an image
@@ -74,10 +75,16 @@ pub struct Referrer {
     pub artifact_type: Option<String>,
 }
 
+/// Referrers of a referrers index kept (the rest are skipped as read, [`super::json`]): a tag
+/// schema index lists every artifact of the image (SBOMs, attestations, signatures), the API's
+/// is filtered by type; only the first [`crate::signature::MAX_SIGNATURES`] Notation ones are
+/// read.
+const REFERRERS_KEPT: usize = 256;
+
 #[derive(Deserialize)]
 struct ReferrersIndex {
     #[serde(default)]
-    manifests: Vec<Referrer>,
+    manifests: Kept<Referrer, REFERRERS_KEPT>,
 }
 
 impl Fetcher {
@@ -158,6 +165,7 @@ impl Fetcher {
         // A registry may ignore the filter (the spec lets it); filter again.
         Ok(index
             .manifests
+            .items
             .into_iter()
             .filter(|r| r.artifact_type.as_deref().is_none_or(|t| t == artifact_type))
             .collect())
@@ -290,9 +298,37 @@ fn status_failure(status: StatusCode, body: &[u8]) -> Failure {
 
 /// The error codes and messages of a distribution error body (`MANIFEST_UNKNOWN (manifest
 /// unknown)`), if it is one.
+///
+/// Read into its codes and messages only (not oci-client's `OciEnvelope`, whose `detail` is any
+/// JSON value), at most [`ERRORS_KEPT`] of them: 64 KiB of tiny values would decode to a
+/// megabyte.
 fn envelope_text(body: &[u8]) -> Option<String> {
-    let envelope: OciEnvelope = serde_json::from_slice(body).ok()?;
-    (!envelope.errors.is_empty()).then(|| envelope_codes(&envelope))
+    let envelope: ErrorBody = serde_json::from_slice(body).ok()?;
+    let codes: Vec<String> = envelope
+        .errors
+        .items
+        .into_iter()
+        .map(|e| if e.message.is_empty() { e.code } else { format!("{} ({})", e.code, e.message) })
+        .collect();
+    (!codes.is_empty()).then(|| codes.join("; "))
+}
+
+/// Errors of an error body quoted, at most.
+const ERRORS_KEPT: usize = 8;
+
+/// A distribution error body (`{"errors": [{"code", "message", "detail"}]}`).
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    errors: Kept<ErrorEntry, ERRORS_KEPT>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEntry {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
 }
 
 /// The codes of a distribution error envelope as the spec spells them, with their messages.

@@ -68,7 +68,7 @@ struct Envelope {
     #[serde(default)]
     media_type: Option<String>,
     #[serde(default)]
-    manifests: Option<Vec<Entry>>,
+    manifests: Option<IndexPlatforms>,
     #[serde(default)]
     config: Option<Descriptor>,
 }
@@ -77,6 +77,56 @@ struct Envelope {
 struct Entry {
     #[serde(default)]
     platform: Option<WirePlatform>,
+}
+
+/// An index's `manifests`, read entry by entry into its distinct platforms in the order listed
+/// (an index that repeats one says no more than one that lists it once), at most
+/// [`INDEX_PLATFORMS_MAX`]. Nothing else is kept: a megabyte of entries must not become tens
+/// of megabytes of decoded ones ([`super::json`]). After the first refusal the rest is skipped.
+#[derive(Default)]
+struct IndexPlatforms {
+    platforms: Vec<Platform>,
+    refused: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for IndexPlatforms {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_seq(IndexPlatformsVisitor)
+    }
+}
+
+struct IndexPlatformsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for IndexPlatformsVisitor {
+    type Value = IndexPlatforms;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("an array of manifest descriptors")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut index = IndexPlatforms::default();
+        let mut seen = std::collections::BTreeSet::new();
+        while index.refused.is_none() {
+            let Some(entry) = seq.next_element::<Entry>()? else { return Ok(index) };
+            let Some(wire) = entry.platform else { continue };
+            match wire.checked() {
+                Err(why) => index.refused = Some(why),
+                Ok(platform) if seen.contains(&platform) => {}
+                Ok(_) if index.platforms.len() == INDEX_PLATFORMS_MAX => {
+                    index.refused = Some(format!(
+                        "the index lists over {INDEX_PLATFORMS_MAX} distinct platforms"
+                    ));
+                }
+                Ok(platform) => {
+                    seen.insert(platform.clone());
+                    index.platforms.push(platform);
+                }
+            }
+        }
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(index)
+    }
 }
 
 #[derive(Deserialize)]
@@ -149,25 +199,13 @@ pub fn parse(body: &[u8]) -> Result<Parsed, ManifestError> {
         Some(other) => return Err(ManifestError::MediaType(other.to_owned())),
     };
     if is_index {
-        let entries = envelope
+        let index = envelope
             .manifests
             .ok_or_else(|| ManifestError::Malformed("an index without `manifests`".to_owned()))?;
-        // Distinct platforms in the order listed: an index that repeats one (or many) says no
-        // more than one that lists it once.
-        let mut seen = std::collections::BTreeSet::new();
-        let mut platforms = Vec::new();
-        for wire in entries.into_iter().filter_map(|e| e.platform) {
-            let platform = wire.checked().map_err(ManifestError::Malformed)?;
-            if seen.insert(platform.clone()) {
-                if platforms.len() == INDEX_PLATFORMS_MAX {
-                    return Err(ManifestError::Malformed(format!(
-                        "the index lists over {INDEX_PLATFORMS_MAX} distinct platforms"
-                    )));
-                }
-                platforms.push(platform);
-            }
+        if let Some(why) = index.refused {
+            return Err(ManifestError::Malformed(why));
         }
-        return Ok(Parsed::Index(platforms));
+        return Ok(Parsed::Index(index.platforms));
     }
     let config = envelope
         .config

@@ -26,6 +26,7 @@
 
 pub mod cache;
 pub mod fetch;
+mod json;
 pub mod manifest;
 pub mod signatures;
 pub mod slots;
@@ -43,7 +44,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use self::cache::{Flights, TtlCache};
-use self::slots::ReadSlots;
+use self::slots::{NoSlot, ReadSlots};
+use crate::memory::MemoryPool;
 use crate::metrics::Metrics;
 use crate::pull_secrets::{self as credentials, RegistryCredential};
 use crate::rules::provenance::{ImageFact, RegistryFacts, RegistryImage};
@@ -159,11 +161,17 @@ impl std::fmt::Debug for Registries {
 }
 
 impl Registries {
-    /// Registry access as configured, counting its lookups and reads in `metrics`.
+    /// Registry access as configured, each read charged to `memory` (the pool webhook requests
+    /// use: [`crate::server::AppState::with_memory`]), counting its lookups and reads in
+    /// `metrics`.
     ///
     /// # Errors
     /// [`RegistryError`] for a CA bundle without certificates, or a client that cannot be built.
-    pub fn new(config: &RegistryConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, RegistryError> {
+    pub fn new(
+        config: &RegistryConfig,
+        memory: MemoryPool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, RegistryError> {
         // reqwest takes the process's default rustls provider and panics without one; ring is
         // the only provider compiled in (an error means one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -216,7 +224,7 @@ impl Registries {
             image_reads: Arc::new(Flights::new(READ_CAP)),
             verdicts: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, verdict_weight),
             verdict_reads: Arc::new(Flights::new(READ_CAP)),
-            slots: ReadSlots::new(),
+            slots: ReadSlots::new(memory),
             fetcher,
             metrics,
         }))
@@ -418,16 +426,13 @@ impl Registries {
                 self.deadline.as_millis()
             ));
         }
-        match tokio::time::timeout_at(until, self.slots.acquire(namespace)).await {
-            Ok(Ok(slot)) => Ok(slot),
-            Ok(Err(closed)) => Err(closed.to_string()),
-            Err(_) => Err(format!(
-                "no registry read could start within {} ms: this namespace's {} or all {} read slots were busy; retry",
-                self.deadline.as_millis(),
-                slots::NAMESPACE_READS,
-                slots::MAX_READS
-            )),
-        }
+        self.slots.acquire(namespace, until).await.map_err(|refused| match refused {
+            NoSlot::Closed => refused.to_string(),
+            NoSlot::Busy | NoSlot::Memory { .. } => format!(
+                "no registry read could start within {} ms: {refused}; retry",
+                self.deadline.as_millis()
+            ),
+        })
     }
 
     fn remember(&self, identity: &str, key: &str, fact: &ImageFact) {
@@ -956,6 +961,7 @@ mod tests {
     fn registries(host: &str, deadline: Duration) -> Arc<Registries> {
         Registries::new(
             &RegistryConfig { ca_pem: None, plain_http: vec![host.to_owned()], deadline },
+            MemoryPool::new(slots::MAX_READS * slots::READ_BYTES),
             Arc::new(Metrics::new()),
         )
         .expect("client")
@@ -1109,6 +1115,7 @@ mod tests {
                 plain_http: vec![hung.clone(), working.clone()],
                 deadline: Duration::from_millis(300),
             },
+            MemoryPool::new(slots::MAX_READS * slots::READ_BYTES),
             Arc::new(Metrics::new()),
         )
         .expect("client");
@@ -1128,6 +1135,40 @@ mod tests {
         let facts = registries
             .lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "quiet", Instant::now())
             .await;
+        assert!(matches!(facts.images.get(&key), Some(ImageFact::Found(_))), "{facts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_memory_budget_full_of_requests_leaves_reads_unreadable_and_says_why() {
+        let (host, served, _, _) = mock_registry(false).await;
+        let pool = MemoryPool::new(slots::READ_BYTES);
+        let registries = Registries::new(
+            &RegistryConfig {
+                ca_pem: None,
+                plain_http: vec![host.clone()],
+                deadline: Duration::from_millis(200),
+            },
+            pool.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .expect("client");
+        let key = format!("{host}/team/app:1");
+        let keys = BTreeSet::from([key.clone()]);
+        // Webhook requests in flight hold the whole pool for longer than the deadline.
+        let requests = pool.charge(1, tokio::time::Instant::now()).await.expect("room");
+        let facts = registries.lookup(&keys, &BTreeSet::new(), &[], "apps", Instant::now()).await;
+        match facts.images.get(&key) {
+            Some(ImageFact::Unreachable(why)) => assert!(
+                why.contains("no registry read could start within 200 ms")
+                    && why.contains("memory budget (2 MiB, shared by webhook requests and registry reads in flight)"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was read");
+        // Once they end, the read runs.
+        drop(requests);
+        let facts = registries.lookup(&keys, &BTreeSet::new(), &[], "apps", Instant::now()).await;
         assert!(matches!(facts.images.get(&key), Some(ImageFact::Found(_))), "{facts:?}");
     }
 

@@ -10,13 +10,12 @@
 //! held at a time, each manifest and referrers index at most
 //! [`super::fetch::MANIFEST_MAX_BYTES`], and only manifests whose `subject` is the image.
 
-use std::collections::BTreeMap;
-
 use futures::StreamExt as _;
 use oci_client::Reference;
 use serde::Deserialize;
 
 use super::fetch::Fetcher;
+use super::json::Kept;
 use super::{Access, Failure, manifest};
 use crate::signature::{
     CosignSignature, Evidence, MAX_SIGNATURES, NotationSignature, SignatureTrust, cosign, notation,
@@ -63,8 +62,9 @@ struct SignatureManifest {
     artifact_type: Option<String>,
     #[serde(default)]
     config: Option<Descriptor>,
+    /// A cosign signature manifest has a layer per signature, a Notation one a single layer.
     #[serde(default)]
-    layers: Vec<Descriptor>,
+    layers: Kept<Descriptor, LAYERS_KEPT>,
     #[serde(default)]
     subject: Option<Descriptor>,
 }
@@ -78,8 +78,20 @@ struct Descriptor {
     #[serde(default)]
     size: u64,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    annotations: Annotations,
 }
+
+/// The one annotation read from a layer; the others are skipped unread, however many.
+#[derive(Default, Deserialize)]
+struct Annotations {
+    /// [`cosign::SIGNATURE_ANNOTATION`] (serde takes only a literal).
+    #[serde(rename = "dev.cosignproject.cosign/signature", default)]
+    signature: Option<String>,
+}
+
+/// Layers of a signature manifest kept (the rest are skipped as read, [`super::json`]): four
+/// times the signatures judged, so a few layers of other types do not hide a signature.
+const LAYERS_KEPT: usize = 4 * MAX_SIGNATURES;
 
 /// Reads a blob of declared `size` (at most `cap` bytes), checking its digest.
 ///
@@ -180,6 +192,7 @@ async fn cosign_signatures(
     };
     let payloads = signatures
         .layers
+        .items
         .into_iter()
         .filter(|layer| layer.media_type == cosign::PAYLOAD_MEDIA_TYPE)
         .take(MAX_SIGNATURES);
@@ -198,7 +211,7 @@ async fn cosign_signatures(
                 }
             };
         evidence.cosign.push(CosignSignature {
-            signature: layer.annotations.get(cosign::SIGNATURE_ANNOTATION).cloned(),
+            signature: layer.annotations.signature,
             layer_digest: layer.digest,
             payload,
         });
@@ -258,7 +271,7 @@ async fn notation_signatures(
         let is_notation = signature.artifact_type.as_deref() == Some(notation::ARTIFACT_TYPE)
             || signature.config.as_ref().is_some_and(|c| c.media_type == notation::ARTIFACT_TYPE);
         let for_image = signature.subject.as_ref().is_some_and(|s| s.digest == digest);
-        let [envelope] = signature.layers.as_slice() else {
+        let [envelope] = signature.layers.items.as_slice() else {
             evidence.notation_unusable.push(unusable("not one envelope layer".to_owned()));
             continue;
         };
@@ -287,4 +300,37 @@ async fn notation_signatures(
             .push(NotationSignature { media_type: envelope.media_type.clone(), envelope: bytes });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_signature_manifest_keeps_its_first_layers_and_the_signature_annotation_only() {
+        let layer = |i: usize| {
+            json!({
+                "mediaType": cosign::PAYLOAD_MEDIA_TYPE,
+                "digest": format!("sha256:{i:064x}"),
+                "size": 200,
+                "annotations": {
+                    "org.example/other": "x",
+                    cosign::SIGNATURE_ANNOTATION: format!("sig-{i}"),
+                    "dev.sigstore.cosign/bundle": "{}",
+                },
+            })
+        };
+        let body = json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:00", "size": 2},
+            "layers": (0..1000).map(layer).collect::<Vec<_>>(),
+        });
+        let parsed: SignatureManifest = serde_json::from_value(body).expect("parses");
+        assert_eq!(parsed.layers.items.len(), LAYERS_KEPT);
+        assert_eq!(parsed.layers.skipped, 1000 - LAYERS_KEPT);
+        assert_eq!(parsed.layers.items[3].annotations.signature.as_deref(), Some("sig-3"));
+        assert_eq!(parsed.layers.items[3].digest, format!("sha256:{:064x}", 3));
+    }
 }

@@ -7,11 +7,19 @@
 //! seen before waits for its own slots, and every other namespace still finds one free. A
 //! request waits for a slot within its own deadline and no longer; a read that never got one
 //! leaves nothing behind (a queue of reads outliving their requests would grow with the load).
+//!
+//! Each read is also charged [`READ_BYTES`] to the process's [`MemoryPool`], which webhook
+//! requests in flight share: when requests fill the container's budget, reads wait (within the
+//! deadline) instead of adding their bytes on top, and a flood of reads leaves requests less
+//! room instead of pushing the process past its limit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::memory::{MemoryCharge, MemoryPool};
 
 /// Registry reads (manifests, configs, signatures) in flight process-wide, at most. Each holds
 /// one manifest ([`super::fetch::MANIFEST_MAX_BYTES`]), config or the signatures' payloads
@@ -21,19 +29,27 @@ pub const MAX_READS: usize = 16;
 pub const NAMESPACE_READS: usize = MAX_READS / 4;
 /// Namespaces remembered without a read in flight, at most; beyond, idle ones are forgotten.
 const IDLE_NAMESPACES: usize = 1024;
+/// What one read is charged to the memory pool: the most it holds at once. That is one
+/// manifest, referrers index or config ([`super::fetch::MANIFEST_MAX_BYTES`], 1 MiB; what is
+/// parsed from it is bounded by entries kept, not by its length, [`super::json`]) or an
+/// image's signatures ([`super::signatures::EVIDENCE_MAX_BYTES`], 512 KiB), with the HTTP
+/// client's buffers and a token answer, rounded up.
+pub const READ_BYTES: usize = 2 * 1024 * 1024;
 
 /// The slots of one process.
 #[derive(Debug)]
 pub struct ReadSlots {
     global: Arc<Semaphore>,
     namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
+    memory: MemoryPool,
 }
 
-/// A slot held: the namespace's and the process's.
+/// A slot held: the namespace's and the process's, and the read's memory charge.
 #[derive(Debug)]
 pub struct ReadSlot {
     _namespace: OwnedSemaphorePermit,
     _global: OwnedSemaphorePermit,
+    _memory: MemoryCharge,
 }
 
 /// Why no slot was taken.
@@ -42,31 +58,52 @@ pub enum NoSlot {
     /// The slots are closed: the process is shutting down.
     #[error("arcguard is shutting down")]
     Closed,
-}
-
-impl Default for ReadSlots {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// The namespace's slots or the process's stayed busy until the deadline.
+    #[error("this namespace's {NAMESPACE_READS} or all {MAX_READS} read slots were busy")]
+    Busy,
+    /// The memory pool had no room for a read until the deadline.
+    #[error(
+        "arcguard's memory budget ({budget_mib} MiB, shared by webhook requests and registry reads in flight) had no room for a read"
+    )]
+    Memory {
+        /// The whole pool, in MiB.
+        budget_mib: usize,
+    },
 }
 
 impl ReadSlots {
-    /// [`MAX_READS`] slots, [`NAMESPACE_READS`] per namespace.
-    pub fn new() -> Self {
-        Self { global: Arc::new(Semaphore::new(MAX_READS)), namespaces: Mutex::new(HashMap::new()) }
+    /// [`MAX_READS`] slots, [`NAMESPACE_READS`] per namespace, each read charged
+    /// [`READ_BYTES`] to `memory`.
+    pub fn new(memory: MemoryPool) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(MAX_READS)),
+            namespaces: Mutex::new(HashMap::new()),
+            memory,
+        }
     }
 
     /// A slot for a read on behalf of `namespace` (`""` for cluster-scoped objects and the
-    /// CLI): first one of the namespace's, then one of the process's. Waits until both are
-    /// free; callers bound the wait with their deadline (dropping the future gives up its
-    /// place).
+    /// CLI): first one of the namespace's, then one of the process's, then the read's memory
+    /// charge, waiting for each until `until` at the latest (dropping the future gives up its
+    /// place in every queue).
     ///
     /// # Errors
-    /// [`NoSlot::Closed`] when the process is shutting down.
-    pub async fn acquire(&self, namespace: &str) -> Result<ReadSlot, NoSlot> {
-        let own = self.namespace(namespace).acquire_owned().await.map_err(|_| NoSlot::Closed)?;
-        let global = Arc::clone(&self.global).acquire_owned().await.map_err(|_| NoSlot::Closed)?;
-        Ok(ReadSlot { _namespace: own, _global: global })
+    /// [`NoSlot::Busy`] or [`NoSlot::Memory`] when the wait reached `until`, [`NoSlot::Closed`]
+    /// when the process is shutting down.
+    pub async fn acquire(&self, namespace: &str, until: Instant) -> Result<ReadSlot, NoSlot> {
+        let slots = async {
+            let own =
+                self.namespace(namespace).acquire_owned().await.map_err(|_| NoSlot::Closed)?;
+            let global =
+                Arc::clone(&self.global).acquire_owned().await.map_err(|_| NoSlot::Closed)?;
+            Ok::<_, NoSlot>((own, global))
+        };
+        let (own, global) =
+            tokio::time::timeout_at(until, slots).await.map_err(|_| NoSlot::Busy)??;
+        let memory = self.memory.charge(READ_BYTES, until).await.map_err(|_| NoSlot::Memory {
+            budget_mib: self.memory.total_bytes() / (1024 * 1024),
+        })?;
+        Ok(ReadSlot { _namespace: own, _global: global, _memory: memory })
     }
 
     /// Reads in flight now, process-wide.
@@ -98,44 +135,90 @@ mod tests {
 
     use super::*;
 
+    /// A pool with room for every slot's charge.
+    fn slots() -> ReadSlots {
+        ReadSlots::new(MemoryPool::new(MAX_READS * READ_BYTES))
+    }
+
+    fn later() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
     #[tokio::test]
     async fn one_namespace_takes_at_most_its_share_and_others_still_read() {
-        let slots = ReadSlots::new();
+        let slots = slots();
         let mut held = Vec::new();
         for _ in 0..NAMESPACE_READS {
-            held.push(slots.acquire("noisy").await.expect("slot"));
+            held.push(slots.acquire("noisy", later()).await.expect("slot"));
         }
         // The noisy namespace's next read waits...
         assert!(
-            slots.acquire("noisy").now_or_never().is_none(),
+            slots.acquire("noisy", later()).now_or_never().is_none(),
             "past its share a namespace waits"
         );
         // ...while every other namespace finds a slot at once, up to the process's limit.
         for i in 0..MAX_READS - NAMESPACE_READS {
             let namespace = format!("team-{}", i % 3);
-            match slots.acquire(&namespace).now_or_never() {
+            match slots.acquire(&namespace, later()).now_or_never() {
                 Some(Ok(slot)) => held.push(slot),
                 other => panic!("{namespace}: {other:?}"),
             }
         }
         assert_eq!(slots.in_flight(), MAX_READS);
-        assert!(slots.acquire("quiet").now_or_never().is_none(), "past MAX_READS every read waits");
+        assert!(
+            slots.acquire("quiet", later()).now_or_never().is_none(),
+            "past MAX_READS every read waits"
+        );
         // A slot given back is taken by the next read.
         held.pop();
-        assert!(matches!(slots.acquire("quiet").now_or_never(), Some(Ok(_))));
+        assert!(matches!(slots.acquire("quiet", later()).now_or_never(), Some(Ok(_))));
     }
 
     #[tokio::test]
     async fn idle_namespaces_are_forgotten() {
-        let slots = ReadSlots::new();
-        let busy = slots.acquire("busy").await.expect("slot");
+        let slots = slots();
+        let busy = slots.acquire("busy", later()).await.expect("slot");
         for i in 0..IDLE_NAMESPACES + 10 {
-            drop(slots.acquire(&format!("ns-{i}")).await.expect("slot"));
+            drop(slots.acquire(&format!("ns-{i}"), later()).await.expect("slot"));
         }
         let namespaces = slots.namespaces.lock().expect("map");
         assert!(namespaces.len() <= IDLE_NAMESPACES, "{}", namespaces.len());
         assert!(namespaces.contains_key("busy"), "a namespace with a read in flight is kept");
         drop(namespaces);
         drop(busy);
+    }
+
+    #[tokio::test]
+    async fn reads_are_charged_to_the_pool_requests_share() {
+        let pool = MemoryPool::new(3 * READ_BYTES);
+        let slots = ReadSlots::new(pool.clone());
+        let now = Instant::now();
+        let first = slots.acquire("a", now).await.expect("room for a read");
+        assert_eq!(pool.available_bytes(), 2 * READ_BYTES);
+        // Requests in flight take most of what is left: the next read finds no room and says
+        // so, and gives its slot back.
+        let requests = pool.charge(READ_BYTES + 1, now).await.expect("a request's charge");
+        assert_eq!(
+            slots.acquire("b", now).await.err(),
+            Some(NoSlot::Memory { budget_mib: 3 * READ_BYTES / (1024 * 1024) })
+        );
+        assert_eq!(slots.in_flight(), 1);
+        // A read that ends gives its bytes back to the requests' side.
+        drop(first);
+        assert_eq!(pool.available_bytes(), 2 * READ_BYTES - 1024);
+        drop(requests);
+        let second = slots.acquire("b", now).await.expect("room again");
+        assert_eq!(pool.available_bytes(), 2 * READ_BYTES);
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn a_slot_not_free_by_the_deadline_is_busy() {
+        let slots = slots();
+        let mut held = Vec::new();
+        for _ in 0..NAMESPACE_READS {
+            held.push(slots.acquire("noisy", later()).await.expect("slot"));
+        }
+        assert_eq!(slots.acquire("noisy", Instant::now()).await.err(), Some(NoSlot::Busy));
     }
 }

@@ -21,6 +21,10 @@
 //! - the charge is held until the response has been written (or the connection dropped), and
 //!   by the decision itself when the request times out before it ends.
 //!
+//! - the budget is the process's [`MemoryPool`], which registry reads share (each charged
+//!   the most it can hold, [`crate::oci::slots`]): with imageProvenance, reads of images never
+//!   seen before take room from requests instead of adding to them.
+//!
 //! A charge that does not fit waits up to [`Budget::wait`] for others to finish, then gets 503
 //! with a message saying why; a review whose charge alone exceeds the whole budget gets 413.
 
@@ -35,9 +39,9 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::memory::{MemoryCharge, MemoryPool, Refusal, UNIT};
 use crate::metrics::Metrics;
 
 /// The share of the container's memory limit that requests in flight may use; the rest is the
@@ -198,15 +202,11 @@ fn cost_of(len: usize, tokens: usize) -> usize {
     len.saturating_mul(2).saturating_add(tokens.saturating_mul(TOKEN_COST))
 }
 
-/// Bytes per permit: the budget is counted in KiB so that any budget fits a semaphore.
-const UNIT: usize = 1024;
-
-/// The budget shared by every webhook request of one server.
+/// The budget shared by every webhook request of one server: admission to the process's
+/// [`MemoryPool`] (which registry reads share), with the waits and limits of HTTP requests.
 #[derive(Debug)]
 pub struct Budget {
-    permits: Arc<Semaphore>,
-    /// The whole budget, in units.
-    total: u32,
+    pool: MemoryPool,
     /// How long a request waits for room before it is refused.
     wait: Duration,
     /// The body limit (larger bodies get 413).
@@ -221,7 +221,7 @@ pub struct Budget {
 /// out) stays charged until it ends.
 #[derive(Clone, Debug)]
 pub struct Charge {
-    _permit: Arc<OwnedSemaphorePermit>,
+    _permit: Arc<MemoryCharge>,
     tokens: usize,
 }
 
@@ -233,74 +233,30 @@ impl Charge {
     }
 }
 
-/// Why a charge could not be taken.
-enum Refusal {
-    /// The budget stayed full for the whole wait.
-    Full,
-    /// More than the whole budget.
-    TooLarge,
-}
-
 impl Budget {
-    /// A budget of `bytes` in flight.
+    /// Admission to `pool` for webhook requests.
     pub fn new(
-        bytes: usize,
+        pool: MemoryPool,
         max_body_bytes: usize,
         wait: Duration,
         body_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let total = u32::try_from((bytes / UNIT).max(1)).unwrap_or(u32::MAX);
-        Self {
-            permits: Arc::new(Semaphore::new(total as usize)),
-            total,
-            wait,
-            max_body_bytes,
-            body_timeout,
-            metrics,
-        }
-    }
-
-    /// Units for `bytes`, at least one; `None` beyond the whole budget.
-    fn units(&self, bytes: usize) -> Option<u32> {
-        let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).ok()?;
-        (units <= self.total).then_some(units)
-    }
-
-    /// Grows `held` to cover `bytes`, waiting until `deadline` for room.
-    async fn grow(
-        &self,
-        held: &mut Option<OwnedSemaphorePermit>,
-        bytes: usize,
-        deadline: Instant,
-    ) -> Result<(), Refusal> {
-        let units = self.units(bytes).ok_or(Refusal::TooLarge)?;
-        let have = held.as_ref().map_or(0, |p| u32::try_from(p.num_permits()).unwrap_or(0));
-        if units <= have {
-            return Ok(());
-        }
-        let acquire = self.permits.clone().acquire_many_owned(units - have);
-        let Ok(Ok(more)) = tokio::time::timeout_at(deadline, acquire).await else {
-            return Err(Refusal::Full);
-        };
-        match held {
-            Some(permit) => permit.merge(more),
-            None => *held = Some(more),
-        }
-        Ok(())
+        Self { pool, wait, max_body_bytes, body_timeout, metrics }
     }
 
     fn refuse(&self, refusal: &Refusal, bytes: usize) -> Response {
         self.metrics.record_budget_rejection();
         let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
-        let total = mib(f64::from(self.total) * UNIT as f64);
+        #[allow(clippy::cast_precision_loss)]
+        let total = mib(self.pool.total_bytes() as f64);
         #[allow(clippy::cast_precision_loss)]
         let wanted = mib(bytes as f64);
         match refusal {
             Refusal::Full => {
                 let message = format!(
-                    "arcguard is at its memory budget ({total:.0} MiB for requests in flight, \
-                     from its container's memory limit) and could not take this request \
+                    "arcguard is at its memory budget ({total:.0} MiB for requests and registry \
+                     reads in flight, from its container's memory limit) and could not take this request \
                      ({wanted:.1} MiB to read and decide) within {}s; retry\n",
                     self.wait.as_secs_f64()
                 );
@@ -364,22 +320,22 @@ pub async fn admit(State(budget): State<Arc<Budget>>, request: Request, next: Ne
         chunks.push(chunk);
         // In steps of 64 KiB, so that a body of small frames does not take the lock for each.
         let charge = received.saturating_mul(2).next_multiple_of(64 * UNIT);
-        if let Err(refusal) = budget.grow(&mut held, charge, wait_until).await {
+        if let Err(refusal) = budget.pool.grow(&mut held, charge, wait_until).await {
             return budget.refuse(&refusal, received.saturating_mul(2));
         }
     }
     let body = join(chunks, received);
     let tokens = structural_tokens(&body);
     let cost = cost_of(body.len(), tokens);
-    if let Err(refusal) = budget.grow(&mut held, cost, wait_until).await {
+    if let Err(refusal) = budget.pool.grow(&mut held, cost, wait_until).await {
         return budget.refuse(&refusal, cost);
     }
     let permit = match held {
         Some(permit) => permit,
         // An empty body: charged the least there is.
-        None => match budget.permits.clone().try_acquire_owned() {
+        None => match budget.pool.try_charge_least() {
             Ok(permit) => permit,
-            Err(_) => return budget.refuse(&Refusal::Full, UNIT),
+            Err(refusal) => return budget.refuse(&refusal, UNIT),
         },
     };
     run(next, parts, body, Charge { _permit: Arc::new(permit), tokens }).await
@@ -445,28 +401,10 @@ impl hyper::body::Body for Charged {
 mod tests {
     use super::*;
 
-    fn budget(bytes: usize) -> Budget {
-        Budget::new(
-            bytes,
-            7 * 1024 * 1024,
-            Duration::ZERO,
-            Duration::from_secs(1),
-            Arc::new(Metrics::new()),
-        )
-    }
-
     #[test]
-    fn the_budget_is_half_the_limit_counted_in_kib() {
+    fn the_budget_is_half_the_limit() {
         assert_eq!(budget_for(Some(128 * 1024 * 1024)), 64 * 1024 * 1024);
         assert_eq!(budget_for(None), UNLIMITED_BUDGET);
-        let budget = budget(10 * 1024 * 1024);
-        assert_eq!(budget.total, 10 * 1024);
-        assert_eq!(budget.units(0), Some(1));
-        assert_eq!(budget.units(1), Some(1));
-        assert_eq!(budget.units(1024 * 1024), Some(1024));
-        assert_eq!(budget.units(10 * 1024 * 1024), Some(10 * 1024));
-        assert_eq!(budget.units(10 * 1024 * 1024 + 1), None);
-        assert_eq!(budget.units(usize::MAX), None);
     }
 
     #[test]
@@ -527,26 +465,5 @@ mod tests {
         assert_eq!(cost(dense.as_bytes()), 2 * dense.len() + 2000 * TOKEN_COST);
         let sparse = format!("{{\"a\":\"{}\"}}", "x".repeat(dense.len()));
         assert_eq!(cost(sparse.as_bytes()), 2 * sparse.len() + 2 * TOKEN_COST);
-    }
-
-    #[tokio::test]
-    async fn charges_grow_to_what_they_cover_and_refuse_beyond_the_budget() {
-        let budget = budget(1024 * 1024);
-        let deadline = Instant::now();
-        let mut held = None;
-        assert!(budget.grow(&mut held, 100 * 1024, deadline).await.is_ok());
-        assert_eq!(held.as_ref().map(OwnedSemaphorePermit::num_permits), Some(100));
-        assert!(budget.grow(&mut held, 50 * 1024, deadline).await.is_ok());
-        assert_eq!(held.as_ref().map(OwnedSemaphorePermit::num_permits), Some(100));
-        assert!(budget.grow(&mut held, 1024 * 1024, deadline).await.is_ok());
-        assert_eq!(budget.permits.available_permits(), 0);
-        let mut other = None;
-        assert!(matches!(budget.grow(&mut other, 1, deadline).await, Err(Refusal::Full)));
-        assert!(matches!(
-            budget.grow(&mut other, 1024 * 1024 + 1, deadline).await,
-            Err(Refusal::TooLarge)
-        ));
-        drop(held);
-        assert_eq!(budget.permits.available_permits(), 1024);
     }
 }

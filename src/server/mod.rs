@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
 
 use crate::admission::RequestView;
+use crate::memory::MemoryPool;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::rules::{Rule, StaticFacts};
@@ -184,6 +185,9 @@ pub struct AppState {
     pub facts: Option<Arc<dyn FactSource>>,
     /// Registry access for imageProvenance; `None` when registries are not read.
     pub images: Option<Arc<dyn ImageSource>>,
+    /// The memory pool webhook requests share with registry reads; `None`: the webhook router
+    /// makes one of its [`Limits::request_budget`] (no registry reads share it).
+    pub memory: Option<MemoryPool>,
 }
 
 impl AppState {
@@ -195,7 +199,16 @@ impl AppState {
             readiness: Arc::new(Readiness::default()),
             facts: None,
             images: None,
+            memory: None,
         }
+    }
+
+    /// The same state, its webhook requests charged to `pool` (which the registry reads of
+    /// [`Self::images`] should share: build both from the same [`Limits::request_budget`]).
+    #[must_use]
+    pub fn with_memory(mut self, pool: MemoryPool) -> Self {
+        self.memory = Some(pool);
+        self
     }
 
     /// The same state, reading registries through `source`.

@@ -18,6 +18,7 @@ use super::budget::{Budget, Charge};
 use super::decision_log::{self, DecisionLog, Line};
 use super::{AppState, Limits};
 use crate::admission::{self, ReviewError};
+use crate::memory::MemoryPool;
 use crate::pipeline::{self, Decision, Webhook};
 use crate::rules::{Facts, RegistryLayer};
 
@@ -25,8 +26,9 @@ use crate::rules::{Facts, RegistryLayer};
 pub fn webhook_router(state: AppState, limits: &Limits) -> Router {
     // Requests wait for room at most a fifth of the request timeout, so a refusal arrives well
     // before the apiserver gives up on the call.
+    let pool = state.memory.clone().unwrap_or_else(|| MemoryPool::new(limits.request_budget()));
     let budget = Arc::new(Budget::new(
-        limits.request_budget(),
+        pool,
         limits.max_body_bytes,
         limits.request_timeout / 5,
         limits.body_deadline(),
