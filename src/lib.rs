@@ -25,4 +25,5 @@ pub mod rules;
 pub mod serve;
 pub mod server;
 pub mod signature;
+pub mod text;
 pub mod watch;

@@ -209,11 +209,7 @@ fn capped(message: &str) -> String {
     if message.len() <= MAX_MESSAGE_BYTES {
         return message.to_owned();
     }
-    let mut end = MAX_MESSAGE_BYTES - 16;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{} [cut]", &message[..end])
+    format!("{} [cut]", crate::text::prefix(message, MAX_MESSAGE_BYTES - 16))
 }
 
 /// Judges a view with every policy that applies to it: one [`Finding`] per policy.

@@ -173,11 +173,7 @@ fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = max.saturating_sub(3);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
+    format!("{}...", crate::text::prefix(text, max.saturating_sub(3)))
 }
 
 /// The status writer: applies [`Pending`] statuses on the leader (see the module doc).

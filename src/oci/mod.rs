@@ -618,11 +618,7 @@ pub const REASON_MAX_BYTES: usize = 1024;
 /// `why` cut to [`REASON_MAX_BYTES`] on a character boundary, marked when cut.
 fn bounded(mut why: String) -> String {
     if why.len() > REASON_MAX_BYTES {
-        let mut end = REASON_MAX_BYTES;
-        while !why.is_char_boundary(end) {
-            end -= 1;
-        }
-        why.truncate(end);
+        why.truncate(crate::text::prefix(&why, REASON_MAX_BYTES).len());
         why.push_str("… (cut)");
     }
     why

@@ -164,9 +164,10 @@ pub fn decide(
                     .map(|r| r.policy.id())
                     .collect();
                 denying.dedup();
-                response
-                    .audit_annotations
-                    .insert("denied-policies", cut(&denying.join(","), MAX_AUDIT_ANNOTATION_BYTES));
+                response.audit_annotations.insert(
+                    "denied-policies",
+                    crate::text::prefix(&denying.join(","), MAX_AUDIT_ANNOTATION_BYTES).to_owned(),
+                );
             }
         }
         Webhook::Mutate => {
@@ -264,7 +265,10 @@ fn audit_annotations(
         .map(|r| r.policy.id())
         .collect();
     policies.dedup();
-    annotations.insert("audit-policies", cut(&policies.join(","), MAX_AUDIT_ANNOTATION_BYTES));
+    annotations.insert(
+        "audit-policies",
+        crate::text::prefix(&policies.join(","), MAX_AUDIT_ANNOTATION_BYTES).to_owned(),
+    );
     let mut violations = String::new();
     for (listed, audit) in audits.iter().enumerate() {
         let separator = if violations.is_empty() { "" } else { "; " };
@@ -284,18 +288,6 @@ fn audit_annotations(
     annotations
 }
 
-/// `text` cut to at most `max` bytes on a character boundary.
-fn cut(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
 /// The longest violation or warning listed, in bytes; longer ones are cut. A rule's own text is
 /// far shorter; this bounds what a rule quotes (a registry's answer, an object's field) even
 /// if its own cap is missed.
@@ -306,7 +298,7 @@ fn item(text: &str) -> std::borrow::Cow<'_, str> {
     if text.len() <= MAX_ITEM_BYTES {
         return std::borrow::Cow::Borrowed(text);
     }
-    std::borrow::Cow::Owned(format!("{}… (cut)", cut(text, MAX_ITEM_BYTES)))
+    std::borrow::Cow::Owned(format!("{}… (cut)", crate::text::prefix(text, MAX_ITEM_BYTES)))
 }
 
 /// At most [`MAX_LISTED`] warnings, each at most [`MAX_ITEM_BYTES`], then one saying how many

@@ -271,11 +271,7 @@ fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return std::borrow::Cow::Borrowed(text);
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    std::borrow::Cow::Owned(format!("{}… [{} bytes]", &text[..end], text.len()))
+    std::borrow::Cow::Owned(format!("{}… [{} bytes]", crate::text::prefix(text, max), text.len()))
 }
 
 /// Whether the decision log admits one `line` now; logs the summary due first, if any.
