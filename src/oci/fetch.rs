@@ -24,7 +24,7 @@ use registry_http::header::{ACCEPT, HeaderValue};
 use serde::Deserialize;
 
 use super::cache::TtlCache;
-use super::json::Kept;
+use super::json::{self, Kept};
 use super::{Access, Failure, transport_failure};
 
 /// The largest manifest or referrers index read, in bytes. Real ones are kilobytes (an image
@@ -69,9 +69,10 @@ impl std::fmt::Debug for Fetcher {
 #[serde(rename_all = "camelCase")]
 pub struct Referrer {
     /// The referrer's manifest digest.
+    #[serde(deserialize_with = "json::digest")]
     pub digest: String,
     /// Its artifact type, when the index lists it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::optional_media_type")]
     pub artifact_type: Option<String>,
 }
 
@@ -279,21 +280,36 @@ impl From<GetError> for Failure {
 }
 
 /// A registry's answer other than 200, as oci-client words it: the distribution spec's error
-/// codes when the body carries them; a 4xx is a refusal, anything else unreachable.
+/// codes when the body carries them; a 4xx is a refusal, except the transient ones
+/// ([`is_transient`]), which like a 5xx mean unreachable (never cached, under
+/// `onRegistryError`).
 fn status_failure(status: StatusCode, body: &[u8]) -> Failure {
+    let text = envelope_text(body);
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Failure::Refused(format!(
             "the registry refused the pull ({status}){}",
-            envelope_text(body).map(|t| format!(": {t}")).unwrap_or_default()
+            text.map(|t| format!(": {t}")).unwrap_or_default()
         ));
     }
-    if status.is_client_error() {
-        if let Some(text) = envelope_text(body) {
-            return Failure::Refused(format!("the registry answered {text}"));
-        }
-        return Failure::Refused(format!("the registry answered HTTP {}", status.as_u16()));
+    let code = status.as_u16();
+    if status.is_client_error() && !is_transient(code) {
+        return Failure::Refused(match text {
+            Some(text) => format!("the registry answered {text}"),
+            None => format!("the registry answered HTTP {code}"),
+        });
     }
-    Failure::Unreachable(format!("the registry answered HTTP {}", status.as_u16()))
+    Failure::Unreachable(match text {
+        Some(text) => format!("the registry answered HTTP {code}: {text}"),
+        None => format!("the registry answered HTTP {code}"),
+    })
+}
+
+/// Whether a 4xx status says "not now" rather than "not this": 408 Request Timeout, 425 Too
+/// Early and 429 Too Many Requests (a pull rate limit, as Docker Hub's). Counted as refusals,
+/// they were violations even under `onRegistryError: Warn` and were cached, so one namespace
+/// that spent a registry's shared anonymous quota got every namespace's pods denied.
+pub(crate) fn is_transient(status: u16) -> bool {
+    matches!(status, 408 | 425 | 429)
 }
 
 /// The error codes and messages of a distribution error body (`MANIFEST_UNKNOWN (manifest
@@ -425,6 +441,46 @@ pub(super) mod tests {
 
     use super::*;
     use crate::signature::sha256;
+
+    #[test]
+    fn answers_other_than_200_are_refusals_or_outages_with_the_registry_s_words() {
+        let envelope = |code: &str, message: &str| {
+            serde_json::to_vec(&serde_json::json!({"errors": [{"code": code, "message": message, "detail": [[[]]]}]}))
+                .expect("json")
+        };
+        let refused = |s: &str| Failure::Refused(s.to_owned());
+        let unreachable = |s: &str| Failure::Unreachable(s.to_owned());
+        let cases = [
+            (
+                404,
+                envelope("MANIFEST_UNKNOWN", "manifest unknown"),
+                refused("the registry answered MANIFEST_UNKNOWN (manifest unknown)"),
+            ),
+            (404, b"not json".to_vec(), refused("the registry answered HTTP 404")),
+            (
+                401,
+                envelope("UNAUTHORIZED", ""),
+                refused("the registry refused the pull (401 Unauthorized): UNAUTHORIZED"),
+            ),
+            // Rate limits and timeouts are "not now": outages, never cached, under onRegistryError.
+            (
+                429,
+                envelope("TOOMANYREQUESTS", "pull rate limit"),
+                unreachable("the registry answered HTTP 429: TOOMANYREQUESTS (pull rate limit)"),
+            ),
+            (408, Vec::new(), unreachable("the registry answered HTTP 408")),
+            (
+                503,
+                envelope("UNAVAILABLE", "maintenance"),
+                unreachable("the registry answered HTTP 503: UNAVAILABLE (maintenance)"),
+            ),
+            (500, Vec::new(), unreachable("the registry answered HTTP 500")),
+        ];
+        for (status, body, want) in cases {
+            let status = StatusCode::from_u16(status).expect("status");
+            assert_eq!(status_failure(status, &body), want, "{status}");
+        }
+    }
 
     /// What the mock registry answers: (path, Authorization header) to the response's head and
     /// body chunks, written one after the other.

@@ -8,7 +8,9 @@
 //! of the 16 reads in flight hold tens of MiB. Each array a read decodes is therefore read
 //! element by element: at most `N` elements are kept and the rest are skipped as they are read
 //! ([`IgnoredAny`] allocates nothing), so a read holds what it keeps, not what it was sent.
-//! serde has no bounded sequence of its own; this is its documented `visit_seq` pattern.
+//! Strings kept are bounded too ([`Short`]): a descriptor's media type of a megabyte, kept by
+//! each of 16 signatures and quoted in each reason, held 16 MiB per read. serde has no bounded
+//! sequence or string of its own; these are its documented visitor patterns.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -61,6 +63,83 @@ impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for KeptVisitor<T, N
     }
 }
 
+/// Longest media type or artifact type kept: RFC 6838 allows 127 characters for the type and
+/// for the subtype.
+pub(crate) const MEDIA_TYPE_MAX: usize = 255;
+/// Longest digest kept: `sha512:` and 128 hex digits is 135 bytes.
+pub(crate) const DIGEST_MAX: usize = 256;
+/// Longest cosign signature annotation kept: base64 of an RSA-4096 signature is 684 bytes.
+pub(crate) const SIGNATURE_MAX: usize = 4096;
+
+/// For `#[serde(deserialize_with)]`: a media type, at most [`MEDIA_TYPE_MAX`] bytes.
+pub(crate) fn media_type<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Short::<MEDIA_TYPE_MAX>::deserialize(deserializer).map(String::from)
+}
+
+/// For `#[serde(default, deserialize_with)]`: an optional media type, as [`media_type`].
+pub(crate) fn optional_media_type<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    Option::<Short<MEDIA_TYPE_MAX>>::deserialize(deserializer).map(|s| s.map(String::from))
+}
+
+/// For `#[serde(deserialize_with)]`: a digest, at most [`DIGEST_MAX`] bytes.
+pub(crate) fn digest<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Short::<DIGEST_MAX>::deserialize(deserializer).map(String::from)
+}
+
+/// For `#[serde(default, deserialize_with)]`: a cosign signature annotation, at most
+/// [`SIGNATURE_MAX`] bytes.
+pub(crate) fn optional_signature<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    Option::<Short<SIGNATURE_MAX>>::deserialize(deserializer).map(|s| s.map(String::from))
+}
+
+/// A string of at most `N` bytes; a longer one fails the decoding, without quoting it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Short<const N: usize>(pub(crate) String);
+
+impl<const N: usize> std::ops::Deref for Short<N> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const N: usize> From<Short<N>> for String {
+    fn from(short: Short<N>) -> Self {
+        short.0
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for Short<N> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(ShortVisitor::<N>)
+    }
+}
+
+struct ShortVisitor<const N: usize>;
+
+impl<const N: usize> Visitor<'_> for ShortVisitor<N> {
+    type Value = Short<N>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "a string of at most {N} bytes")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+        if value.len() > N {
+            return Err(E::custom(format_args!(
+                "a string of {} bytes, over the {N} read",
+                value.len()
+            )));
+        }
+        Ok(Short(value.to_owned()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +161,19 @@ mod tests {
         assert!(serde_json::from_str::<Kept<u32, 3>>(r#"[1,"x"]"#).is_err());
         assert!(serde_json::from_str::<Kept<u32, 1>>("[1,2,").is_err());
         assert!(serde_json::from_str::<Kept<u32, 1>>("{}").is_err());
+    }
+
+    #[test]
+    fn short_strings_are_kept_and_long_ones_refused_unquoted() {
+        let kept: Short<4> = serde_json::from_str(r#""abcd""#).expect("fits");
+        assert_eq!(&*kept, "abcd");
+        // Escapes are counted decoded.
+        let kept: Short<2> = serde_json::from_str(r#""\u00e9""#).expect("fits");
+        assert_eq!(&*kept, "é");
+        let long = format!("\"{}\"", "x".repeat(5000));
+        let error = serde_json::from_str::<Short<4>>(&long).expect_err("too long").to_string();
+        assert!(error.starts_with("a string of 5000 bytes, over the 4 read"), "{error}");
+        assert!(!error.contains("xxxx"), "{error}");
+        assert!(serde_json::from_str::<Short<4>>("12").is_err());
     }
 }

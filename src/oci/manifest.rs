@@ -23,7 +23,9 @@ pub const ACCEPTED: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MA
 
 /// Largest image config read, in bytes; real ones are a few KiB.
 pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
-/// Longest platform field (`os`, `architecture`, `variant`, `os.version`) accepted, in bytes.
+/// Longest platform field (`os`, `architecture`, `variant`, `os.version`) accepted, in bytes;
+/// fields are letters, digits, `.`, `_`, `+` and `-` (GOOS and GOARCH values, `v8`,
+/// `10.0.20348.2582`).
 /// Real ones are under 32 (`10.0.20348.2582`); denial messages name the platforms an image
 /// has, so a registry must not be able to put megabytes into them.
 pub const PLATFORM_FIELD_MAX: usize = 128;
@@ -65,7 +67,7 @@ pub enum ManifestError {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Envelope {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::optional_media_type")]
     media_type: Option<String>,
     #[serde(default)]
     manifests: Option<IndexPlatforms>,
@@ -131,6 +133,7 @@ impl<'de> serde::de::Visitor<'de> for IndexPlatformsVisitor {
 
 #[derive(Deserialize)]
 struct Descriptor {
+    #[serde(deserialize_with = "super::json::digest")]
     digest: String,
     size: u64,
 }
@@ -155,8 +158,15 @@ impl WirePlatform {
             ("os.version", self.os_version.as_ref()),
         ];
         for (name, value) in fields {
-            if value.is_some_and(|v| v.len() > PLATFORM_FIELD_MAX) {
+            let Some(value) = value else { continue };
+            if value.len() > PLATFORM_FIELD_MAX {
                 return Err(format!("a platform's {name} is over {PLATFORM_FIELD_MAX} bytes"));
+            }
+            // Denials and logs quote platforms: a line break would forge a log line.
+            if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b)) {
+                return Err(format!(
+                    "a platform's {name} holds a character other than letters, digits, '.', '_', '+' and '-'"
+                ));
             }
         }
         Ok(Platform {
@@ -321,6 +331,14 @@ mod tests {
         assert!(
             matches!(parse(&index(vec![entry("windows", &long)])), Err(ManifestError::Malformed(m)) if m.contains("os.version"))
         );
+        // Only the characters platform values use: a line break would forge a log line.
+        for forged in ["amd64\n2026-12-01T00:00:00Z INFO admission", "amd64 x", "amd64\u{1b}[0m"] {
+            assert!(
+                matches!(parse(&index(vec![entry("windows", forged)])), Err(ManifestError::Malformed(m)) if m == "a platform's os.version holds a character other than letters, digits, '.', '_', '+' and '-'"),
+                "{forged:?}"
+            );
+        }
+        assert!(parse(&index(vec![entry("windows", "10.0.20348.2582")])).is_ok());
         let config = format!(r#"{{"os":"linux","architecture":"{long}"}}"#);
         assert!(
             matches!(config_platform(config.as_bytes()), Err(ManifestError::Config(m)) if m.contains("architecture"))

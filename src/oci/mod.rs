@@ -615,13 +615,22 @@ async fn within<V>(
 /// quote what they could not read) reach denial messages, the caches and the log.
 pub const REASON_MAX_BYTES: usize = 1024;
 
-/// `why` cut to [`REASON_MAX_BYTES`] on a character boundary, marked when cut.
-fn bounded(mut why: String) -> String {
-    if why.len() > REASON_MAX_BYTES {
-        why.truncate(crate::text::prefix(&why, REASON_MAX_BYTES).len());
-        why.push_str("… (cut)");
+/// `why` cut to [`REASON_MAX_BYTES`] on a character boundary, marked when cut, with control
+/// characters escaped (`\n` as the two characters `\` `n`): a registry's text with a line
+/// break would otherwise forge a line of arcguard's log.
+fn bounded(why: String) -> String {
+    let cut = |mut text: String| {
+        if text.len() > REASON_MAX_BYTES {
+            text.truncate(crate::text::prefix(&text, REASON_MAX_BYTES).len());
+            text.push_str("… (cut)");
+        }
+        text
+    };
+    let why = cut(why);
+    match crate::text::escaped(&why) {
+        std::borrow::Cow::Borrowed(_) => why,
+        std::borrow::Cow::Owned(escaped) => cut(escaped),
     }
-    why
 }
 
 /// A fact whose reason is [`bounded`].
@@ -806,6 +815,18 @@ impl From<Failure> for ImageFact {
 pub(crate) fn classify(error: &OciDistributionError) -> Failure {
     use OciDistributionError as E;
     match error {
+        // A rate limit is "not now", as its status (429) would say.
+        E::RegistryError { envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|e| matches!(e.code, oci_client::errors::OciErrorCode::Toomanyrequests)) =>
+        {
+            Failure::Unreachable(format!(
+                "the registry answered {}",
+                fetch::envelope_codes(envelope)
+            ))
+        }
         E::RegistryError { envelope, .. } => {
             Failure::Refused(format!("the registry answered {}", fetch::envelope_codes(envelope)))
         }
@@ -815,7 +836,7 @@ pub(crate) fn classify(error: &OciDistributionError) -> Failure {
         E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
             Failure::Refused(fetch::ANONYMOUS_REFUSED.to_owned())
         }
-        E::ServerError { code, .. } if (400..500).contains(code) => {
+        E::ServerError { code, .. } if (400..500).contains(code) && !fetch::is_transient(*code) => {
             Failure::Refused(format!("the registry answered HTTP {code}"))
         }
         E::ServerError { code, .. } => {

@@ -15,7 +15,7 @@ use oci_client::Reference;
 use serde::Deserialize;
 
 use super::fetch::Fetcher;
-use super::json::Kept;
+use super::json::{self, Kept};
 use super::{Access, Failure, manifest};
 use crate::signature::{
     CosignSignature, Evidence, MAX_SIGNATURES, NotationSignature, SignatureTrust, cosign, notation,
@@ -58,7 +58,7 @@ pub enum BlobError {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SignatureManifest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::optional_media_type")]
     artifact_type: Option<String>,
     #[serde(default)]
     config: Option<Descriptor>,
@@ -69,11 +69,14 @@ struct SignatureManifest {
     subject: Option<Descriptor>,
 }
 
+/// A descriptor; its strings are bounded ([`json`]): a media type of a megabyte, kept by each
+/// of 16 signatures and quoted in each reason, held 16 MiB for one read.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Descriptor {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::media_type")]
     media_type: String,
+    #[serde(deserialize_with = "json::digest")]
     digest: String,
     #[serde(default)]
     size: u64,
@@ -85,7 +88,11 @@ struct Descriptor {
 #[derive(Default, Deserialize)]
 struct Annotations {
     /// [`cosign::SIGNATURE_ANNOTATION`] (serde takes only a literal).
-    #[serde(rename = "dev.cosignproject.cosign/signature", default)]
+    #[serde(
+        rename = "dev.cosignproject.cosign/signature",
+        default,
+        deserialize_with = "json::optional_signature"
+    )]
     signature: Option<String>,
 }
 
@@ -332,5 +339,28 @@ mod tests {
         assert_eq!(parsed.layers.skipped, 1000 - LAYERS_KEPT);
         assert_eq!(parsed.layers.items[3].annotations.signature.as_deref(), Some("sig-3"));
         assert_eq!(parsed.layers.items[3].digest, format!("sha256:{:064x}", 3));
+    }
+
+    #[test]
+    fn descriptor_strings_over_their_bound_fail_the_manifest_unquoted() {
+        let long = "x".repeat(1024 * 1024);
+        let with = |field: &str, value: &str| {
+            let mut layer =
+                json!({"mediaType": notation::ARTIFACT_TYPE, "digest": "sha256:00", "size": 2});
+            layer[field] = json!(value);
+            json!({"artifactType": notation::ARTIFACT_TYPE, "layers": [layer]})
+        };
+        for field in ["mediaType", "digest"] {
+            let error = serde_json::from_value::<SignatureManifest>(with(field, &long))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.starts_with("a string of 1048576 bytes, over the"), "{field}: {error}");
+        }
+        let artifact = json!({"artifactType": long, "layers": []});
+        assert!(serde_json::from_value::<SignatureManifest>(artifact).is_err());
+        let mut signed = with("mediaType", cosign::PAYLOAD_MEDIA_TYPE);
+        signed["layers"][0]["annotations"] = json!({cosign::SIGNATURE_ANNOTATION: long});
+        assert!(serde_json::from_value::<SignatureManifest>(signed).is_err());
     }
 }

@@ -266,12 +266,23 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// reviews with megabyte names cannot write megabytes of log.
 const MAX_LOGGED_FIELD: usize = 2048;
 
-/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut, with control
+/// characters escaped: a decision's message spans lines, and text it quotes (an image name, a
+/// registry's words) must not be able to forge a line of the log.
 fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max {
-        return std::borrow::Cow::Borrowed(text);
+    let cut = if text.len() <= max {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(format!(
+            "{}… [{} bytes]",
+            crate::text::prefix(text, max),
+            text.len()
+        ))
+    };
+    match crate::text::escaped(&cut) {
+        std::borrow::Cow::Borrowed(_) => cut,
+        std::borrow::Cow::Owned(escaped) => std::borrow::Cow::Owned(escaped),
     }
-    std::borrow::Cow::Owned(format!("{}… [{} bytes]", crate::text::prefix(text, max), text.len()))
 }
 
 /// Whether the decision log admits one `line` now; logs the summary due first, if any.
@@ -376,6 +387,10 @@ mod tests {
     #[test]
     fn a_request_controlled_field_is_cut_in_the_log_on_a_character_boundary() {
         assert_eq!(clip("shop/web", 64), "shop/web");
+        // A quoted line break cannot start a forged log line.
+        let forged = "amd64\n2026-12-01T05:43:42Z  INFO arcguard::server::routes: admission";
+        assert_eq!(clip(forged, 128), forged.replace('\n', "\\n"));
+        assert!(!clip(forged, 128).contains('\n'));
         let long = "é".repeat(1_000_000);
         let cut = clip(&long, MAX_LOGGED_FIELD);
         assert!(cut.len() < MAX_LOGGED_FIELD + 32, "{}", cut.len());
