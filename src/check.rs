@@ -256,8 +256,9 @@ pub fn any_denied(reports: &[Report]) -> bool {
     reports.iter().any(|r| r.verdict == Verdict::Deny)
 }
 
-/// What the objects of `inputs` need read from registries under `policies` (images and their
-/// signatures), as a CREATE of each asks for it.
+/// What each object of `inputs` needs read from registries under `policies` (images and their
+/// signatures), as a CREATE of it asks for it: one entry per object that needs any, each read
+/// as one admission request would be (its own deadline, its own 64-image bound).
 ///
 /// # Errors
 /// [`CheckError`] as [`check`].
@@ -265,8 +266,8 @@ pub fn registry_needs(
     inputs: &[Input],
     policies: &PolicySet,
     facts: &StaticFacts,
-) -> Result<FactNeeds, CheckError> {
-    let mut needs = FactNeeds::default();
+) -> Result<Vec<FactNeeds>, CheckError> {
+    let mut each = Vec::new();
     for input in inputs {
         let objects = manifest::parse(&input.text)
             .map_err(|source| CheckError::Manifest { name: input.name.clone(), source })?;
@@ -285,12 +286,17 @@ pub fn registry_needs(
                 admission::prepare(review.as_bytes()).map_err(|e| fail(e.to_string()))?;
             if let Some(view) = &prepared.view {
                 let found = policies.needs(view, facts);
-                needs.images.extend(found.images);
-                needs.signatures.extend(found.signatures);
+                if !found.images.is_empty() {
+                    each.push(FactNeeds {
+                        images: found.images,
+                        signatures: found.signatures,
+                        ..FactNeeds::default()
+                    });
+                }
             }
         }
     }
-    Ok(needs)
+    Ok(each)
 }
 
 /// One line per object, then one indented line per finding, then the notes (what was not

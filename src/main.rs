@@ -323,7 +323,7 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
     let mut notes = Vec::new();
     if loaded.policies.reads_registries() {
         if args.registry {
-            let needs = check::registry_needs(&inputs, &loaded.policies, &facts)?;
+            let each = check::registry_needs(&inputs, &loaded.policies, &facts)?;
             // `check` exports no metrics; the registry adapter counts into a throwaway set.
             let registries = arcguard::oci::Registries::new(
                 &registry_config(&args.registry_access)?,
@@ -337,15 +337,25 @@ fn check_inputs(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
                 .enable_all()
                 .build()
                 .context("failed to start the async runtime")?;
-            let found = runtime.block_on(registries.lookup(
-                &needs.images,
-                &needs.signatures,
-                &[],
-                "",
-                std::time::Instant::now(),
-            ));
-            facts.images = Some(found.images);
-            facts.signatures = found.signatures;
+            // One object after another, each read as the admission request of its CREATE
+            // would be: its own --registry-timeout from its start and its own bound of images
+            // (read together, a run's objects shared one deadline and one namespace's slots).
+            // What one object read is cached for the next.
+            let mut images = std::collections::BTreeMap::new();
+            let mut signatures = std::collections::BTreeMap::new();
+            for needs in each {
+                let found = runtime.block_on(registries.lookup(
+                    &needs.images,
+                    &needs.signatures,
+                    &[],
+                    "",
+                    std::time::Instant::now(),
+                ));
+                images.extend(found.images);
+                signatures.extend(found.signatures);
+            }
+            facts.images = Some(images);
+            facts.signatures = signatures;
         } else {
             notes.push(check::SKIPPED_REGISTRIES);
         }

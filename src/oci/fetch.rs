@@ -365,7 +365,7 @@ pub(crate) fn envelope_codes(envelope: &OciEnvelope) -> String {
 
 fn too_large() -> Failure {
     Failure::Refused(format!(
-        "the manifest is over the {} MiB arcguard reads (real manifests are kilobytes)",
+        "arcguard reads manifests of at most {} MiB, and this one is larger (real manifests are kilobytes)",
         MANIFEST_MAX_BYTES / (1024 * 1024)
     ))
 }

@@ -74,6 +74,10 @@ pub const CACHE_LIMIT: usize = 10_000;
 /// [`slots::MAX_READS`] reads each holding one manifest, config or the signatures' payloads
 /// at a time (at most about 1.5 MiB each): about 35 MiB at worst.
 pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// The heaviest fact cached, in bytes: a sixty-fourth of [`CACHE_BYTES`]. An image with dozens
+/// of platforms (Windows images list one per build) weighs a few KiB; one of 256 platforms
+/// with 128-byte fields weighs 155 KiB, and 13 of them filled the cache.
+pub const FACT_CACHED_MAX: usize = CACHE_BYTES / 64;
 
 /// How registries are reached.
 #[derive(Clone, Debug)]
@@ -205,6 +209,13 @@ impl Registries {
                 ..ClientConfig::default()
             })
         });
+        if memory.total_bytes() < slots::READ_BYTES {
+            tracing::warn!(
+                budget_mib = memory.total_bytes() / (1024 * 1024),
+                read_mib = slots::READ_BYTES / (1024 * 1024),
+                "the memory budget cannot hold one registry read: imageProvenance will find every registry unreadable; raise --memory-limit"
+            );
+        }
         // A configuration that cannot make a client fails at start, not on a request.
         let anonymous = Arc::new(make_client()?);
         let fetcher = fetch::Fetcher::new(
@@ -265,7 +276,7 @@ impl Registries {
         let read = futures::future::join_all(keys.iter().enumerate().map(|(i, key)| async move {
             if i >= MAX_IMAGES_PER_REQUEST {
                 let refused = ImageFact::Refused(format!(
-                    "the pod names more than {MAX_IMAGES_PER_REQUEST} distinct images in scope, more than arcguard reads for one request"
+                    "arcguard reads at most {MAX_IMAGES_PER_REQUEST} distinct images in scope for one pod, and this pod names more; use fewer distinct images"
                 ));
                 return (key.clone(), refused, Vec::new());
             }
@@ -427,9 +438,9 @@ impl Registries {
             ));
         }
         self.slots.acquire(namespace, until).await.map_err(|refused| match refused {
-            NoSlot::Closed => refused.to_string(),
+            NoSlot::Closed | NoSlot::TooSmall { .. } => refused.to_string(),
             NoSlot::Busy | NoSlot::Memory { .. } => format!(
-                "no registry read could start within {} ms: {refused}; retry",
+                "no registry read could start within {} ms: {refused}",
                 self.deadline.as_millis()
             ),
         })
@@ -442,7 +453,13 @@ impl Registries {
             ImageFact::Refused(_) => REFUSED_TTL,
             ImageFact::Unreachable(_) => return,
         };
-        self.images.insert(image_cache_key(identity, key), fact.clone(), ttl);
+        let cache_key = image_cache_key(identity, key);
+        // A namespace's few images of 256 long platforms each would otherwise evict everyone
+        // else's entries: such a fact is read again each time, in that namespace's slots.
+        if fact_weight(&cache_key, fact) > FACT_CACHED_MAX {
+            return;
+        }
+        self.images.insert(cache_key, fact.clone(), ttl);
         // The digest a tag resolved to is what the mutating webhook pins: the validating
         // webhook then reads it by digest.
         if let ImageFact::Found(image) = fact
@@ -504,16 +521,26 @@ impl Registries {
                                 )
                                 .await
                                 {
-                                    Ok(evidence) => signature::judge(
-                                        &evidence,
-                                        signature::Target {
-                                            digest: &image_owned.digest,
-                                            media_type: &image_owned.media_type,
-                                            size: image_owned.size,
-                                        },
-                                        &trust_owned.0,
-                                        unix_now(),
-                                    ),
+                                    // Verifying is CPU (chains, envelopes of up to 16
+                                    // signatures): off the async workers, as clients are built.
+                                    Ok(evidence) => tokio::task::spawn_blocking(move || {
+                                        signature::judge(
+                                            &evidence,
+                                            signature::Target {
+                                                digest: &image_owned.digest,
+                                                media_type: &image_owned.media_type,
+                                                size: image_owned.size,
+                                            },
+                                            &trust_owned.0,
+                                            unix_now(),
+                                        )
+                                    })
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        SignatureVerdict::Unreachable(
+                                            "the signature check failed unexpectedly".to_owned(),
+                                        )
+                                    }),
                                     Err(why) => SignatureVerdict::Unreachable(why),
                                 };
                                 bounded_verdict(verdict)
@@ -982,6 +1009,32 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .expect("client")
+    }
+
+    #[test]
+    fn a_fact_too_heavy_for_its_share_of_the_cache_is_not_cached() {
+        let registries = registries("registry.example", DEFAULT_DEADLINE);
+        let image = |platforms: usize| {
+            ImageFact::Found(Arc::new(RegistryImage {
+                digest: format!("sha256:{:064x}", platforms),
+                media_type: manifest::OCI_INDEX.into(),
+                size: 1,
+                platforms: (0..platforms)
+                    .map(|i| crate::rules::provenance::Platform {
+                        os: "windows".into(),
+                        architecture: "amd64".into(),
+                        variant: Some("v".repeat(120)),
+                        os_version: Some(format!("10.0.{i}.{}", "1".repeat(110))),
+                    })
+                    .collect(),
+            }))
+        };
+        let (light, heavy) = ("registry.example/team/light:1", "registry.example/team/heavy:1");
+        registries.remember(ANONYMOUS, light, &image(24));
+        registries.remember(ANONYMOUS, heavy, &image(256));
+        assert!(registries.images.get(&image_cache_key(ANONYMOUS, light)).is_some());
+        assert!(registries.images.get(&image_cache_key(ANONYMOUS, heavy)).is_none());
+        assert!(fact_weight(&heavy.to_owned(), &image(256)) > FACT_CACHED_MAX);
     }
 
     #[tokio::test]

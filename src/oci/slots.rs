@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::memory::{MemoryCharge, MemoryPool};
+use crate::memory::{MemoryCharge, MemoryPool, Refusal};
 
 /// Registry reads (manifests, configs, signatures) in flight process-wide, at most. Each holds
 /// one manifest ([`super::fetch::MANIFEST_MAX_BYTES`]), config or the signatures' payloads
@@ -69,6 +69,15 @@ pub enum NoSlot {
         /// The whole pool, in MiB.
         budget_mib: usize,
     },
+    /// The memory pool is smaller than one read: no read can ever start.
+    #[error(
+        "arcguard's memory budget ({budget_mib} MiB) is smaller than one registry read ({} MiB); raise --memory-limit",
+        READ_BYTES / (1024 * 1024)
+    )]
+    TooSmall {
+        /// The whole pool, in MiB.
+        budget_mib: usize,
+    },
 }
 
 impl ReadSlots {
@@ -88,8 +97,9 @@ impl ReadSlots {
     /// place in every queue).
     ///
     /// # Errors
-    /// [`NoSlot::Busy`] or [`NoSlot::Memory`] when the wait reached `until`, [`NoSlot::Closed`]
-    /// when the process is shutting down.
+    /// [`NoSlot::Busy`] or [`NoSlot::Memory`] when the wait reached `until`,
+    /// [`NoSlot::TooSmall`] at once when the pool cannot hold one read, [`NoSlot::Closed`] when
+    /// the process is shutting down.
     pub async fn acquire(&self, namespace: &str, until: Instant) -> Result<ReadSlot, NoSlot> {
         let slots = async {
             let own =
@@ -100,9 +110,12 @@ impl ReadSlots {
         };
         let (own, global) =
             tokio::time::timeout_at(until, slots).await.map_err(|_| NoSlot::Busy)??;
-        let memory = self.memory.charge(READ_BYTES, until).await.map_err(|_| NoSlot::Memory {
-            budget_mib: self.memory.total_bytes() / (1024 * 1024),
-        })?;
+        let budget_mib = self.memory.total_bytes() / (1024 * 1024);
+        let memory =
+            self.memory.charge(READ_BYTES, until).await.map_err(|refusal| match refusal {
+                Refusal::Full => NoSlot::Memory { budget_mib },
+                Refusal::TooLarge => NoSlot::TooSmall { budget_mib },
+            })?;
         Ok(ReadSlot { _namespace: own, _global: global, _memory: memory })
     }
 

@@ -1,6 +1,6 @@
 //! An immutable set of compiled policies and its evaluation against a request view.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::admission::view::RequestView;
 use crate::rules::{FactNeeds, Facts, Mutation};
@@ -36,7 +36,9 @@ pub struct PolicyResult<'p> {
 pub struct Evaluation<'p> {
     /// One result per applicable policy, in set order.
     pub results: Vec<PolicyResult<'p>>,
-    /// Advice returned as warnings whatever the actions.
+    /// Advice returned as warnings whatever the actions, each prefixed with the policies that
+    /// gave it (`[id, ...] text`), as violations are: which policy's `onRegistryError: Warn`
+    /// admitted an image unchecked is worth knowing.
     pub advisories: Vec<String>,
 }
 
@@ -126,12 +128,20 @@ impl PolicySet {
     /// Evaluates every applicable policy (the validating webhook).
     pub fn validate<'p>(&'p self, view: &RequestView, facts: &dyn Facts) -> Evaluation<'p> {
         let mut evaluation = Evaluation::default();
-        let mut advised = HashSet::new();
+        // Each advice once, in the order first given, with every policy that gave it.
+        let mut advised: Vec<(String, Vec<String>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
         for policy in self.policies.iter().filter(|p| applies(p, view, facts)) {
             let findings = policy.rule.validate(view, facts);
             for advisory in findings.advisories {
-                if advised.insert(advisory.clone()) {
-                    evaluation.advisories.push(advisory);
+                let id = policy.id();
+                match index.get(&advisory) {
+                    Some(&at) if !advised[at].1.contains(&id) => advised[at].1.push(id),
+                    Some(_) => {}
+                    None => {
+                        index.insert(advisory.clone(), advised.len());
+                        advised.push((advisory, vec![id]));
+                    }
                 }
             }
             let outcome = if findings.violations.is_empty() {
@@ -141,6 +151,10 @@ impl PolicySet {
             };
             evaluation.results.push(PolicyResult { policy, outcome });
         }
+        evaluation.advisories = advised
+            .into_iter()
+            .map(|(advisory, ids)| format!("[{}] {advisory}", ids.join(", ")))
+            .collect();
         evaluation
     }
 
@@ -234,6 +248,29 @@ mod tests {
         let denials = policies.validate(&view, &StaticFacts::default()).denials();
         assert_eq!(denials.len(), 1, "{denials:?}");
         assert!(denials[0].starts_with("[calico, gmsa] this pod can never run"), "{denials:?}");
+    }
+
+    #[test]
+    fn advice_is_listed_once_naming_every_policy_that_gave_it() {
+        let policies = set(&[
+            &cluster("audit-gmsa", "  action: Audit\n  gmsa: {}\n"),
+            &cluster("gmsa", "  gmsa: {}\n"),
+        ]);
+        let object = json!({"metadata": {"name": "p", "namespace": "x"},
+            "spec": {"os": {"name": "windows"},
+                     "securityContext": {"windowsOptions": {"hostProcess": true, "gmsaCredentialSpecName": "spec"}},
+                     "hostNetwork": true,
+                     "containers": [{"name": "c", "image": "a.io/app:1"}]}});
+        let raw = RawValue::from_string(object.to_string()).expect("json");
+        let view = RequestView::build(Kind::Pod, Operation::Create, Some("x".into()), &raw, None)
+            .expect("view");
+        let advisories = policies.validate(&view, &StaticFacts::default()).advisories;
+        assert!(!advisories.is_empty(), "{advisories:?}");
+        for advisory in &advisories {
+            assert!(advisory.starts_with("[audit-gmsa, gmsa] "), "{advisories:?}");
+        }
+        let unique: BTreeSet<&String> = advisories.iter().collect();
+        assert_eq!(unique.len(), advisories.len(), "{advisories:?}");
     }
 
     #[test]

@@ -261,7 +261,8 @@ impl ImageProvenance {
     }
 
     /// The images of the object under review to read from their registries: every container
-    /// image in scope that is new or changed (an UPDATE's unchanged images were judged before).
+    /// image in scope that is new or changed (an UPDATE's unchanged images were judged before,
+    /// unless the UPDATE moved the pod).
     pub fn needs(&self, view: &RequestView, needs: &mut FactNeeds) {
         let Subject::Pod(pod) = &view.subject else { return };
         let mut any = false;
@@ -301,10 +302,7 @@ impl ImageProvenance {
             let uses = || judged.uses();
             let parts = &judged.parts;
             let unreachable = |findings: &mut Findings, why: &str| {
-                let text = format!(
-                    "{}, whose registry could not be read: {why}; retry when the registry answers",
-                    uses()
-                );
+                let text = unreadable(&uses(), why);
                 match self.on_registry_error {
                     OnRegistryError::Deny => findings.violations.push(text),
                     OnRegistryError::Warn => findings
@@ -315,10 +313,7 @@ impl ImageProvenance {
             match facts.image(&judged.key) {
                 ImageLookup::NotChecked => {}
                 ImageLookup::Unreachable(why) => unreachable(&mut findings, why),
-                ImageLookup::Refused(why) => findings.violations.push(format!(
-                    "{}, which its registry does not serve: {why}; check the reference, and that the image was pushed",
-                    uses()
-                )),
+                ImageLookup::Refused(why) => findings.violations.push(refused(&uses(), why)),
                 ImageLookup::Found(served) => {
                     // The digest checked, when the image does not already say it.
                     let uses_digest = || match parts.digest() {
@@ -434,15 +429,17 @@ impl ImageProvenance {
     }
 
     /// The containers whose images this rule judges, with their parsed references: new or
-    /// changed images in scope, and images that do not parse (their scope cannot be told).
+    /// changed images in scope (every image, when an UPDATE moved the pod: [`moved`]), and
+    /// images that do not parse (their scope cannot be told).
     fn checked_images<'a>(
         &'a self,
         pod: &'a PodView,
     ) -> impl Iterator<Item = (ContainerRef<'a>, Result<ImageParts<'a>, image::ImageError>)> + 'a
     {
+        let moved = moved(pod);
         pod.spec.all_containers().filter_map(move |container| {
             let image = container.container.image.as_deref()?;
-            if registry::is_unchanged(pod, container, image) {
+            if !moved && registry::is_unchanged(pod, container, image) {
                 return None;
             }
             match container.container.image_parts()? {
@@ -526,6 +523,44 @@ fn compile_signatures(spec: &SignaturesSpec) -> Result<SignatureTrust, FieldErro
     Ok(SignatureTrust::new(keys, notation, &canonical))
 }
 
+/// Whether an UPDATE changed what decides where the pod runs (`spec.os`, `nodeSelector`,
+/// `affinity`, `nodeName`): an image admitted for one operating system or architecture may have
+/// no platform for the other, so every image is judged again. A scheduling-gated pod may gain
+/// a nodeSelector or affinity by UPDATE; judged by changed images only, a Linux-only image
+/// kept its admission when the pod was pinned to Windows nodes.
+fn moved(pod: &PodView) -> bool {
+    pod.old.as_ref().is_some_and(|old| {
+        old.spec.os != pod.spec.os
+            || old.spec.node_selector != pod.spec.node_selector
+            || old.spec.affinity != pod.spec.affinity
+            || old.spec.node_name != pod.spec.node_name
+    })
+}
+
+/// A refusal, worded for who refused: arcguard's own bounds (`arcguard reads …`, which say what
+/// to change) or the registry, with the advice to check the reference only where the registry
+/// said it has no such image (a pull refused for want of credentials says what to add).
+fn refused(uses: &str, why: &str) -> String {
+    if why.starts_with("arcguard reads") {
+        return format!("{uses}, which was not read: {why}");
+    }
+    let not_found = ["MANIFEST_UNKNOWN", "NAME_UNKNOWN", "HTTP 404", "was not found"]
+        .iter()
+        .any(|sign| why.contains(sign));
+    let advice =
+        if not_found { "; check the reference, and that the image was pushed" } else { "" };
+    format!("{uses}, which its registry does not serve: {why}{advice}")
+}
+
+/// An outage, worded for where it is: arcguard's own capacity (no read could start: its read
+/// slots or memory budget were taken) or the registry.
+fn unreadable(uses: &str, why: &str) -> String {
+    if why.starts_with("no registry read could start") || why.starts_with("arcguard") {
+        return format!("{uses}, which could not be checked: {why}; retry");
+    }
+    format!("{uses}, whose registry could not be read: {why}; retry when the registry answers")
+}
+
 /// The architecture the pod's `nodeSelector` pins, if any.
 fn arch(pod: &PodView) -> Option<&str> {
     pod.spec.node_selector.as_ref()?.get(NODE_ARCH_LABEL).map(String::as_str)
@@ -585,6 +620,52 @@ mod tests {
     use crate::admission::review::Operation;
     use crate::admission::view::Kind;
     use crate::rules::StaticFacts;
+
+    #[test]
+    fn refusals_and_outages_are_worded_for_who_refused_and_what_to_do() {
+        let uses = r#"container "app" uses image "r.io/app:1""#;
+        type Wording = fn(&str, &str) -> String;
+        let cases: [(Wording, &str, &str); 7] = [
+            (
+                refused,
+                "the registry answered MANIFEST_UNKNOWN (manifest unknown)",
+                "which its registry does not serve: the registry answered MANIFEST_UNKNOWN (manifest unknown); check the reference, and that the image was pushed",
+            ),
+            (
+                refused,
+                "the registry refused an anonymous pull (401 Unauthorized): give the pod an imagePullSecret",
+                "which its registry does not serve: the registry refused an anonymous pull (401 Unauthorized): give the pod an imagePullSecret",
+            ),
+            (
+                refused,
+                "arcguard reads at most 64 distinct images in scope for one pod, and this pod names more; use fewer distinct images",
+                "which was not read: arcguard reads at most 64 distinct images in scope for one pod, and this pod names more; use fewer distinct images",
+            ),
+            (
+                unreadable,
+                "no answer within 3000 ms",
+                "whose registry could not be read: no answer within 3000 ms; retry when the registry answers",
+            ),
+            (
+                unreadable,
+                "no registry read could start within 3000 ms: this namespace's 4 or all 16 read slots were busy",
+                "which could not be checked: no registry read could start within 3000 ms: this namespace's 4 or all 16 read slots were busy; retry",
+            ),
+            (
+                unreadable,
+                "arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit",
+                "which could not be checked: arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit; retry",
+            ),
+            (
+                unreadable,
+                "the registry answered HTTP 429: TOOMANYREQUESTS (rate limit)",
+                "whose registry could not be read: the registry answered HTTP 429: TOOMANYREQUESTS (rate limit); retry when the registry answers",
+            ),
+        ];
+        for (word, why, want) in cases {
+            assert_eq!(word(uses, why), format!("{uses}, {want}"), "{why}");
+        }
+    }
 
     const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const OTHER: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
@@ -777,6 +858,25 @@ mod tests {
         let old = pod(&format!("reg.example.com/team/linux:0@{DIGEST}"), json!({}));
         let update = pinning.validate(&view(Kind::Pod, &by_tag, Some(&old)), &facts);
         assert_eq!(update.violations.len(), 1, "{update:?}");
+    }
+
+    #[test]
+    fn an_update_that_moves_the_pod_judges_its_unchanged_images_again() {
+        let rule = rule(json!({"registries": ["reg.example.com/team"], "pinDigest": false}));
+        let facts = facts();
+        let image = "reg.example.com/team/linux:1";
+        let gated = json!({"schedulingGates": [{"name": "wait"}]});
+        let old = pod(image, gated.clone());
+        // Labels and the like: an unchanged image is not read again.
+        let same = rule.validate(&view(Kind::Pod, &old, Some(&old)), &facts);
+        assert!(same.is_empty(), "{same:?}");
+        // A scheduling-gated pod pinned to Windows nodes by UPDATE: its Linux-only image is
+        // judged for the new placement.
+        let mut windows = gated;
+        windows["nodeSelector"] = json!({"kubernetes.io/os": "windows"});
+        let moved = rule.validate(&view(Kind::Pod, &pod(image, windows), Some(&old)), &facts);
+        assert_eq!(moved.violations.len(), 1, "{moved:?}");
+        assert!(moved.violations[0].contains("has no windows platform"), "{moved:?}");
     }
 
     #[test]

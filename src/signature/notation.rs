@@ -1068,13 +1068,13 @@ mod tests {
         let trust = crate::signature::SignatureTrust::new(Vec::new(), Some(notation), b"t");
         let target = Target { digest: DIGEST, media_type: INDEX, size: 1 };
         let unlisted = crate::signature::Evidence {
-            notation_unlisted: Some("the manifest is over the 1 MiB arcguard reads".into()),
+            notation_unlisted: Some("arcguard reads manifests of at most 1 MiB".into()),
             ..Default::default()
         };
         assert_eq!(
             crate::signature::judge(&unlisted, target, &trust, NOW),
             crate::signature::SignatureVerdict::Rejected(
-                "Notation: the image's referrers could not be listed: the manifest is over the 1 MiB arcguard reads".into()
+                "Notation: the image's referrers could not be listed: arcguard reads manifests of at most 1 MiB".into()
             )
         );
         assert_eq!(
