@@ -357,10 +357,17 @@ impl ImageProvenance {
                     let Some(trust) = &self.signatures else { continue };
                     match facts.signature(&judged.key, trust.id()) {
                         Some(SignatureVerdict::Verified { .. }) => {}
-                        Some(SignatureVerdict::Rejected(why)) => findings.violations.push(format!(
-                            "{}, which has no signature this policy trusts: {why}; sign this digest with a key or certificate the policy lists (cosign sign --key, notation sign)",
-                            uses_digest()
-                        )),
+                        Some(SignatureVerdict::Rejected(why)) => {
+                            let tools = match (trust.wants_cosign(), trust.wants_notation()) {
+                                (true, true) => "cosign sign --key, notation sign",
+                                (true, false) => "cosign sign --key",
+                                _ => "notation sign",
+                            };
+                            findings.violations.push(format!(
+                                "{}, which has no signature this policy trusts: {why}; sign this digest with a key or certificate the policy lists ({tools})",
+                                uses_digest()
+                            ));
+                        }
                         Some(SignatureVerdict::Unreachable(why)) => {
                             unreachable(&mut findings, &format!("reading its signatures: {why}"));
                         }
@@ -1046,8 +1053,8 @@ mod tests {
             judged(&deny, Some(SignatureVerdict::Rejected("cosign: no signature".into())));
         assert_eq!(rejected.violations.len(), 1, "{rejected:?}");
         assert!(rejected.violations[0].contains(&format!(
-            "uses image \"{image}\", which has no signature this policy trusts: cosign: no signature"
-        )));
+            "uses image \"{image}\", which has no signature this policy trusts: cosign: no signature; sign this digest with a key or certificate the policy lists (cosign sign --key)"
+        )), "only the verifier the policy names is suggested: {rejected:?}");
         let unread = SignatureVerdict::Unreachable("connection refused".into());
         let denied = judged(&deny, Some(unread.clone()));
         assert!(
