@@ -20,18 +20,25 @@ pub fn prefix(text: &str, max: usize) -> &str {
 /// `text` with its control characters escaped as Rust writes them (a line break as the two
 /// characters `\` `n`, others as `\u{..}`); borrowed when it has none.
 pub fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.contains(char::is_control) {
+    if !text.contains(needs_escape) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if c.is_control() {
+        if needs_escape(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Control characters, and the Unicode line and paragraph separators and bidirectional
+/// overrides, which some log viewers break lines at or reorder text by.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]
@@ -42,6 +49,7 @@ mod tests {
     fn control_characters_are_escaped_and_the_rest_kept() {
         assert!(matches!(escaped("plain é €"), std::borrow::Cow::Borrowed("plain é €")));
         assert_eq!(escaped("a\nb\tc\u{1b}[0m\r"), "a\\nb\\tc\\u{1b}[0m\\r");
+        assert_eq!(escaped("a\u{2028}b\u{202e}c"), "a\\u{2028}b\\u{202e}c");
     }
 
     #[test]

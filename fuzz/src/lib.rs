@@ -124,3 +124,39 @@ pub fn policy(data: &[u8]) {
         .collect::<Vec<_>>();
     let _ = load_sources(&sources);
 }
+
+/// Registry manifests and image configs, as a registry in scope may serve them: never panics;
+/// an index's platforms are distinct and at most `INDEX_PLATFORMS_MAX`; every platform field
+/// arcguard keeps (and quotes in denials and logs) is at most `PLATFORM_FIELD_MAX` bytes of
+/// letters, digits and `._+-`.
+pub fn manifest(data: &[u8]) {
+    use arcguard::oci::manifest::{
+        INDEX_PLATFORMS_MAX, PLATFORM_FIELD_MAX, Parsed, config_platform, media_type, parse,
+    };
+    use arcguard::rules::provenance::Platform;
+    let field_ok = |field: &str| {
+        field.len() <= PLATFORM_FIELD_MAX
+            && field.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
+    };
+    let check = |platform: &Platform| {
+        let fields = [
+            Some(platform.os.as_str()),
+            Some(platform.architecture.as_str()),
+            platform.variant.as_deref(),
+            platform.os_version.as_deref(),
+        ];
+        for field in fields.into_iter().flatten() {
+            assert!(field_ok(field), "a kept platform field breaks its bounds: {field:?}");
+        }
+    };
+    let _ = media_type(data);
+    if let Ok(Parsed::Index(platforms)) = parse(data) {
+        assert!(platforms.len() <= INDEX_PLATFORMS_MAX, "{} platforms kept", platforms.len());
+        let distinct: std::collections::BTreeSet<&Platform> = platforms.iter().collect();
+        assert_eq!(distinct.len(), platforms.len(), "platforms are kept once each");
+        platforms.iter().for_each(check);
+    }
+    if let Ok(platform) = config_platform(data) {
+        check(&platform);
+    }
+}

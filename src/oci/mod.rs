@@ -860,6 +860,11 @@ pub(crate) fn classify(error: &OciDistributionError) -> Failure {
         E::ImageManifestNotFoundError(what) => {
             Failure::Refused(format!("the manifest was not found: {what}"))
         }
+        // The token service's rate limit: oci-client words any failed token answer as an
+        // authentication failure; a 429 is "not now", not "not allowed".
+        E::AuthenticationFailure(why) if why.contains("429") || why.contains("Too Many") => {
+            Failure::Unreachable(format!("the registry's token service answered: {why}"))
+        }
         E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
             Failure::Refused(fetch::ANONYMOUS_REFUSED.to_owned())
         }

@@ -71,12 +71,12 @@ pub enum NoSlot {
     },
     /// The memory pool is smaller than one read: no read can ever start.
     #[error(
-        "arcguard's memory budget ({budget_mib} MiB) is smaller than one registry read ({} MiB); raise --memory-limit",
-        READ_BYTES / (1024 * 1024)
+        "arcguard's memory budget ({budget_kib} KiB) is smaller than one registry read ({} KiB); raise --memory-limit",
+        READ_BYTES / 1024
     )]
     TooSmall {
-        /// The whole pool, in MiB.
-        budget_mib: usize,
+        /// The whole pool, in KiB.
+        budget_kib: usize,
     },
 }
 
@@ -114,7 +114,9 @@ impl ReadSlots {
         let memory =
             self.memory.charge(READ_BYTES, until).await.map_err(|refusal| match refusal {
                 Refusal::Full => NoSlot::Memory { budget_mib },
-                Refusal::TooLarge => NoSlot::TooSmall { budget_mib },
+                Refusal::TooLarge => {
+                    NoSlot::TooSmall { budget_kib: self.memory.total_bytes() / 1024 }
+                }
             })?;
         Ok(ReadSlot { _namespace: own, _global: global, _memory: memory })
     }
