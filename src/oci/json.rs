@@ -73,19 +73,19 @@ pub(crate) const SIGNATURE_MAX: usize = 4096;
 
 /// For `#[serde(deserialize_with)]`: a media type, at most [`MEDIA_TYPE_MAX`] bytes.
 pub(crate) fn media_type<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Short::<MEDIA_TYPE_MAX>::deserialize(deserializer).map(String::from)
+    short::<MEDIA_TYPE_MAX, D>(deserializer)
 }
 
 /// For `#[serde(default, deserialize_with)]`: an optional media type, as [`media_type`].
 pub(crate) fn optional_media_type<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<String>, D::Error> {
-    Option::<Short<MEDIA_TYPE_MAX>>::deserialize(deserializer).map(|s| s.map(String::from))
+    optional_short::<MEDIA_TYPE_MAX, D>(deserializer)
 }
 
 /// For `#[serde(deserialize_with)]`: a digest, at most [`DIGEST_MAX`] bytes.
 pub(crate) fn digest<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Short::<DIGEST_MAX>::deserialize(deserializer).map(String::from)
+    short::<DIGEST_MAX, D>(deserializer)
 }
 
 /// For `#[serde(default, deserialize_with)]`: a cosign signature annotation, at most
@@ -93,26 +93,25 @@ pub(crate) fn digest<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Strin
 pub(crate) fn optional_signature<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<String>, D::Error> {
-    Option::<Short<SIGNATURE_MAX>>::deserialize(deserializer).map(|s| s.map(String::from))
+    optional_short::<SIGNATURE_MAX, D>(deserializer)
+}
+
+/// A string of at most `N` bytes ([`Short`]); serde's `deserialize_with` takes only a named
+/// function, hence the named ones above.
+fn short<'de, const N: usize, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Short::<N>::deserialize(deserializer).map(|short| short.0)
+}
+
+/// An optional string of at most `N` bytes.
+fn optional_short<'de, const N: usize, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    Option::<Short<N>>::deserialize(deserializer).map(|short| short.map(|short| short.0))
 }
 
 /// A string of at most `N` bytes; a longer one fails the decoding, without quoting it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct Short<const N: usize>(pub(crate) String);
-
-impl<const N: usize> std::ops::Deref for Short<N> {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<const N: usize> From<Short<N>> for String {
-    fn from(short: Short<N>) -> Self {
-        short.0
-    }
-}
+#[derive(Debug)]
+struct Short<const N: usize>(String);
 
 impl<'de, const N: usize> Deserialize<'de> for Short<N> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -166,10 +165,10 @@ mod tests {
     #[test]
     fn short_strings_are_kept_and_long_ones_refused_unquoted() {
         let kept: Short<4> = serde_json::from_str(r#""abcd""#).expect("fits");
-        assert_eq!(&*kept, "abcd");
+        assert_eq!(kept.0, "abcd");
         // Escapes are counted decoded.
         let kept: Short<2> = serde_json::from_str(r#""\u00e9""#).expect("fits");
-        assert_eq!(&*kept, "é");
+        assert_eq!(kept.0, "é");
         let long = format!("\"{}\"", "x".repeat(5000));
         let error = serde_json::from_str::<Short<4>>(&long).expect_err("too long").to_string();
         assert!(error.starts_with("a string of 5000 bytes, over the 4 read"), "{error}");
