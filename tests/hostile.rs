@@ -1346,3 +1346,84 @@ async fn a_registry_index_of_tiny_entries_decodes_to_bounded_memory() {
         assert!(growth < MIB / 8, "decoding 1 MiB of index took {growth} bytes at its peak");
     }
 }
+
+/// A registry's token service is the registry's to name, and a namespaced GuardPolicy's author
+/// picks the registry: whatever the service answers, arcguard reads 64 KiB of it
+/// (`arcguard::oci::fetch::TOKEN_ANSWER_MAX_BYTES`). oci-client, which made these requests
+/// before, read the answer whole: a 32 MiB answer took one replica from 42 to 623 MB.
+#[tokio::test]
+async fn a_token_service_s_endless_answer_is_read_to_a_cap() {
+    use std::collections::BTreeSet;
+
+    use arcguard::memory::MemoryPool;
+    use arcguard::metrics::Metrics;
+    use arcguard::oci::{Registries, RegistryConfig, slots};
+    use arcguard::rules::provenance::ImageFact;
+    use tokio::net::TcpListener;
+
+    let _exclusive = MEMORY.write().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let host = listener.local_addr().expect("addr").to_string();
+    let realm = format!("http://{host}/token");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let realm = realm.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match socket.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                if head.starts_with(b"GET /token") {
+                    // 32 MiB of one token, chunked: no length to refuse it by.
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\na\r\n{\"token\":\"\r\n")
+                        .await;
+                    let chunk = [b"10000\r\n".as_slice(), &[b'a'; 65536], b"\r\n"].concat();
+                    for _ in 0..512 {
+                        if socket.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = socket.write_all(b"0\r\n\r\n").await;
+                } else {
+                    let challenge = format!(
+                        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"{realm}\",service=\"s\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = socket.write_all(challenge.as_bytes()).await;
+                }
+            });
+        }
+    });
+    let registries = Registries::new(
+        &RegistryConfig {
+            ca_pem: None,
+            plain_http: vec![host.clone()],
+            deadline: Duration::from_secs(20),
+        },
+        MemoryPool::new(slots::MAX_READS * slots::READ_BYTES),
+        Arc::new(Metrics::new()),
+    )
+    .expect("registries");
+    // A first read, so that what the process sets up once is not counted: reqwest loads the
+    // system's root certificates at its first request (25 MB at the peak here, 7 MB kept).
+    let first = BTreeSet::from([format!("{host}/team/first:1")]);
+    let _ =
+        registries.lookup(&first, &BTreeSet::new(), &[], "tenant", std::time::Instant::now()).await;
+    let keys: BTreeSet<String> = (0..4).map(|i| format!("{host}/team/app{i}:1")).collect();
+    let allocated = Allocated::start();
+    let facts =
+        registries.lookup(&keys, &BTreeSet::new(), &[], "tenant", std::time::Instant::now()).await;
+    let growth = allocated.growth();
+    for key in &keys {
+        match facts.images.get(key) {
+            Some(ImageFact::Refused(why))
+                if why.contains("64 KiB arcguard reads of a token answer") => {}
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+    assert!(growth < 2 * MIB, "4 reads of 32 MiB token answers took {growth} bytes at their peak");
+}

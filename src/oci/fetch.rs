@@ -1,26 +1,33 @@
-//! Size-capped reads of manifests and referrers indexes over the OCI distribution API.
+//! Size-capped reads over the OCI distribution API: manifests, referrers indexes and blobs, and
+//! the token handshake that authorizes them.
 //!
-//! oci-client reads a manifest or a referrers index whole, however large the registry says it
-//! is: a registry in a policy's scope could make each of the 16 reads in flight hold gigabytes.
-//! These reads stop at [`MANIFEST_MAX_BYTES`] and check what they read against its digest as
-//! oci-client does.
+//! oci-client reads each answer whole, however large the registry (or the token service the
+//! registry names) makes it: manifests, token answers, error bodies. Every namespace's
+//! GuardPolicy picks its registries, so one policy author could make each of the 16 reads in
+//! flight hold gigabytes (a 32 MiB token answer took a replica from 42 to 623 MB), and
+//! oci-client has no hook to bound a body. So arcguard makes these requests itself, with the
+//! reqwest oci-client is built on, and reads every body to a cap: manifests and referrers
+//! indexes to [`MANIFEST_MAX_BYTES`], blobs to the size their descriptor declares, token
+//! answers to [`TOKEN_ANSWER_MAX_BYTES`], error bodies to 64 KiB. Each is checked against its
+//! digest as oci-client does. oci-client still gives the reference grammar ([`Reference`]) and
+//! the credential ([`RegistryAuth`]).
 //!
-//! Authorization follows the distribution spec's token flow: a request goes out with the
-//! Bearer token cached for its credential and repository, or none; a `401` makes oci-client's
-//! `Client::auth` answer the challenge (a Bearer token for the pull scope, or the credential's
-//! Basic authorization for a registry that asks for Basic), and the request is sent once more.
-//! Tokens are reused for [`TOKEN_TTL`]; one that expires sooner costs one `401`.
-//!
-//! What oci-client still does: the token handshake, blobs (streamed, capped by the caller).
+//! Authorization follows the distribution spec's token flow (distribution's
+//! `docs/spec/auth/token.md`): a request goes out with the authorization cached for its
+//! credential and repository, or none; a `401` names what it wants in `WWW-Authenticate`
+//! (RFC 7235): a Bearer token from the token service at its `realm`, asked for the
+//! `repository:<name>:pull` scope with the credential as Basic authorization, or the
+//! credential itself as Basic. The request is then sent once more. Tokens are reused for
+//! [`TOKEN_TTL`] (or less when the service says they expire sooner); one revoked sooner costs
+//! one `401`.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use oci_client::errors::OciEnvelope;
+use oci_client::Reference;
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Reference, RegistryOperation};
 use registry_http::StatusCode;
-use registry_http::header::{ACCEPT, HeaderValue};
+use registry_http::header::{ACCEPT, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use serde::Deserialize;
 
 use super::cache::TtlCache;
@@ -34,10 +41,19 @@ use super::{Access, Failure, transport_failure};
 pub const MANIFEST_MAX_BYTES: u64 = 1024 * 1024;
 /// The most of an error answer read for its message.
 const ERROR_MAX_BYTES: u64 = 64 * 1024;
-/// How long a Bearer token is reused for one credential and repository.
+/// The most of a token service's answer read, in bytes. Real answers are a few KiB: a JWT,
+/// sometimes twice (`token` and `access_token`), its expiry and time of issue.
+pub const TOKEN_ANSWER_MAX_BYTES: u64 = 64 * 1024;
+/// The longest token used, in bytes. Real ones are 1–4 KiB; a longer one would not pass the
+/// 8 KiB header line of nginx's defaults, in front of many registries, either.
+pub const TOKEN_MAX_BYTES: usize = 16 * 1024;
+/// How long a Bearer token is reused for one credential and repository, at most.
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 /// Tokens kept at most; emptied beyond.
 const TOKEN_LIMIT: usize = 1024;
+/// Bytes of tokens kept, all credentials and repositories together, the least reused evicted
+/// beyond (which costs that repository one `401` more).
+const TOKEN_CACHE_BYTES: usize = 2 * 1024 * 1024;
 /// The header in which a registry names the digest of what it served.
 const DIGEST_HEADER: &str = "docker-content-digest";
 
@@ -92,7 +108,17 @@ impl Fetcher {
     /// A reader over `http` (built as oci-client's clients are: the same roots, timeouts and
     /// user agent), reading the registries in `plain_http` over plain HTTP.
     pub fn new(http: registry_http::Client, plain_http: Vec<String>) -> Self {
-        Self { http, plain_http, tokens: TtlCache::new(TOKEN_LIMIT) }
+        Self {
+            http,
+            plain_http,
+            tokens: TtlCache::weighed(TOKEN_LIMIT, TOKEN_CACHE_BYTES, token_weight),
+        }
+    }
+
+    /// Forgets every authorization kept, as evictions would.
+    #[cfg(test)]
+    pub(crate) fn forget_tokens(&self) {
+        self.tokens.clear();
     }
 
     /// The manifest `reference` names (by digest, or by tag), in one of the `accepted` media
@@ -122,7 +148,8 @@ impl Fetcher {
     ) -> Result<(Bytes, String), GetError> {
         let target = reference.digest().or(reference.tag()).unwrap_or("latest");
         let url = self.url(reference, &format!("manifests/{target}"));
-        let (body, digest) = self.get(access, reference, &url, &accepted.join(", ")).await?;
+        let (body, digest) =
+            self.get(access, reference, &url, &accepted.join(", "), MANIFEST_MAX_BYTES).await?;
         let digest = verified_digest(&body, digest.as_deref(), reference.digest())?;
         Ok((body, digest))
     }
@@ -143,7 +170,7 @@ impl Fetcher {
             return Err(Failure::Refused("referrers are read for a digest".to_owned()));
         };
         let url = self.url(reference, &format!("referrers/{digest}"));
-        let index = match self.get(access, reference, &url, OCI_INDEX).await {
+        let index = match self.get(access, reference, &url, OCI_INDEX, MANIFEST_MAX_BYTES).await {
             Ok((body, _)) => body,
             Err(GetError::Status(StatusCode::NOT_FOUND, _)) => {
                 let tag = digest.replacen(':', "-", 1);
@@ -172,20 +199,57 @@ impl Fetcher {
             .collect())
     }
 
+    /// The blob `digest` of the repository `reference` names, of the `size` its descriptor
+    /// declares, read whole only if that is at most `cap` bytes, and checked against its digest.
+    ///
+    /// # Errors
+    /// [`Failure::Refused`] for a blob over `cap`, longer than declared, not found or not
+    /// matching its digest (worded to follow "the blob …: "); [`Failure::Unreachable`] when
+    /// the registry cannot be read.
+    pub(crate) async fn blob(
+        &self,
+        access: &Access,
+        reference: &Reference,
+        digest: &str,
+        size: u64,
+        cap: u64,
+    ) -> Result<Vec<u8>, Failure> {
+        if size > cap {
+            return Err(Failure::Refused(format!("{size} bytes, over the {cap} read")));
+        }
+        let url = self.url(reference, &format!("blobs/{digest}"));
+        let body = match self.get(access, reference, &url, "*/*", size).await {
+            Ok((body, _)) => body,
+            Err(GetError::TooLarge) => {
+                return Err(Failure::Refused(format!("longer than the {size} bytes declared")));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if verified_digest(&body, None, Some(digest)).is_err() {
+            return Err(Failure::Refused("does not match its digest".to_owned()));
+        }
+        Ok(Vec::from(body))
+    }
+
     fn url(&self, reference: &Reference, path: &str) -> String {
         let registry = reference.resolve_registry();
-        let scheme = if self.plain_http.iter().any(|r| r == registry) { "http" } else { "https" };
-        format!("{scheme}://{registry}/v2/{}/{path}", reference.repository())
+        format!("{}://{registry}/v2/{}/{path}", self.scheme(registry), reference.repository())
+    }
+
+    /// `http` for the registries read over plain HTTP, else `https`.
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.plain_http.iter().any(|r| r == registry) { "http" } else { "https" }
     }
 
     /// GETs `url` with the authorization cached for `access` and the repository, answering a
-    /// `401` challenge once; the body is read up to [`MANIFEST_MAX_BYTES`].
+    /// `401` challenge once; the body is read up to `cap` bytes.
     async fn get(
         &self,
         access: &Access,
         reference: &Reference,
         url: &str,
         accept: &str,
+        cap: u64,
     ) -> Result<(Bytes, Option<String>), GetError> {
         let key = format!(
             "{} {}/{}",
@@ -196,21 +260,9 @@ impl Fetcher {
         let cached = self.tokens.get(&key);
         let mut response = self.send(url, accept, cached.as_ref()).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
-            let authorization =
-                match access.client.auth(reference, &access.auth, RegistryOperation::Pull).await {
-                    Ok(Some(token)) => Some(Authorization::Bearer(token)),
-                    Ok(None) => match &access.auth {
-                        RegistryAuth::Basic(user, password) => {
-                            Some(Authorization::Basic(user.clone(), password.clone()))
-                        }
-                        _ => None,
-                    },
-                    Err(error) => return Err(GetError::Failure(super::classify(&error))),
-                };
-            let Some(authorization) = authorization else {
-                return Err(GetError::Failure(Failure::Refused(ANONYMOUS_REFUSED.to_owned())));
-            };
-            self.tokens.insert(key, authorization.clone(), TOKEN_TTL);
+            let (authorization, ttl) =
+                self.authorize(access, reference, response.headers()).await?;
+            self.tokens.insert(key, authorization.clone(), ttl);
             response = self.send(url, accept, Some(&authorization)).await?;
         }
         let status = response.status();
@@ -224,11 +276,105 @@ impl Fetcher {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
             .map(str::to_owned);
-        if response.content_length().is_some_and(|len| len > MANIFEST_MAX_BYTES) {
-            return Err(GetError::Failure(too_large()));
+        if response.content_length().is_some_and(|len| len > cap) {
+            return Err(GetError::TooLarge);
         }
-        let body = read_capped(&mut response, MANIFEST_MAX_BYTES).await?;
+        let body = read_capped(&mut response, cap).await?;
         Ok((body, digest))
+    }
+
+    /// How to answer a registry's `401` for `access` (whose headers are `challenge`), and for
+    /// how long: a token from the token service it names, the credential as Basic
+    /// authorization, or nothing (refused).
+    async fn authorize(
+        &self,
+        access: &Access,
+        reference: &Reference,
+        challenge: &HeaderMap,
+    ) -> Result<(Authorization, Duration), GetError> {
+        // A credential that is a token already (an identity token) is sent as it is.
+        if let RegistryAuth::Bearer(token) = &access.auth {
+            return Ok((Authorization::Bearer(token.clone()), TOKEN_TTL));
+        }
+        match Challenge::of(challenge) {
+            Challenge::Bearer { realm, service } => {
+                let (token, ttl) =
+                    self.token(access, reference, &realm, service.as_deref()).await?;
+                Ok((Authorization::Bearer(token), ttl))
+            }
+            // A registry that asks for Basic (or names no scheme arcguard knows) gets the
+            // credential, as oci-client and Docker's client answer it.
+            Challenge::Basic | Challenge::Other => match &access.auth {
+                RegistryAuth::Basic(user, password) => {
+                    Ok((Authorization::Basic(user.clone(), password.clone()), TOKEN_TTL))
+                }
+                _ => Err(GetError::Failure(Failure::Refused(ANONYMOUS_REFUSED.to_owned()))),
+            },
+        }
+    }
+
+    /// A token for pulling `reference`'s repository from the token service at `realm`
+    /// (distribution's token authentication spec), and how long to reuse it. The service's
+    /// answer is read to [`TOKEN_ANSWER_MAX_BYTES`] and never quoted: `realm` is the
+    /// registry's to name, and may be any address arcguard can reach.
+    ///
+    /// # Errors
+    /// [`Failure::Refused`] for a realm that is not HTTPS (credentials go over HTTPS only,
+    /// unless the registry itself is read over plain HTTP), a service that refuses the
+    /// credential or answers no usable token; [`Failure::Unreachable`] for one that cannot
+    /// be read, is rate-limited (408, 425, 429) or fails (5xx).
+    async fn token(
+        &self,
+        access: &Access,
+        reference: &Reference,
+        realm: &str,
+        service: Option<&str>,
+    ) -> Result<(String, Duration), GetError> {
+        let refused = |why: String| GetError::Failure(Failure::Refused(why));
+        let plain_allowed = self.scheme(reference.resolve_registry()) == "http";
+        let url =
+            token_url(realm, reference.repository(), service, plain_allowed).map_err(refused)?;
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let mut request = self.http.get(url);
+        if let RegistryAuth::Basic(user, password) = &access.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let mut response = request.send().await.map_err(|e| {
+            let (Failure::Unreachable(why) | Failure::Refused(why)) = transport_failure(&e);
+            GetError::Failure(Failure::Unreachable(format!(
+                "the registry's token service at {host} could not be read: {why}"
+            )))
+        })?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(GetError::Failure(token_refusal(status, &access.auth, &host)));
+        }
+        if response.content_length().is_some_and(|len| len > TOKEN_ANSWER_MAX_BYTES) {
+            return Err(refused(token_too_large()));
+        }
+        let body = match read_capped(&mut response, TOKEN_ANSWER_MAX_BYTES).await {
+            Ok(body) => body,
+            Err(GetError::TooLarge) => return Err(refused(token_too_large())),
+            Err(error) => return Err(error),
+        };
+        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| {
+            refused(format!(
+                "the registry's token service at {host} answered something other than a token"
+            ))
+        })?;
+        let token =
+            answer.token.or(answer.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
+                refused(format!("the registry's token service at {host} answered no token"))
+            })?;
+        if token.len() > TOKEN_MAX_BYTES || HeaderValue::from_str(&token).is_err() {
+            return Err(refused(format!(
+                "the registry's token service at {host} answered a token arcguard does not send: over {} KiB or not a header value",
+                TOKEN_MAX_BYTES / 1024
+            )));
+        }
+        // The spec's default lifetime is 60 s; a token is reused no longer than it says.
+        let ttl = answer.expires_in.map_or(TOKEN_TTL, |s| TOKEN_TTL.min(Duration::from_secs(s)));
+        Ok((token, ttl))
     }
 
     async fn send(
@@ -249,6 +395,127 @@ impl Fetcher {
     }
 }
 
+/// The token service's URL for a pull of `repository`: `realm` with the `scope` and `service`
+/// query parameters of distribution's token spec (`repository:<name>:pull`).
+///
+/// # Errors
+/// Why `realm` is not used: not a URL, or not HTTPS (plain HTTP only when `plain_allowed`,
+/// the registry itself being read over plain HTTP): credentials are sent to it.
+fn token_url(
+    realm: &str,
+    repository: &str,
+    service: Option<&str>,
+    plain_allowed: bool,
+) -> Result<registry_http::Url, String> {
+    let mut url = registry_http::Url::parse(realm)
+        .map_err(|_| "the registry names a token service whose realm is not a URL".to_owned())?;
+    match url.scheme() {
+        "https" => {}
+        "http" if plain_allowed => {}
+        other => {
+            return Err(format!(
+                "the registry names a token service at {other}://{}, which is not HTTPS: arcguard sends credentials over HTTPS only",
+                url.host_str().unwrap_or_default()
+            ));
+        }
+    }
+    url.query_pairs_mut().append_pair("scope", &format!("repository:{repository}:pull"));
+    if let Some(service) = service {
+        url.query_pairs_mut().append_pair("service", service);
+    }
+    Ok(url)
+}
+
+/// What a registry's `401` asks for, from its `WWW-Authenticate` headers (RFC 7235).
+#[derive(Debug, PartialEq, Eq)]
+enum Challenge {
+    /// A token from the token service at `realm`, for `service`.
+    Bearer { realm: String, service: Option<String> },
+    /// Basic authorization.
+    Basic,
+    /// No challenge arcguard can parse or answer.
+    Other,
+}
+
+impl Challenge {
+    /// The first Bearer challenge with a realm in `headers`, else Basic if one asks for it.
+    fn of(headers: &HeaderMap) -> Self {
+        let mut basic = false;
+        for value in headers.get_all(WWW_AUTHENTICATE) {
+            let Ok(value) = value.to_str() else { continue };
+            for challenge in http_auth::parser::ChallengeParser::new(value).map_while(Result::ok) {
+                if challenge.scheme.eq_ignore_ascii_case("Bearer") {
+                    let param = |name: &str| {
+                        challenge
+                            .params
+                            .iter()
+                            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                            .map(|(_, value)| value.to_unescaped())
+                    };
+                    if let Some(realm) = param("realm") {
+                        return Self::Bearer { realm, service: param("service") };
+                    }
+                } else if challenge.scheme.eq_ignore_ascii_case("Basic") {
+                    basic = true;
+                }
+            }
+        }
+        if basic { Self::Basic } else { Self::Other }
+    }
+}
+
+/// A token service's answer (distribution's token spec: `token`, or OAuth 2's `access_token`,
+/// and `expires_in` seconds); other fields are skipped.
+#[derive(Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// A token service's answer other than 200, for `auth`: its body is not quoted (the realm may
+/// be any address), its status is. Rate limits, timeouts and 5xx are outages, as for the
+/// registry ([`is_transient`]); 401 and 403 are a refused credential.
+fn token_refusal(status: StatusCode, auth: &RegistryAuth, host: &str) -> Failure {
+    let code = status.as_u16();
+    if status.is_server_error() || is_transient(code) {
+        return Failure::Unreachable(format!(
+            "the registry's token service at {host} answered HTTP {code}"
+        ));
+    }
+    match (status, auth) {
+        (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, RegistryAuth::Anonymous) => {
+            Failure::Refused(ANONYMOUS_REFUSED.to_owned())
+        }
+        (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => Failure::Refused(format!(
+            "the registry's token service at {host} refused the imagePullSecret's credential ({status}): check its username and password, and that it may pull this repository"
+        )),
+        _ => {
+            Failure::Refused(format!("the registry's token service at {host} answered HTTP {code}"))
+        }
+    }
+}
+
+fn token_too_large() -> String {
+    format!(
+        "the registry's token service answered more than the {} KiB arcguard reads of a token answer (real ones are a few KiB)",
+        TOKEN_ANSWER_MAX_BYTES / 1024
+    )
+}
+
+/// The bytes a cached authorization holds, estimated.
+#[allow(clippy::ptr_arg, reason = "the cache's weigh is fn(&K, &V), K = String")]
+fn token_weight(key: &String, authorization: &Authorization) -> usize {
+    let held = match authorization {
+        Authorization::Bearer(token) => token.len(),
+        Authorization::Basic(user, password) => user.len() + password.len(),
+    };
+    64 + key.len() + held
+}
+
 /// Why an anonymous pull was refused, and what fixes it.
 pub(crate) const ANONYMOUS_REFUSED: &str = "the registry refused an anonymous pull (401 Unauthorized): give the pod, or its service account, an imagePullSecret for this registry (arcguard reads with the credentials the kubelet would use; `serve` on files and `check` read anonymously)";
 
@@ -262,6 +529,8 @@ enum GetError {
     Status(StatusCode, Bytes),
     /// It could not be read, or its answer was refused already.
     Failure(Failure),
+    /// Its body is longer than the cap of the read.
+    TooLarge,
 }
 
 impl From<Failure> for GetError {
@@ -275,6 +544,7 @@ impl From<GetError> for Failure {
         match error {
             GetError::Failure(failure) => failure,
             GetError::Status(status, body) => status_failure(status, &body),
+            GetError::TooLarge => too_large(),
         }
     }
 }
@@ -347,22 +617,6 @@ struct ErrorEntry {
     message: String,
 }
 
-/// The codes of a distribution error envelope as the spec spells them, with their messages.
-pub(crate) fn envelope_codes(envelope: &OciEnvelope) -> String {
-    let codes: Vec<String> = envelope
-        .errors
-        .iter()
-        .map(|e| {
-            let code = serde_json::to_value(&e.code)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_else(|| format!("{:?}", e.code));
-            if e.message.is_empty() { code } else { format!("{code} ({})", e.message) }
-        })
-        .collect();
-    codes.join("; ")
-}
-
 fn too_large() -> Failure {
     Failure::Refused(format!(
         "arcguard reads manifests of at most {} MiB, and this one is larger (real manifests are kilobytes)",
@@ -378,7 +632,7 @@ async fn read_capped(response: &mut registry_http::Response, cap: u64) -> Result
         response.chunk().await.map_err(|e| GetError::Failure(transport_failure(&e)))?
     {
         if (body.len() + chunk.len()) as u64 > cap {
-            return Err(GetError::Failure(too_large()));
+            return Err(GetError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
@@ -434,8 +688,6 @@ pub(super) mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use oci_client::Client;
-    use oci_client::client::{ClientConfig, ClientProtocol};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
@@ -532,18 +784,33 @@ pub(super) mod tests {
 
     fn reader(host: &str) -> (Fetcher, Access) {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = Client::try_from(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(vec![host.to_owned()]),
-            ..ClientConfig::default()
-        })
-        .expect("client");
         let http = registry_http::Client::builder().build().expect("http");
-        let access = Access {
-            client: Arc::new(client),
-            auth: RegistryAuth::Anonymous,
-            identity: Arc::from("anonymous"),
-        };
+        let access = Access { auth: RegistryAuth::Anonymous, identity: Arc::from("anonymous") };
         (Fetcher::new(http, vec![host.to_owned()]), access)
+    }
+
+    fn with_secret() -> Access {
+        Access {
+            auth: RegistryAuth::Basic("u".into(), "p".into()),
+            identity: Arc::from("u@secret"),
+        }
+    }
+
+    fn answer(status: &str, body: &[u8]) -> (String, Vec<Vec<u8>>) {
+        (
+            format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n", body.len()),
+            vec![body.to_vec()],
+        )
+    }
+
+    /// `chunks` chunks of `size` bytes of `byte`, chunked, after an HTTP 200 head: a body of
+    /// no declared length.
+    fn streamed(byte: u8, size: usize, chunks: usize) -> (String, Vec<Vec<u8>>) {
+        let chunk = vec![byte; size];
+        let framed = [format!("{size:x}\r\n").into_bytes(), chunk, b"\r\n".to_vec()].concat();
+        let mut body = vec![framed; chunks];
+        body.push(b"0\r\n\r\n".to_vec());
+        ("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(), body)
     }
 
     fn ok(body: &str, digest: &str) -> (String, Vec<Vec<u8>>) {
@@ -614,15 +881,7 @@ pub(super) mod tests {
                 Vec::new(),
             ),
             // Streamed without a length: cut at the cap (64 chunks of 128 KiB = 8 MiB).
-            "/v2/team/app/manifests/streamed" => {
-                let chunk = vec![b' '; 128 * 1024];
-                let framed =
-                    [format!("{:x}\r\n", chunk.len()).into_bytes(), chunk, b"\r\n".to_vec()]
-                        .concat();
-                let mut chunks = vec![framed; 64];
-                chunks.push(b"0\r\n\r\n".to_vec());
-                ("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(), chunks)
-            }
+            "/v2/team/app/manifests/streamed" => streamed(b' ', 128 * 1024, 64),
             _ => not_found(),
         }))
         .await;
@@ -712,6 +971,268 @@ pub(super) mod tests {
                 .expect("referrers");
             let digests: Vec<&str> = found.iter().map(|r| r.digest.as_str()).collect();
             assert_eq!(digests, expected, "{host}");
+        }
+    }
+
+    #[test]
+    fn a_challenge_names_a_token_service_or_asks_for_basic() {
+        let challenge = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(WWW_AUTHENTICATE, HeaderValue::from_str(value).expect("value"));
+            }
+            Challenge::of(&headers)
+        };
+        let bearer = |realm: &str, service: Option<&str>| Challenge::Bearer {
+            realm: realm.to_owned(),
+            service: service.map(str::to_owned),
+        };
+        let cases = [
+            (
+                vec![
+                    r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull""#,
+                ],
+                bearer("https://auth.docker.io/token", Some("registry.docker.io")),
+            ),
+            // Scheme and parameter names are case-insensitive; quoted values unescaped.
+            (
+                vec![r#"bearer Realm="https://a.example/t\"x",SERVICE=reg"#],
+                bearer("https://a.example/t\"x", Some("reg")),
+            ),
+            (vec![r#"Basic realm="Registry Realm""#], Challenge::Basic),
+            // One header listing two challenges, or two headers: the Bearer one is answered.
+            (
+                vec![r#"Basic realm="r", Bearer realm="https://t.example/token""#],
+                bearer("https://t.example/token", None),
+            ),
+            (
+                vec![r#"Basic realm="r""#, r#"Bearer realm="https://t.example/token""#],
+                bearer("https://t.example/token", None),
+            ),
+            // A Bearer challenge without a realm names no service to ask.
+            (vec![r#"Bearer service="reg""#, r#"Basic realm="r""#], Challenge::Basic),
+            (vec![r#"Bearer service="reg""#], Challenge::Other),
+            (vec!["Negotiate"], Challenge::Other),
+            (vec![r#"Bearer realm="unterminated"#], Challenge::Other),
+            (vec![], Challenge::Other),
+        ];
+        for (values, want) in cases {
+            assert_eq!(challenge(&values), want, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_service_is_asked_for_a_pull_over_https_only() {
+        let url = |realm: &str, plain: bool| {
+            token_url(realm, "team/app", Some("reg istry"), plain).map(|u| u.to_string())
+        };
+        assert_eq!(
+            url("https://auth.example/token", false).as_deref(),
+            Ok("https://auth.example/token?scope=repository%3Ateam%2Fapp%3Apull&service=reg+istry")
+        );
+        // A realm's own query is kept.
+        assert_eq!(
+            url("https://auth.example/token?x=1", false).as_deref(),
+            Ok(
+                "https://auth.example/token?x=1&scope=repository%3Ateam%2Fapp%3Apull&service=reg+istry"
+            )
+        );
+        // Credentials go over plain HTTP only to a registry read over plain HTTP itself.
+        assert!(url("http://auth.example/token", true).is_ok());
+        for (realm, why) in [
+            ("http://auth.example/token", "http://auth.example, which is not HTTPS"),
+            ("file:///etc/passwd", "file://, which is not HTTPS"),
+            ("ftp://auth.example/", "ftp://auth.example, which is not HTTPS"),
+            ("/token", "realm is not a URL"),
+        ] {
+            let refused = url(realm, false).expect_err(realm);
+            assert!(refused.contains(why), "{realm}: {refused}");
+        }
+    }
+
+    /// A registry whose repository `team/<name>` asks for a token from its own `/token`, which
+    /// answers as `service` says for `<name>`; the token `t0ken` reads `manifests/1`. The
+    /// token requests' paths and authorizations are kept.
+    async fn token_registry(
+        service: fn(&str) -> (String, Vec<Vec<u8>>),
+    ) -> (String, Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>) {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = Arc::clone(&asked);
+        let host_cell = Arc::new(std::sync::OnceLock::<String>::new());
+        let realm = Arc::clone(&host_cell);
+        let digest = sha256(MANIFEST.as_bytes());
+        let (host, _) = registry(Arc::new(move |path, authorization| {
+            if let Some(query) = path.strip_prefix("/token?") {
+                kept.lock().expect("lock").push((path.to_owned(), authorization.map(str::to_owned)));
+                let name = query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix("scope=repository%3Ateam%2F"))
+                    .and_then(|p| p.strip_suffix("%3Apull"))
+                    .unwrap_or_default();
+                return service(name);
+            }
+            if authorization == Some("Bearer t0ken") && path.ends_with("/manifests/1") {
+                return ok(MANIFEST, &digest);
+            }
+            (
+                format!(
+                    "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"http://{}/token\",service=\"mock\"\r\ncontent-length: 0\r\n\r\n",
+                    realm.get().map_or("", String::as_str)
+                ),
+                Vec::new(),
+            )
+        }))
+        .await;
+        host_cell.set(host.clone()).expect("once");
+        (host, asked)
+    }
+
+    #[tokio::test]
+    async fn token_answers_are_read_to_a_cap_and_only_their_status_is_quoted() {
+        const INSIDE: &[u8] = b"an internal service's page";
+        let (host, asked) = token_registry(|name| match name {
+            "ok" => answer("200 OK", br#"{"token":"t0ken","issued_at":"2026-12-01T00:00:00Z"}"#),
+            // 32 MiB declared, or streamed without a length: cut at the cap either way.
+            "declared" => (
+                "HTTP/1.1 200 OK\r\ncontent-length: 33554432\r\n\r\n".to_owned(),
+                vec![b"{\"token\":\"".to_vec()],
+            ),
+            "streamed" => {
+                let (head, mut body) = streamed(b'a', 64 * 1024, 512);
+                body.insert(0, b"a\r\n{\"token\":\"\r\n".to_vec());
+                (head, body)
+            }
+            "long" => answer(
+                "200 OK",
+                format!(r#"{{"token":"{}"}}"#, "a".repeat(TOKEN_MAX_BYTES + 1)).as_bytes(),
+            ),
+            "newline" => answer("200 OK", br#"{"token":"t0\nken"}"#),
+            "empty" => answer("200 OK", br#"{"token":""}"#),
+            "page" => answer("200 OK", INSIDE),
+            "denied" => answer("401 Unauthorized", INSIDE),
+            "limited" => answer("429 Too Many Requests", INSIDE),
+            "down" => answer("503 Service Unavailable", INSIDE),
+            _ => answer("404 Not Found", INSIDE),
+        })
+        .await;
+        let (fetcher, anonymous) = reader(&host);
+        let secret = with_secret();
+        let refused = |s: &str| Err(Failure::Refused(s.to_owned()));
+        let token = |why: &str| format!("the registry's token service at 127.0.0.1 {why}");
+        let cases = [
+            ("ok", &anonymous, Ok(())),
+            ("declared", &anonymous, refused(&token_too_large())),
+            ("streamed", &anonymous, refused(&token_too_large())),
+            (
+                "long",
+                &anonymous,
+                refused(&token(
+                    "answered a token arcguard does not send: over 16 KiB or not a header value",
+                )),
+            ),
+            (
+                "newline",
+                &anonymous,
+                refused(&token(
+                    "answered a token arcguard does not send: over 16 KiB or not a header value",
+                )),
+            ),
+            ("empty", &anonymous, refused(&token("answered no token"))),
+            ("page", &anonymous, refused(&token("answered something other than a token"))),
+            ("denied", &anonymous, refused(ANONYMOUS_REFUSED)),
+            (
+                "denied",
+                &secret,
+                refused(&token(
+                    "refused the imagePullSecret's credential (401 Unauthorized): check its username and password, and that it may pull this repository",
+                )),
+            ),
+            ("missing", &anonymous, refused(&token("answered HTTP 404"))),
+            // Rate limits and failures of the token service are outages, as the registry's.
+            ("limited", &anonymous, Err(Failure::Unreachable(token("answered HTTP 429")))),
+            ("down", &anonymous, Err(Failure::Unreachable(token("answered HTTP 503")))),
+        ];
+        for (name, access, want) in cases {
+            let image = format!("{host}/team/{name}:1").parse().expect("reference");
+            let read = fetcher.manifest(access, &image, &[OCI_INDEX]).await.map(|_| ());
+            assert_eq!(read, want, "{name}");
+        }
+        // Asked for a pull of the repository, for the service named, with the secret as Basic.
+        let asked = asked.lock().expect("lock").clone();
+        let basic = format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "u:p")
+        );
+        assert!(
+            asked.iter().any(|(path, authorization)| path
+                == "/token?scope=repository%3Ateam%2Fdenied%3Apull&service=mock"
+                && authorization.as_deref() == Some(basic.as_str())),
+            "{asked:?}"
+        );
+        assert!(asked.iter().all(|(path, _)| path.contains("service=mock")), "{asked:?}");
+    }
+
+    #[tokio::test]
+    async fn a_token_is_kept_no_longer_than_it_says_it_lives() {
+        let (host, _) = token_registry(|name| match name {
+            "brief" => answer("200 OK", br#"{"access_token":"t0ken","expires_in":5}"#),
+            _ => answer("200 OK", br#"{"token":"t0ken","expires_in":3600}"#),
+        })
+        .await;
+        let (fetcher, anonymous) = reader(&host);
+        for (name, ttl) in [("brief", Duration::from_secs(5)), ("long", TOKEN_TTL)] {
+            let image: Reference = format!("{host}/team/{name}:1").parse().expect("reference");
+            let realm = format!("http://{host}/token");
+            let got = fetcher.token(&anonymous, &image, &realm, Some("mock")).await;
+            assert!(matches!(got, Ok((ref t, d)) if t == "t0ken" && d == ttl), "{name}: {got:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blob_is_read_to_its_declared_size_behind_a_token_and_checked_against_its_digest() {
+        const BLOB: &[u8] = br#"{"os":"linux"}"#;
+        let digest = sha256(BLOB);
+        let size = BLOB.len() as u64;
+        let host_cell = Arc::new(std::sync::OnceLock::<String>::new());
+        let realm = Arc::clone(&host_cell);
+        let (host, _) = registry(Arc::new(move |path, authorization| {
+            if path.starts_with("/token?") {
+                return answer("200 OK", br#"{"token":"t0ken"}"#);
+            }
+            if authorization != Some("Bearer t0ken") {
+                let head = format!(
+                    "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"http://{}/token\"\r\ncontent-length: 0\r\n\r\n",
+                    realm.get().map_or("", String::as_str)
+                );
+                return (head, Vec::new());
+            }
+            let repository = path.split('/').nth(3).unwrap_or_default();
+            match repository {
+                "right" => answer("200 OK", BLOB),
+                "longer" => answer("200 OK", &[BLOB, b"   "].concat()),
+                "streamed" => streamed(b' ', 1024, 4),
+                "tampered" => answer("200 OK", &BLOB.to_ascii_uppercase()),
+                "down" => answer("502 Bad Gateway", b""),
+                _ => not_found(),
+            }
+        }))
+        .await;
+        host_cell.set(host.clone()).expect("once");
+        let (fetcher, access) = reader(&host);
+        let refused = |s: &str| Err(Failure::Refused(s.to_owned()));
+        let cases = [
+            ("right", size, Ok(BLOB.to_vec())),
+            ("right", 1 << 20, refused("1048576 bytes, over the 65536 read")),
+            ("longer", size, refused(&format!("longer than the {size} bytes declared"))),
+            ("streamed", size, refused(&format!("longer than the {size} bytes declared"))),
+            ("tampered", size, refused("does not match its digest")),
+            ("missing", size, refused("the registry answered MANIFEST_UNKNOWN (manifest unknown)")),
+            ("down", size, Err(Failure::Unreachable("the registry answered HTTP 502".to_owned()))),
+        ];
+        for (repository, declared, want) in cases {
+            let image = format!("{host}/team/{repository}@{digest}").parse().expect("reference");
+            let got = fetcher.blob(&access, &image, &digest, declared, 64 * 1024).await;
+            assert_eq!(got, want, "{repository} ({declared} bytes)");
         }
     }
 }

@@ -16,13 +16,13 @@
 //!   flood of new images does not push out the ones reused, [`cache`]). Concurrent requests
 //!   for one image share one read.
 //! - **Access**: anonymous, or with the credential the kubelet would pick from the pod's
-//!   imagePullSecrets; one oci-client per credential, so no token or cached fact answers for
+//!   imagePullSecrets; tokens and cached facts are kept per credential, so none answers for
 //!   another credential.
 //!
 //! What the registry serves is checked against its digest (the body must hash to the
 //! `Docker-Content-Digest` header and to a digest in the reference, [`fetch`]); the config
-//! blob against its descriptor. Manifests and referrers indexes are read by [`fetch`], capped
-//! in size; blobs and the token handshake by oci-client.
+//! blob against its descriptor. Every request, the token handshake included, is made by
+//! [`fetch`], each answer read to a cap; oci-client gives the reference grammar.
 
 pub mod cache;
 pub mod fetch;
@@ -36,10 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt as _};
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::Reference;
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
@@ -70,9 +68,10 @@ pub const REFUSED_TTL: Duration = Duration::from_secs(10);
 pub const CACHE_LIMIT: usize = 10_000;
 /// Bytes each cache (facts, verdicts) holds at most, as [`fact_weight`] and [`verdict_weight`]
 /// estimate them; the least reused are evicted beyond (a fact is a few hundred bytes: tens of
-/// thousands fit). The adapter's memory is bounded by these two, [`CLIENT_LIMIT`] clients, and
-/// [`slots::MAX_READS`] reads each holding one manifest, config or the signatures' payloads
-/// at a time (at most about 1.5 MiB each): about 35 MiB at worst.
+/// thousands fit). The adapter's memory is bounded by these two, the fetcher's tokens
+/// ([`fetch`], 2 MiB), and [`slots::MAX_READS`] reads each holding one manifest, config, token
+/// answer or the signatures' payloads at a time (at most about 1.5 MiB each): about 35 MiB at
+/// worst.
 pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// The heaviest fact cached, in bytes: a sixty-fourth of [`CACHE_BYTES`]. An image with dozens
 /// of platforms (Windows images list one per build) weighs a few KiB; one of 256 platforms
@@ -103,40 +102,17 @@ pub enum RegistryError {
     #[error("the registry CA bundle holds no valid PEM certificate: {0}")]
     Ca(String),
     /// The HTTP client cannot be built.
-    #[error("the registry client cannot be built: {0}")]
-    Client(#[from] OciDistributionError),
-    /// The HTTP client of the capped manifest reads cannot be built.
     #[error("the registry HTTP client cannot be built: {0}")]
     Http(String),
 }
 
-/// How clients are made: one per credential (oci-client keeps the first credentials it sees
-/// for a registry, so a client must never serve two).
-type MakeClient = Arc<dyn Fn() -> Result<Client, OciDistributionError> + Send + Sync>;
-
-/// Clients kept at most, one per credential, the least reused evicted first. Each holds its own
-/// TLS roots and connection pool (about 140 KiB, measured) and takes milliseconds of CPU to
-/// build, so clients are built only for a read, in its slot, off the async workers.
-const CLIENT_LIMIT: usize = 32;
-/// How long an idle credential's client is kept.
-const CLIENT_TTL: Duration = Duration::from_secs(3600);
 /// Distinct images read for one request, at most; more are refused by name. A pod rarely
 /// runs more than a handful, and each read holds a manifest in memory.
 pub const MAX_IMAGES_PER_REQUEST: usize = 64;
 
-/// Who pulls an image: the auth, and an identity for cache keys. Picking it builds nothing;
-/// [`Registries::access`] finds or builds its client when a read needs one.
-#[derive(Clone)]
-pub(crate) struct Pull {
-    auth: RegistryAuth,
-    /// `anonymous`, or the credential's [`RegistryCredential::identity`].
-    identity: Arc<str>,
-}
-
-/// One way of pulling: a client, the auth it pulls with, and an identity for cache keys.
+/// Who pulls an image: the credential (or anonymous), and an identity for cache keys.
 #[derive(Clone)]
 pub(crate) struct Access {
-    pub(crate) client: Arc<Client>,
     pub(crate) auth: RegistryAuth,
     /// `anonymous`, or the credential's [`RegistryCredential::identity`].
     pub(crate) identity: Arc<str>,
@@ -144,10 +120,8 @@ pub(crate) struct Access {
 
 /// Registry access with its caches; one per process.
 pub struct Registries {
-    make_client: MakeClient,
-    /// Anonymous pulls, the common case, without a look into `clients`.
-    anonymous: Access,
-    clients: TtlCache<Arc<str>, Arc<Client>>,
+    /// The identity of anonymous pulls, the common case, shared.
+    anonymous: Arc<str>,
     deadline: Duration,
     images: TtlCache<String, ImageFact>,
     image_reads: Arc<Flights<String, ImageFact>>,
@@ -179,36 +153,6 @@ impl Registries {
         // reqwest takes the process's default rustls provider and panics without one; ring is
         // the only provider compiled in (an error means one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut extra_root_certificates = Vec::new();
-        if let Some(pem) = &config.ca_pem {
-            for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| RegistryError::Ca(e.to_string()))?;
-                extra_root_certificates
-                    .push(Certificate { encoding: CertificateEncoding::Der, data: cert.to_vec() });
-            }
-            if extra_root_certificates.is_empty() {
-                return Err(RegistryError::Ca("no CERTIFICATE block".to_owned()));
-            }
-        }
-        let protocol = if config.plain_http.is_empty() {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::HttpsExcept(config.plain_http.clone())
-        };
-        let make_client: MakeClient = Arc::new(move || {
-            Client::try_from(ClientConfig {
-                protocol: protocol.clone(),
-                extra_root_certificates: extra_root_certificates.clone(),
-                // Manifests are read by digest or tag, never resolved to a platform here.
-                platform_resolver: None,
-                // A request waits at most the deadline (`fact`, `verdict`); the read itself may
-                // go on to fill the cache for the apiserver's retry.
-                connect_timeout: Some(READ_CAP),
-                read_timeout: Some(READ_CAP),
-                user_agent: concat!("arcguard/", env!("CARGO_PKG_VERSION")),
-                ..ClientConfig::default()
-            })
-        });
         if memory.total_bytes() < slots::READ_BYTES {
             tracing::warn!(
                 budget_mib = memory.total_bytes() / (1024 * 1024),
@@ -217,19 +161,9 @@ impl Registries {
             );
         }
         // A configuration that cannot make a client fails at start, not on a request.
-        let anonymous = Arc::new(make_client()?);
-        let fetcher = fetch::Fetcher::new(
-            http_client(config).map_err(|e| RegistryError::Http(e.to_string()))?,
-            config.plain_http.clone(),
-        );
+        let fetcher = fetch::Fetcher::new(http_client(config)?, config.plain_http.clone());
         Ok(Arc::new(Self {
-            anonymous: Access {
-                client: anonymous,
-                auth: RegistryAuth::Anonymous,
-                identity: Arc::from(ANONYMOUS),
-            },
-            make_client,
-            clients: TtlCache::new(CLIENT_LIMIT),
+            anonymous: Arc::from(ANONYMOUS),
             deadline: config.deadline,
             images: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, fact_weight),
             image_reads: Arc::new(Flights::new(READ_CAP)),
@@ -326,7 +260,7 @@ impl Registries {
 
     /// How `key` is pulled: with the credential of `credentials` the kubelet would pick for
     /// its registry and repository, else anonymously.
-    fn pull(&self, key: &str, credentials: &[RegistryCredential]) -> Pull {
+    fn pull(&self, key: &str, credentials: &[RegistryCredential]) -> Access {
         let (registry, rest) = key.split_once('/').unwrap_or((key, ""));
         let repository = split_tag(key)
             .map(|(name, _)| name)
@@ -334,44 +268,19 @@ impl Registries {
             .and_then(|name| name.split_once('/').map(|(_, repository)| repository))
             .unwrap_or(rest);
         match credentials::for_image(registry, repository, credentials) {
-            None => Pull {
-                auth: RegistryAuth::Anonymous,
-                identity: Arc::clone(&self.anonymous.identity),
-            },
-            Some(credential) => Pull {
+            None => Access { auth: RegistryAuth::Anonymous, identity: Arc::clone(&self.anonymous) },
+            Some(credential) => Access {
                 auth: RegistryAuth::Basic(credential.username.clone(), credential.password.clone()),
                 identity: Arc::from(credential.identity()),
             },
         }
     }
 
-    /// The client `pull` reads with: the anonymous one, a kept one, or one built now (on a
-    /// blocking thread: a client loads its TLS roots).
-    async fn access(&self, pull: &Pull) -> Result<Access, String> {
-        if matches!(pull.auth, RegistryAuth::Anonymous) {
-            return Ok(self.anonymous.clone());
-        }
-        let client = match self.clients.get(&pull.identity) {
-            Some(client) => client,
-            None => {
-                let make = Arc::clone(&self.make_client);
-                let client = tokio::task::spawn_blocking(move || make())
-                    .await
-                    .map_err(|e| format!("the registry client cannot be built: {e}"))?
-                    .map_err(|e| format!("the registry client cannot be built: {e}"))?;
-                let client = Arc::new(client);
-                self.clients.insert(Arc::clone(&pull.identity), Arc::clone(&client), CLIENT_TTL);
-                client
-            }
-        };
-        Ok(Access { client, auth: pull.auth.clone(), identity: Arc::clone(&pull.identity) })
-    }
-
     /// One image's fact: from the cache, from a read already in flight, or from a new read
     /// in one of `namespace`'s slots, all within the deadline.
     async fn fact(
         self: &Arc<Self>,
-        pull: &Pull,
+        pull: &Access,
         key: &str,
         namespace: &str,
         until: tokio::time::Instant,
@@ -399,11 +308,7 @@ impl Registries {
                         move || {
                             async move {
                                 let _slot = slot;
-                                let fact = match this.access(&owned_pull).await {
-                                    Ok(access) => this.read(&access, &owned).await,
-                                    Err(why) => ImageFact::Unreachable(why),
-                                };
-                                bounded_fact(fact)
+                                bounded_fact(this.read(&owned_pull, &owned).await)
                             }
                             .boxed()
                         },
@@ -477,7 +382,7 @@ impl Registries {
     /// be) in one of `namespace`'s slots.
     async fn verdict(
         self: &Arc<Self>,
-        pull: &Pull,
+        pull: &Access,
         key: &str,
         image: &RegistryImage,
         trust: &TrustRef,
@@ -508,13 +413,9 @@ impl Registries {
                         move || {
                             async move {
                                 let _slot = slot;
-                                let owned_access = match reader.access(&owned_pull).await {
-                                    Ok(access) => access,
-                                    Err(why) => return SignatureVerdict::Unreachable(why),
-                                };
                                 let verdict = match signatures::evidence(
                                     &reader.fetcher,
-                                    &owned_access,
+                                    &owned_pull,
                                     &name,
                                     &image_owned.digest,
                                     &trust_owned.0,
@@ -522,7 +423,7 @@ impl Registries {
                                 .await
                                 {
                                     // Verifying is CPU (chains, envelopes of up to 16
-                                    // signatures): off the async workers, as clients are built.
+                                    // signatures): off the async workers.
                                     Ok(evidence) => tokio::task::spawn_blocking(move || {
                                         signature::judge(
                                             &evidence,
@@ -598,23 +499,26 @@ impl Registries {
         let platforms = match parsed {
             Ok(manifest::Parsed::Index(platforms)) => platforms,
             Ok(manifest::Parsed::Image { config_digest, config_size }) => {
-                let config = signatures::blob(
-                    access,
-                    &reference,
-                    &config_digest,
-                    config_size,
-                    manifest::CONFIG_MAX_BYTES,
-                )
-                .await
-                .map_err(|error| match error {
-                    signatures::BlobError::Unreachable(why) => ImageFact::Unreachable(why),
-                    signatures::BlobError::Refused(why) => {
-                        ImageFact::Refused(format!("the image config {config_digest}: {why}"))
-                    }
-                })
-                .and_then(|body| {
-                    manifest::config_platform(&body).map_err(|e| ImageFact::Refused(e.to_string()))
-                });
+                let config = self
+                    .fetcher
+                    .blob(
+                        access,
+                        &reference,
+                        &config_digest,
+                        config_size,
+                        manifest::CONFIG_MAX_BYTES,
+                    )
+                    .await
+                    .map_err(|error| match error {
+                        Failure::Unreachable(why) => ImageFact::Unreachable(why),
+                        Failure::Refused(why) => {
+                            ImageFact::Refused(format!("the image config {config_digest}: {why}"))
+                        }
+                    })
+                    .and_then(|body| {
+                        manifest::config_platform(&body)
+                            .map_err(|e| ImageFact::Refused(e.to_string()))
+                    });
                 match config {
                     Ok(platform) => vec![platform],
                     Err(fact) => return fact,
@@ -837,51 +741,6 @@ impl From<Failure> for ImageFact {
     }
 }
 
-/// An error from the registry, classified: an answer about the content is a refusal; no
-/// answer is unreachable.
-pub(crate) fn classify(error: &OciDistributionError) -> Failure {
-    use OciDistributionError as E;
-    match error {
-        // A rate limit is "not now", as its status (429) would say.
-        E::RegistryError { envelope, .. }
-            if envelope
-                .errors
-                .iter()
-                .any(|e| matches!(e.code, oci_client::errors::OciErrorCode::Toomanyrequests)) =>
-        {
-            Failure::Unreachable(format!(
-                "the registry answered {}",
-                fetch::envelope_codes(envelope)
-            ))
-        }
-        E::RegistryError { envelope, .. } => {
-            Failure::Refused(format!("the registry answered {}", fetch::envelope_codes(envelope)))
-        }
-        E::ImageManifestNotFoundError(what) => {
-            Failure::Refused(format!("the manifest was not found: {what}"))
-        }
-        // The token service's rate limit: oci-client words any failed token answer as an
-        // authentication failure; a 429 is "not now", not "not allowed".
-        E::AuthenticationFailure(why) if why.contains("429") || why.contains("Too Many") => {
-            Failure::Unreachable(format!("the registry's token service answered: {why}"))
-        }
-        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
-            Failure::Refused(fetch::ANONYMOUS_REFUSED.to_owned())
-        }
-        E::ServerError { code, .. } if (400..500).contains(code) && !fetch::is_transient(*code) => {
-            Failure::Refused(format!("the registry answered HTTP {code}"))
-        }
-        E::ServerError { code, .. } => {
-            Failure::Unreachable(format!("the registry answered HTTP {code}"))
-        }
-        E::DigestError(error) => Failure::Refused(format!(
-            "the registry served content that does not match its digest: {error}"
-        )),
-        E::RequestError(error) => transport_failure(error),
-        other => Failure::Refused(other.to_string()),
-    }
-}
-
 /// A request that got no answer: the registry is unreachable, and for the two causes that are
 /// configuration rather than availability, the message says which flag fixes them.
 pub(crate) fn transport_failure(error: &dyn std::error::Error) -> Failure {
@@ -896,14 +755,25 @@ pub(crate) fn transport_failure(error: &dyn std::error::Error) -> Failure {
     Failure::Unreachable(format!("{text}{hint}"))
 }
 
-/// The HTTP client of the capped manifest reads, built as oci-client builds its own (the
-/// system roots plus the configured CA, [`READ_CAP`] as connect and read timeouts, the user
-/// agent), from the same reqwest.
-fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, registry_http::Error> {
+/// The HTTP client of every registry read: the system roots plus the configured CA,
+/// [`READ_CAP`] as connect and read timeouts (a request waits at most its deadline; the read
+/// may go on to fill the cache for the apiserver's retry), arcguard's user agent.
+///
+/// # Errors
+/// [`RegistryError::Ca`] for a CA bundle without a certificate, or one that does not parse;
+/// [`RegistryError::Http`] for a client reqwest cannot build.
+fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, RegistryError> {
     let mut roots = Vec::new();
     if let Some(pem) = &config.ca_pem {
-        for cert in CertificateDer::pem_slice_iter(pem).flatten() {
-            roots.push(registry_http::Certificate::from_der(&cert)?);
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| RegistryError::Ca(e.to_string()))?;
+            roots.push(
+                registry_http::Certificate::from_der(&cert)
+                    .map_err(|e| RegistryError::Ca(e.to_string()))?,
+            );
+        }
+        if roots.is_empty() {
+            return Err(RegistryError::Ca("no CERTIFICATE block".to_owned()));
         }
     }
     registry_http::Client::builder()
@@ -912,6 +782,7 @@ fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, registr
         .read_timeout(READ_CAP)
         .user_agent(concat!("arcguard/", env!("CARGO_PKG_VERSION")))
         .build()
+        .map_err(|e| RegistryError::Http(e.to_string()))
 }
 
 /// A transport error with its causes (the TLS or connection reason is in the source chain).
@@ -1113,7 +984,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn config_reads_carry_the_pull_secret_on_a_client_built_after_its_token_was_kept() {
+    async fn config_reads_carry_the_pull_secret_whether_its_authorization_is_kept_or_not() {
         use base64::Engine as _;
         let config = br#"{"os":"linux","architecture":"amd64","rootfs":{}}"#.to_vec();
         let config_digest = sha256(&config);
@@ -1157,11 +1028,10 @@ mod tests {
             variant: None,
             os_version: None,
         }];
-        for (tag, rebuild) in [("1", false), ("2", true)] {
-            // The clients are emptied (as past CLIENT_LIMIT identities): the new one has no
-            // credentials stored, while the fetcher still holds the token for the manifest.
-            if rebuild {
-                registries.clients.clear();
+        for (tag, forget) in [("1", false), ("2", false), ("3", true)] {
+            // Kept authorizations evicted: the blob's 401 is answered again, with the secret.
+            if forget {
+                registries.fetcher.forget_tokens();
             }
             let key = format!("{host}/team/solo:{tag}");
             let facts = registries

@@ -10,7 +10,6 @@
 //! held at a time, each manifest and referrers index at most
 //! [`super::fetch::MANIFEST_MAX_BYTES`], and only manifests whose `subject` is the image.
 
-use futures::StreamExt as _;
 use oci_client::Reference;
 use serde::Deserialize;
 
@@ -44,15 +43,6 @@ impl Budget {
         self.0 -= size;
         Ok(())
     }
-}
-
-/// Why a blob was not read.
-#[derive(Debug)]
-pub enum BlobError {
-    /// The registry answered, but not with the blob it declared.
-    Refused(String),
-    /// The registry could not be read.
-    Unreachable(String),
 }
 
 #[derive(Deserialize)]
@@ -99,47 +89,6 @@ struct Annotations {
 /// Layers of a signature manifest kept (the rest are skipped as read, [`super::json`]): four
 /// times the signatures judged, so a few layers of other types do not hide a signature.
 const LAYERS_KEPT: usize = 4 * MAX_SIGNATURES;
-
-/// Reads a blob of declared `size` (at most `cap` bytes), checking its digest.
-///
-/// # Errors
-/// [`BlobError`] when it is larger than declared or `cap`, does not match its digest, or the
-/// registry cannot be read.
-pub(crate) async fn blob(
-    access: &Access,
-    reference: &Reference,
-    digest: &str,
-    size: u64,
-    cap: u64,
-) -> Result<Vec<u8>, BlobError> {
-    if size > cap {
-        return Err(BlobError::Refused(format!("{size} bytes, over the {cap} read")));
-    }
-    // oci-client answers a blob read's 401 only with credentials stored in the client: store
-    // this access's, whichever client it is (one just built has none, and the manifest may
-    // have been read with a token the fetcher reused).
-    access.client.store_auth_if_needed(reference.resolve_registry(), &access.auth).await;
-    let sized =
-        access.client.pull_blob_stream(reference, digest).await.map_err(
-            |e| match super::classify(&e) {
-                Failure::Unreachable(why) => BlobError::Unreachable(why),
-                Failure::Refused(why) => BlobError::Refused(why),
-            },
-        )?;
-    let mut body = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    let mut stream = sized.stream;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| BlobError::Refused(format!("does not verify: {e}")))?;
-        if (body.len() + chunk.len()) as u64 > size {
-            return Err(BlobError::Refused(format!("longer than the {size} bytes declared")));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    if crate::signature::sha256(&body) != digest {
-        return Err(BlobError::Refused("does not match its digest".to_owned()));
-    }
-    Ok(body)
-}
 
 /// The signatures `trust` looks for on the image `name@digest`.
 ///
@@ -208,15 +157,17 @@ async fn cosign_signatures(
             evidence.cosign_unusable.push(format!("payload {}: {why}", layer.digest));
             break;
         }
-        let payload =
-            match blob(access, &reference, &layer.digest, layer.size, ENVELOPE_MAX_BYTES).await {
-                Ok(payload) => payload,
-                Err(BlobError::Unreachable(why)) => return Err(why),
-                Err(BlobError::Refused(why)) => {
-                    evidence.cosign_unusable.push(format!("payload {}: {why}", layer.digest));
-                    continue;
-                }
-            };
+        let payload = match fetcher
+            .blob(access, &reference, &layer.digest, layer.size, ENVELOPE_MAX_BYTES)
+            .await
+        {
+            Ok(payload) => payload,
+            Err(Failure::Unreachable(why)) => return Err(why),
+            Err(Failure::Refused(why)) => {
+                evidence.cosign_unusable.push(format!("payload {}: {why}", layer.digest));
+                continue;
+            }
+        };
         evidence.cosign.push(CosignSignature {
             signature: layer.annotations.signature,
             layer_digest: layer.digest,
@@ -291,17 +242,17 @@ async fn notation_signatures(
             evidence.notation_unusable.push(unusable(why));
             break;
         }
-        let bytes =
-            match blob(access, &reference, &envelope.digest, envelope.size, ENVELOPE_MAX_BYTES)
-                .await
-            {
-                Ok(bytes) => bytes,
-                Err(BlobError::Unreachable(why)) => return Err(why),
-                Err(BlobError::Refused(why)) => {
-                    evidence.notation_unusable.push(unusable(format!("its envelope: {why}")));
-                    continue;
-                }
-            };
+        let bytes = match fetcher
+            .blob(access, &reference, &envelope.digest, envelope.size, ENVELOPE_MAX_BYTES)
+            .await
+        {
+            Ok(bytes) => bytes,
+            Err(Failure::Unreachable(why)) => return Err(why),
+            Err(Failure::Refused(why)) => {
+                evidence.notation_unusable.push(unusable(format!("its envelope: {why}")));
+                continue;
+            }
+        };
         evidence
             .notation
             .push(NotationSignature { media_type: envelope.media_type.clone(), envelope: bytes });
