@@ -5,25 +5,41 @@
 //! each entry: a new entry goes to a small queue and only one read again reaches the main
 //! one, so a tenant's flood of images never seen before evicts its own entries, not those
 //! every tenant reuses (a cache emptied when full, as this was, let it evict everything).
+//! An answer may be charged to an owner (the namespace whose request read it), and an owner
+//! holds at most a quarter of the cache: S3-FIFO alone lets a tenant that reads each of its
+//! images twice move them all to the main queue, evicting every other tenant's.
 //! Reads in flight are own code: sharing a read needs a spawned task that outlives the
 //! requests waiting on it, which the general-purpose caches do not do.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{Hash, RandomState};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt as _, Shared};
-use quick_cache::Weighter;
-use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::sync::Cache;
+use quick_cache::{Lifecycle, Weighter};
+
+/// The part of a cache's bytes one owner may hold: a quarter, as a namespace's share of the
+/// registry read slots.
+const OWNER_SHARE: usize = 4;
+/// How often, at most, the entries are swept of expired answers (and what owners hold
+/// recounted) when an owner is at its share: a sweep visits every entry.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Answers kept until they expire; at most `byte_limit` bytes as `weigh` counts them (with
 /// `TtlCache::new`, at most `limit` entries), the least reused evicted first. An answer
-/// weighing more than a sixteenth of `byte_limit` is not kept.
+/// weighing more than a sixteenth of `byte_limit` is not kept, nor one that would take its
+/// owner over a quarter of `byte_limit` ([`TtlCache::insert_for`]).
 pub struct TtlCache<K, V> {
-    entries: Cache<K, Entry<V>, ByWeight, RandomState, DefaultLifecycle<K, Entry<V>>>,
+    entries: Cache<K, Entry<V>, ByWeight, RandomState, Owners>,
     byte_limit: usize,
     weigh: fn(&K, &V) -> usize,
+    /// The bytes each owner's answers weigh (the same map the cache's evictions release).
+    owners: Owners,
+    /// When the entries were last swept, if ever.
+    swept: Mutex<Option<Instant>>,
 }
 
 impl<K: Eq + Hash, V: Clone> std::fmt::Debug for TtlCache<K, V> {
@@ -36,12 +52,58 @@ impl<K: Eq + Hash, V: Clone> std::fmt::Debug for TtlCache<K, V> {
     }
 }
 
-/// A cached answer, its expiry, and its weight (computed once, as the cache requires).
+/// A cached answer, its expiry, its weight (computed once, as the cache requires), and whom
+/// it is charged to, if anyone.
 #[derive(Clone)]
 struct Entry<V> {
     expires: Instant,
     value: V,
     weight: u64,
+    owner: Option<Arc<str>>,
+}
+
+/// The bytes each owner's answers weigh; released as the cache evicts them.
+#[derive(Clone, Default)]
+struct Owners(Arc<Mutex<HashMap<Arc<str>, u64>>>);
+
+impl Owners {
+    /// Charges `weight` to `owner` if that keeps it within `share`.
+    fn charge(&self, owner: &Arc<str>, weight: u64, share: u64) -> bool {
+        let Ok(mut held) = self.0.lock() else { return false };
+        let now = held.get(owner).copied().unwrap_or(0);
+        if now + weight > share {
+            return false;
+        }
+        held.insert(Arc::clone(owner), now + weight);
+        true
+    }
+
+    /// Releases what `entry` was charged.
+    fn release<V>(&self, entry: &Entry<V>) {
+        let Some(owner) = &entry.owner else { return };
+        let Ok(mut held) = self.0.lock() else { return };
+        if let Some(now) = held.get_mut(owner) {
+            *now = now.saturating_sub(entry.weight);
+            if *now == 0 {
+                held.remove(owner);
+            }
+        }
+    }
+
+    /// What each owner holds, counted afresh.
+    fn reset(&self, counted: HashMap<Arc<str>, u64>) {
+        if let Ok(mut held) = self.0.lock() {
+            *held = counted;
+        }
+    }
+}
+
+impl<K, V> Lifecycle<K, Entry<V>> for Owners {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: K, entry: Entry<V>) {
+        self.release(&entry);
+    }
 }
 
 /// Weighs an [`Entry`] by the weight it carries.
@@ -67,16 +129,19 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     }
 
     fn build(items: usize, byte_limit: usize, weigh: fn(&K, &V) -> usize) -> Self {
+        let owners = Owners::default();
         Self {
             entries: Cache::with(
                 items,
                 byte_limit as u64,
                 ByWeight,
                 RandomState::new(),
-                DefaultLifecycle::default(),
+                owners.clone(),
             ),
             byte_limit,
             weigh,
+            owners,
+            swept: Mutex::new(None),
         }
     }
 
@@ -87,25 +152,82 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
         if now < entry.expires {
             return Some(entry.value);
         }
-        self.entries.remove_if(key, |entry| entry.expires <= now);
+        if let Some((_, gone)) = self.entries.remove_if(key, |entry| entry.expires <= now) {
+            self.owners.release(&gone);
+        }
         None
     }
 
     /// Forgets every answer.
     pub fn clear(&self) {
         self.entries.clear();
+        self.owners.reset(HashMap::new());
     }
 
-    /// Keeps `value` for `ttl`.
+    /// Keeps `value` for `ttl`, charged to no one.
     pub fn insert(&self, key: K, value: V, ttl: Duration) {
+        self.keep(None, key, value, ttl);
+    }
+
+    /// Keeps `value` for `ttl`, charged to `owner`: not kept if that would take what `owner`'s
+    /// answers weigh over a quarter of the cache's bytes (after expired answers are swept,
+    /// at most once every [`SWEEP_EVERY`]).
+    pub fn insert_for(&self, owner: &str, key: K, value: V, ttl: Duration) {
+        self.keep(Some(Arc::from(owner)), key, value, ttl);
+    }
+
+    fn keep(&self, owner: Option<Arc<str>>, key: K, value: V, ttl: Duration) {
         // Never zero: the cache never evicts an entry of no weight.
-        let weight = (self.weigh)(&key, &value).max(1);
-        if weight > self.byte_limit / 16 {
-            self.entries.remove(&key);
+        let weight = (self.weigh)(&key, &value).max(1) as u64;
+        if weight > (self.byte_limit / 16) as u64 {
+            if let Some((_, gone)) = self.entries.remove(&key) {
+                self.owners.release(&gone);
+            }
             return;
         }
-        let entry = Entry { expires: Instant::now() + ttl, value, weight: weight as u64 };
+        if let Some((_, replaced)) = self.entries.remove(&key) {
+            self.owners.release(&replaced);
+        }
+        if let Some(owner) = &owner {
+            let share = (self.byte_limit / OWNER_SHARE) as u64;
+            let charged = self.owners.charge(owner, weight, share)
+                || (self.sweep() && self.owners.charge(owner, weight, share));
+            if !charged {
+                return;
+            }
+        }
+        let entry = Entry { expires: Instant::now() + ttl, value, weight, owner };
         self.entries.insert(key, entry);
+    }
+
+    /// Drops every expired answer and counts afresh what each owner holds, unless that was
+    /// done less than [`SWEEP_EVERY`] ago; whether it was done now. The count is the truth
+    /// even where two inserts of one key raced (the second replaces the first unreleased).
+    fn sweep(&self) -> bool {
+        let now = Instant::now();
+        {
+            let Ok(mut swept) = self.swept.lock() else { return false };
+            if swept.is_some_and(|at| now.duration_since(at) < SWEEP_EVERY) {
+                return false;
+            }
+            *swept = Some(now);
+        }
+        let counted = RefCell::new(HashMap::<Arc<str>, u64>::new());
+        self.entries.retain(|_, entry| {
+            let live = entry.expires > now;
+            if live && let Some(owner) = &entry.owner {
+                *counted.borrow_mut().entry(Arc::clone(owner)).or_default() += entry.weight;
+            }
+            live
+        });
+        self.owners.reset(counted.into_inner());
+        true
+    }
+
+    /// The bytes `owner`'s answers weigh.
+    #[cfg(test)]
+    fn held_by(&self, owner: &str) -> u64 {
+        self.owners.0.lock().map_or(0, |held| held.get(owner).copied().unwrap_or(0))
     }
 }
 
@@ -239,6 +361,57 @@ mod tests {
         // Over a sixteenth of the bytes: never kept, and it drops what the key held.
         cache.insert("fits".into(), "w".repeat(101), long);
         assert_eq!(cache.get(&"fits".to_owned()), None);
+    }
+
+    #[test]
+    fn an_owner_holds_a_quarter_of_the_cache_and_evicts_no_one_else_s_answers() {
+        let cache: TtlCache<String, String> = TtlCache::weighed(1000, 160_000, |_, v| v.len());
+        let long = Duration::from_secs(60);
+        let others: Vec<String> = (0..100).map(|i| format!("other-{i}")).collect();
+        for key in &others {
+            cache.insert_for("quiet", key.clone(), "x".repeat(100), long);
+            // Read once more: in the main queue, as an answer used twice.
+            assert!(cache.get(key).is_some());
+        }
+        // A tenant's answers, each read twice, fifty times what the cache holds.
+        for i in 0..80_000 {
+            let key = format!("noisy-{i}");
+            cache.insert_for("noisy", key.clone(), "y".repeat(100), long);
+            let _ = (cache.get(&key), cache.get(&key));
+        }
+        let kept = others.iter().filter(|key| cache.get(key).is_some()).count();
+        assert_eq!(kept, others.len(), "the other owner's answers survive");
+        assert!(cache.held_by("noisy") <= 40_000, "{}", cache.held_by("noisy"));
+        assert_eq!(cache.held_by("quiet"), 100 * 100);
+        // Replacing an answer releases what it held; answers charged to no one are not limited.
+        cache.insert_for("quiet", others[0].clone(), "x".repeat(10), long);
+        assert_eq!(cache.held_by("quiet"), 99 * 100 + 10);
+        cache.insert("unowned".into(), "z".repeat(5000), long);
+        assert!(cache.get(&"unowned".to_owned()).is_some());
+    }
+
+    #[test]
+    fn expired_answers_make_room_in_their_owner_s_share() {
+        let cache: TtlCache<String, String> = TtlCache::weighed(100, 1600, |_, v| v.len());
+        let long = Duration::from_secs(60);
+        for i in 0..4 {
+            cache.insert_for("a", format!("brief-{i}"), "b".repeat(100), Duration::ZERO);
+        }
+        assert_eq!(cache.held_by("a"), 400);
+        // At its share: the expired answers are swept, and the new one is kept.
+        cache.insert_for("a", "kept".into(), "k".repeat(100), long);
+        assert!(cache.get(&"kept".to_owned()).is_some());
+        assert_eq!(cache.held_by("a"), 100);
+        for i in 0..3 {
+            cache.insert_for("a", format!("more-{i}"), "m".repeat(100), long);
+        }
+        // At its share of live answers: the next is not kept (and no second sweep runs).
+        cache.insert_for("a", "over".into(), "o".repeat(100), long);
+        assert_eq!(cache.get(&"over".to_owned()), None);
+        assert_eq!(cache.held_by("a"), 400);
+        // Evicted or expired answers release their owner's bytes.
+        cache.clear();
+        assert_eq!(cache.held_by("a"), 0);
     }
 
     #[tokio::test]

@@ -303,6 +303,7 @@ impl Registries {
                     let (owned, owned_pull) = (key.to_owned(), pull.clone());
                     let remember = Arc::clone(self);
                     let (remembered, identity) = (key.to_owned(), pull.identity.clone());
+                    let owner = namespace.to_owned();
                     let read = self.image_reads.join(
                         &cache_key,
                         move || {
@@ -318,7 +319,7 @@ impl Registries {
                                 fact_result(fact),
                                 began.elapsed(),
                             );
-                            remember.remember(&identity, &remembered, fact);
+                            remember.remember(&owner, &identity, &remembered, fact);
                         },
                         ImageFact::Unreachable,
                     );
@@ -351,7 +352,9 @@ impl Registries {
         })
     }
 
-    fn remember(&self, identity: &str, key: &str, fact: &ImageFact) {
+    /// Keeps `fact`, read for `namespace` with `identity`'s credential, for as long as its
+    /// kind says, charged to `namespace`'s share of the cache.
+    fn remember(&self, namespace: &str, identity: &str, key: &str, fact: &ImageFact) {
         let ttl = match fact {
             ImageFact::Found(_) if key.contains('@') => DIGEST_TTL,
             ImageFact::Found(_) => TAG_TTL,
@@ -364,13 +367,14 @@ impl Registries {
         if fact_weight(&cache_key, fact) > FACT_CACHED_MAX {
             return;
         }
-        self.images.insert(cache_key, fact.clone(), ttl);
+        self.images.insert_for(namespace, cache_key, fact.clone(), ttl);
         // The digest a tag resolved to is what the mutating webhook pins: the validating
         // webhook then reads it by digest.
         if let ImageFact::Found(image) = fact
             && let Some((name, _tag)) = split_tag(key)
         {
-            self.images.insert(
+            self.images.insert_for(
+                namespace,
                 image_cache_key(identity, &format!("{name}@{}", image.digest)),
                 fact.clone(),
                 DIGEST_TTL,
@@ -407,7 +411,7 @@ impl Registries {
                     let (name, image_owned, trust_owned) =
                         (name.to_owned(), image.clone(), trust.clone());
                     let this = Arc::clone(self);
-                    let remembered = cache_key.clone();
+                    let (remembered, owner) = (cache_key.clone(), namespace.to_owned());
                     let read = self.verdict_reads.join(
                         &cache_key,
                         move || {
@@ -464,7 +468,7 @@ impl Registries {
                                 SignatureVerdict::Rejected(_) => REFUSED_TTL,
                                 SignatureVerdict::Unreachable(_) => return,
                             };
-                            this.verdicts.insert(remembered, verdict.clone(), ttl);
+                            this.verdicts.insert_for(&owner, remembered, verdict.clone(), ttl);
                         },
                         SignatureVerdict::Unreachable,
                     );
@@ -906,11 +910,56 @@ mod tests {
             }))
         };
         let (light, heavy) = ("registry.example/team/light:1", "registry.example/team/heavy:1");
-        registries.remember(ANONYMOUS, light, &image(24));
-        registries.remember(ANONYMOUS, heavy, &image(256));
+        registries.remember("apps", ANONYMOUS, light, &image(24));
+        registries.remember("apps", ANONYMOUS, heavy, &image(256));
         assert!(registries.images.get(&image_cache_key(ANONYMOUS, light)).is_some());
         assert!(registries.images.get(&image_cache_key(ANONYMOUS, heavy)).is_none());
         assert!(fact_weight(&heavy.to_owned(), &image(256)) > FACT_CACHED_MAX);
+    }
+
+    #[test]
+    fn one_namespace_s_heavy_facts_do_not_evict_another_s() {
+        let registries = registries("registry.example", DEFAULT_DEADLINE);
+        let fact = |n: usize, platforms: usize| {
+            ImageFact::Found(Arc::new(RegistryImage {
+                digest: format!("sha256:{n:064x}"),
+                media_type: manifest::OCI_INDEX.into(),
+                size: 1,
+                platforms: (0..platforms)
+                    .map(|i| crate::rules::provenance::Platform {
+                        os: "windows".into(),
+                        architecture: "amd64".into(),
+                        variant: Some("v".repeat(120)),
+                        os_version: Some(format!("10.0.{i}.{}", "1".repeat(110))),
+                    })
+                    .collect(),
+            }))
+        };
+        // Another namespace's images, each read once more after it was kept (so in the
+        // cache's main queue), by digest.
+        let quiet: Vec<String> =
+            (0..200).map(|i| format!("registry.example/quiet/app@sha256:{i:064x}")).collect();
+        for (i, key) in quiet.iter().enumerate() {
+            registries.remember("quiet", ANONYMOUS, key, &fact(i, 2));
+            assert!(registries.images.get(&image_cache_key(ANONYMOUS, key)).is_some());
+        }
+        // A tenant's images of 180 long platforms each, just under the heaviest fact kept,
+        // each read twice: twenty times what the whole cache holds.
+        let heavy = fact(0, 180);
+        let weight = fact_weight(&"k".to_owned(), &heavy);
+        assert!((FACT_CACHED_MAX * 3 / 4..FACT_CACHED_MAX).contains(&weight), "{weight}");
+        for i in 0..(20 * CACHE_BYTES / FACT_CACHED_MAX) {
+            let key = format!("registry.example/noisy/app@sha256:{i:064x}");
+            registries.remember("noisy", ANONYMOUS, &key, &heavy);
+            for _ in 0..2 {
+                let _ = registries.images.get(&image_cache_key(ANONYMOUS, &key));
+            }
+        }
+        let kept = quiet
+            .iter()
+            .filter(|key| registries.images.get(&image_cache_key(ANONYMOUS, key)).is_some())
+            .count();
+        assert_eq!(kept, quiet.len(), "the other namespace's facts survive");
     }
 
     #[tokio::test]
