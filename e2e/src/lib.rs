@@ -17,6 +17,7 @@ pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod signing;
+pub mod token_service;
 pub mod tools;
 
 pub use cluster::{

@@ -11,6 +11,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use serde_json::json;
 
 use crate::process::{Proc, Scratch, free_port};
+use crate::token_service::{self, TokenService};
 use crate::tools::tool;
 
 /// OCI image manifest.
@@ -26,10 +27,24 @@ pub struct Registry {
     pub host: String,
     /// Path of the PEM CA certificate that signed the registry's serving certificate.
     pub ca_path: std::path::PathBuf,
-    /// The user and password of a registry started with [`Registry::start_private`].
+    /// The user and password of a registry started with [`Registry::start_private`] or
+    /// [`Registry::start_token`].
     pub credentials: Option<(String, String)>,
+    /// The token service of a registry started with [`Registry::start_token`].
+    pub token_service: Option<TokenService>,
     http: reqwest::Client,
     _scratch: Scratch,
+}
+
+/// How a registry authenticates its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Auth {
+    /// It does not: anyone may pull and push.
+    None,
+    /// Basic authorization against an htpasswd file.
+    Htpasswd,
+    /// Bearer tokens from a token service (distribution's token authentication).
+    Token,
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -46,7 +61,7 @@ impl Registry {
     /// When the binary cannot be built, the certificates made, or the registry does not answer
     /// within a minute.
     pub async fn start() -> Result<Self> {
-        Self::launch(false).await
+        Self::launch(Auth::None).await
     }
 
     /// Starts a registry that serves only authenticated clients (htpasswd, one user that the
@@ -55,10 +70,22 @@ impl Registry {
     /// # Errors
     /// As [`Registry::start`], or when the provisioned password is not in the log.
     pub async fn start_private() -> Result<Self> {
-        Self::launch(true).await
+        Self::launch(Auth::Htpasswd).await
     }
 
-    async fn launch(private: bool) -> Result<Self> {
+    /// Starts a registry that serves only clients with a token from its token service
+    /// ([`TokenService`], on its own port, HTTPS with the registry's certificate), which grants
+    /// tokens to one user: a private registry as Docker Hub, Harbor or a cloud registry run
+    /// one. The registry's `401` names the service as its realm.
+    ///
+    /// # Errors
+    /// As [`Registry::start`], or when the token service cannot start.
+    pub async fn start_token() -> Result<Self> {
+        Self::launch(Auth::Token).await
+    }
+
+    async fn launch(auth: Auth) -> Result<Self> {
+        let private = auth != Auth::None;
         let binary = tool("registry")?;
         let scratch = Scratch::new("registry")?;
         let dir = scratch.path();
@@ -91,13 +118,33 @@ impl Registry {
             crt = dir.join("tls.crt").display(),
             key = dir.join("tls.key").display(),
         );
-        if private {
+        let mut token_service = None;
+        match auth {
+            Auth::None => {}
             // A missing htpasswd file is provisioned with user `docker` and a random password,
             // logged once (distribution registry/auth/htpasswd).
-            config.push_str(&format!(
+            Auth::Htpasswd => config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: arcguard-e2e\n    path: {}\n",
                 dir.join("htpasswd").display()
-            ));
+            )),
+            Auth::Token => {
+                let password = digest(format!("{port} {:?}", Instant::now()).as_bytes());
+                let service = TokenService::start(
+                    &cert.pem(),
+                    &key.serialize_pem(),
+                    ("puller".to_owned(), password[7..39].to_owned()),
+                )
+                .await?;
+                std::fs::write(dir.join("token-signer.crt"), &service.signer_pem)?;
+                config.push_str(&format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                    service.realm,
+                    token_service::SERVICE,
+                    token_service::ISSUER,
+                    dir.join("token-signer.crt").display()
+                ));
+                token_service = Some(service);
+            }
         }
         std::fs::write(dir.join("config.yml"), config)?;
 
@@ -125,7 +172,9 @@ impl Registry {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let credentials = if private {
+        let credentials = if let Some(service) = &token_service {
+            Some(service.user())
+        } else if private {
             let log = std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
             let password = log
                 .split_whitespace()
@@ -136,15 +185,22 @@ impl Registry {
         } else {
             None
         };
-        Ok(Self { process, host, ca_path, credentials, http, _scratch: scratch })
+        Ok(Self { process, host, ca_path, credentials, token_service, http, _scratch: scratch })
     }
 
-    /// A request to the registry, with its credentials when it is private.
+    /// A request to the registry, with its credentials when it is private: a token for the
+    /// repository `url` names (pull and push) from the token service, or Basic authorization.
     fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let token = self.token_service.as_ref().and_then(|service| {
+            let path = url.split_once("/v2/")?.1;
+            let end = path.find("/blobs/").or_else(|| path.find("/manifests/"))?;
+            service.mint(&path[..end], &["pull", "push"]).ok()
+        });
         let request = self.http.request(method, url);
-        match &self.credentials {
-            Some((user, password)) => request.basic_auth(user, Some(password)),
-            None => request,
+        match (&self.credentials, token) {
+            (_, Some(token)) => request.bearer_auth(token),
+            (Some((user, password)), None) => request.basic_auth(user, Some(password)),
+            (None, None) => request,
         }
     }
 

@@ -415,6 +415,39 @@ async fn private_images_are_read_with_image_pull_secrets() {
     cluster.check(result);
 }
 
+#[tokio::test]
+async fn private_images_behind_a_token_service_are_read_with_image_pull_secrets() {
+    let registry = Registry::start_token().await.expect("the registry and its token service start");
+    let ca = format!("--registry-ca={}", registry.ca_path.display());
+    let cluster =
+        Cluster::start(ClusterOptions::with_args(&[&ca])).await.expect("the cluster starts");
+    let result = async {
+        private(&cluster, &registry).await?;
+        // arcguard asked the token service for a pull of the one repository, and nothing
+        // more; with the imagePullSecret's user, or without a credential.
+        let service = registry.token_service.as_ref().context("a token registry")?;
+        let asked = service.asked();
+        ensure!(!asked.is_empty(), "arcguard never asked the token service");
+        for request in &asked {
+            ensure!(
+                request.scopes == ["repository:private/app:pull"],
+                "asked for {:?}",
+                request.scopes
+            );
+        }
+        let user = service.user().0;
+        ensure!(
+            asked.iter().any(|r| r.user.as_deref() == Some(user.as_str()))
+                && asked.iter().any(|r| r.user.is_none()),
+            "asked with and without the secret: {asked:?}"
+        );
+        Ok(())
+    }
+    .await
+    .map_err(|e: anyhow::Error| anyhow!("{e:#}\n\nregistry log:\n{}", registry.log_tail(30)));
+    cluster.check(result);
+}
+
 async fn private(cluster: &Cluster, registry: &Registry) -> Result<()> {
     use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
     let client = cluster.client().await?;
