@@ -1420,7 +1420,7 @@ async fn a_token_service_s_endless_answer_is_read_to_a_cap() {
     let growth = allocated.growth();
     for key in &keys {
         match facts.images.get(key) {
-            Some(ImageFact::Refused(why))
+            Some(ImageFact::Unread(why))
                 if why.contains("64 KiB arcguard reads of a token answer") => {}
             other => panic!("{key}: {other:?}"),
         }

@@ -215,7 +215,9 @@ impl Fetcher {
         cap: u64,
     ) -> Result<Vec<u8>, Failure> {
         if size > cap {
-            return Err(Failure::Refused(format!("{size} bytes, over the {cap} read")));
+            return Err(Failure::Unread(format!(
+                "{size} bytes, over the {cap} arcguard reads of such a blob"
+            )));
         }
         let url = self.url(reference, &format!("blobs/{digest}"));
         let body = match self.get(access, reference, &url, "*/*", size).await {
@@ -340,7 +342,8 @@ impl Fetcher {
             request = request.basic_auth(user, Some(password));
         }
         let mut response = request.send().await.map_err(|e| {
-            let (Failure::Unreachable(why) | Failure::Refused(why)) = transport_failure(&e);
+            let (Failure::Unreachable(why) | Failure::Refused(why) | Failure::Unread(why)) =
+                transport_failure(&e);
             GetError::Failure(Failure::Unreachable(format!(
                 "the registry's token service at {host} could not be read: {why}"
             )))
@@ -350,11 +353,13 @@ impl Fetcher {
             return Err(GetError::Failure(token_refusal(status, &access.auth, &host)));
         }
         if response.content_length().is_some_and(|len| len > TOKEN_ANSWER_MAX_BYTES) {
-            return Err(refused(token_too_large()));
+            return Err(GetError::Failure(Failure::Unread(token_too_large())));
         }
         let body = match read_capped(&mut response, TOKEN_ANSWER_MAX_BYTES).await {
             Ok(body) => body,
-            Err(GetError::TooLarge) => return Err(refused(token_too_large())),
+            Err(GetError::TooLarge) => {
+                return Err(GetError::Failure(Failure::Unread(token_too_large())));
+            }
             Err(error) => return Err(error),
         };
         let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| {
@@ -618,7 +623,7 @@ struct ErrorEntry {
 }
 
 fn too_large() -> Failure {
-    Failure::Refused(format!(
+    Failure::Unread(format!(
         "arcguard reads manifests of at most {} MiB, and this one is larger (real manifests are kilobytes)",
         MANIFEST_MAX_BYTES / (1024 * 1024)
     ))
@@ -873,7 +878,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn a_manifest_over_the_cap_is_refused_whether_declared_or_streamed() {
+    async fn a_manifest_over_the_cap_is_not_read_whether_declared_or_streamed() {
         let (host, _) = registry(Arc::new(|path, _| match path {
             // Declared larger than the cap: refused without reading a byte of it.
             "/v2/team/app/manifests/declared" => (
@@ -1121,8 +1126,8 @@ pub(super) mod tests {
         let token = |why: &str| format!("the registry's token service at 127.0.0.1 {why}");
         let cases = [
             ("ok", &anonymous, Ok(())),
-            ("declared", &anonymous, refused(&token_too_large())),
-            ("streamed", &anonymous, refused(&token_too_large())),
+            ("declared", &anonymous, Err(Failure::Unread(token_too_large()))),
+            ("streamed", &anonymous, Err(Failure::Unread(token_too_large()))),
             (
                 "long",
                 &anonymous,
@@ -1222,7 +1227,13 @@ pub(super) mod tests {
         let refused = |s: &str| Err(Failure::Refused(s.to_owned()));
         let cases = [
             ("right", size, Ok(BLOB.to_vec())),
-            ("right", 1 << 20, refused("1048576 bytes, over the 65536 read")),
+            (
+                "right",
+                1 << 20,
+                Err(Failure::Unread(
+                    "1048576 bytes, over the 65536 arcguard reads of such a blob".into(),
+                )),
+            ),
             ("longer", size, refused(&format!("longer than the {size} bytes declared"))),
             ("streamed", size, refused(&format!("longer than the {size} bytes declared"))),
             ("tampered", size, refused("does not match its digest")),

@@ -209,7 +209,7 @@ impl Registries {
         let until = tokio::time::Instant::from_std(arrived) + self.deadline;
         let read = futures::future::join_all(keys.iter().enumerate().map(|(i, key)| async move {
             if i >= MAX_IMAGES_PER_REQUEST {
-                let refused = ImageFact::Refused(format!(
+                let refused = ImageFact::Unread(format!(
                     "arcguard reads at most {MAX_IMAGES_PER_REQUEST} distinct images in scope for one pod, and this pod names more; use fewer distinct images"
                 ));
                 return (key.clone(), refused, Vec::new());
@@ -296,7 +296,7 @@ impl Registries {
                 within(until, read, self.deadline).await.unwrap_or_else(ImageFact::Unreachable)
             }
             None => match self.slot(namespace, until).await {
-                Err(why) => ImageFact::Unreachable(why),
+                Err(why) => ImageFact::Unchecked(why),
                 Ok(slot) => {
                     let began = Instant::now();
                     let this = Arc::clone(self);
@@ -358,8 +358,8 @@ impl Registries {
         let ttl = match fact {
             ImageFact::Found(_) if key.contains('@') => DIGEST_TTL,
             ImageFact::Found(_) => TAG_TTL,
-            ImageFact::Refused(_) => REFUSED_TTL,
-            ImageFact::Unreachable(_) => return,
+            ImageFact::Refused(_) | ImageFact::Unread(_) => REFUSED_TTL,
+            ImageFact::Unreachable(_) | ImageFact::Unchecked(_) => return,
         };
         let cache_key = image_cache_key(identity, key);
         // A namespace's few images of 256 long platforms each would otherwise evict everyone
@@ -404,7 +404,7 @@ impl Registries {
                 .await
                 .unwrap_or_else(SignatureVerdict::Unreachable),
             None => match self.slot(namespace, until).await {
-                Err(why) => SignatureVerdict::Unreachable(why),
+                Err(why) => SignatureVerdict::Unchecked(why),
                 Ok(slot) => {
                     let began = Instant::now();
                     let (reader, owned_pull) = (Arc::clone(self), pull.clone());
@@ -466,7 +466,8 @@ impl Registries {
                                     DIGEST_TTL.min(Duration::from_secs(left))
                                 }
                                 SignatureVerdict::Rejected(_) => REFUSED_TTL,
-                                SignatureVerdict::Unreachable(_) => return,
+                                SignatureVerdict::Unreachable(_)
+                                | SignatureVerdict::Unchecked(_) => return,
                             };
                             this.verdicts.insert_for(&owner, remembered, verdict.clone(), ttl);
                         },
@@ -517,6 +518,9 @@ impl Registries {
                         Failure::Unreachable(why) => ImageFact::Unreachable(why),
                         Failure::Refused(why) => {
                             ImageFact::Refused(format!("the image config {config_digest}: {why}"))
+                        }
+                        Failure::Unread(why) => {
+                            ImageFact::Unread(format!("the image config {config_digest}: {why}"))
                         }
                     })
                     .and_then(|body| {
@@ -573,6 +577,8 @@ fn bounded_fact(fact: ImageFact) -> ImageFact {
     match fact {
         ImageFact::Refused(why) => ImageFact::Refused(bounded(why)),
         ImageFact::Unreachable(why) => ImageFact::Unreachable(bounded(why)),
+        ImageFact::Unread(why) => ImageFact::Unread(bounded(why)),
+        ImageFact::Unchecked(why) => ImageFact::Unchecked(bounded(why)),
         found @ ImageFact::Found(_) => found,
     }
 }
@@ -582,6 +588,7 @@ fn bounded_verdict(verdict: SignatureVerdict) -> SignatureVerdict {
     match verdict {
         SignatureVerdict::Rejected(why) => SignatureVerdict::Rejected(bounded(why)),
         SignatureVerdict::Unreachable(why) => SignatureVerdict::Unreachable(bounded(why)),
+        SignatureVerdict::Unchecked(why) => SignatureVerdict::Unchecked(bounded(why)),
         verified @ SignatureVerdict::Verified { .. } => verified,
     }
 }
@@ -632,7 +639,10 @@ fn fact_weight(key: &String, fact: &ImageFact) -> usize {
                     })
                     .sum::<usize>()
         }
-        ImageFact::Refused(why) | ImageFact::Unreachable(why) => why.len(),
+        ImageFact::Refused(why)
+        | ImageFact::Unreachable(why)
+        | ImageFact::Unread(why)
+        | ImageFact::Unchecked(why) => why.len(),
     };
     ENTRY_OVERHEAD + key.len() + held
 }
@@ -641,7 +651,9 @@ fn fact_weight(key: &String, fact: &ImageFact) -> usize {
 fn verdict_weight(key: &(String, TrustId), verdict: &SignatureVerdict) -> usize {
     let held = match verdict {
         SignatureVerdict::Verified { by, .. } => by.len(),
-        SignatureVerdict::Rejected(why) | SignatureVerdict::Unreachable(why) => why.len(),
+        SignatureVerdict::Rejected(why)
+        | SignatureVerdict::Unreachable(why)
+        | SignatureVerdict::Unchecked(why) => why.len(),
     };
     ENTRY_OVERHEAD + key.0.len() + held
 }
@@ -650,8 +662,8 @@ fn verdict_weight(key: &(String, TrustId), verdict: &SignatureVerdict) -> usize 
 fn fact_result(fact: &ImageFact) -> &'static str {
     match fact {
         ImageFact::Found(_) => "found",
-        ImageFact::Refused(_) => "refused",
-        ImageFact::Unreachable(_) => "unreachable",
+        ImageFact::Refused(_) | ImageFact::Unread(_) => "refused",
+        ImageFact::Unreachable(_) | ImageFact::Unchecked(_) => "unreachable",
     }
 }
 
@@ -660,7 +672,7 @@ fn verdict_result(verdict: &SignatureVerdict) -> &'static str {
     match verdict {
         SignatureVerdict::Verified { .. } => "verified",
         SignatureVerdict::Rejected(_) => "rejected",
-        SignatureVerdict::Unreachable(_) => "unreachable",
+        SignatureVerdict::Unreachable(_) | SignatureVerdict::Unchecked(_) => "unreachable",
     }
 }
 
@@ -734,6 +746,8 @@ pub(crate) enum Failure {
     Refused(String),
     /// It did not answer: connection, TLS, 5xx.
     Unreachable(String),
+    /// Its answer was larger than arcguard reads: a manifest, blob or token answer.
+    Unread(String),
 }
 
 impl From<Failure> for ImageFact {
@@ -741,6 +755,7 @@ impl From<Failure> for ImageFact {
         match failure {
             Failure::Refused(why) => Self::Refused(why),
             Failure::Unreachable(why) => Self::Unreachable(why),
+            Failure::Unread(why) => Self::Unread(why),
         }
     }
 }
@@ -1120,7 +1135,7 @@ mod tests {
             registries.lookup(&noisy, &BTreeSet::new(), &[], "noisy", Instant::now()).await.images;
         let busy = facts
             .values()
-            .filter(|fact| matches!(fact, ImageFact::Unreachable(why) if why.contains("read slots were busy")))
+            .filter(|fact| matches!(fact, ImageFact::Unchecked(why) if why.contains("read slots were busy")))
             .count();
         assert_eq!(busy, 20 - slots::NAMESPACE_READS, "{facts:?}");
         assert_eq!(registries.slots.in_flight(), slots::NAMESPACE_READS);
@@ -1152,7 +1167,7 @@ mod tests {
         let requests = pool.charge(1, tokio::time::Instant::now()).await.expect("room");
         let facts = registries.lookup(&keys, &BTreeSet::new(), &[], "apps", Instant::now()).await;
         match facts.images.get(&key) {
-            Some(ImageFact::Unreachable(why)) => assert!(
+            Some(ImageFact::Unchecked(why)) => assert!(
                 why.contains("no registry read could start within 200 ms")
                     && why.contains("memory budget (2 MiB, shared by webhook requests and registry reads in flight)"),
                 "{why}"
@@ -1177,7 +1192,7 @@ mod tests {
             .lookup(&BTreeSet::from([key.clone()]), &BTreeSet::new(), &[], "apps", late)
             .await;
         match facts.images.get(&key) {
-            Some(ImageFact::Unreachable(why)) => {
+            Some(ImageFact::Unchecked(why)) => {
                 assert!(why.contains("were spent before"), "{why}")
             }
             other => panic!("{other:?}"),

@@ -134,6 +134,12 @@ async fn cosign_signatures(
         // No such tag: the image has no cosign signature.
         Err(Failure::Refused(_)) => return Ok(()),
         Err(Failure::Unreachable(why)) => return Err(why),
+        // The tag is there, but its manifest is larger than arcguard reads.
+        Err(Failure::Unread(why)) => {
+            evidence.cosign_tag = true;
+            evidence.cosign_unusable.push(format!("its manifest was not read: {why}"));
+            return Ok(());
+        }
     };
     evidence.cosign_tag = true;
     // Parsed, the manifest's bytes are let go before any payload is read.
@@ -163,7 +169,7 @@ async fn cosign_signatures(
         {
             Ok(payload) => payload,
             Err(Failure::Unreachable(why)) => return Err(why),
-            Err(Failure::Refused(why)) => {
+            Err(Failure::Refused(why) | Failure::Unread(why)) => {
                 evidence.cosign_unusable.push(format!("payload {}: {why}", layer.digest));
                 continue;
             }
@@ -198,7 +204,7 @@ async fn notation_signatures(
     let referrers = match fetcher.referrers(access, &image, notation::ARTIFACT_TYPE).await {
         Ok(referrers) => referrers,
         Err(Failure::Unreachable(why)) => return Err(why),
-        Err(Failure::Refused(why)) => {
+        Err(Failure::Refused(why) | Failure::Unread(why)) => {
             evidence.notation_unlisted = Some(why);
             return Ok(());
         }
@@ -212,7 +218,7 @@ async fn notation_signatures(
         let body = match fetcher.manifest(access, &reference, &[manifest::OCI_MANIFEST]).await {
             Ok((body, _)) => body,
             Err(Failure::Unreachable(why)) => return Err(why),
-            Err(Failure::Refused(why)) => {
+            Err(Failure::Refused(why) | Failure::Unread(why)) => {
                 evidence.notation_unusable.push(unusable(why));
                 continue;
             }
@@ -248,7 +254,7 @@ async fn notation_signatures(
         {
             Ok(bytes) => bytes,
             Err(Failure::Unreachable(why)) => return Err(why),
-            Err(Failure::Refused(why)) => {
+            Err(Failure::Refused(why) | Failure::Unread(why)) => {
                 evidence.notation_unusable.push(unusable(format!("its envelope: {why}")));
                 continue;
             }

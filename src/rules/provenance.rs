@@ -162,6 +162,15 @@ pub enum ImageFact {
     /// The registry could not be read: no answer within the deadline, a connection, TLS or
     /// server error. The text says which.
     Unreachable(String),
+    /// arcguard did not read it, by its own bounds (more distinct images than it reads for
+    /// one pod; a manifest, config or token answer larger than it reads). Like a refusal, a
+    /// violation whatever `onRegistryError` says: the image itself is what is out of bounds.
+    /// The text says which bound and what to change.
+    Unread(String),
+    /// arcguard had no room to read it now (its read slots or memory budget were taken, it
+    /// was shutting down, or the request's registry time was spent before a read could
+    /// start). Like an outage, under `onRegistryError`, never cached.
+    Unchecked(String),
 }
 
 /// What the registry adapter read for one request: image facts by [`lookup_key`], and
@@ -183,6 +192,10 @@ pub enum ImageLookup<'a> {
     Refused(&'a str),
     /// The registry could not be read; why.
     Unreachable(&'a str),
+    /// arcguard's own bounds kept it from being read; why.
+    Unread(&'a str),
+    /// arcguard had no room to read it now; why.
+    Unchecked(&'a str),
     /// Registries are not read (`arcguard check` without `--registry`): nothing is judged.
     NotChecked,
 }
@@ -195,6 +208,8 @@ impl<'a> ImageLookup<'a> {
             Some(ImageFact::Found(image)) => Self::Found(image.as_ref()),
             Some(ImageFact::Refused(why)) => Self::Refused(why),
             Some(ImageFact::Unreachable(why)) => Self::Unreachable(why),
+            Some(ImageFact::Unread(why)) => Self::Unread(why),
+            Some(ImageFact::Unchecked(why)) => Self::Unchecked(why),
             None => Self::Unreachable("the image was not looked up"),
         }
     }
@@ -301,19 +316,29 @@ impl ImageProvenance {
         for judged in self.judged_images(pod, &mut findings) {
             let uses = || judged.uses();
             let parts = &judged.parts;
-            let unreachable = |findings: &mut Findings, why: &str| {
-                let text = unreadable(&uses(), why);
-                match self.on_registry_error {
-                    OnRegistryError::Deny => findings.violations.push(text),
-                    OnRegistryError::Warn => findings
-                        .advisories
-                        .push(format!("{text} (admitted unchecked: onRegistryError is Warn)")),
-                }
+            let unreachable = |findings: &mut Findings, text: String| match self.on_registry_error {
+                OnRegistryError::Deny => findings.violations.push(text),
+                OnRegistryError::Warn => findings
+                    .advisories
+                    .push(format!("{text} (admitted unchecked: onRegistryError is Warn)")),
             };
             match facts.image(&judged.key) {
                 ImageLookup::NotChecked => {}
-                ImageLookup::Unreachable(why) => unreachable(&mut findings, why),
+                ImageLookup::Unreachable(why) => unreachable(
+                    &mut findings,
+                    format!(
+                        "{}, whose registry could not be read: {why}; retry when the registry answers",
+                        uses()
+                    ),
+                ),
+                ImageLookup::Unchecked(why) => unreachable(
+                    &mut findings,
+                    format!("{}, which could not be checked: {why}; retry", uses()),
+                ),
                 ImageLookup::Refused(why) => findings.violations.push(refused(&uses(), why)),
+                ImageLookup::Unread(why) => {
+                    findings.violations.push(format!("{}, which was not read: {why}", uses()));
+                }
                 ImageLookup::Found(served) => {
                     // The digest checked, when the image does not already say it.
                     let uses_digest = || match parts.digest() {
@@ -368,10 +393,27 @@ impl ImageProvenance {
                                 uses_digest()
                             ));
                         }
-                        Some(SignatureVerdict::Unreachable(why)) => {
-                            unreachable(&mut findings, &format!("reading its signatures: {why}"));
-                        }
-                        None => unreachable(&mut findings, "its signatures were not looked up"),
+                        Some(SignatureVerdict::Unreachable(why)) => unreachable(
+                            &mut findings,
+                            format!(
+                                "{}, whose registry could not be read: reading its signatures: {why}; retry when the registry answers",
+                                uses()
+                            ),
+                        ),
+                        Some(SignatureVerdict::Unchecked(why)) => unreachable(
+                            &mut findings,
+                            format!(
+                                "{}, whose signatures could not be checked: {why}; retry",
+                                uses()
+                            ),
+                        ),
+                        None => unreachable(
+                            &mut findings,
+                            format!(
+                                "{}, whose signatures could not be checked: they were not looked up; retry",
+                                uses()
+                            ),
+                        ),
                     }
                 }
             }
@@ -544,28 +586,15 @@ fn moved(pod: &PodView) -> bool {
     })
 }
 
-/// A refusal, worded for who refused: arcguard's own bounds (`arcguard reads …`, which say what
-/// to change) or the registry, with the advice to check the reference only where the registry
-/// said it has no such image (a pull refused for want of credentials says what to add).
+/// The registry's refusal, with the advice to check the reference only where it said it has
+/// no such image (a pull refused for want of credentials says what to add).
 fn refused(uses: &str, why: &str) -> String {
-    if why.starts_with("arcguard reads") {
-        return format!("{uses}, which was not read: {why}");
-    }
     let not_found = ["MANIFEST_UNKNOWN", "NAME_UNKNOWN", "HTTP 404", "was not found"]
         .iter()
         .any(|sign| why.contains(sign));
     let advice =
         if not_found { "; check the reference, and that the image was pushed" } else { "" };
     format!("{uses}, which its registry does not serve: {why}{advice}")
-}
-
-/// An outage, worded for where it is: arcguard's own capacity (no read could start: its read
-/// slots or memory budget were taken) or the registry.
-fn unreadable(uses: &str, why: &str) -> String {
-    if why.starts_with("no registry read could start") || why.starts_with("arcguard") {
-        return format!("{uses}, which could not be checked: {why}; retry");
-    }
-    format!("{uses}, whose registry could not be read: {why}; retry when the registry answers")
 }
 
 /// The architecture the pod's `nodeSelector` pins, if any.
@@ -630,47 +659,74 @@ mod tests {
 
     #[test]
     fn refusals_and_outages_are_worded_for_who_refused_and_what_to_do() {
-        let uses = r#"container "app" uses image "r.io/app:1""#;
-        type Wording = fn(&str, &str) -> String;
-        let cases: [(Wording, &str, &str); 7] = [
+        let uses = r#"container "app" uses image "reg.example.com/team/x:1""#;
+        let deny = rule(json!({"registries": ["reg.example.com/team"], "pinDigest": false}));
+        let warn = rule(json!({"registries": ["reg.example.com/team"], "pinDigest": false,
+            "onRegistryError": "Warn"}));
+        // (fact, the finding's text after "<uses>, ", whether Warn admits it)
+        let cases = [
             (
-                refused,
-                "the registry answered MANIFEST_UNKNOWN (manifest unknown)",
+                ImageFact::Refused("the registry answered MANIFEST_UNKNOWN (manifest unknown)".into()),
                 "which its registry does not serve: the registry answered MANIFEST_UNKNOWN (manifest unknown); check the reference, and that the image was pushed",
+                false,
             ),
             (
-                refused,
-                "the registry refused an anonymous pull (401 Unauthorized): give the pod an imagePullSecret",
+                ImageFact::Refused("the registry refused an anonymous pull (401 Unauthorized): give the pod an imagePullSecret".into()),
                 "which its registry does not serve: the registry refused an anonymous pull (401 Unauthorized): give the pod an imagePullSecret",
+                false,
             ),
+            // arcguard's own bounds: the image is out of them, whatever onRegistryError says.
             (
-                refused,
-                "arcguard reads at most 64 distinct images in scope for one pod, and this pod names more; use fewer distinct images",
+                ImageFact::Unread("arcguard reads at most 64 distinct images in scope for one pod, and this pod names more; use fewer distinct images".into()),
                 "which was not read: arcguard reads at most 64 distinct images in scope for one pod, and this pod names more; use fewer distinct images",
+                false,
             ),
             (
-                unreadable,
-                "no answer within 3000 ms",
+                ImageFact::Unread("the image config sha256:ab: 2097152 bytes, over the 1048576 arcguard reads of such a blob".into()),
+                "which was not read: the image config sha256:ab: 2097152 bytes, over the 1048576 arcguard reads of such a blob",
+                false,
+            ),
+            (
+                ImageFact::Unreachable("no answer within 3000 ms".into()),
                 "whose registry could not be read: no answer within 3000 ms; retry when the registry answers",
+                true,
             ),
             (
-                unreadable,
-                "no registry read could start within 3000 ms: this namespace's 4 or all 16 read slots were busy",
-                "which could not be checked: no registry read could start within 3000 ms: this namespace's 4 or all 16 read slots were busy; retry",
-            ),
-            (
-                unreadable,
-                "arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit",
-                "which could not be checked: arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit; retry",
-            ),
-            (
-                unreadable,
-                "the registry answered HTTP 429: TOOMANYREQUESTS (rate limit)",
+                ImageFact::Unreachable("the registry answered HTTP 429: TOOMANYREQUESTS (rate limit)".into()),
                 "whose registry could not be read: the registry answered HTTP 429: TOOMANYREQUESTS (rate limit); retry when the registry answers",
+                true,
+            ),
+            // arcguard's capacity: worded as its own, under onRegistryError.
+            (
+                ImageFact::Unchecked("no registry read could start within 3000 ms: this namespace's 4 or all 16 read slots were busy".into()),
+                "which could not be checked: no registry read could start within 3000 ms: this namespace's 4 or all 16 read slots were busy; retry",
+                true,
+            ),
+            (
+                ImageFact::Unchecked("arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit".into()),
+                "which could not be checked: arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit; retry",
+                true,
             ),
         ];
-        for (word, why, want) in cases {
-            assert_eq!(word(uses, why), format!("{uses}, {want}"), "{why}");
+        let object = pod("reg.example.com/team/x:1", json!({}));
+        let view = view(Kind::Pod, &object, None);
+        for (fact, want, warn_admits) in cases {
+            let mut facts = facts();
+            if let Some(images) = facts.images.as_mut() {
+                images.insert("reg.example.com/team/x:1".into(), fact.clone());
+            }
+            let denied = deny.validate(&view, &facts);
+            assert_eq!(denied.violations, [format!("{uses}, {want}")], "{fact:?}");
+            let warned = warn.validate(&view, &facts);
+            if warn_admits {
+                assert!(warned.violations.is_empty(), "{fact:?}: {warned:?}");
+                assert_eq!(
+                    warned.advisories,
+                    [format!("{uses}, {want} (admitted unchecked: onRegistryError is Warn)")]
+                );
+            } else {
+                assert_eq!(warned.violations, denied.violations, "{fact:?}");
+            }
         }
     }
 
@@ -1063,8 +1119,24 @@ mod tests {
         );
         let warned = judged(&warn, Some(unread));
         assert!(warned.violations.is_empty() && warned.advisories.len() == 1, "{warned:?}");
+        // arcguard's own capacity is worded as its own, and under onRegistryError too.
+        let busy =
+            SignatureVerdict::Unchecked("no registry read could start within 3000 ms".into());
+        let denied = judged(&deny, Some(busy.clone()));
+        assert_eq!(
+            denied.violations,
+            [format!(
+                "container \"app\" uses image \"{image}\", whose signatures could not be checked: no registry read could start within 3000 ms; retry"
+            )]
+        );
+        let warned = judged(&warn, Some(busy));
+        assert!(warned.violations.is_empty() && warned.advisories.len() == 1, "{warned:?}");
         let missing = judged(&deny, None);
-        assert!(missing.violations[0].contains("its signatures were not looked up"), "{missing:?}");
+        assert!(
+            missing.violations[0]
+                .contains("whose signatures could not be checked: they were not looked up; retry"),
+            "{missing:?}"
+        );
         // A different key is a different trust: its verdicts are never read for this one.
         let other = rcgen::KeyPair::generate().expect("key");
         let other = rule(json!({"registries": ["reg.example.com/team"],

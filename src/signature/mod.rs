@@ -137,6 +137,9 @@ pub enum SignatureVerdict {
     Rejected(String),
     /// The signatures could not be read from the registry; why.
     Unreachable(String),
+    /// arcguard had no room to read them now (read slots, memory budget, shutting down);
+    /// why. Under `onRegistryError`, as an outage, and never cached.
+    Unchecked(String),
 }
 
 /// The first of `notes`, then how many more (notes of one kind are much alike).
