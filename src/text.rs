@@ -34,6 +34,25 @@ pub fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `text` cut to at most `max` bytes on a character boundary, marked `… [N bytes]` (its whole
+/// length) when cut, with its control characters [`escaped`]; an escaped text grown past `max`
+/// is cut again. So it is at most `max` bytes and the mark, and one line.
+pub fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    let cut = |part: &str, whole: usize| format!("{}… [{whole} bytes]", prefix(part, max));
+    let short = if text.len() <= max {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(cut(text, text.len()))
+    };
+    match escaped(&short) {
+        std::borrow::Cow::Borrowed(_) => short,
+        std::borrow::Cow::Owned(escaped) if escaped.len() <= max => {
+            std::borrow::Cow::Owned(escaped)
+        }
+        std::borrow::Cow::Owned(escaped) => std::borrow::Cow::Owned(cut(&escaped, text.len())),
+    }
+}
+
 /// Control characters, and the Unicode line and paragraph separators and bidirectional
 /// overrides, which some log viewers break lines at or reorder text by.
 fn needs_escape(c: char) -> bool {
@@ -50,6 +69,25 @@ mod tests {
         assert!(matches!(escaped("plain é €"), std::borrow::Cow::Borrowed("plain é €")));
         assert_eq!(escaped("a\nb\tc\u{1b}[0m\r"), "a\\nb\\tc\\u{1b}[0m\\r");
         assert_eq!(escaped("a\u{2028}b\u{202e}c"), "a\\u{2028}b\\u{202e}c");
+    }
+
+    #[test]
+    fn clipped_text_is_one_bounded_line_that_says_how_long_it_was() {
+        let cases = [
+            ("shop/web", 64, "shop/web".to_owned()),
+            ("a\nb", 64, "a\\nb".to_owned()),
+            ("abcdef", 3, "abc… [6 bytes]".to_owned()),
+            ("é€", 4, "é… [5 bytes]".to_owned()),
+            // Escaped past the size: cut again (escapes included), the mark still naming the
+            // original length.
+            ("\u{1b}\u{1b}\u{1b}", 8, "\\u{1b}\\u… [3 bytes]".to_owned()),
+        ];
+        for (text, max, want) in cases {
+            assert_eq!(clipped(text, max), want, "{text:?} at {max}");
+        }
+        let long = "\n".repeat(1_000_000);
+        let cut = clipped(&long, 2048);
+        assert!(cut.len() <= 2048 + "… [1000000 bytes]".len() && !cut.contains('\n'));
     }
 
     #[test]

@@ -30,11 +30,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Answers kept until they expire; at most `byte_limit` bytes as `weigh` counts them (with
 /// `TtlCache::new`, at most `limit` entries), the least reused evicted first. An answer
-/// weighing more than a sixteenth of `byte_limit` is not kept, nor one that would take its
-/// owner over a quarter of `byte_limit` ([`TtlCache::insert_for`]).
+/// weighing more than its entry limit (a sixteenth of `byte_limit`, or
+/// [`TtlCache::with_entry_limit`]'s) is not kept, nor one that would take its owner over a
+/// quarter of `byte_limit` ([`TtlCache::insert_for`]).
 pub struct TtlCache<K, V> {
     entries: Cache<K, Entry<V>, ByWeight, RandomState, Owners>,
     byte_limit: usize,
+    /// The heaviest answer kept, in bytes.
+    entry_limit: usize,
     weigh: fn(&K, &V) -> usize,
     /// The bytes each owner's answers weigh (the same map the cache's evictions release).
     owners: Owners,
@@ -139,10 +142,19 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
                 owners.clone(),
             ),
             byte_limit,
+            entry_limit: byte_limit / 16,
             weigh,
             owners,
             swept: Mutex::new(None),
         }
+    }
+
+    /// The same cache, keeping no answer heavier than `bytes` (at most a sixteenth of its
+    /// bytes).
+    #[must_use]
+    pub fn with_entry_limit(mut self, bytes: usize) -> Self {
+        self.entry_limit = bytes.min(self.byte_limit / 16);
+        self
     }
 
     /// The answer for `key`, if one has not expired (an expired one is dropped).
@@ -179,7 +191,7 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     fn keep(&self, owner: Option<Arc<str>>, key: K, value: V, ttl: Duration) {
         // Never zero: the cache never evicts an entry of no weight.
         let weight = (self.weigh)(&key, &value).max(1) as u64;
-        if weight > (self.byte_limit / 16) as u64 {
+        if weight > self.entry_limit as u64 {
             if let Some((_, gone)) = self.entries.remove(&key) {
                 self.owners.release(&gone);
             }

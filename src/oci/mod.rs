@@ -165,7 +165,8 @@ impl Registries {
         Ok(Arc::new(Self {
             anonymous: Arc::from(ANONYMOUS),
             deadline: config.deadline,
-            images: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, fact_weight),
+            images: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, fact_weight)
+                .with_entry_limit(FACT_CACHED_MAX),
             image_reads: Arc::new(Flights::new(READ_CAP)),
             verdicts: TtlCache::weighed(CACHE_LIMIT, CACHE_BYTES, verdict_weight),
             verdict_reads: Arc::new(Flights::new(READ_CAP)),
@@ -362,11 +363,8 @@ impl Registries {
             ImageFact::Unreachable(_) | ImageFact::Unchecked(_) => return,
         };
         let cache_key = image_cache_key(identity, key);
-        // A namespace's few images of 256 long platforms each would otherwise evict everyone
-        // else's entries: such a fact is read again each time, in that namespace's slots.
-        if fact_weight(&cache_key, fact) > FACT_CACHED_MAX {
-            return;
-        }
+        // A fact over FACT_CACHED_MAX is not kept (the cache's entry limit): read again each
+        // time, in its namespace's slots.
         self.images.insert_for(namespace, cache_key, fact.clone(), ttl);
         // The digest a tag resolved to is what the mutating webhook pins: the validating
         // webhook then reads it by digest.
@@ -554,21 +552,12 @@ async fn within<V>(
 /// quote what they could not read) reach denial messages, the caches and the log.
 pub const REASON_MAX_BYTES: usize = 1024;
 
-/// `why` cut to [`REASON_MAX_BYTES`] on a character boundary, marked when cut, with control
-/// characters escaped (`\n` as the two characters `\` `n`): a registry's text with a line
-/// break would otherwise forge a line of arcguard's log.
+/// `why` cut to [`REASON_MAX_BYTES`] and escaped ([`crate::text::clipped`]): a registry's
+/// text with a line break would otherwise forge a line of arcguard's log.
 fn bounded(why: String) -> String {
-    let cut = |mut text: String| {
-        if text.len() > REASON_MAX_BYTES {
-            text.truncate(crate::text::prefix(&text, REASON_MAX_BYTES).len());
-            text.push_str("… (cut)");
-        }
-        text
-    };
-    let why = cut(why);
-    match crate::text::escaped(&why) {
+    match crate::text::clipped(&why, REASON_MAX_BYTES) {
         std::borrow::Cow::Borrowed(_) => why,
-        std::borrow::Cow::Owned(escaped) => cut(escaped),
+        std::borrow::Cow::Owned(clipped) => clipped,
     }
 }
 
@@ -1019,7 +1008,7 @@ mod tests {
                     "{why}"
                 );
                 assert!(
-                    why.ends_with("… (cut)") && why.len() <= REASON_MAX_BYTES + 12,
+                    why.ends_with(" bytes]") && why.len() <= REASON_MAX_BYTES + 24,
                     "{}",
                     why.len()
                 );

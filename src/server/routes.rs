@@ -266,23 +266,10 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// reviews with megabyte names cannot write megabytes of log.
 const MAX_LOGGED_FIELD: usize = 2048;
 
-/// `text` cut to at most `max` bytes on a character boundary, marked when cut, with control
-/// characters escaped: a decision's message spans lines, and text it quotes (an image name, a
-/// registry's words) must not be able to forge a line of the log.
+/// `text` as logged: a decision's message spans lines, and text it quotes (an image name, a
+/// registry's words) must not be able to forge a line of the log ([`crate::text::clipped`]).
 fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    let cut = if text.len() <= max {
-        std::borrow::Cow::Borrowed(text)
-    } else {
-        std::borrow::Cow::Owned(format!(
-            "{}… [{} bytes]",
-            crate::text::prefix(text, max),
-            text.len()
-        ))
-    };
-    match crate::text::escaped(&cut) {
-        std::borrow::Cow::Borrowed(_) => cut,
-        std::borrow::Cow::Owned(escaped) => std::borrow::Cow::Owned(escaped),
-    }
+    crate::text::clipped(text, max)
 }
 
 /// Whether the decision log admits one `line` now; logs the summary due first, if any.
