@@ -7,7 +7,11 @@
 //! every tenant reuses (a cache emptied when full, as this was, let it evict everything).
 //! An answer may be charged to an owner (the namespace whose request read it), and an owner
 //! holds at most a quarter of the cache: S3-FIFO alone lets a tenant that reads each of its
-//! images twice move them all to the main queue, evicting every other tenant's.
+//! images twice move them all to the main queue, evicting every other tenant's. The cache is
+//! one shard, so that quarter is of what is evicted together: quick_cache's default of four
+//! shards per core, each evicting on its own, gives a 64-core node 256 shards of 16 KiB, which
+//! one heavy answer empties. Lookups take the shard's read lock; inserts (registry reads) are
+//! rare.
 //! Reads in flight are own code: sharing a read needs a spawned task that outlives the
 //! requests waiting on it, which the general-purpose caches do not do.
 
@@ -19,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt as _, Shared};
 use quick_cache::sync::Cache;
-use quick_cache::{Lifecycle, Weighter};
+use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
 /// The part of a cache's bytes one owner may hold: a quarter, as a namespace's share of the
 /// registry read slots.
@@ -133,14 +137,23 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
 
     fn build(items: usize, byte_limit: usize, weigh: fn(&K, &V) -> usize) -> Self {
         let owners = Owners::default();
+        let options = OptionsBuilder::new()
+            .shards(1)
+            .estimated_items_capacity(items)
+            .weight_capacity(byte_limit as u64)
+            .build();
+        let entries = match options {
+            Ok(options) => {
+                Cache::with_options(options, ByWeight, RandomState::new(), owners.clone())
+            }
+            // Not for these options (it refuses only out-of-range allocations); the default
+            // sharding is the fallback.
+            Err(_) => {
+                Cache::with(items, byte_limit as u64, ByWeight, RandomState::new(), owners.clone())
+            }
+        };
         Self {
-            entries: Cache::with(
-                items,
-                byte_limit as u64,
-                ByWeight,
-                RandomState::new(),
-                owners.clone(),
-            ),
+            entries,
             byte_limit,
             entry_limit: byte_limit / 16,
             weigh,
@@ -197,9 +210,8 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
             }
             return;
         }
-        if let Some((_, replaced)) = self.entries.remove(&key) {
-            self.owners.release(&replaced);
-        }
+        // Charged before anything is replaced: an owner at its share changes nothing, not
+        // even another owner's entry under the same key.
         if let Some(owner) = &owner {
             let share = (self.byte_limit / OWNER_SHARE) as u64;
             let charged = self.owners.charge(owner, weight, share)
@@ -207,6 +219,9 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
             if !charged {
                 return;
             }
+        }
+        if let Some((_, replaced)) = self.entries.remove(&key) {
+            self.owners.release(&replaced);
         }
         let entry = Entry { expires: Instant::now() + ttl, value, weight, owner };
         self.entries.insert(key, entry);
@@ -395,6 +410,13 @@ mod tests {
         assert_eq!(kept, others.len(), "the other owner's answers survive");
         assert!(cache.held_by("noisy") <= 40_000, "{}", cache.held_by("noisy"));
         assert_eq!(cache.held_by("quiet"), 100 * 100);
+        // An owner at its share replaces nothing, not even another owner's answer of the
+        // same key.
+        let noisy_held = cache.held_by("noisy");
+        assert!(noisy_held + 100 > 40_000, "{noisy_held}");
+        cache.insert_for("noisy", others[1].clone(), "y".repeat(100), long);
+        assert_eq!(cache.get(&others[1]), Some("x".repeat(100)));
+        assert_eq!((cache.held_by("noisy"), cache.held_by("quiet")), (noisy_held, 100 * 100));
         // Replacing an answer releases what it held; answers charged to no one are not limited.
         cache.insert_for("quiet", others[0].clone(), "x".repeat(10), long);
         assert_eq!(cache.held_by("quiet"), 99 * 100 + 10);
@@ -424,6 +446,12 @@ mod tests {
         // Evicted or expired answers release their owner's bytes.
         cache.clear();
         assert_eq!(cache.held_by("a"), 0);
+    }
+
+    #[test]
+    fn the_cache_is_one_shard_whatever_the_cores() {
+        let cache: TtlCache<String, String> = TtlCache::weighed(10_000, 4 << 20, |_, v| v.len());
+        assert_eq!(cache.entries.num_shards(), 1);
     }
 
     #[tokio::test]

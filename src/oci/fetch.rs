@@ -70,6 +70,8 @@ enum Authorization {
 /// is in each request's headers) and the tokens it was given.
 pub struct Fetcher {
     http: registry_http::Client,
+    /// The token services' client: it follows no redirect.
+    token_http: registry_http::Client,
     plain_http: Vec<String>,
     tokens: TtlCache<String, Authorization>,
 }
@@ -105,11 +107,16 @@ struct ReferrersIndex {
 }
 
 impl Fetcher {
-    /// A reader over `http` (built as oci-client's clients are: the same roots, timeouts and
-    /// user agent), reading the registries in `plain_http` over plain HTTP.
-    pub fn new(http: registry_http::Client, plain_http: Vec<String>) -> Self {
+    /// A reader over `http` (registries) and `token_http` (token services, following no
+    /// redirect), reading the registries in `plain_http` over plain HTTP.
+    pub fn new(
+        http: registry_http::Client,
+        token_http: registry_http::Client,
+        plain_http: Vec<String>,
+    ) -> Self {
         Self {
             http,
+            token_http,
             plain_http,
             tokens: TtlCache::weighed(TOKEN_LIMIT, TOKEN_CACHE_BYTES, token_weight),
         }
@@ -264,12 +271,32 @@ impl Fetcher {
         if response.status() == StatusCode::UNAUTHORIZED {
             let (authorization, ttl) =
                 self.authorize(access, reference, response.headers()).await?;
-            self.tokens.insert(key, authorization.clone(), ttl);
+            self.tokens.insert_for(&access.owner, key, authorization.clone(), ttl);
             response = self.send(url, accept, Some(&authorization)).await?;
         }
         let status = response.status();
+        // What an HTTPS server answers a plain-HTTP request (Go's: "Client sent an HTTP
+        // request to an HTTPS server"): a configuration error, said as one.
+        if status == StatusCode::BAD_REQUEST && url.starts_with("http:") {
+            return Err(GetError::Failure(Failure::Unreachable(
+                "the registry answered HTTP 400 to plain HTTP (an HTTPS registry? remove it from --registry-plain-http)"
+                    .to_owned(),
+            )));
+        }
         if status != StatusCode::OK {
-            let body = read_capped(&mut response, ERROR_MAX_BYTES).await.unwrap_or_default();
+            // Quoted only from the registry itself: a redirect may have taken the request to
+            // any address the registry named.
+            let origin = url.find("/v2/").map_or(url, |end| &url[..=end]);
+            let body = if response.url().as_str().starts_with(origin) {
+                read_capped(&mut response, ERROR_MAX_BYTES).await.unwrap_or_default()
+            } else {
+                Bytes::new()
+            };
+            // Refused though authorized as well as this access can be (a token service may
+            // give anonymous clients a token that reads no private repository).
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                return Err(GetError::Failure(pull_refused(status, &body, &access.auth)));
+            }
             return Err(GetError::Status(status, body));
         }
         let digest = response
@@ -333,11 +360,17 @@ impl Fetcher {
         service: Option<&str>,
     ) -> Result<(String, Duration), GetError> {
         let refused = |why: String| GetError::Failure(Failure::Refused(why));
-        let plain_allowed = self.scheme(reference.resolve_registry()) == "http";
+        // Plain HTTP carries no credential of an anonymous pull, or one to a registry that is
+        // itself read over plain HTTP (development).
+        let plain_allowed = matches!(access.auth, RegistryAuth::Anonymous)
+            || self.scheme(reference.resolve_registry()) == "http";
         let url =
             token_url(realm, reference.repository(), service, plain_allowed).map_err(refused)?;
-        let host = url.host_str().unwrap_or_default().to_owned();
-        let mut request = self.http.get(url);
+        let host = match url.port() {
+            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_owned(),
+        };
+        let mut request = self.token_http.get(url);
         if let RegistryAuth::Basic(user, password) = &access.auth {
             request = request.basic_auth(user, Some(password));
         }
@@ -418,8 +451,9 @@ fn token_url(
         "https" => {}
         "http" if plain_allowed => {}
         other => {
+            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
             return Err(format!(
-                "the registry names a token service at {other}://{}, which is not HTTPS: arcguard sends credentials over HTTPS only",
+                "the registry names a token service at {other}://{}{port}, which is not HTTPS: arcguard sends credentials over HTTPS only",
                 url.host_str().unwrap_or_default()
             ));
         }
@@ -577,6 +611,18 @@ fn status_failure(status: StatusCode, body: &[u8]) -> Failure {
         Some(text) => format!("the registry answered HTTP {code}: {text}"),
         None => format!("the registry answered HTTP {code}"),
     })
+}
+
+/// A pull the registry refused (401 or 403) to `auth`: for an anonymous pull, what to add;
+/// for a credential, what to check; with the registry's error codes when it gave some.
+fn pull_refused(status: StatusCode, body: &[u8], auth: &RegistryAuth) -> Failure {
+    if matches!(auth, RegistryAuth::Anonymous) {
+        return Failure::Refused(ANONYMOUS_REFUSED.to_owned());
+    }
+    Failure::Refused(format!(
+        "the registry refused the pull with the imagePullSecret's credential ({status}){}: check that it may pull this repository",
+        envelope_text(body).map(|t| format!(": {t}")).unwrap_or_default()
+    ))
 }
 
 /// Whether a 4xx status says "not now" rather than "not this": 408 Request Timeout, 425 Too
@@ -790,14 +836,23 @@ pub(super) mod tests {
     fn reader(host: &str) -> (Fetcher, Access) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = registry_http::Client::builder().build().expect("http");
-        let access = Access { auth: RegistryAuth::Anonymous, identity: Arc::from("anonymous") };
-        (Fetcher::new(http, vec![host.to_owned()]), access)
+        let token_http = registry_http::Client::builder()
+            .redirect(registry_http::redirect::Policy::none())
+            .build()
+            .expect("http");
+        let access = Access {
+            auth: RegistryAuth::Anonymous,
+            identity: Arc::from("anonymous"),
+            owner: Arc::from("apps"),
+        };
+        (Fetcher::new(http, token_http, vec![host.to_owned()]), access)
     }
 
     fn with_secret() -> Access {
         Access {
             auth: RegistryAuth::Basic("u".into(), "p".into()),
             identity: Arc::from("u@secret"),
+            owner: Arc::from("apps"),
         }
     }
 
@@ -849,6 +904,9 @@ pub(super) mod tests {
         let (host, _) = registry(Arc::new(move |path, _| match path {
             "/v2/team/app/manifests/1" => ok(MANIFEST, &served),
             "/v2/team/app/manifests/lying" => ok(MANIFEST, &sha256(b"something else")),
+            "/v2/team/app/manifests/tls" => {
+                answer("400 Bad Request", b"Client sent an HTTP request to an HTTPS server.\n")
+            }
             _ => not_found(),
         }))
         .await;
@@ -867,6 +925,12 @@ pub(super) mod tests {
         assert!(
             matches!(lying, Err(Failure::Refused(ref why)) if why.contains("does not match its digest")),
             "{lying:?}"
+        );
+        // An HTTPS registry listed as plain HTTP: a configuration error, said as one.
+        let tls = fetcher.manifest(&access, &reference(&host, ":tls"), &[OCI_INDEX]).await;
+        assert!(
+            matches!(tls, Err(Failure::Unreachable(ref why)) if why.contains("remove it from --registry-plain-http")),
+            "{tls:?}"
         );
         let missing = fetcher.manifest(&access, &reference(&host, ":2"), &[OCI_INDEX]).await;
         assert_eq!(
@@ -895,6 +959,37 @@ pub(super) mod tests {
             let read = fetcher.manifest(&access, &reference(&host, tag), &[OCI_INDEX]).await;
             assert_eq!(read.err(), Some(too_large()), "{tag}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_error_from_where_the_registry_redirected_is_not_quoted() {
+        let (elsewhere, _) = registry(Arc::new(|_, _| {
+            answer(
+                "404 Not Found",
+                br#"{"errors":[{"code":"INTERNAL_SECRET","message":"db-password=hunter2"}]}"#,
+            )
+        }))
+        .await;
+        let target = format!("http://{elsewhere}/internal");
+        let (host, _) = registry(Arc::new(move |path, _| match path {
+            "/v2/team/app/manifests/moved" => (
+                format!("HTTP/1.1 302 Found\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"),
+                Vec::new(),
+            ),
+            _ => not_found(),
+        }))
+        .await;
+        let (fetcher, access) = reader(&host);
+        let read = fetcher.manifest(&access, &reference(&host, ":moved"), &[OCI_INDEX]).await;
+        assert_eq!(read.err(), Some(Failure::Refused("the registry answered HTTP 404".into())));
+        // The registry's own errors are quoted.
+        let read = fetcher.manifest(&access, &reference(&host, ":other"), &[OCI_INDEX]).await;
+        assert_eq!(
+            read.err(),
+            Some(Failure::Refused(
+                "the registry answered MANIFEST_UNKNOWN (manifest unknown)".into()
+            ))
+        );
     }
 
     #[tokio::test]
@@ -1114,6 +1209,14 @@ pub(super) mod tests {
             "newline" => answer("200 OK", br#"{"token":"t0\nken"}"#),
             "empty" => answer("200 OK", br#"{"token":""}"#),
             "page" => answer("200 OK", INSIDE),
+            // A token service that redirects (to an internal address, or plain HTTP) is not
+            // followed.
+            "moved" => (
+                "HTTP/1.1 302 Found\r\nlocation: /token?scope=repository%3Ateam%2Fok%3Apull\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                Vec::new(),
+            ),
+            // A token that reads nothing here, as a token service gives anonymous clients.
+            "weak" => answer("200 OK", br#"{"token":"weak"}"#),
             "denied" => answer("401 Unauthorized", INSIDE),
             "limited" => answer("429 Too Many Requests", INSIDE),
             "down" => answer("503 Service Unavailable", INSIDE),
@@ -1123,7 +1226,7 @@ pub(super) mod tests {
         let (fetcher, anonymous) = reader(&host);
         let secret = with_secret();
         let refused = |s: &str| Err(Failure::Refused(s.to_owned()));
-        let token = |why: &str| format!("the registry's token service at 127.0.0.1 {why}");
+        let token = |why: &str| format!("the registry's token service at {host} {why}");
         let cases = [
             ("ok", &anonymous, Ok(())),
             ("declared", &anonymous, Err(Failure::Unread(token_too_large()))),
@@ -1153,6 +1256,16 @@ pub(super) mod tests {
                 )),
             ),
             ("missing", &anonymous, refused(&token("answered HTTP 404"))),
+            ("moved", &anonymous, refused(&token("answered HTTP 302"))),
+            // The registry refuses the token it was given: said as for who pulled.
+            ("weak", &anonymous, refused(ANONYMOUS_REFUSED)),
+            (
+                "weak",
+                &secret,
+                refused(
+                    "the registry refused the pull with the imagePullSecret's credential (401 Unauthorized): check that it may pull this repository",
+                ),
+            ),
             // Rate limits and failures of the token service are outages, as the registry's.
             ("limited", &anonymous, Err(Failure::Unreachable(token("answered HTTP 429")))),
             ("down", &anonymous, Err(Failure::Unreachable(token("answered HTTP 503")))),

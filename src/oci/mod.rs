@@ -116,6 +116,8 @@ pub(crate) struct Access {
     pub(crate) auth: RegistryAuth,
     /// `anonymous`, or the credential's [`RegistryCredential::identity`].
     pub(crate) identity: Arc<str>,
+    /// The namespace whose request reads: what is kept for it is charged to it.
+    pub(crate) owner: Arc<str>,
 }
 
 /// Registry access with its caches; one per process.
@@ -153,15 +155,19 @@ impl Registries {
         // reqwest takes the process's default rustls provider and panics without one; ring is
         // the only provider compiled in (an error means one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        if memory.total_bytes() < slots::READ_BYTES {
+        if memory.total_bytes() < slots::MIN_POOL_BYTES {
             tracing::warn!(
-                budget_mib = memory.total_bytes() / (1024 * 1024),
-                read_mib = slots::READ_BYTES / (1024 * 1024),
-                "the memory budget cannot hold one registry read: imageProvenance will find every registry unreadable; raise --memory-limit"
+                budget_kib = memory.total_bytes() / 1024,
+                read_kib = slots::READ_BYTES / 1024,
+                "the memory budget cannot hold a registry read beside the webhook request that needs it: imageProvenance will find every image unchecked; raise --memory-limit to 12 MiB or more"
             );
         }
         // A configuration that cannot make a client fails at start, not on a request.
-        let fetcher = fetch::Fetcher::new(http_client(config)?, config.plain_http.clone());
+        let fetcher = fetch::Fetcher::new(
+            http_client(config, true)?,
+            http_client(config, false)?,
+            config.plain_http.clone(),
+        );
         Ok(Arc::new(Self {
             anonymous: Arc::from(ANONYMOUS),
             deadline: config.deadline,
@@ -208,6 +214,8 @@ impl Registries {
         // Every read of this request, signatures included, ends `deadline` after the request
         // arrived, whatever the cluster lookups before took.
         let until = tokio::time::Instant::from_std(arrived) + self.deadline;
+        let owner: Arc<str> = Arc::from(namespace);
+        let owner = &owner;
         let read = futures::future::join_all(keys.iter().enumerate().map(|(i, key)| async move {
             if i >= MAX_IMAGES_PER_REQUEST {
                 let refused = ImageFact::Unread(format!(
@@ -215,7 +223,7 @@ impl Registries {
                 ));
                 return (key.clone(), refused, Vec::new());
             }
-            let pull = self.pull(key, credentials);
+            let pull = self.pull(key, credentials, owner);
             let fact = self.fact(&pull, key, namespace, until).await;
             let mut verdicts = Vec::new();
             if let ImageFact::Found(image) = &fact {
@@ -244,7 +252,8 @@ impl Registries {
         }
         keys.iter()
             .map(|key| {
-                let pull = self.pull(key, credentials);
+                // Who reads does not matter for a cached answer.
+                let pull = self.pull(key, credentials, &self.anonymous);
                 let fact = self.images.get(&image_cache_key(&pull.identity, key))?;
                 let mut verdicts = Vec::new();
                 if let ImageFact::Found(image) = &fact {
@@ -261,7 +270,8 @@ impl Registries {
 
     /// How `key` is pulled: with the credential of `credentials` the kubelet would pick for
     /// its registry and repository, else anonymously.
-    fn pull(&self, key: &str, credentials: &[RegistryCredential]) -> Access {
+    fn pull(&self, key: &str, credentials: &[RegistryCredential], owner: &Arc<str>) -> Access {
+        let owner = Arc::clone(owner);
         let (registry, rest) = key.split_once('/').unwrap_or((key, ""));
         let repository = split_tag(key)
             .map(|(name, _)| name)
@@ -269,10 +279,15 @@ impl Registries {
             .and_then(|name| name.split_once('/').map(|(_, repository)| repository))
             .unwrap_or(rest);
         match credentials::for_image(registry, repository, credentials) {
-            None => Access { auth: RegistryAuth::Anonymous, identity: Arc::clone(&self.anonymous) },
+            None => Access {
+                auth: RegistryAuth::Anonymous,
+                identity: Arc::clone(&self.anonymous),
+                owner,
+            },
             Some(credential) => Access {
                 auth: RegistryAuth::Basic(credential.username.clone(), credential.password.clone()),
                 identity: Arc::from(credential.identity()),
+                owner,
             },
         }
     }
@@ -296,7 +311,7 @@ impl Registries {
             Some(read) => {
                 within(until, read, self.deadline).await.unwrap_or_else(ImageFact::Unreachable)
             }
-            None => match self.slot(namespace, until).await {
+            None => match self.slot(namespace, key, until).await {
                 Err(why) => ImageFact::Unchecked(why),
                 Ok(slot) => {
                     let began = Instant::now();
@@ -332,21 +347,24 @@ impl Registries {
         fact
     }
 
-    /// A read slot of `namespace`'s, waited for until `until`; else why there is none.
+    /// A read slot of `namespace`'s for the registry of `key`, waited for until `until`; else
+    /// why there is none.
     async fn slot(
         &self,
         namespace: &str,
+        key: &str,
         until: tokio::time::Instant,
     ) -> Result<slots::ReadSlot, String> {
+        let registry = key.split('/').next().unwrap_or_default();
         if until <= tokio::time::Instant::now() {
             return Err(format!(
                 "the {} ms of this request's registry reads were spent before they could start (reading its imagePullSecrets took that long); retry",
                 self.deadline.as_millis()
             ));
         }
-        self.slots.acquire(namespace, until).await.map_err(|refused| match refused {
+        self.slots.acquire(namespace, registry, until).await.map_err(|refused| match refused {
             NoSlot::Closed | NoSlot::TooSmall { .. } => refused.to_string(),
-            NoSlot::Busy | NoSlot::Memory { .. } => format!(
+            NoSlot::Busy(_) | NoSlot::Memory { .. } => format!(
                 "no registry read could start within {} ms: {refused}",
                 self.deadline.as_millis()
             ),
@@ -401,7 +419,7 @@ impl Registries {
             Some(read) => within(until, read, self.deadline)
                 .await
                 .unwrap_or_else(SignatureVerdict::Unreachable),
-            None => match self.slot(namespace, until).await {
+            None => match self.slot(namespace, key, until).await {
                 Err(why) => SignatureVerdict::Unchecked(why),
                 Ok(slot) => {
                     let began = Instant::now();
@@ -763,14 +781,25 @@ pub(crate) fn transport_failure(error: &dyn std::error::Error) -> Failure {
     Failure::Unreachable(format!("{text}{hint}"))
 }
 
-/// The HTTP client of every registry read: the system roots plus the configured CA,
-/// [`READ_CAP`] as connect and read timeouts (a request waits at most its deadline; the read
-/// may go on to fill the cache for the apiserver's retry), arcguard's user agent.
+/// An HTTP client of the registry reads: the system roots plus the configured CA, [`READ_CAP`]
+/// as connect and read timeouts (a request waits at most its deadline; the read may go on to
+/// fill the cache for the apiserver's retry), arcguard's user agent, following redirects
+/// (blobs live behind them) or not (token services: a realm is the registry's to name, and a
+/// redirect would take a plain-HTTP or internal address past its checks).
+///
+/// No connection is kept idle: a namespaced policy's registries, and the token services and
+/// redirect targets they name, are hosts a tenant picks, and reqwest keeps idle connections
+/// per host without a total bound (7,000 token services one namespace named held 6,000
+/// connections and 130 MB). Registry reads are the first-seen path; each request opens its
+/// own connection.
 ///
 /// # Errors
 /// [`RegistryError::Ca`] for a CA bundle without a certificate, or one that does not parse;
 /// [`RegistryError::Http`] for a client reqwest cannot build.
-fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, RegistryError> {
+fn http_client(
+    config: &RegistryConfig,
+    redirects: bool,
+) -> Result<registry_http::Client, RegistryError> {
     let mut roots = Vec::new();
     if let Some(pem) = &config.ca_pem {
         for cert in CertificateDer::pem_slice_iter(pem) {
@@ -784,10 +813,17 @@ fn http_client(config: &RegistryConfig) -> Result<registry_http::Client, Registr
             return Err(RegistryError::Ca("no CERTIFICATE block".to_owned()));
         }
     }
+    let redirect = if redirects {
+        registry_http::redirect::Policy::default()
+    } else {
+        registry_http::redirect::Policy::none()
+    };
     registry_http::Client::builder()
         .tls_certs_merge(roots)
         .connect_timeout(READ_CAP)
         .read_timeout(READ_CAP)
+        .pool_max_idle_per_host(0)
+        .redirect(redirect)
         .user_agent(concat!("arcguard/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| RegistryError::Http(e.to_string()))
@@ -862,11 +898,11 @@ mod tests {
                         } else if path.starts_with("/v2/team/loud/") {
                             // A registry that puts 60 KiB into its error message.
                             let error = format!(
-                                r#"{{"errors":[{{"code":"DENIED","message":"{}"}}]}}"#,
+                                r#"{{"errors":[{{"code":"NAME_UNKNOWN","message":"{}"}}]}}"#,
                                 "é".repeat(30 * 1024)
                             );
                             format!(
-                                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{error}",
+                                "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{error}",
                                 error.len()
                             )
                         } else {
@@ -893,6 +929,49 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .expect("client")
+    }
+
+    #[tokio::test]
+    async fn no_connection_is_kept_idle_for_the_next_read() {
+        // A registry that keeps every connection open and counts them.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let host = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = [0; 4096];
+                    while let Ok(read) = socket.read(&mut buffer).await {
+                        if read == 0 {
+                            return;
+                        }
+                        let answer = "HTTP/1.1 404 Not Found\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let registries = registries(&host, DEFAULT_DEADLINE);
+        for i in 0..3 {
+            let key = format!("{host}/team/app{i}:1");
+            let facts = registries
+                .lookup(
+                    &BTreeSet::from([key.clone()]),
+                    &BTreeSet::new(),
+                    &[],
+                    "apps",
+                    Instant::now(),
+                )
+                .await;
+            assert!(matches!(facts.images.get(&key), Some(ImageFact::Refused(_))), "{facts:?}");
+        }
+        // Hosts a tenant names (registries, token services, redirect targets) cannot pile up
+        // idle connections: each read opened its own.
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     #[test]
@@ -1003,10 +1082,7 @@ mod tests {
             .await;
         match facts.images.get(&loud) {
             Some(ImageFact::Refused(why)) => {
-                assert!(
-                    why.starts_with("the registry refused the pull (403 Forbidden): DENIED (éé"),
-                    "{why}"
-                );
+                assert!(why.starts_with("the registry answered NAME_UNKNOWN (éé"), "{why}");
                 assert!(
                     why.ends_with(" bytes]") && why.len() <= REASON_MAX_BYTES + 24,
                     "{}",
@@ -1139,7 +1215,7 @@ mod tests {
     #[tokio::test]
     async fn a_memory_budget_full_of_requests_leaves_reads_unreadable_and_says_why() {
         let (host, served, _, _) = mock_registry(false).await;
-        let pool = MemoryPool::new(slots::READ_BYTES);
+        let pool = MemoryPool::new(slots::MIN_POOL_BYTES);
         let registries = Registries::new(
             &RegistryConfig {
                 ca_pem: None,
@@ -1152,13 +1228,14 @@ mod tests {
         .expect("client");
         let key = format!("{host}/team/app:1");
         let keys = BTreeSet::from([key.clone()]);
-        // Webhook requests in flight hold the whole pool for longer than the deadline.
-        let requests = pool.charge(1, tokio::time::Instant::now()).await.expect("room");
+        // Webhook requests in flight leave less than a read for longer than the deadline.
+        let requests =
+            pool.charge(slots::READ_BYTES + 1, tokio::time::Instant::now()).await.expect("room");
         let facts = registries.lookup(&keys, &BTreeSet::new(), &[], "apps", Instant::now()).await;
         match facts.images.get(&key) {
             Some(ImageFact::Unchecked(why)) => assert!(
                 why.contains("no registry read could start within 200 ms")
-                    && why.contains("memory budget (2 MiB, shared by webhook requests and registry reads in flight)"),
+                    && why.contains("memory budget (4 MiB, shared by webhook requests and registry reads in flight)"),
                 "{why}"
             ),
             other => panic!("{other:?}"),

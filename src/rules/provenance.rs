@@ -703,8 +703,8 @@ mod tests {
                 true,
             ),
             (
-                ImageFact::Unchecked("arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit".into()),
-                "which could not be checked: arcguard's memory budget (1 MiB) is smaller than one registry read (2 MiB); raise --memory-limit; retry",
+                ImageFact::Unchecked("arcguard's memory budget (2048 KiB) cannot hold a registry read (2048 KiB) beside the webhook request that needs it; raise --memory-limit to 12 MiB or more".into()),
+                "which could not be checked: arcguard's memory budget (2048 KiB) cannot hold a registry read (2048 KiB) beside the webhook request that needs it; raise --memory-limit to 12 MiB or more; retry",
                 true,
             ),
         ];
