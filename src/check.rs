@@ -319,8 +319,9 @@ pub fn render_text(reports: &[Report], notes: &[&str]) -> String {
     let count = |v| reports.iter().filter(|r| r.verdict == v).count();
     let _ = writeln!(
         out,
-        "{} objects: {} denied, {} warned, {} passed, {} not inspected",
+        "{} {}: {} denied, {} warned, {} passed, {} not inspected",
         reports.len(),
+        if reports.len() == 1 { "object" } else { "objects" },
         count(Verdict::Deny),
         count(Verdict::Warn),
         count(Verdict::Pass),

@@ -31,7 +31,7 @@ fn registry_config(args: &RegistryArgs) -> anyhow::Result<arcguard::oci::Registr
     let timeout = args.registry_timeout;
     anyhow::ensure!(
         (std::time::Duration::from_millis(100)..=arcguard::oci::READ_CAP).contains(&timeout),
-        "--registry-timeout {timeout:?} is outside 100ms..30s; keep it below the webhooks' timeoutSeconds (5 s in manifests/)"
+        "--registry-timeout {timeout:?} is outside 100ms..30s: registry reads need at least 100 ms, and a read goes on for at most 30 s; keep it below the webhooks' timeoutSeconds (5 s in manifests/)"
     );
     for host in &args.registry_plain_http {
         anyhow::ensure!(
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => run_audit(&args),
         Command::Crds => match arcguard::policy::crd::crds_yaml() {
             Ok(yaml) => {
-                print!("{yaml}");
+                output(&yaml);
                 ExitCode::SUCCESS
             }
             Err(error) => {
@@ -287,10 +287,23 @@ async fn shutdown_signal() {
     }
 }
 
+/// Writes a command's output to stdout. A reader that went away (`arcguard check … | head`)
+/// ends the output quietly, as other command-line tools do; `print!` would panic.
+fn output(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: writing the output: {error}");
+        }
+        _ => {}
+    }
+}
+
 fn run_check(args: &CheckArgs) -> ExitCode {
     match check_inputs(args) {
-        Ok((output, denied)) => {
-            print!("{output}");
+        Ok((text, denied)) => {
+            output(&text);
             if denied { ExitCode::from(1) } else { ExitCode::SUCCESS }
         }
         Err(error) => {
@@ -377,8 +390,8 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
     match audited {
         Ok(output) => {
             match args.output {
-                OutputFormat::Text => print!("{}", audit_output::render_text(&output)),
-                OutputFormat::Json => print!("{}", audit_output::render_json(&output)),
+                OutputFormat::Text => self::output(&audit_output::render_text(&output)),
+                OutputFormat::Json => self::output(&audit_output::render_json(&output)),
             }
             ExitCode::from(audit_output::exit_code(&output))
         }

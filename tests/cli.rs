@@ -313,3 +313,36 @@ fn image_provenance_is_skipped_without_registry_and_read_with_it() {
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("registry CA bundle holds no valid PEM certificate"), "{stderr}");
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Enough objects that the output outgrows the pipe's buffer after the reader left.
+    let many: String = (0..4000)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}, namespace: shop}}\n"
+            )
+        })
+        .collect();
+    let file = write(&dir, "many.yaml", &many);
+    let mut child = Command::new(BIN)
+        .args(["check", "--policies", POLICIES, &file])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("arcguard runs");
+    // `| head -0`: the reader closes its end without reading.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("arcguard exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn one_object_is_counted_in_the_singular() {
+    let out = check(&["-"], Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 object: 0 denied"), "{stdout}");
+}
