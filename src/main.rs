@@ -68,10 +68,8 @@ fn main() -> ExitCode {
         Command::Check(args) => run_check(&args),
         Command::Audit(args) => run_audit(&args),
         Command::Crds => match arcguard::policy::crd::crds_yaml() {
-            Ok(yaml) => {
-                output(&yaml);
-                ExitCode::SUCCESS
-            }
+            Ok(yaml) if output(&yaml) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
             Err(error) => {
                 eprintln!("error: {error}");
                 ExitCode::FAILURE
@@ -287,24 +285,31 @@ async fn shutdown_signal() {
     }
 }
 
-/// Writes a command's output to stdout. A reader that went away (`arcguard check … | head`)
-/// ends the output quietly, as other command-line tools do; `print!` would panic.
-fn output(text: &str) {
+/// Writes a command's output to stdout; whether it was written. A reader that went away
+/// (`arcguard check … | head`) ends the output quietly, as other command-line tools do
+/// (`print!` would panic); another failure (a full disk) is said and fails the command.
+fn output(text: &str) -> bool {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
         Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
             eprintln!("error: writing the output: {error}");
+            false
         }
-        _ => {}
+        _ => true,
     }
 }
 
 fn run_check(args: &CheckArgs) -> ExitCode {
     match check_inputs(args) {
         Ok((text, denied)) => {
-            output(&text);
-            if denied { ExitCode::from(1) } else { ExitCode::SUCCESS }
+            if !output(&text) {
+                ExitCode::from(2)
+            } else if denied {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(error) => {
             eprintln!("error: {}", chain(&error));
@@ -389,9 +394,12 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
         .and_then(|runtime| runtime.block_on(audit_cluster(args)));
     match audited {
         Ok(output) => {
-            match args.output {
+            let written = match args.output {
                 OutputFormat::Text => self::output(&audit_output::render_text(&output)),
                 OutputFormat::Json => self::output(&audit_output::render_json(&output)),
+            };
+            if !written {
+                return ExitCode::from(audit_output::EXIT_ERROR);
             }
             ExitCode::from(audit_output::exit_code(&output))
         }

@@ -346,3 +346,19 @@ fn one_object_is_counted_in_the_singular() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("1 object: 0 denied"), "{stdout}");
 }
+
+#[test]
+fn an_output_that_cannot_be_written_fails_the_command() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return; // Not Linux: no device that is always full.
+    };
+    let out = Command::new(BIN)
+        .arg("crds")
+        .stdout(Stdio::from(full))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("arcguard runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("error: writing the output"), "{stderr}");
+}

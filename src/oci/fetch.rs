@@ -286,8 +286,9 @@ impl Fetcher {
         if status != StatusCode::OK {
             // Quoted only from the registry itself: a redirect may have taken the request to
             // any address the registry named.
-            let origin = url.find("/v2/").map_or(url, |end| &url[..=end]);
-            let body = if response.url().as_str().starts_with(origin) {
+            let same_origin = registry_http::Url::parse(url)
+                .is_ok_and(|asked| asked.origin() == response.url().origin());
+            let body = if same_origin {
                 read_capped(&mut response, ERROR_MAX_BYTES).await.unwrap_or_default()
             } else {
                 Bytes::new()
@@ -360,10 +361,10 @@ impl Fetcher {
         service: Option<&str>,
     ) -> Result<(String, Duration), GetError> {
         let refused = |why: String| GetError::Failure(Failure::Refused(why));
-        // Plain HTTP carries no credential of an anonymous pull, or one to a registry that is
-        // itself read over plain HTTP (development).
-        let plain_allowed = matches!(access.auth, RegistryAuth::Anonymous)
-            || self.scheme(reference.resolve_registry()) == "http";
+        // Plain HTTP only for a registry itself read over plain HTTP (development): it would
+        // carry a credential, and without one it still reaches the plain-HTTP services inside
+        // the cluster, whose answer's `token` would be relayed to the registry.
+        let plain_allowed = self.scheme(reference.resolve_registry()) == "http";
         let url =
             token_url(realm, reference.repository(), service, plain_allowed).map_err(refused)?;
         let host = match url.port() {
@@ -613,11 +614,17 @@ fn status_failure(status: StatusCode, body: &[u8]) -> Failure {
     })
 }
 
-/// A pull the registry refused (401 or 403) to `auth`: for an anonymous pull, what to add;
-/// for a credential, what to check; with the registry's error codes when it gave some.
+/// A pull the registry refused (401 or 403) to `auth`: an anonymous pull it wants
+/// credentials for (401), what to add; one it forbids (403, as a vulnerability policy does),
+/// its words; for a credential, what to check; with the registry's error codes when it gave
+/// some.
 fn pull_refused(status: StatusCode, body: &[u8], auth: &RegistryAuth) -> Failure {
-    if matches!(auth, RegistryAuth::Anonymous) {
-        return Failure::Refused(ANONYMOUS_REFUSED.to_owned());
+    match auth {
+        RegistryAuth::Anonymous if status == StatusCode::UNAUTHORIZED => {
+            return Failure::Refused(ANONYMOUS_REFUSED.to_owned());
+        }
+        RegistryAuth::Anonymous => return status_failure(status, body),
+        _ => {}
     }
     Failure::Refused(format!(
         "the registry refused the pull with the imagePullSecret's credential ({status}){}: check that it may pull this repository",
@@ -1174,6 +1181,12 @@ pub(super) mod tests {
             if authorization == Some("Bearer t0ken") && path.ends_with("/manifests/1") {
                 return ok(MANIFEST, &digest);
             }
+            if authorization == Some("Bearer forbidden") {
+                return answer(
+                    "403 Forbidden",
+                    br#"{"errors":[{"code":"DENIED","message":"12 critical vulnerabilities"}]}"#,
+                );
+            }
             (
                 format!(
                     "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"http://{}/token\",service=\"mock\"\r\ncontent-length: 0\r\n\r\n",
@@ -1215,6 +1228,8 @@ pub(super) mod tests {
                 "HTTP/1.1 302 Found\r\nlocation: /token?scope=repository%3Ateam%2Fok%3Apull\r\ncontent-length: 0\r\n\r\n".to_owned(),
                 Vec::new(),
             ),
+            // A token for a repository the registry forbids (as a vulnerability policy does).
+            "forbidden" => answer("200 OK", br#"{"token":"forbidden"}"#),
             // A token that reads nothing here, as a token service gives anonymous clients.
             "weak" => answer("200 OK", br#"{"token":"weak"}"#),
             "denied" => answer("401 Unauthorized", INSIDE),
@@ -1257,6 +1272,14 @@ pub(super) mod tests {
             ),
             ("missing", &anonymous, refused(&token("answered HTTP 404"))),
             ("moved", &anonymous, refused(&token("answered HTTP 302"))),
+            // Forbidden, not unauthenticated: the registry's words, not a call for a secret.
+            (
+                "forbidden",
+                &anonymous,
+                refused(
+                    "the registry refused the pull (403 Forbidden): DENIED (12 critical vulnerabilities)",
+                ),
+            ),
             // The registry refuses the token it was given: said as for who pulled.
             ("weak", &anonymous, refused(ANONYMOUS_REFUSED)),
             (

@@ -589,9 +589,10 @@ fn moved(pod: &PodView) -> bool {
 /// The registry's refusal, with the advice to check the reference only where it said it has
 /// no such image (a pull refused for want of credentials says what to add).
 fn refused(uses: &str, why: &str) -> String {
-    let not_found = ["MANIFEST_UNKNOWN", "NAME_UNKNOWN", "HTTP 404", "was not found"]
-        .iter()
-        .any(|sign| why.contains(sign));
+    let not_found =
+        ["MANIFEST_UNKNOWN", "NAME_UNKNOWN", "the registry answered HTTP 404", "was not found"]
+            .iter()
+            .any(|sign| why.contains(sign));
     let advice =
         if not_found { "; check the reference, and that the image was pushed" } else { "" };
     format!("{uses}, which its registry does not serve: {why}{advice}")
