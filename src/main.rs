@@ -19,6 +19,22 @@ use clap::Parser as _;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The most async worker threads the server runs. tokio starts one per core it sees, and
+/// the Deployment sets no CPU limit (throttling stalls webhook calls), so on a 64-core node
+/// it saw 64: under 64 to 256 concurrent 2.9 MiB reviews the peak RSS of the 128 Mi
+/// Deployment's configuration reached 126–140 MB, over the limit, where 4 workers kept it at
+/// 90–91 MB (release build, `bench/memory.sh` with 64 CPUs reported; 2 CPUs: 74–78 MB).
+/// Four workers serve far more reviews a second than the apiserver sends one replica (about
+/// 30–45 µs of CPU each, BENCHMARKS.md). `TOKIO_WORKER_THREADS` overrides it.
+const MAX_WORKER_THREADS: usize = 4;
+
+/// The async worker threads: one per core seen, at most [`MAX_WORKER_THREADS`].
+fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MAX_WORKER_THREADS)
+}
+
 /// Registry access as the flags configure it: the CA file is read here.
 fn registry_config(args: &RegistryArgs) -> anyhow::Result<arcguard::oci::RegistryConfig> {
     let ca_pem = match &args.registry_ca {
@@ -152,7 +168,12 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // tokio's own variable, when an operator sets it, wins.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(worker_threads());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!(%error, "failed to start the async runtime");
