@@ -13,14 +13,12 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Result, anyhow};
 use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -50,18 +48,7 @@ impl NoopWebhook {
     /// When certificates cannot be made or no port is free.
     pub async fn start() -> Result<Self> {
         let pki = ControlPlanePki::generate()?;
-        let certs = CertificateDer::pem_slice_iter(pki.apiserver.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .context("the serving certificate")?;
-        let key = PrivateKeyDer::from_pem_slice(pki.apiserver.key_pem.as_bytes())
-            .context("the serving key")?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = crate::pki::tls_acceptor(&pki.apiserver.cert_pem, &pki.apiserver.key_pem)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("https://{}", listener.local_addr()?);
         let calls = Arc::new(AtomicU64::new(0));

@@ -100,3 +100,24 @@ impl ControlPlanePki {
         })
     }
 }
+
+/// A TLS acceptor for a loopback test server serving `cert_pem` with `key_pem`, offering
+/// HTTP/2 and HTTP/1.1 as arcguard's server does.
+///
+/// # Errors
+/// When the certificate or key does not parse, or rustls refuses them.
+pub fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the serving certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the serving key")?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+}

@@ -24,8 +24,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -100,17 +98,7 @@ impl TokenService {
             asked: Mutex::new(Vec::new()),
         });
 
-        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .context("the serving certificate")?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the serving key")?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = crate::pki::tls_acceptor(cert_pem, key_pem)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let realm = format!("https://{}/token", listener.local_addr()?);
         let serving = Arc::clone(&issuer);
