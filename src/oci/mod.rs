@@ -974,24 +974,28 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
+    /// A found Windows index of digest `n` listing `platforms` platforms with long fields (a
+    /// heavy fact: about 350 bytes of weight each).
+    fn windows_index(n: usize, platforms: usize) -> ImageFact {
+        ImageFact::Found(Arc::new(RegistryImage {
+            digest: format!("sha256:{n:064x}"),
+            media_type: manifest::OCI_INDEX.into(),
+            size: 1,
+            platforms: (0..platforms)
+                .map(|i| crate::rules::provenance::Platform {
+                    os: "windows".into(),
+                    architecture: "amd64".into(),
+                    variant: Some("v".repeat(120)),
+                    os_version: Some(format!("10.0.{i}.{}", "1".repeat(110))),
+                })
+                .collect(),
+        }))
+    }
+
     #[test]
     fn a_fact_too_heavy_for_its_share_of_the_cache_is_not_cached() {
         let registries = registries("registry.example", DEFAULT_DEADLINE);
-        let image = |platforms: usize| {
-            ImageFact::Found(Arc::new(RegistryImage {
-                digest: format!("sha256:{:064x}", platforms),
-                media_type: manifest::OCI_INDEX.into(),
-                size: 1,
-                platforms: (0..platforms)
-                    .map(|i| crate::rules::provenance::Platform {
-                        os: "windows".into(),
-                        architecture: "amd64".into(),
-                        variant: Some("v".repeat(120)),
-                        os_version: Some(format!("10.0.{i}.{}", "1".repeat(110))),
-                    })
-                    .collect(),
-            }))
-        };
+        let image = |platforms: usize| windows_index(platforms, platforms);
         let (light, heavy) = ("registry.example/team/light:1", "registry.example/team/heavy:1");
         registries.remember("apps", ANONYMOUS, light, &image(24));
         registries.remember("apps", ANONYMOUS, heavy, &image(256));
@@ -1003,21 +1007,7 @@ mod tests {
     #[test]
     fn one_namespace_s_heavy_facts_do_not_evict_another_s() {
         let registries = registries("registry.example", DEFAULT_DEADLINE);
-        let fact = |n: usize, platforms: usize| {
-            ImageFact::Found(Arc::new(RegistryImage {
-                digest: format!("sha256:{n:064x}"),
-                media_type: manifest::OCI_INDEX.into(),
-                size: 1,
-                platforms: (0..platforms)
-                    .map(|i| crate::rules::provenance::Platform {
-                        os: "windows".into(),
-                        architecture: "amd64".into(),
-                        variant: Some("v".repeat(120)),
-                        os_version: Some(format!("10.0.{i}.{}", "1".repeat(110))),
-                    })
-                    .collect(),
-            }))
-        };
+        let fact = windows_index;
         // Another namespace's images, each read once more after it was kept (so in the
         // cache's main queue), by digest.
         let quiet: Vec<String> =
