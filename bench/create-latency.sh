@@ -13,5 +13,5 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 cd "$root"
 cargo build --release --quiet --bin arcguard
-cargo build --release --quiet -p arcguard-e2e --bin create_latency
+cargo build --release --quiet -p arcguard-e2e --bin create_latency --bin noop_webhook
 ARCGUARD_BIN="$target/release/arcguard" "$target/release/create_latency" "$@"

@@ -11,6 +11,7 @@ pub mod bins;
 pub mod cluster;
 pub mod controlplane;
 pub mod failure_policy;
+pub mod latency;
 pub mod load;
 pub mod noop_webhook;
 pub mod pki;

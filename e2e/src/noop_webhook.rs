@@ -8,16 +8,26 @@
 //! apiserver spends applying a mutation is part of the floor too). Its certificate is
 //! a fresh one from [`ControlPlanePki`] (SANs `localhost`, `127.0.0.1`); the configurations it
 //! is registered with carry that CA as their caBundle.
+//!
+//! It runs as its own process (the `noop_webhook` binary, [`serve`]), as arcguard does: a
+//! server sharing the busy harness's process finds its threads awake and its caches warm,
+//! where a webhook of its own pays, on every call at a trickle, the wake-up of an idle process
+//! (on this project's 2-core VM, about 150–300 µs of CPU for any request to an idle server,
+//! against 6 µs under load). The harness controls it over the same port: `GET /calls` answers
+//! the reviews answered so far, `PUT /patch` sets the patch (its body, base64; empty for none).
 
 use std::convert::Infallible;
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -25,68 +35,107 @@ use tokio::net::TcpListener;
 
 use crate::cluster::webhook_configurations;
 use crate::pki::ControlPlanePki;
+use crate::process::{Proc, Scratch, free_port};
 
 /// The name of the configurations [`NoopWebhook::configurations`] returns, so they never
 /// collide with arcguard's (whose caBundle arcguard's leader rewrites).
 pub const CONFIGURATION_NAME: &str = "noop-floor";
 
-/// A running no-op webhook; stopped on drop.
+/// A running no-op webhook process; stopped on drop.
 #[derive(Debug)]
 pub struct NoopWebhook {
     url: String,
     ca_pem: String,
-    calls: Arc<AtomicU64>,
-    /// The JSON Patch answered to reviews on `/mutate`, base64-encoded as the response carries it.
-    patch: Arc<Mutex<Option<String>>>,
-    server: tokio::task::JoinHandle<()>,
+    /// The harness's client for `/calls` and `/patch`, trusting `ca_pem`.
+    control: reqwest::Client,
+    process: Proc,
+    _scratch: Scratch,
 }
 
 impl NoopWebhook {
-    /// Starts it on a free loopback port.
+    /// Starts the `noop_webhook` binary (next to the running one, or `ARCGUARD_NOOP_WEBHOOK`)
+    /// on a free loopback port and waits until it answers.
     ///
     /// # Errors
-    /// When certificates cannot be made or no port is free.
+    /// When certificates cannot be made, no port is free, or the process does not answer
+    /// within 10 s.
     pub async fn start() -> Result<Self> {
         let pki = ControlPlanePki::generate()?;
-        let acceptor = crate::pki::tls_acceptor(&pki.apiserver.cert_pem, &pki.apiserver.key_pem)?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("https://{}", listener.local_addr()?);
-        let calls = Arc::new(AtomicU64::new(0));
-        let patch = Arc::new(Mutex::new(None));
-        let (counter, answered) = (calls.clone(), patch.clone());
-        let server = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                // As arcguard's server does (src/server/tls.rs): without it, Nagle's algorithm
-                // holds a response written in two parts until the apiserver's delayed ACK.
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, counter, answered) =
-                    (acceptor.clone(), counter.clone(), answered.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = hyper::service::service_fn(move |request| {
-                        answer(request, counter.clone(), answered.clone())
-                    });
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
-                });
+        let scratch = Scratch::new("noop-webhook")?;
+        let (cert, key) = (scratch.path().join("tls.crt"), scratch.path().join("tls.key"));
+        std::fs::write(&cert, &pki.apiserver.cert_pem)?;
+        std::fs::write(&key, &pki.apiserver.key_pem)?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let bin = match std::env::var_os("ARCGUARD_NOOP_WEBHOOK") {
+            Some(bin) => PathBuf::from(bin),
+            None => std::env::current_exe()?.with_file_name("noop_webhook"),
+        };
+        let mut command = Command::new(&bin);
+        command.arg(&addr).arg(&cert).arg(&key);
+        let process = Proc::spawn("noop_webhook", command, &scratch.path().join("noop.log"))
+            .with_context(|| {
+                format!("starting {} (built by bench/create-latency.sh)", bin.display())
+            })?;
+        let control = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pki.ca.cert_pem.as_bytes())?)
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let webhook = Self {
+            url: format!("https://{addr}"),
+            ca_pem: pki.ca.cert_pem,
+            control,
+            process,
+            _scratch: scratch,
+        };
+        // Readiness: the first answer to /calls (connection refused until it listens).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            match webhook.calls().await {
+                Ok(_) => return Ok(webhook),
+                Err(error) if tokio::time::Instant::now() > deadline => {
+                    bail!(
+                        "the no-op webhook did not answer within 10 s: {error:#}\n{}",
+                        webhook.process.log_tail(20)
+                    )
+                }
+                Err(_) => {}
             }
-        });
-        Ok(Self { url, ca_pem: pki.ca.cert_pem, calls, patch, server })
+        }
+    }
+
+    /// The process id, for its CPU time.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// The reviews answered so far.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
+    ///
+    /// # Errors
+    /// When the process does not answer.
+    pub async fn calls(&self) -> Result<u64> {
+        let response = self.control.get(format!("{}/calls", self.url)).send().await?;
+        Ok(response.error_for_status()?.text().await?.trim().parse()?)
     }
 
     /// Answers reviews on `/mutate` with this JSON Patch (an array of operations) from now on,
     /// or with none.
-    pub fn set_patch(&self, patch: Option<&Value>) {
-        let encoded =
-            patch.map(|patch| base64::engine::general_purpose::STANDARD.encode(patch.to_string()));
-        *self.patch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = encoded;
+    ///
+    /// # Errors
+    /// When the process does not take it.
+    pub async fn set_patch(&self, patch: Option<&Value>) -> Result<()> {
+        let encoded = patch
+            .map(|patch| base64::engine::general_purpose::STANDARD.encode(patch.to_string()))
+            .unwrap_or_default();
+        self.control
+            .put(format!("{}/patch", self.url))
+            .body(encoded)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
     }
 
     /// arcguard's two webhook configurations (same webhooks, rules and selectors, so the
@@ -112,9 +161,51 @@ impl NoopWebhook {
     }
 }
 
-impl Drop for NoopWebhook {
-    fn drop(&mut self) {
-        self.server.abort();
+/// Serves the no-op webhook and its control endpoints on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    let calls = Arc::new(AtomicU64::new(0));
+    let patch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        // As arcguard's server does (src/server/tls.rs): without it, Nagle's algorithm
+        // holds a response written in two parts until the apiserver's delayed ACK.
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, calls, patch) = (acceptor.clone(), calls.clone(), patch.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let service = hyper::service::service_fn(move |request| {
+                route(request, calls.clone(), patch.clone())
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+        });
+    }
+}
+
+/// The control endpoints, or the webhook.
+async fn route(
+    request: Request<Incoming>,
+    calls: Arc<AtomicU64>,
+    patch: Arc<Mutex<Option<String>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/calls") => {
+            Ok(Response::new(Full::new(Bytes::from(calls.load(Ordering::Relaxed).to_string()))))
+        }
+        (&Method::PUT, "/patch") => {
+            let body =
+                request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let encoded = String::from_utf8_lossy(&body).trim().to_owned();
+            *patch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                (!encoded.is_empty()).then_some(encoded);
+            Ok(Response::new(Full::new(Bytes::new())))
+        }
+        (&Method::POST, _) => answer(request, calls, patch).await,
+        _ => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            Ok(response)
+        }
     }
 }
 

@@ -1,0 +1,234 @@
+//! Latency statistics for the benchmark harnesses: nearest-rank percentiles, medians with their
+//! spread, and a bootstrap interval for the difference between two phases' percentiles.
+//!
+//! A p99 of 1,000 CREATEs rests on its 10 slowest, so the difference between two phases' p99s
+//! moves from run to run by more than the 1 ms issue 14 asks arcguard to stay within. Whether
+//! a measured difference is within a bound is therefore said with a 95 % interval: the
+//! percentile bootstrap (Efron and Tibshirani, *An Introduction to the Bootstrap*, 1993,
+//! chapter 13), stratified by round. Each round's latencies are resampled with replacement on
+//! their own and pooled, so a resample keeps the rounds' design (phases taken in turn, drift
+//! reaching each alike) and only the sampling within a round varies.
+
+use std::time::Duration;
+
+/// The nearest-rank `p`th percentile (0–100) of `sorted` latencies: the smallest value with at
+/// least `p` % of the values at or below it; zero for no values.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[rank(sorted.len(), p)]
+}
+
+/// The index of the nearest-rank `p`th percentile among `len` (> 0) sorted values.
+fn rank(len: usize, p: f64) -> usize {
+    let rank = ((p / 100.0) * len as f64).ceil() as usize;
+    rank.clamp(1, len) - 1
+}
+
+/// The median of sorted `values` (0 for none).
+pub fn median(values: &[f64]) -> f64 {
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The median of `values` with their spread, `m (min–max)`, at `decimals`; `m` for one value
+/// and `–` for none.
+pub fn spread(mut values: Vec<f64>, decimals: usize) -> String {
+    values.sort_by(f64::total_cmp);
+    let Some((&low, &high)) = values.first().zip(values.last()) else { return "–".to_owned() };
+    let median = median(&values);
+    if values.len() == 1 {
+        return format!("{median:.decimals$}");
+    }
+    format!("{median:.decimals$} ({low:.decimals$}–{high:.decimals$})")
+}
+
+/// A difference between two phases at one percentile, in milliseconds, with its 95 % bootstrap
+/// interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interval {
+    /// The difference of the pooled percentiles (all rounds' latencies together), in ms.
+    pub estimate: f64,
+    /// The 2.5th percentile of the bootstrap differences, in ms.
+    pub low: f64,
+    /// The 97.5th percentile of the bootstrap differences, in ms.
+    pub high: f64,
+}
+
+/// What an [`Interval`] says about a bound on the difference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The whole interval is at or below the bound.
+    Within,
+    /// The whole interval is above the bound.
+    Over,
+    /// The interval holds the bound: these samples cannot tell.
+    Undecided,
+}
+
+impl Interval {
+    /// Whether the difference is within `at_most_ms`, over it, or undecided at these samples.
+    pub fn against(&self, at_most_ms: f64) -> Verdict {
+        if self.high <= at_most_ms {
+            Verdict::Within
+        } else if self.low > at_most_ms {
+            Verdict::Over
+        } else {
+            Verdict::Undecided
+        }
+    }
+}
+
+impl std::fmt::Display for Interval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} ms (95 % interval {:.2} to {:.2} ms)", self.estimate, self.low, self.high)
+    }
+}
+
+/// The difference `treated − baseline` at percentile `p` (0–100), each phase given as its
+/// rounds' sorted latencies, with a percentile-bootstrap interval of `resamples` stratified
+/// resamples drawn from a generator seeded with `seed` (the same inputs and seed give the same
+/// interval). A phase without latencies counts as zero.
+pub fn percentile_difference(
+    treated: &[&[Duration]],
+    baseline: &[&[Duration]],
+    p: f64,
+    resamples: usize,
+    seed: u64,
+) -> Interval {
+    let pooled = |rounds: &[&[Duration]]| {
+        let mut all: Vec<Duration> =
+            rounds.iter().flat_map(|round| round.iter().copied()).collect();
+        all.sort_unstable();
+        all
+    };
+    let estimate = ms(percentile(&pooled(treated), p)) - ms(percentile(&pooled(baseline), p));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut buffer = Vec::new();
+    let mut resampled = |rounds: &[&[Duration]], rng: &mut fastrand::Rng| {
+        buffer.clear();
+        for round in rounds.iter().filter(|round| !round.is_empty()) {
+            buffer.extend((0..round.len()).map(|_| round[rng.usize(..round.len())]));
+        }
+        if buffer.is_empty() {
+            return 0.0;
+        }
+        let at = rank(buffer.len(), p);
+        ms(*buffer.select_nth_unstable(at).1)
+    };
+    let mut differences: Vec<f64> = (0..resamples)
+        .map(|_| resampled(treated, &mut rng) - resampled(baseline, &mut rng))
+        .collect();
+    differences.sort_by(f64::total_cmp);
+    let bound = |q: f64| {
+        if differences.is_empty() {
+            return estimate;
+        }
+        differences[rank(differences.len(), q)]
+    };
+    Interval { estimate, low: bound(2.5), high: bound(97.5) }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn micros(values: impl IntoIterator<Item = u64>) -> Vec<Duration> {
+        let mut v: Vec<Duration> = values.into_iter().map(Duration::from_micros).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Latencies shaped like a phase's: 4–6 ms, and 3 % of them up to `tail_us` slower.
+    fn phase_like(seed: u64, n: usize, tail_us: u64, shift_us: u64) -> Vec<Duration> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        micros((0..n).map(|_| {
+            let body = 4_000 + rng.u64(..2_000);
+            let tail = if rng.u8(..100) < 3 { rng.u64(..tail_us) } else { 0 };
+            body + tail + shift_us
+        }))
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let hundred = micros(1..=100);
+        for (p, want) in [(0.0, 1), (1.0, 1), (50.0, 50), (99.0, 99), (99.5, 100), (100.0, 100)] {
+            assert_eq!(percentile(&hundred, p), Duration::from_micros(want), "p{p}");
+        }
+        assert_eq!(percentile(&micros([7]), 99.0), Duration::from_micros(7));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn medians_and_spreads() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
+        assert_eq!(spread(vec![9.0, 1.0, 2.0], 1), "2.0 (1.0–9.0)");
+        assert_eq!(spread(vec![3.0], 2), "3.00");
+        assert_eq!(spread(vec![], 2), "–");
+    }
+
+    #[test]
+    fn a_phase_against_itself_differs_by_nothing() {
+        let rounds: Vec<Vec<Duration>> = (0..3).map(|r| phase_like(r, 1_000, 25_000, 0)).collect();
+        let rounds: Vec<&[Duration]> = rounds.iter().map(Vec::as_slice).collect();
+        let interval = percentile_difference(&rounds, &rounds, 99.0, 500, 1);
+        assert_eq!(interval.estimate, 0.0);
+        assert!(interval.low < 0.0 && interval.high > 0.0, "{interval}");
+        assert_eq!(interval.against(1.0), Verdict::Undecided, "{interval}");
+    }
+
+    #[test]
+    fn a_shift_is_found_and_judged_against_the_bound() {
+        // A tail of up to 4 ms: with the 25 ms tail of a busy machine, 3,000 samples leave a
+        // p99 too unsteady to see even 5 ms (the test above).
+        let baseline: Vec<Vec<Duration>> = (0..3).map(|r| phase_like(r, 1_000, 4_000, 0)).collect();
+        let baseline: Vec<&[Duration]> = baseline.iter().map(Vec::as_slice).collect();
+        for (shift_us, bound_ms, verdict) in [
+            // Every CREATE 5 ms slower: the p99 is clearly more than 1 ms slower.
+            (5_000, 1.0, Verdict::Over),
+            // The same 5 ms against a bound of 10 ms: clearly within.
+            (5_000, 10.0, Verdict::Within),
+        ] {
+            // Other draws of the same distribution, shifted: sampling noise as in a real run.
+            let treated: Vec<Vec<Duration>> =
+                (10..13).map(|r| phase_like(r, 1_000, 4_000, shift_us)).collect();
+            let treated: Vec<&[Duration]> = treated.iter().map(Vec::as_slice).collect();
+            let interval = percentile_difference(&treated, &baseline, 99.0, 500, 7);
+            assert!(
+                interval.low <= interval.estimate && interval.estimate <= interval.high,
+                "{interval}"
+            );
+            assert!(interval.low > 0.0, "a 5 ms shift is seen: {interval}");
+            assert_eq!(interval.against(bound_ms), verdict, "{shift_us} µs: {interval}");
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_interval() {
+        let a = phase_like(1, 500, 4_000, 300);
+        let b = phase_like(2, 500, 4_000, 0);
+        let run = |seed| percentile_difference(&[&a], &[&b], 99.0, 200, seed);
+        assert_eq!(run(3), run(3));
+        // Another seed draws other resamples (an interval may still coincide: the data are discrete).
+        assert!((4..20).any(|seed| run(seed) != run(3)));
+    }
+
+    #[test]
+    fn empty_phases_count_as_zero() {
+        let a = phase_like(1, 100, 4_000, 0);
+        let interval = percentile_difference(&[&a], &[&[]], 50.0, 50, 1);
+        assert!(interval.estimate > 4.0 && interval.low > 4.0, "{interval}");
+        let none = percentile_difference(&[], &[], 99.0, 0, 1);
+        assert_eq!(none, Interval { estimate: 0.0, low: 0.0, high: 0.0 });
+    }
+}
