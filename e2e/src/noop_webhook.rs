@@ -88,21 +88,11 @@ impl NoopWebhook {
             _scratch: scratch,
         };
         // Readiness: the first answer to /calls (connection refused until it listens).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            tick.tick().await;
-            match webhook.calls().await {
-                Ok(_) => return Ok(webhook),
-                Err(error) if tokio::time::Instant::now() > deadline => {
-                    bail!(
-                        "the no-op webhook did not answer within 10 s: {error:#}\n{}",
-                        webhook.process.log_tail(20)
-                    )
-                }
-                Err(_) => {}
-            }
+        let ready = crate::cluster::eventually(Duration::from_secs(10), || webhook.calls()).await;
+        if let Err(error) = ready {
+            bail!("the no-op webhook did not answer: {error:#}\n{}", webhook.process.log_tail(20));
         }
+        Ok(webhook)
     }
 
     /// The process id, for its CPU time.
