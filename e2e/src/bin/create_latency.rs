@@ -104,6 +104,11 @@ impl Phase {
     fn percentile(&self, p: f64) -> Duration {
         latency::percentile(&self.latencies, p)
     }
+
+    /// `cpu` spread over the phase's CREATEs, in µs.
+    fn per_create(&self, cpu: Duration) -> f64 {
+        cpu.as_secs_f64() * 1e6 / (self.latencies.len() + self.failures).max(1) as f64
+    }
 }
 
 /// User plus system CPU time of a process so far.
@@ -268,6 +273,25 @@ async fn phase(
     })
 }
 
+/// [`phase`] with the no-op webhook answering: also its calls and CPU time over the phase.
+#[allow(clippy::too_many_arguments)]
+async fn noop_phase(
+    cluster: &Cluster,
+    client: &kube::Client,
+    ns: &str,
+    name: &'static str,
+    prefix: &str,
+    settings: &Settings,
+    noop: &NoopWebhook,
+    log_size: &dyn Fn() -> u64,
+) -> Result<Phase> {
+    let (calls, cpu) = (noop.calls().await?, cpu_of(noop.pid()));
+    let mut measured = phase(cluster, client, ns, name, prefix, settings, log_size).await?;
+    measured.noop_calls = noop.calls().await? - calls;
+    measured.noop_cpu = cpu_of(noop.pid()).saturating_sub(cpu);
+    Ok(measured)
+}
+
 /// The JSON Patch arcguard's /mutate answers for the pods [`measure`] creates (labelled, no
 /// nodeSelector, Linux images): the OS label and the nodeSelector that keeps them on Linux nodes.
 fn arcguard_patch() -> serde_json::Value {
@@ -360,21 +384,17 @@ async fn run(cluster: &Cluster, settings: &Settings) -> Result<Vec<Phase>> {
             measure(&client, &ns, &format!("warm-noop-{round}-{attempt}"), &warm).await?;
         }
         let prefix = format!("noop-{round}");
-        let (before, cpu) = (noop.calls().await?, cpu_of(noop.pid()));
-        let mut floor = phase(cluster, &client, &ns, NOOP, &prefix, settings, &log_size).await?;
-        floor.noop_calls = noop.calls().await? - before;
-        floor.noop_cpu = cpu_of(noop.pid()).saturating_sub(cpu);
-        phases.push(floor);
+        phases.push(
+            noop_phase(cluster, &client, &ns, NOOP, &prefix, settings, &noop, &log_size).await?,
+        );
 
         noop.set_patch(Some(&arcguard_patch())).await?;
         measure(&client, &ns, &format!("warm-noop-patch-{round}"), &warm).await?;
         let prefix = format!("noop-patch-{round}");
-        let (before, cpu) = (noop.calls().await?, cpu_of(noop.pid()));
-        let mut patched =
-            phase(cluster, &client, &ns, NOOP_PATCH, &prefix, settings, &log_size).await?;
-        patched.noop_calls = noop.calls().await? - before;
-        patched.noop_cpu = cpu_of(noop.pid()).saturating_sub(cpu);
-        phases.push(patched);
+        phases.push(
+            noop_phase(cluster, &client, &ns, NOOP_PATCH, &prefix, settings, &noop, &log_size)
+                .await?,
+        );
         let floor_pod = mutated_fields(&client, &ns, &format!("{prefix}-0")).await?;
         noop.set_patch(None).await?;
         delete_webhooks(&client, CONFIGURATION_NAME).await?;
@@ -475,21 +495,9 @@ async fn main() -> Result<()> {
             spread(each(&|p| ms(p.percentile(90.0))), 2),
             spread(each(&|p| ms(p.percentile(99.0))), 2),
             spread(each(&|p| ms(p.latencies.last().copied().unwrap_or_default())), 2),
-            spread(
-                each(&|p| {
-                    let creates = (p.latencies.len() + p.failures).max(1) as f64;
-                    p.arcguard_cpu.as_secs_f64() * 1e6 / creates
-                }),
-                0
-            ),
+            spread(each(&|p| p.per_create(p.arcguard_cpu)), 0),
             if name == NOOP || name == NOOP_PATCH {
-                spread(
-                    each(&|p| {
-                        let creates = (p.latencies.len() + p.failures).max(1) as f64;
-                        p.noop_cpu.as_secs_f64() * 1e6 / creates
-                    }),
-                    0,
-                )
+                spread(each(&|p| p.per_create(p.noop_cpu)), 0)
             } else {
                 "–".to_owned()
             },
