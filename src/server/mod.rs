@@ -1,5 +1,6 @@
 //! The HTTPS webhook server and the plain-HTTP metrics server.
 
+mod batching;
 pub mod budget;
 pub mod decision_log;
 pub mod listen;

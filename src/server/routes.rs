@@ -14,6 +14,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use tokio::sync::Semaphore;
 
+use super::batching::Frames;
 use super::budget::{Budget, Charge};
 use super::decision_log::{self, DecisionLog, Line};
 use super::{AppState, Limits};
@@ -231,7 +232,9 @@ async fn decide(
             let elapsed = start.elapsed();
             state.metrics.record_decision(webhook, &decision, elapsed);
             log_decision(webhook, &decision, elapsed, log);
-            ([(header::CONTENT_TYPE, "application/json")], encoded).into_response()
+            // In frames h2 batches with other streams' answers (see batching).
+            let body = axum::body::Body::new(Frames::new(encoded));
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(error) => invalid(webhook, state, log, start, &error),
     }
