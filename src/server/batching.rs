@@ -2,18 +2,19 @@
 //!
 //! h2 (0.4, `codec/framed_write.rs`) copies a DATA frame into its 16 KiB write buffer only when
 //! the frame's payload is below a threshold: 256 bytes when the connection's I/O takes
-//! vectored writes, 1,024 bytes when it does not. A larger frame is "chained": written on its
-//! own and followed by a flush before the next frame is taken. A denial (its message) or a
-//! mutation (its patch) is larger than 256 bytes, so under load every such answer cost its own
-//! TLS record, `writev` and flush, where allowed answers (150 bytes) ready at once left in one:
-//! over HTTP/2 at 64 streams, /mutate and denials cost 5–14 µs more server CPU per request
-//! than they do batched (BENCHMARKS.md, "Issue 14, step 4").
+//! vectored writes, 1,024 bytes when it does not. A larger frame is "chained": its payload is
+//! written from its own buffer right after what h2 has buffered, and h2 flushes the connection
+//! before it takes the next frame. A denial (its message) or a mutation (its patch) is larger
+//! than 256 bytes, so under load every such answer cost its own TLS record, `writev` and flush,
+//! where allowed answers (150 bytes) ready at once left in one: over HTTP/2 at 64 streams,
+//! /mutate and denials cost 5–14 µs more server CPU per request than they do batched
+//! (BENCHMARKS.md, "Issue 14, step 4").
 //!
-//! So the connection's I/O reports that it does not take vectored writes ([`Unvectored`]),
-//! and webhook answers are sent as DATA frames below 1,024 bytes ([`Frames`]): every frame is
-//! copied into h2's buffer, and one write carries what all streams have ready. Over HTTP/1.1,
-//! hyper then copies a response's head and body into one buffer and writes it at once, as it
-//! did with a vectored write.
+//! So an HTTP/2 connection's I/O reports that it does not take vectored writes ([`Batching`]),
+//! and webhook answers up to [`BATCHED_MAX`] are sent as DATA frames below 1,024 bytes
+//! ([`Frames`]): every frame is copied into h2's buffer, and one write carries what all
+//! streams have ready. HTTP/1.1 connections keep vectored writes: without them hyper copies
+//! each response into a write buffer that keeps its largest size for the connection's life.
 //!
 //! Kept in the project: the threshold is h2's internal constant, and no crate splits a body
 //! for it.
@@ -27,22 +28,33 @@ use axum::body::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The largest DATA frame payload [`Frames`] yields: one byte below h2's threshold for
-/// copying a frame into its write buffer when the I/O is not vectored (1,024 bytes).
+/// The largest DATA frame payload [`Frames`] yields for a batched answer: one byte below h2's
+/// threshold for copying a frame into its write buffer when the I/O is not vectored (1,024
+/// bytes).
 pub const FRAME_MAX: usize = 1023;
 
-/// A response body sent in frames of at most [`FRAME_MAX`] bytes; its exact length is known
-/// (HTTP/1.1 answers carry `Content-Length`). Splitting does not copy.
+/// The largest answer sent in [`FRAME_MAX`] frames: h2's write buffer (16 KiB) holds no more,
+/// and a larger answer (a patch inlining credential specs, a denial of many containers) fills
+/// writes by itself, so it goes as one body chunk, which h2 splits into frames of the peer's
+/// maximum size, instead of as a thousand small frames a MiB.
+pub const BATCHED_MAX: usize = 16 * 1024;
+
+/// A response body of known length (HTTP/1.1 answers carry `Content-Length`), sent in frames
+/// of at most [`FRAME_MAX`] bytes when it is at most [`BATCHED_MAX`] bytes long, else in one
+/// chunk. Splitting does not copy.
 #[derive(Debug)]
 pub struct Frames {
     rest: Bytes,
+    frame_max: usize,
 }
 
 impl Frames {
-    /// The body `bytes`, to be sent in frames of at most [`FRAME_MAX`] bytes.
+    /// The body `bytes`.
     #[must_use]
     pub fn new(bytes: impl Into<Bytes>) -> Self {
-        Self { rest: bytes.into() }
+        let rest = bytes.into();
+        let frame_max = if rest.len() <= BATCHED_MAX { FRAME_MAX } else { rest.len() };
+        Self { rest, frame_max }
     }
 }
 
@@ -58,7 +70,7 @@ impl Body for Frames {
         if this.rest.is_empty() {
             return Poll::Ready(None);
         }
-        let len = this.rest.len().min(FRAME_MAX);
+        let len = this.rest.len().min(this.frame_max);
         Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(len)))))
     }
 
@@ -71,41 +83,59 @@ impl Body for Frames {
     }
 }
 
-/// A connection's I/O that reports it does not take vectored writes, so that h2 copies every
-/// DATA frame of [`FRAME_MAX`] bytes or less into its write buffer; reads and writes pass
-/// through unchanged.
+/// A connection's I/O, which on an HTTP/2 connection reports that it does not take vectored
+/// writes, so that h2 copies every DATA frame of [`FRAME_MAX`] bytes or less into its write
+/// buffer; on HTTP/1.1 it reports what the I/O under it does. Reads and writes pass through.
 #[derive(Debug)]
-pub struct Unvectored<S>(pub S);
+pub struct Batching<S> {
+    inner: S,
+    http2: bool,
+}
 
-impl<S: AsyncRead + Unpin> AsyncRead for Unvectored<S> {
+impl<S> Batching<S> {
+    /// `inner`, the I/O of a connection that speaks HTTP/2 (negotiated by ALPN) or not.
+    pub fn new(inner: S, http2: bool) -> Self {
+        Self { inner, http2 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Batching<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Unvectored<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Batching<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        false
+        !self.http2 && self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -124,7 +154,7 @@ mod tests {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
-    use super::{FRAME_MAX, Frames, Unvectored};
+    use super::{BATCHED_MAX, Batching, FRAME_MAX, Frames};
 
     /// The server side of an in-memory connection: counts write calls, and takes vectored
     /// writes or not as told (as TLS does).
@@ -207,12 +237,13 @@ mod tests {
 
     /// The server's write calls while it answers [`STREAMS`] concurrent requests on one
     /// HTTP/2 connection, over I/O that takes vectored writes (as TLS does) wrapped in
-    /// [`Unvectored`] or not, with each answer in [`Frames`] or in one piece.
-    async fn writes_for(unvectored: bool, framed: bool) -> usize {
+    /// [`Batching`] or not, with each answer in [`Frames`] or in one piece.
+    async fn writes_for(batching: bool, framed: bool) -> usize {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let writes = Arc::new(AtomicUsize::new(0));
         let io = CountingIo { inner: server_io, vectored: true, writes: writes.clone() };
-        let serving = if unvectored { serve(Unvectored(io), framed) } else { serve(io, framed) };
+        let serving =
+            if batching { serve(Batching::new(io, true), framed) } else { serve(io, framed) };
         let (client, connection) = h2::client::handshake(client_io).await.expect("handshake");
         let driving = tokio::spawn(connection);
         // Every request is sent before any answer is read, as the apiserver's concurrent
@@ -242,9 +273,20 @@ mod tests {
         counted
     }
 
+    #[test]
+    fn only_http2_connections_give_up_vectored_writes() {
+        // HTTP/1.1 keeps them: hyper would otherwise copy every response into a write buffer
+        // that keeps its largest size for the connection's life.
+        for (http2, vectored) in [(true, false), (false, true)] {
+            let (_client, server) = tokio::io::duplex(64);
+            let io = CountingIo { inner: server, vectored: true, writes: Arc::default() };
+            assert_eq!(Batching::new(io, http2).is_write_vectored(), vectored, "{http2}");
+        }
+    }
+
     #[tokio::test]
-    async fn concurrent_answers_above_256_bytes_leave_together_only_unvectored_and_in_frames() {
-        // (Unvectored, Frames, whether the answers leave together)
+    async fn concurrent_answers_above_256_bytes_leave_together_only_with_batching_and_in_frames() {
+        // (Batching, Frames, whether the answers leave together)
         let cases = [
             // As served: every frame is copied into h2's buffer; a handful of writes carry
             // the settings and all the answers.
@@ -254,8 +296,8 @@ mod tests {
             // Frames of 1,023 bytes are over the 256-byte threshold of vectored I/O.
             (false, true, false),
         ];
-        for (unvectored, framed, together) in cases {
-            let writes = writes_for(unvectored, framed).await;
+        for (batching, framed, together) in cases {
+            let writes = writes_for(batching, framed).await;
             if together {
                 assert!(writes <= STREAMS / 2, "{writes} writes for {STREAMS} answers");
             } else {
@@ -265,14 +307,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bodies_are_split_into_frames_below_the_threshold_and_keep_their_length() {
+    async fn bodies_up_to_the_batched_size_are_split_into_frames_below_the_threshold() {
         // (body length, frame lengths)
-        let cases: [(usize, &[usize]); 5] = [
+        let batched = vec![FRAME_MAX; BATCHED_MAX / FRAME_MAX]
+            .into_iter()
+            .chain(Some(BATCHED_MAX % FRAME_MAX))
+            .collect::<Vec<_>>();
+        let cases: [(usize, &[usize]); 7] = [
             (0, &[]),
             (1, &[1]),
             (FRAME_MAX, &[FRAME_MAX]),
             (FRAME_MAX + 1, &[FRAME_MAX, 1]),
             (2 * FRAME_MAX + 5, &[FRAME_MAX, FRAME_MAX, 5]),
+            (BATCHED_MAX, &batched),
+            // Larger answers go whole; h2 splits them by the peer's frame size.
+            (BATCHED_MAX + 1, &[BATCHED_MAX + 1]),
         ];
         for (len, expected) in cases {
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();

@@ -253,8 +253,14 @@ fn invalid(
         let error = clip(&error, MAX_LOGGED_FIELD);
         tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
     }
-    (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response()
+    let error = error.to_string();
+    (StatusCode::BAD_REQUEST, format!("{}\n", clip(&error, MAX_ANSWERED_ERROR))).into_response()
 }
+
+/// The most bytes of an invalid review's error in its HTTP 400 answer. The error quotes what
+/// the request sent (apiVersion and kind, a JSON path, a value), and an answer as large as the
+/// request would be memory the client chooses, held by its connection until written.
+const MAX_ANSWERED_ERROR: usize = 1000;
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -372,6 +378,67 @@ mod tests {
         state.readiness.set_policies_loaded();
         let after = router.oneshot(post()).await.expect("answered");
         assert_eq!(after.status(), StatusCode::OK);
+    }
+
+    /// The body's frames' lengths, and the body.
+    async fn frames(response: Response) -> (Vec<usize>, Vec<u8>) {
+        use http_body_util::BodyExt as _;
+        let mut body = response.into_body();
+        let (mut lengths, mut bytes) = (Vec::new(), Vec::new());
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("a frame").into_data() {
+                lengths.push(data.len());
+                bytes.extend_from_slice(&data);
+            }
+        }
+        (lengths, bytes)
+    }
+
+    #[tokio::test]
+    async fn answers_go_in_frames_h2_batches_and_invalid_reviews_get_a_bounded_error() {
+        use super::super::batching::FRAME_MAX;
+        use tower::ServiceExt as _;
+        let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let loaded = crate::policy::load::load_dir(std::path::Path::new(policies)).expect("load");
+        let snapshot = crate::server::Snapshot { policies: loaded.policies, facts: loaded.facts };
+        let state = AppState::new(snapshot);
+        state.readiness.set_policies_loaded();
+        let router = webhook_router(state, &Limits::default());
+        let post = |body: Vec<u8>| {
+            axum::http::Request::post("/validate")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from(body))
+                .expect("request")
+        };
+        // Every image from an untrusted registry: a denial of three containers, over 1 KiB.
+        let realistic = include_str!("../../tests/fixtures/pod-create-trusted.json");
+        let denied = realistic
+            .replace("\"contoso.azurecr.io/", "\"untrusted.example.com/")
+            .replace("\"mcr.microsoft.com/", "\"untrusted.example.com/");
+        let response = router.clone().oneshot(post(denied.into_bytes())).await.expect("answered");
+        assert_eq!(response.status(), StatusCode::OK);
+        let (lengths, answer) = frames(response).await;
+        let answer = String::from_utf8(answer).expect("UTF-8");
+        assert!(answer.contains("\"allowed\":false"), "{answer}");
+        assert!(answer.len() > FRAME_MAX, "{} bytes", answer.len());
+        assert!(lengths.len() >= 2 && lengths.iter().all(|&len| len <= FRAME_MAX), "{lengths:?}");
+        // A review of another apiVersion, naming a megabyte of it: the 400 quotes a bounded part.
+        let huge = "v".repeat(1 << 20);
+        let wrong = format!(r#"{{"apiVersion":"{huge}","kind":"AdmissionReview"}}"#);
+        let response = router.oneshot(post(wrong.into_bytes())).await.expect("answered");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let (_, error) = frames(response).await;
+        let error = String::from_utf8(error).expect("UTF-8");
+        assert!(error.len() < MAX_ANSWERED_ERROR + 64, "{} bytes", error.len());
+        assert!(error.starts_with("expected apiVersion admission.k8s.io/v1"), "{error}");
+        assert!(error.contains(&format!("[{} bytes]", error_len(&huge))), "{error}");
+    }
+
+    /// The length of the WrongType error naming `api_version`, as the 400 marks a clipped one.
+    fn error_len(api_version: &str) -> usize {
+        ReviewError::WrongType { api_version: api_version.into(), kind: "AdmissionReview".into() }
+            .to_string()
+            .len()
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
 use super::Limits;
-use super::batching::Unvectored;
+use super::batching::Batching;
 
 /// Serves `app` over TLS on `listener` until `shutdown` completes, then lets in-flight
 /// requests finish within `limits.shutdown_grace`. Once `draining` turns true, every
@@ -140,9 +140,9 @@ pub async fn serve_tls(
                 activity: activity.clone(),
                 leave: leave.clone(),
             };
-            // Unvectored: concurrent streams' answers leave in one write (see batching).
-            let tls =
-                StallGuard::new(Unvectored(tls), limits.header_timeout, limits.request_timeout);
+            // Over HTTP/2, concurrent streams' answers leave in one write (see batching).
+            let tls = Batching::new(tls, http2);
+            let tls = StallGuard::new(tls, limits.header_timeout, limits.request_timeout);
             let builder = if http2 { &h2_builder } else { &builder };
             let connection = builder.serve_connection(TokioIo::new(tls), service);
             let signals = Signals { leave, close, http2 };
