@@ -10,11 +10,18 @@
 //! /mutate and denials cost 5–14 µs more server CPU per request than they do batched
 //! (BENCHMARKS.md, "Issue 14, step 4").
 //!
-//! So an HTTP/2 connection's I/O reports that it does not take vectored writes ([`Batching`]),
-//! and webhook answers up to [`BATCHED_MAX`] are sent as DATA frames below 1,024 bytes
-//! ([`Frames`]): every frame is copied into h2's buffer, and one write carries what all
-//! streams have ready. HTTP/1.1 connections keep vectored writes: without them hyper copies
-//! each response into a write buffer that keeps its largest size for the connection's life.
+//! So the I/O of a connection that negotiated h2 by ALPN (as the kube-apiserver does) reports
+//! that it does not take vectored writes ([`Batching`]), and webhook answers up to
+//! [`BATCHED_MAX`] are sent as DATA frames below 1,024 bytes ([`Frames`]): every frame is copied
+//! into h2's buffer, and one write carries what all streams have ready. HTTP/1.1 connections
+//! keep vectored writes: without them hyper copies each response into a write buffer that keeps
+//! its largest size for the connection's life. (A client speaking HTTP/2 without ALPN is served
+//! unbatched.)
+//!
+//! Larger answers go in [`LARGE_FRAME`] pieces rather than whole: hyper drops a response body
+//! once it has taken its last piece, and with it the memory budget's charge for the answer
+//! (`budget::Charged`), so an answer handed over whole would wait for a slow or stalled reader
+//! uncharged (its size is the client's to choose: the answer echoes `request.uid`).
 //!
 //! Kept in the project: the threshold is h2's internal constant, and no crate splits a body
 //! for it.
@@ -35,13 +42,17 @@ pub const FRAME_MAX: usize = 1023;
 
 /// The largest answer sent in [`FRAME_MAX`] frames: h2's write buffer (16 KiB) holds no more,
 /// and a larger answer (a patch inlining credential specs, a denial of many containers) fills
-/// writes by itself, so it goes as one body chunk, which h2 splits into frames of the peer's
-/// maximum size, instead of as a thousand small frames a MiB.
+/// writes by itself, so it goes in [`LARGE_FRAME`] pieces instead of as a thousand small frames
+/// a MiB.
 pub const BATCHED_MAX: usize = 16 * 1024;
 
+/// The pieces of an answer larger than [`BATCHED_MAX`]: HTTP/2's default maximum frame size,
+/// so hyper holds at most one piece beyond what flow control lets through.
+pub const LARGE_FRAME: usize = 16 * 1024;
+
 /// A response body of known length (HTTP/1.1 answers carry `Content-Length`), sent in frames
-/// of at most [`FRAME_MAX`] bytes when it is at most [`BATCHED_MAX`] bytes long, else in one
-/// chunk. Splitting does not copy.
+/// of at most [`FRAME_MAX`] bytes when it is at most [`BATCHED_MAX`] bytes long, else in
+/// [`LARGE_FRAME`] pieces. Splitting does not copy.
 #[derive(Debug)]
 pub struct Frames {
     rest: Bytes,
@@ -53,7 +64,7 @@ impl Frames {
     #[must_use]
     pub fn new(bytes: impl Into<Bytes>) -> Self {
         let rest = bytes.into();
-        let frame_max = if rest.len() <= BATCHED_MAX { FRAME_MAX } else { rest.len() };
+        let frame_max = if rest.len() <= BATCHED_MAX { FRAME_MAX } else { LARGE_FRAME };
         Self { rest, frame_max }
     }
 }
@@ -154,7 +165,7 @@ mod tests {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
-    use super::{BATCHED_MAX, Batching, FRAME_MAX, Frames};
+    use super::{BATCHED_MAX, Batching, FRAME_MAX, Frames, LARGE_FRAME};
 
     /// The server side of an in-memory connection: counts write calls, and takes vectored
     /// writes or not as told (as TLS does).
@@ -273,14 +284,20 @@ mod tests {
         counted
     }
 
-    #[test]
-    fn only_http2_connections_give_up_vectored_writes() {
+    #[tokio::test]
+    async fn only_http2_connections_give_up_vectored_writes() {
+        use tokio::io::AsyncWriteExt as _;
         // HTTP/1.1 keeps them: hyper would otherwise copy every response into a write buffer
         // that keeps its largest size for the connection's life.
         for (http2, vectored) in [(true, false), (false, true)] {
             let (_client, server) = tokio::io::duplex(64);
-            let io = CountingIo { inner: server, vectored: true, writes: Arc::default() };
-            assert_eq!(Batching::new(io, http2).is_write_vectored(), vectored, "{http2}");
+            let counting = CountingIo { inner: server, vectored: true, writes: Arc::default() };
+            let mut connection = Batching::new(counting, http2);
+            assert_eq!(connection.is_write_vectored(), vectored, "{http2}");
+            // A vectored write reaches the I/O as one: all slices in one call.
+            let slices = [io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")];
+            let written = connection.write_vectored(&slices).await.expect("written");
+            assert_eq!(written, 4, "{http2}");
         }
     }
 
@@ -313,15 +330,17 @@ mod tests {
             .into_iter()
             .chain(Some(BATCHED_MAX % FRAME_MAX))
             .collect::<Vec<_>>();
-        let cases: [(usize, &[usize]); 7] = [
+        let cases: [(usize, &[usize]); 8] = [
             (0, &[]),
             (1, &[1]),
             (FRAME_MAX, &[FRAME_MAX]),
             (FRAME_MAX + 1, &[FRAME_MAX, 1]),
             (2 * FRAME_MAX + 5, &[FRAME_MAX, FRAME_MAX, 5]),
             (BATCHED_MAX, &batched),
-            // Larger answers go whole; h2 splits them by the peer's frame size.
-            (BATCHED_MAX + 1, &[BATCHED_MAX + 1]),
+            // Larger answers go in large pieces, so the body (and its charge) lives until the
+            // last one is taken.
+            (BATCHED_MAX + 1, &[LARGE_FRAME, BATCHED_MAX + 1 - LARGE_FRAME]),
+            (3 * LARGE_FRAME + 7, &[LARGE_FRAME, LARGE_FRAME, LARGE_FRAME, 7]),
         ];
         for (len, expected) in cases {
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();

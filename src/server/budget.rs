@@ -18,8 +18,9 @@
 //!   `2 × body + TOKEN_COST × structural tokens` ([`cost`]), measured with a counting allocator
 //!   on the costliest shapes (many labels, many affinity values, many containers each with its
 //!   own violation): a review of many tiny values is charged far more than its size;
-//! - the charge is held until the response has been written (or the connection dropped), and
-//!   by the decision itself when the request times out before it ends.
+//! - the charge is held until the connection has taken the response's last piece for writing
+//!   (at most 16 KiB: answers are sent in pieces, `batching::LARGE_FRAME`) or has dropped it,
+//!   and by the decision itself when the request times out before it ends.
 //!
 //! - the budget is the process's [`MemoryPool`], which registry reads share (each charged
 //!   the most it can hold, [`crate::oci::slots`]): with imageProvenance, reads of images never
@@ -166,9 +167,9 @@ struct Masks {
 
 /// [`Masks`] of a block, 16 bytes at a time with SSE2, which every x86-64 CPU has (no runtime
 /// detection), through safe_arch's safe wrappers of the intrinsics: the realistic review's
-/// count takes 1.2 µs against 3.7 µs with [`masks_swar`] (`budget/cost`, BENCHMARKS.md "Issue
+/// count takes 1.2 µs against 3.7 µs with `masks_swar` (`budget/cost`, BENCHMARKS.md "Issue
 /// 14, step 4").
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 fn masks(bytes: &[u8; 64]) -> Masks {
     use safe_arch::{
         bitor_m128i, cmp_eq_mask_i8_m128i, m128i, move_mask_i8_m128i, set_splat_i8_m128i,
@@ -198,15 +199,15 @@ fn masks(bytes: &[u8; 64]) -> Masks {
     found
 }
 
-/// [`Masks`] of a block elsewhere.
-#[cfg(not(target_arch = "x86_64"))]
+/// [`Masks`] of a block elsewhere (and on x86-64 targets built without SSE2).
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
 fn masks(bytes: &[u8; 64]) -> Masks {
     masks_swar(bytes)
 }
 
 /// [`Masks`] of a block, eight bytes at a time in a u64 (SWAR): portable, and about twice as
 /// fast as testing byte by byte.
-#[cfg(any(not(target_arch = "x86_64"), test))]
+#[cfg(any(not(all(target_arch = "x86_64", target_feature = "sse2")), test))]
 fn masks_swar(bytes: &[u8; 64]) -> Masks {
     let mut found = Masks { quotes: 0, backslashes: 0, structural: 0 };
     for (i, word) in bytes.chunks_exact(8).enumerate() {
@@ -226,7 +227,7 @@ fn masks_swar(bytes: &[u8; 64]) -> Masks {
 
 /// The high bit of each byte of `word` that equals `byte`, exactly (no borrow crosses bytes,
 /// unlike the shorter `haszero` trick).
-#[cfg(any(not(target_arch = "x86_64"), test))]
+#[cfg(any(not(all(target_arch = "x86_64", target_feature = "sse2")), test))]
 fn bytes_equal(word: u64, byte: u8) -> u64 {
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     let zero_where_equal = word ^ (u64::from(byte) * 0x0101_0101_0101_0101);
@@ -236,7 +237,7 @@ fn bytes_equal(word: u64, byte: u8) -> u64 {
 /// The high bits of a word's eight bytes (as [`bytes_equal`] sets them) packed into its low
 /// eight bits, byte k's at bit k: the multiplier moves bit 8k+7 to bit 56+k, and its other
 /// products land below bit 56 without overlapping, so no carry reaches the result.
-#[cfg(any(not(target_arch = "x86_64"), test))]
+#[cfg(any(not(all(target_arch = "x86_64", target_feature = "sse2")), test))]
 fn pack(high_bits: u64) -> u64 {
     ((high_bits >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
 }
