@@ -209,6 +209,21 @@ fn masks(bytes: &[u8; 64]) -> Masks {
 /// fast as testing byte by byte.
 #[cfg(any(not(all(target_arch = "x86_64", target_feature = "sse2")), test))]
 fn masks_swar(bytes: &[u8; 64]) -> Masks {
+    /// The high bit of each byte of `word` that equals `byte`, exactly (no borrow crosses bytes,
+    /// unlike the shorter `haszero` trick).
+    fn bytes_equal(word: u64, byte: u8) -> u64 {
+        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+        let zero_where_equal = word ^ (u64::from(byte) * 0x0101_0101_0101_0101);
+        !(((zero_where_equal & LOW7).wrapping_add(LOW7)) | zero_where_equal | LOW7)
+    }
+
+    /// The high bits of a word's eight bytes (as `bytes_equal` sets them) packed into its low
+    /// eight bits, byte k's at bit k: the multiplier moves bit 8k+7 to bit 56+k, and its other
+    /// products land below bit 56 without overlapping, so no carry reaches the result.
+    fn pack(high_bits: u64) -> u64 {
+        ((high_bits >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+    }
+
     let mut found = Masks { quotes: 0, backslashes: 0, structural: 0 };
     for (i, word) in bytes.chunks_exact(8).enumerate() {
         let mut le = [0u8; 8];
@@ -223,23 +238,6 @@ fn masks_swar(bytes: &[u8; 64]) -> Masks {
         found.structural |= pack(brackets | separators) << shift;
     }
     found
-}
-
-/// The high bit of each byte of `word` that equals `byte`, exactly (no borrow crosses bytes,
-/// unlike the shorter `haszero` trick).
-#[cfg(any(not(all(target_arch = "x86_64", target_feature = "sse2")), test))]
-fn bytes_equal(word: u64, byte: u8) -> u64 {
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    let zero_where_equal = word ^ (u64::from(byte) * 0x0101_0101_0101_0101);
-    !(((zero_where_equal & LOW7).wrapping_add(LOW7)) | zero_where_equal | LOW7)
-}
-
-/// The high bits of a word's eight bytes (as [`bytes_equal`] sets them) packed into its low
-/// eight bits, byte k's at bit k: the multiplier moves bit 8k+7 to bit 56+k, and its other
-/// products land below bit 56 without overlapping, so no carry reaches the result.
-#[cfg(any(not(all(target_arch = "x86_64", target_feature = "sse2")), test))]
-fn pack(high_bits: u64) -> u64 {
-    ((high_bits >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
 }
 
 /// Bit i of the result is the XOR of bits 0..=i of `bits`.

@@ -248,12 +248,11 @@ fn invalid(
     error: &ReviewError,
 ) -> Response {
     state.metrics.record_invalid(webhook, start.elapsed());
+    let error = error.to_string();
     if admitted(log, Line::Invalid, "") {
-        let error = error.to_string();
         let error = clip(&error, MAX_LOGGED_FIELD);
         tracing::warn!(webhook = webhook.as_str(), %error, "rejected invalid AdmissionReview");
     }
-    let error = error.to_string();
     (StatusCode::BAD_REQUEST, format!("{}\n", clip(&error, MAX_ANSWERED_ERROR))).into_response()
 }
 
