@@ -468,7 +468,7 @@ fn run_certs(args: &CertsArgs) -> anyhow::Result<()> {
     if let Some(CertsAction::Revoke(revoke)) = &args.action {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         return runtime.block_on(async {
-            let client = kube::Client::try_default().await.context("failed to configure the Kubernetes client")?;
+            let client = cluster::client().await?;
             let value = cluster::certs::request_revoke(client, &revoke.namespace, &revoke.secret).await?;
             println!(
                 "requested revocation of {}/{} ({}={value}); the leader replaces the CA and serving certificate and removes the old CA from the webhooks",

@@ -2,6 +2,7 @@
 //! controller that manages arcguard's own serving certificate, and the failure policy of its
 //! webhooks.
 
+pub mod api_client;
 pub mod audit;
 pub mod certs;
 pub mod facts;
@@ -20,6 +21,7 @@ use kube::runtime::utils::ResetTimerBackoff;
 use kube::runtime::watcher::ExponentialBackoff;
 use tokio::sync::watch;
 
+pub use self::api_client::client;
 use self::certs::CertConfig;
 use self::leader::{LeaderElector, LeaseConfig};
 use crate::certs::CertResolver;
@@ -42,22 +44,6 @@ pub fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
         .with_jitter()
         .without_max_times();
     ResetTimerBackoff::new(ExponentialBackoff::from(builder), Duration::from_secs(120))
-}
-
-/// The Kubernetes client of cluster mode (in-cluster configuration or KUBECONFIG), with a
-/// connect timeout and a read timeout: a hung apiserver connection never blocks a caller for
-/// good (each call made for a request or the Lease also has its own, shorter deadline). The
-/// read timeout stays above the 290 s a watch may stay quiet.
-///
-/// # Errors
-/// [`ClusterError::Client`] when no configuration can be found or used.
-pub async fn client() -> Result<kube::Client, ClusterError> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(|e| ClusterError::Client(kube::Error::InferConfig(e)))?;
-    config.connect_timeout = Some(Duration::from_secs(5));
-    config.read_timeout = Some(Duration::from_secs(300));
-    kube::Client::try_from(config).map_err(ClusterError::Client)
 }
 
 /// This replica's leader-election identity: the pod name when given; otherwise the host name
