@@ -155,6 +155,11 @@ impl ImageRef {
         self.text[..self.name_end].to_owned()
     }
 
+    /// The normalised form, borrowed: see [`ImageRef::normalized`].
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
     /// The normalised form, e.g. `docker.io/library/nginx:latest` or `host/repo:tag@sha256:...`.
     pub fn normalized(&self) -> String {
         self.text.clone()

@@ -60,6 +60,23 @@ fn needs_escape(c: char) -> bool {
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
+/// Appends `text` to `out` as `{:?}` writes it (quoted, with `"`, `\` and control and other
+/// unprintable characters escaped). Text of printable ASCII other than `"` and `\`, as names
+/// and image references are, is copied as it is; only other text goes through `Debug`, which
+/// formats it a character at a time.
+pub fn push_quoted(out: &mut String, text: &str) {
+    if text.bytes().all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\') {
+        out.reserve(text.len() + 2);
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    } else {
+        use std::fmt::Write as _;
+        // Writing into a String cannot fail.
+        let _ = write!(out, "{text:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +123,27 @@ mod tests {
         ];
         for (text, max, want) in cases {
             assert_eq!(prefix(text, max), want, "{text:?} at {max}");
+        }
+    }
+
+    #[test]
+    fn quoted_text_reads_as_debug_writes_it() {
+        for text in [
+            "web",
+            "docker.io/library/nginx:1.25",
+            "it's",
+            "",
+            "a\"b",
+            "a\\b",
+            "tab\there",
+            "line\nbreak",
+            "é",
+            "\u{202E}x",
+            "~ !",
+        ] {
+            let mut out = String::from("> ");
+            push_quoted(&mut out, text);
+            assert_eq!(out, format!("> {text:?}"), "{text:?}");
         }
     }
 }

@@ -109,9 +109,25 @@ impl Policy {
 
     /// `name` for cluster policies, `namespace/name` for namespaced ones.
     pub fn id(&self) -> String {
+        let mut id = String::new();
+        self.push_id(&mut id);
+        id
+    }
+
+    /// Appends [`Policy::id`] to `out`.
+    pub fn push_id(&self, out: &mut String) {
+        if let Scope::Namespace(ns) = &self.scope {
+            out.push_str(ns);
+            out.push('/');
+        }
+        out.push_str(&self.name);
+    }
+
+    /// What [`Policy::id`] is made of: the namespace, for a namespaced policy, and the name.
+    pub fn id_parts(&self) -> (Option<&str>, &str) {
         match &self.scope {
-            Scope::Cluster => self.name.clone(),
-            Scope::Namespace(ns) => format!("{ns}/{}", self.name),
+            Scope::Cluster => (None, &self.name),
+            Scope::Namespace(ns) => (Some(ns), &self.name),
         }
     }
 }

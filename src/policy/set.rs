@@ -42,33 +42,64 @@ pub struct Evaluation<'p> {
     pub advisories: Vec<String>,
 }
 
+/// Findings of one evaluation compared by scanning them, before they are indexed by text.
+const SCANNED_FINDINGS: usize = 16;
+
 impl Evaluation<'_> {
     /// Violations of policies with `action`, each prefixed with the policies that found it: the
     /// same finding from several policies (a pod that can never run, say) is listed once, in
     /// the order first found. Linear in the number of violations (a pod may have thousands).
     fn failures(&self, action: Action) -> impl Iterator<Item = String> + '_ {
-        let mut found: Vec<(&str, Vec<String>)> = Vec::new();
+        // Each finding with the policy that found it first and any others after it: most are
+        // found by one policy, so the others' list stays empty and unallocated.
+        let mut found: Vec<(&str, &Policy, Vec<&Policy>)> = Vec::new();
+        // Findings by text, once there are more than a scan is cheap for; a denial storm lists
+        // a few per request, where hashing each (SipHash) cost more than comparing them.
         let mut index: HashMap<&str, usize> = HashMap::new();
         for result in self.results.iter().filter(|r| r.policy.action == action) {
             let Outcome::Fail(messages) = &result.outcome else { continue };
             for message in messages {
-                match index.get(message.as_str()) {
-                    Some(&at) => {
-                        let ids = &mut found[at].1;
-                        let id = result.policy.id();
+                let at = if found.len() <= SCANNED_FINDINGS {
+                    found.iter().position(|(seen, ..)| *seen == message)
+                } else {
+                    index.get(message.as_str()).copied()
+                };
+                match at {
+                    Some(at) => {
+                        let (_, first, others) = &mut found[at];
+                        let last = others.last().copied().unwrap_or(*first);
                         // A policy reporting the same finding twice is named once.
-                        if ids.last() != Some(&id) {
-                            ids.push(id);
+                        if last.id_parts() != result.policy.id_parts() {
+                            others.push(result.policy);
                         }
                     }
                     None => {
-                        index.insert(message, found.len());
-                        found.push((message, vec![result.policy.id()]));
+                        if found.len() == SCANNED_FINDINGS {
+                            index.extend(
+                                found.iter().enumerate().map(|(at, (seen, ..))| (*seen, at)),
+                            );
+                        }
+                        if found.len() >= SCANNED_FINDINGS {
+                            index.insert(message, found.len());
+                        }
+                        found.push((message, result.policy, Vec::new()));
                     }
                 }
             }
         }
-        found.into_iter().map(|(message, ids)| format!("[{}] {message}", ids.join(", ")))
+        found.into_iter().map(|(message, first, others)| {
+            let ids: usize = others.iter().map(|p| p.name.len() + 66).sum();
+            let mut line = String::with_capacity(first.name.len() + 68 + ids + message.len());
+            line.push('[');
+            first.push_id(&mut line);
+            for policy in others {
+                line.push_str(", ");
+                policy.push_id(&mut line);
+            }
+            line.push_str("] ");
+            line.push_str(message);
+            line
+        })
     }
 
     /// Whether a Deny policy failed.

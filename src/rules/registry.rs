@@ -7,6 +7,7 @@ use super::{FieldError, Findings};
 use crate::admission::objects::ContainerRef;
 use crate::admission::view::{PodView, RequestView, Subject};
 use crate::image::{self, ImageParts, ImageRef};
+use crate::text;
 
 /// The `trustedRegistries` rule block.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -140,29 +141,44 @@ impl TrustedRegistries {
             return;
         }
         let normalized = parsed.to_image_ref();
+        // One buffer for the subject and the image, which the last violation takes over: a
+        // denial storm builds these for every container (BENCHMARKS.md, issue 14, step 5).
+        let shown_image = shown(image);
+        let name = &container.container.name;
+        let mut uses = String::with_capacity(
+            80 + name.len() + shown_image.len() + normalized.as_str().len() + self.listed.len(),
+        );
+        uses.push_str(container.list.noun());
+        uses.push(' ');
+        text::push_quoted(&mut uses, name);
+        uses.push_str(" uses image ");
+        text::push_quoted(&mut uses, &shown_image);
         // The normal form says where a short name really pulls from; repeating an image that
         // is already written in it only lengthens the message.
-        let normal_form = normalized.to_string();
-        let uses = if normal_form == image {
-            format!("{} uses image {:?}", subject(), shown(image))
-        } else {
-            format!("{} uses image {:?} ({normal_form})", subject(), shown(image))
+        if normalized.as_str() != image {
+            uses.push_str(" (");
+            uses.push_str(normalized.as_str());
+            uses.push(')');
+        }
+        let untrusted = |mut uses: String| {
+            uses.push_str(", which is not from a trusted registry; use an image from ");
+            uses.push_str(&self.listed);
+            uses
+        };
+        let Some(unpinned) = unpinned else {
+            violations.push(untrusted(uses));
+            return;
         };
         if !trusted {
-            violations.push(format!(
-                "{uses}, which is not from a trusted registry; use an image from {}",
-                self.listed
-            ));
+            violations.push(untrusted(uses.clone()));
         }
-        if let Some(unpinned) = unpinned {
-            let pinned = format!("{}@sha256:<digest>", normalized.name());
-            violations.push(match unpinned {
-                Unpinned::Algorithm(algorithm) => format!(
-                    "{uses}, which is pinned by a {algorithm} digest but only sha256 digests are accepted; use {pinned}"
-                ),
-                Unpinned::NoDigest => format!("{uses}, which is not pinned by digest; use {pinned}"),
-            });
-        }
+        let pinned = format!("{}@sha256:<digest>", normalized.name());
+        violations.push(match unpinned {
+            Unpinned::Algorithm(algorithm) => format!(
+                "{uses}, which is pinned by a {algorithm} digest but only sha256 digests are accepted; use {pinned}"
+            ),
+            Unpinned::NoDigest => format!("{uses}, which is not pinned by digest; use {pinned}"),
+        });
     }
 }
 
@@ -195,10 +211,14 @@ pub(crate) fn is_unchanged(pod: &PodView, container: ContainerRef<'_>, image: &s
 }
 
 /// The image as written, cut to a length that keeps messages readable.
-pub(crate) fn shown(image: &str) -> String {
+pub(crate) fn shown(image: &str) -> std::borrow::Cow<'_, str> {
+    // No more bytes than the limit's characters: nothing to count.
+    if image.len() <= SHOWN_MAX {
+        return std::borrow::Cow::Borrowed(image);
+    }
     match image.char_indices().nth(SHOWN_MAX) {
-        Some((cut, _)) => format!("{}...", &image[..cut]),
-        None => image.to_owned(),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!("{}...", &image[..cut])),
+        None => std::borrow::Cow::Borrowed(image),
     }
 }
 
