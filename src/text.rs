@@ -128,21 +128,23 @@ mod tests {
 
     #[test]
     fn quoted_text_reads_as_debug_writes_it() {
-        for text in [
+        let ascii = (0..=0x7f_u8).map(|b| format!("a{}b", char::from(b)));
+        let others = [
             "web",
             "docker.io/library/nginx:1.25",
             "it's",
             "",
-            "a\"b",
-            "a\\b",
-            "tab\there",
-            "line\nbreak",
             "é",
             "\u{202E}x",
+            "\u{301}x",
+            "\u{a0}",
+            "\u{feff}",
+            "\u{10ffff}",
             "~ !",
-        ] {
+        ];
+        for text in ascii.chain(others.map(str::to_owned)) {
             let mut out = String::from("> ");
-            push_quoted(&mut out, text);
+            push_quoted(&mut out, &text);
             assert_eq!(out, format!("> {text:?}"), "{text:?}");
         }
     }

@@ -123,12 +123,16 @@ impl Policy {
         out.push_str(&self.name);
     }
 
-    /// What [`Policy::id`] is made of: the namespace, for a namespaced policy, and the name.
-    pub fn id_parts(&self) -> (Option<&str>, &str) {
-        match &self.scope {
-            Scope::Cluster => (None, &self.name),
-            Scope::Namespace(ns) => (Some(ns), &self.name),
+    /// Whether [`Policy::id`] reads the same for both, compared without writing either.
+    pub fn has_same_id(&self, other: &Self) -> bool {
+        fn id_bytes(policy: &Policy) -> impl Iterator<Item = u8> + '_ {
+            let namespace = match &policy.scope {
+                Scope::Cluster => None,
+                Scope::Namespace(ns) => Some(ns.bytes().chain(std::iter::once(b'/'))),
+            };
+            namespace.into_iter().flatten().chain(policy.name.bytes())
         }
+        id_bytes(self).eq(id_bytes(other))
     }
 }
 

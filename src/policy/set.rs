@@ -69,7 +69,7 @@ impl Evaluation<'_> {
                         let (_, first, others) = &mut found[at];
                         let last = others.last().copied().unwrap_or(*first);
                         // A policy reporting the same finding twice is named once.
-                        if last.id_parts() != result.policy.id_parts() {
+                        if !last.has_same_id(result.policy) {
                             others.push(result.policy);
                         }
                     }
@@ -330,6 +330,45 @@ mod tests {
         assert_eq!(denials[1], "[a] finding 1");
         assert_eq!(denials[7], "[a] finding 7");
         assert_eq!(denials[count - 2], format!("[a, b] finding {}", count - 2));
+    }
+
+    #[test]
+    fn findings_are_deduplicated_alike_below_at_and_past_the_scanned_count() {
+        let policies = set(&[
+            &cluster("a", "  trustedRegistries: {registries: [a.io]}\n"),
+            &cluster("b", "  trustedRegistries: {registries: [a.io]}\n"),
+        ]);
+        let [a, b] = policies.policies() else { panic!("two policies") };
+        for count in [1, 15, 16, 17, 18, 40] {
+            let messages: Vec<String> = (0..count).map(|i| format!("finding {i}")).collect();
+            // a finds each, then the first and the last again; b finds each, in reverse.
+            let mut of_a = messages.clone();
+            of_a.extend([messages[0].clone(), messages[count - 1].clone()]);
+            let of_b: Vec<String> = messages.iter().rev().cloned().collect();
+            let evaluation = Evaluation {
+                results: vec![
+                    PolicyResult { policy: a, outcome: Outcome::Fail(of_a) },
+                    PolicyResult { policy: b, outcome: Outcome::Fail(of_b) },
+                ],
+                advisories: Vec::new(),
+            };
+            let expected: Vec<String> = (0..count).map(|i| format!("[a, b] finding {i}")).collect();
+            assert_eq!(evaluation.denials(), expected, "{count} findings");
+        }
+    }
+
+    #[test]
+    fn a_cluster_policy_and_a_namespaced_one_of_the_same_id_are_named_once() {
+        // Files may name a cluster policy `shop/p`; its id then reads as namespace shop's `p`.
+        let policies = set(&[
+            &cluster("shop/p", "  trustedRegistries: {registries: [a.io]}\n"),
+            "apiVersion: arcguard.io/v1alpha1\nkind: GuardPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  trustedRegistries: {registries: [a.io]}\n",
+        ]);
+        let denials = policies
+            .validate(&pod("shop", json!({}), "c.io/app:1"), &StaticFacts::default())
+            .denials();
+        assert_eq!(denials.len(), 1, "{denials:?}");
+        assert!(denials[0].starts_with("[shop/p] container"), "{denials:?}");
     }
 
     #[test]

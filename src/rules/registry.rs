@@ -141,12 +141,15 @@ impl TrustedRegistries {
             return;
         }
         let normalized = parsed.to_image_ref();
-        // One buffer for the subject and the image, which the last violation takes over: a
-        // denial storm builds these for every container (BENCHMARKS.md, issue 14, step 5).
+        // One buffer for the subject and the image, which an untrusted image's violation takes
+        // over when it is the only one: a denial storm builds these for every container
+        // (BENCHMARKS.md, issue 14, step 5). Room for the longest fixed text (an ephemeral
+        // container's untrusted image written in another form: 97 bytes) and the quotes'
+        // escapes of a short name.
         let shown_image = shown(image);
         let name = &container.container.name;
         let mut uses = String::with_capacity(
-            80 + name.len() + shown_image.len() + normalized.as_str().len() + self.listed.len(),
+            112 + name.len() + shown_image.len() + normalized.as_str().len() + self.listed.len(),
         );
         uses.push_str(container.list.noun());
         uses.push(' ');
@@ -666,6 +669,53 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn an_untrusted_unpinned_image_gets_both_violations_in_full() {
+        let rule = rule_with(&["contoso.azurecr.io"], true, &[]);
+        let untrusted =
+            "which is not from a trusted registry; use an image from contoso.azurecr.io";
+        let cases = [
+            (
+                pod(json!({"containers": [{"name": "app", "image": "nginx"}]})),
+                vec![
+                    format!("container \"app\" uses image \"nginx\" (docker.io/library/nginx:latest), {untrusted}"),
+                    "container \"app\" uses image \"nginx\" (docker.io/library/nginx:latest), which is not pinned by digest; use docker.io/library/nginx@sha256:<digest>".to_owned(),
+                ],
+            ),
+            (
+                pod(json!({"containers": [{"name": "app", "image": "c"}],
+                           "ephemeralContainers": [{"name": "debug", "image": format!("Evil.IO/tools@{SHA512}")}]})),
+                vec![
+                    format!("container \"app\" uses image \"c\" (docker.io/library/c:latest), {untrusted}"),
+                    "container \"app\" uses image \"c\" (docker.io/library/c:latest), which is not pinned by digest; use docker.io/library/c@sha256:<digest>".to_owned(),
+                    format!("ephemeral container \"debug\" uses image \"Evil.IO/tools@{SHA512}\" (evil.io/tools@{SHA512}), {untrusted}"),
+                    format!("ephemeral container \"debug\" uses image \"Evil.IO/tools@{SHA512}\" (evil.io/tools@{SHA512}), which is pinned by a sha512 digest but only sha256 digests are accepted; use evil.io/tools@sha256:<digest>"),
+                ],
+            ),
+            (
+                pod(json!({"initContainers": [{"name": "in\"it", "image": "evil.io/x:1"}]})),
+                vec![format!("init container \"in\\\"it\" uses image \"evil.io/x:1\", {untrusted}"), "init container \"in\\\"it\" uses image \"evil.io/x:1\", which is not pinned by digest; use evil.io/x@sha256:<digest>".to_owned()],
+            ),
+        ];
+        for (object, expected) in cases {
+            assert_eq!(violations(&rule, &view(Kind::Pod, &object, None)), expected);
+        }
+    }
+
+    #[test]
+    fn images_are_shown_up_to_300_characters() {
+        let cases = [
+            ("a".repeat(300), "a".repeat(300)),
+            ("a".repeat(301), format!("{}...", "a".repeat(300))),
+            ("é".repeat(300), "é".repeat(300)),
+            ("é".repeat(301), format!("{}...", "é".repeat(300))),
+            ("".to_owned(), "".to_owned()),
+        ];
+        for (image, expected) in cases {
+            assert_eq!(shown(&image), expected, "{} bytes", image.len());
+        }
     }
 
     #[test]
