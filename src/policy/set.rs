@@ -304,19 +304,13 @@ mod tests {
         assert_eq!(unique.len(), advisories.len(), "{advisories:?}");
     }
 
-    #[test]
-    fn thousands_of_findings_are_deduplicated_in_order_each_naming_its_policies() {
+    /// The denials of two Deny policies, `a` and `b`, that found `of_a` and `of_b`.
+    fn denials_of(of_a: Vec<String>, of_b: Vec<String>) -> Vec<String> {
         let policies = set(&[
             &cluster("a", "  trustedRegistries: {registries: [a.io]}\n"),
             &cluster("b", "  trustedRegistries: {registries: [a.io]}\n"),
         ]);
         let [a, b] = policies.policies() else { panic!("two policies") };
-        let count = 50_000;
-        let messages: Vec<String> = (0..count).map(|i| format!("finding {i}")).collect();
-        // Policy a finds every one (one of them twice), b every other one.
-        let mut of_a = messages.clone();
-        of_a.push("finding 7".into());
-        let of_b: Vec<String> = messages.iter().step_by(2).cloned().collect();
         let evaluation = Evaluation {
             results: vec![
                 PolicyResult { policy: a, outcome: Outcome::Fail(of_a) },
@@ -324,7 +318,18 @@ mod tests {
             ],
             advisories: Vec::new(),
         };
-        let denials = evaluation.denials();
+        evaluation.denials()
+    }
+
+    #[test]
+    fn thousands_of_findings_are_deduplicated_in_order_each_naming_its_policies() {
+        let count = 50_000;
+        let messages: Vec<String> = (0..count).map(|i| format!("finding {i}")).collect();
+        // Policy a finds every one (one of them twice), b every other one.
+        let mut of_a = messages.clone();
+        of_a.push("finding 7".into());
+        let of_b: Vec<String> = messages.iter().step_by(2).cloned().collect();
+        let denials = denials_of(of_a, of_b);
         assert_eq!(denials.len(), count);
         assert_eq!(denials[0], "[a, b] finding 0");
         assert_eq!(denials[1], "[a] finding 1");
@@ -334,26 +339,14 @@ mod tests {
 
     #[test]
     fn findings_are_deduplicated_alike_below_at_and_past_the_scanned_count() {
-        let policies = set(&[
-            &cluster("a", "  trustedRegistries: {registries: [a.io]}\n"),
-            &cluster("b", "  trustedRegistries: {registries: [a.io]}\n"),
-        ]);
-        let [a, b] = policies.policies() else { panic!("two policies") };
         for count in [1, 15, 16, 17, 18, 40] {
             let messages: Vec<String> = (0..count).map(|i| format!("finding {i}")).collect();
             // a finds each, then the first and the last again; b finds each, in reverse.
             let mut of_a = messages.clone();
             of_a.extend([messages[0].clone(), messages[count - 1].clone()]);
             let of_b: Vec<String> = messages.iter().rev().cloned().collect();
-            let evaluation = Evaluation {
-                results: vec![
-                    PolicyResult { policy: a, outcome: Outcome::Fail(of_a) },
-                    PolicyResult { policy: b, outcome: Outcome::Fail(of_b) },
-                ],
-                advisories: Vec::new(),
-            };
             let expected: Vec<String> = (0..count).map(|i| format!("[a, b] finding {i}")).collect();
-            assert_eq!(evaluation.denials(), expected, "{count} findings");
+            assert_eq!(denials_of(of_a, of_b), expected, "{count} findings");
         }
     }
 
