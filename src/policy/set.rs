@@ -44,6 +44,9 @@ pub struct Evaluation<'p> {
 
 /// Findings of one evaluation compared by scanning them, before they are indexed by text.
 const SCANNED_FINDINGS: usize = 16;
+/// Bytes a finding's line reserves for one policy id besides its name: a namespace (at most 63
+/// bytes), its `/`, and the `, ` or the brackets around the list.
+const ID_ROOM: usize = 66;
 
 impl Evaluation<'_> {
     /// Violations of policies with `action`, each prefixed with the policies that found it: the
@@ -88,8 +91,8 @@ impl Evaluation<'_> {
             }
         }
         found.into_iter().map(|(message, first, others)| {
-            let ids: usize = others.iter().map(|p| p.name.len() + 66).sum();
-            let mut line = String::with_capacity(first.name.len() + 68 + ids + message.len());
+            let ids: usize = others.iter().map(|p| p.name.len() + ID_ROOM).sum();
+            let mut line = String::with_capacity(first.name.len() + ID_ROOM + ids + message.len());
             line.push('[');
             first.push_id(&mut line);
             for policy in others {
