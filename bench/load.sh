@@ -307,13 +307,15 @@ for protocol in sorted({p for p, _, _ in rows}):
     # Where the load generator has cores of its own (as the apiserver does), a CPU-bound server
     # answers in inverse proportion to its CPU per request: these are the ratios that travel
     # from this machine to one like that.
+    shown = {"validate": "/validate", "mutate": "/mutate", "denied": "denied /validate", "healthz": "/healthz"}
     for a, b, label in [("validate", "healthz", "/validate ÷ /healthz"),
                         ("mutate", "validate", "/mutate ÷ /validate"),
                         ("denied", "validate", "denied ÷ allowed /validate")]:
         x, y = median(protocol, a, "cpu"), median(protocol, b, "cpu")
         if x and y:
-            print(f"- {name}, {label} by server CPU per request (with the load generator on cores "
-                  f"of its own; {y:.1f} ÷ {x:.1f} µs): {100 * y / x:.0f}%")
+            print(f"- {name}, {label} predicted from server CPU per request (with the load "
+                  f"generator on cores of its own: {shown[b]} {y:.1f} µs ÷ {shown[a]} {x:.1f} µs): "
+                  f"{100 * y / x:.0f}%")
 EOF
   echo "- ready: ${ready_ms} ms from process start to /readyz answering 200 over TLS (polled in-process about every millisecond; $attempts failed attempts before)"
   echo "- resident memory: idle $(mib "$idle_rss_kib") MiB (VmRSS 1 s after ready), peak $(mib "$peak_rss_kib") MiB (VmHWM), $(mib "$final_rss_kib") MiB after the runs"
