@@ -285,11 +285,13 @@ top = int(sys.argv[2])
 def median(protocol, endpoint, key="rps"):
     runs = rows.get((protocol, endpoint, top))
     return statistics.median(r[key] for r in runs) if runs else None
+pairs = [("validate", "healthz", "/validate ÷ /healthz"),
+         ("mutate", "validate", "/mutate ÷ /validate"),
+         ("denied", "validate", "denied ÷ allowed /validate")]
+shown = {"validate": "/validate", "mutate": "/mutate", "denied": "denied /validate", "healthz": "/healthz"}
 for protocol in sorted({p for p, _, _ in rows}):
     name = "HTTP/1.1" if protocol == "h1" else "HTTP/2"
-    for a, b, label in [("validate", "healthz", "/validate ÷ /healthz"),
-                        ("mutate", "validate", "/mutate ÷ /validate"),
-                        ("denied", "validate", "denied ÷ allowed /validate")]:
+    for a, b, label in pairs:
         x, y = median(protocol, a), median(protocol, b)
         if x and y:
             print(f"- {name}, {label} at {top} concurrent (medians): {100 * x / y:.0f}%")
@@ -307,10 +309,7 @@ for protocol in sorted({p for p, _, _ in rows}):
     # Where the load generator has cores of its own (as the apiserver does), a CPU-bound server
     # answers in inverse proportion to its CPU per request: these are the ratios that travel
     # from this machine to one like that.
-    shown = {"validate": "/validate", "mutate": "/mutate", "denied": "denied /validate", "healthz": "/healthz"}
-    for a, b, label in [("validate", "healthz", "/validate ÷ /healthz"),
-                        ("mutate", "validate", "/mutate ÷ /validate"),
-                        ("denied", "validate", "denied ÷ allowed /validate")]:
+    for a, b, label in pairs:
         x, y = median(protocol, a, "cpu"), median(protocol, b, "cpu")
         if x and y:
             print(f"- {name}, {label} predicted from server CPU per request (with the load "
