@@ -31,6 +31,11 @@ pub(crate) const VALID_ENTRY: &str = "a valid entry is host[:port] optionally fo
 /// Longest image reference echoed back in a message; longer ones are cut.
 const SHOWN_MAX: usize = 300;
 
+/// Bytes a violation's buffer reserves besides the name, the images and the trusted list: the
+/// longest fixed text (an ephemeral container's untrusted image written in another form, 97
+/// bytes) and the escapes of a short quoted name.
+const VIOLATION_ROOM: usize = 112;
+
 /// A compiled `trustedRegistries` rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrustedRegistries {
@@ -143,13 +148,15 @@ impl TrustedRegistries {
         let normalized = parsed.to_image_ref();
         // One buffer for the subject and the image, which an untrusted image's violation takes
         // over when it is the only one: a denial storm builds these for every container
-        // (BENCHMARKS.md, issue 14, step 5). Room for the longest fixed text (an ephemeral
-        // container's untrusted image written in another form: 97 bytes) and the quotes'
-        // escapes of a short name.
+        // (BENCHMARKS.md, issue 14, step 5).
         let shown_image = shown(image);
         let name = &container.container.name;
         let mut uses = String::with_capacity(
-            112 + name.len() + shown_image.len() + normalized.as_str().len() + self.listed.len(),
+            VIOLATION_ROOM
+                + name.len()
+                + shown_image.len()
+                + normalized.as_str().len()
+                + self.listed.len(),
         );
         uses.push_str(container.list.noun());
         uses.push(' ');
