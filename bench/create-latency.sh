@@ -7,7 +7,9 @@
 # control plane is built from source on first use, as in e2e/README.md), and prints Markdown.
 # Arguments go to the harness: --rate N (pods per second, default 50), --seconds N (per phase,
 # default 20), --storm-connections N (default 16), --rounds N (the phases run in turn this many
-# times, default 3; figures are medians over the rounds).
+# times, default 3; figures are medians over the rounds), --paired (arcguard and the no-op webhook
+# returning its patch only, registered at once for alternate CREATEs: arcguard's own share with
+# a paired interval; --rate is then both sides together).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}

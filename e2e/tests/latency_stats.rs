@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use arcguard_e2e::latency::{Interval, Verdict, median, percentile, percentile_difference, spread};
+use arcguard_e2e::latency::{
+    Block, Interval, Verdict, median, paired_percentile_difference, percentile,
+    percentile_difference, spread,
+};
 
 fn micros(values: impl IntoIterator<Item = u64>) -> Vec<Duration> {
     let mut v: Vec<Duration> = values.into_iter().map(Duration::from_micros).collect();
@@ -95,4 +98,80 @@ fn empty_phases_count_as_zero() {
     assert!(interval.estimate > 4.0 && interval.low > 4.0, "{interval}");
     let none = percentile_difference(&[], &[], 99.0, 0, 1);
     assert_eq!(none, Interval { estimate: 0.0, low: 0.0, high: 0.0 });
+}
+
+/// Rounds of one-second blocks of two configurations measured at once, 25 CREATEs each a
+/// block, as `create_latency --paired` sends them at 50 a second: 4–6 ms each, the treated
+/// side `shift_us` slower, and in 5 % of the blocks a stall of the machine of up to 20 ms that
+/// slows every CREATE of the block, on both sides.
+fn paired_rounds(seed: u64, rounds: usize, shift_us: u64) -> Vec<Vec<Block>> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..rounds)
+        .map(|_| {
+            (0..300)
+                .map(|_| {
+                    let stall = if rng.u8(..100) < 5 { rng.u64(..20_000) } else { 0 };
+                    let mut side = |shift: u64| {
+                        micros((0..25).map(|_| 4_000 + rng.u64(..2_000) + stall + shift))
+                    };
+                    Block { treated: side(shift_us), baseline: side(0) }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn pairing_sees_through_stalls_that_reach_both_sides() {
+    let rounds = paired_rounds(5, 3, 300);
+    let blocks: Vec<&[Block]> = rounds.iter().map(Vec::as_slice).collect();
+    let paired = paired_percentile_difference(&blocks, 99.0, 500, 11);
+    // The same CREATEs taken as if the sides had been measured in turn.
+    let side = |pick: fn(&Block) -> &Vec<Duration>| -> Vec<Vec<Duration>> {
+        rounds
+            .iter()
+            .map(|round| {
+                let mut all: Vec<Duration> = round.iter().flat_map(pick).copied().collect();
+                all.sort_unstable();
+                all
+            })
+            .collect()
+    };
+    let (treated, baseline) = (side(|b| &b.treated), side(|b| &b.baseline));
+    let treated: Vec<&[Duration]> = treated.iter().map(Vec::as_slice).collect();
+    let baseline: Vec<&[Duration]> = baseline.iter().map(Vec::as_slice).collect();
+    let unpaired = percentile_difference(&treated, &baseline, 99.0, 500, 11);
+    assert_eq!(paired.estimate, unpaired.estimate, "the same pooled percentiles");
+    assert!(paired.low <= paired.estimate && paired.estimate <= paired.high, "{paired}");
+    assert!(
+        (paired.high - paired.low) * 4.0 < unpaired.high - unpaired.low,
+        "paired {paired} against unpaired {unpaired}"
+    );
+    assert_eq!(paired.against(1.0), Verdict::Within, "{paired}");
+    assert_eq!(unpaired.against(1.0), Verdict::Undecided, "{unpaired}");
+    // A 3 ms shift under the same stalls is over the bound.
+    let slower = paired_rounds(5, 3, 3_000);
+    let slower: Vec<&[Block]> = slower.iter().map(Vec::as_slice).collect();
+    let over = paired_percentile_difference(&slower, 99.0, 500, 11);
+    assert_eq!(over.against(1.0), Verdict::Over, "{over}");
+}
+
+#[test]
+fn sides_alike_in_every_block_differ_by_nothing_in_every_resample() {
+    let mut rounds = paired_rounds(9, 2, 0);
+    for block in rounds.iter_mut().flatten() {
+        block.treated = block.baseline.clone();
+    }
+    let blocks: Vec<&[Block]> = rounds.iter().map(Vec::as_slice).collect();
+    let interval = paired_percentile_difference(&blocks, 99.0, 300, 2);
+    assert_eq!(interval, Interval { estimate: 0.0, low: 0.0, high: 0.0 });
+}
+
+#[test]
+fn paired_empty_sides_count_as_zero() {
+    let none = paired_percentile_difference(&[], 99.0, 10, 1);
+    assert_eq!(none, Interval { estimate: 0.0, low: 0.0, high: 0.0 });
+    let one_side = [Block { treated: micros([5_000, 6_000]), baseline: Vec::new() }];
+    let interval = paired_percentile_difference(&[&one_side], 50.0, 20, 1);
+    assert_eq!(interval, Interval { estimate: 5.0, low: 5.0, high: 5.0 });
 }
