@@ -320,30 +320,17 @@ impl Activity {
     }
 
     fn update(&self, delta: isize) {
-        let concurrent = match self.state.lock() {
-            Ok(mut state) => {
-                let before = state.0;
-                state.0 = state.0.saturating_add_signed(delta);
-                state.1 = Instant::now();
-                before.max(state.0) > 1
-            }
-            Err(_) => true,
-        };
-        // The connection's task is woken only while other requests share the connection.
-        // [`Self::idle_for`] needs no wake at all; under HTTP/2 load these wakes keep both
-        // workers busy (without them throughput fell by a third, BENCHMARKS.md, "Issue 14,
-        // step 4"), while one request at a time, as the apiserver sends them at its usual
-        // rates, each wake cost a second worker's wake-up and a CPU migration (step 7).
-        if concurrent {
-            self.changed.notify_waiters();
+        if let Ok(mut state) = self.state.lock() {
+            state.0 = state.0.saturating_add_signed(delta);
+            state.1 = Instant::now();
         }
+        // This wakes the connection's task at each request's start and end. Reading the state
+        // only when the timer fires instead saved about 35 µs of CPU a call at a trickle, but
+        // cost a third of HTTP/2 throughput under load (BENCHMARKS.md, "Issue 14, step 4").
+        self.changed.notify_waiters();
     }
 
     /// Completes once no request has been in flight for `timeout`.
-    ///
-    /// Exact without being told of every request: while requests are in flight it looks again
-    /// `timeout` after it last looked, which is before the last of them ended, so it is awake
-    /// by the end of the idle time that follows.
     async fn idle_for(&self, timeout: Duration) {
         loop {
             let changed = self.changed.notified();
@@ -359,10 +346,7 @@ impl Activity {
                     () = changed => {}
                 }
             } else {
-                tokio::select! {
-                    () = tokio::time::sleep(timeout) => {}
-                    () = changed => {}
-                }
+                changed.await;
             }
         }
     }
@@ -564,7 +548,7 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use super::{Activity, H2_PREFACE, StallGuard};
+    use super::{H2_PREFACE, StallGuard};
 
     /// Long enough that a test never hits the timeout it does not exercise.
     const NEVER: Duration = Duration::from_secs(3600);
@@ -629,29 +613,5 @@ mod tests {
             let (_client, received) = reader.await.expect("reader");
             assert_eq!(received, if client_reads { 4096 } else { 0 });
         }
-    }
-
-    /// One request at a time wakes nothing ([`Activity::update`]), so the idle timer must find
-    /// on its own that a long request kept the connection busy, and that the connection went
-    /// idle when it ended.
-    #[tokio::test]
-    async fn the_idle_timer_spares_a_long_request_and_fires_a_timeout_after_it_ends() {
-        let timeout = Duration::from_millis(300);
-        let activity = std::sync::Arc::new(Activity::new());
-        activity.update(1);
-        let idle = tokio::spawn({
-            let activity = activity.clone();
-            async move { activity.idle_for(timeout).await }
-        });
-        // In flight for more than two timeouts: the timer looks and keeps waiting.
-        tokio::time::sleep(timeout * 3).await;
-        assert!(!idle.is_finished(), "a connection was idle-closed with a request in flight");
-        let ended = tokio::time::Instant::now();
-        activity.update(-1);
-        tokio::time::timeout(Duration::from_secs(5), idle)
-            .await
-            .expect("the idle timer never fired after the last request ended")
-            .expect("idle_for");
-        assert!(ended.elapsed() >= timeout, "fired {:?} after the end", ended.elapsed());
     }
 }
