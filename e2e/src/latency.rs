@@ -130,17 +130,10 @@ pub fn percentile_difference(
         let at = rank(buffer.len(), p);
         ms(*buffer.select_nth_unstable(at).1)
     };
-    let mut differences: Vec<f64> = (0..resamples)
+    let differences = (0..resamples)
         .map(|_| resampled(treated, &mut rng) - resampled(baseline, &mut rng))
         .collect();
-    differences.sort_by(f64::total_cmp);
-    let bound = |q: f64| {
-        if differences.is_empty() {
-            return estimate;
-        }
-        differences[rank(differences.len(), q)]
-    };
-    Interval { estimate, low: bound(2.5), high: bound(97.5) }
+    interval(estimate, differences)
 }
 
 /// One time block of a paired measurement: the latencies of the CREATEs sent in it to each of
@@ -183,7 +176,7 @@ pub fn paired_percentile_difference(
         let at = rank(buffer.len(), p);
         ms(*buffer.select_nth_unstable(at).1)
     };
-    let mut differences: Vec<f64> = (0..resamples)
+    let differences = (0..resamples)
         .map(|_| {
             treated_buffer.clear();
             baseline_buffer.clear();
@@ -197,6 +190,12 @@ pub fn paired_percentile_difference(
             at(&mut treated_buffer) - at(&mut baseline_buffer)
         })
         .collect();
+    interval(estimate, differences)
+}
+
+/// The 95 % percentile-bootstrap [`Interval`] around `estimate` from the resampled
+/// `differences` (the estimate alone when there are none).
+fn interval(estimate: f64, mut differences: Vec<f64>) -> Interval {
     differences.sort_by(f64::total_cmp);
     let bound = |q: f64| {
         if differences.is_empty() {
